@@ -1,0 +1,153 @@
+"""The composed Hydra config, checked as a whole before any work starts.
+
+Group sections (dataset, model, optimizer, scheduler, init) name a registry
+entry and its options; the builder's signature validates them. The plain
+sections (trainer, data) are validated against the dataclasses below, whose
+annotations give each key's type and range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cnnlab.errors import CnnlabError, suggestion
+from cnnlab.registry import AUGMENTS, DATASETS, INITS, MODELS, OPTIMIZERS, SCHEDULERS, Registry, load_components
+from cnnlab.validation import NonNegativeInt, PositiveInt, Range, check_value
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# Config group -> registry whose entry it selects (one YAML per entry).
+GROUP_REGISTRIES: dict[str, Registry] = {
+    "dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "init": INITS,
+}
+
+
+def _slug(text: str, max_len: int = 80) -> str:
+    """A sweep job's override list as a safe, bounded directory name."""
+    text = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", str(text)).strip("_")
+    return text[:max_len] or "default"
+
+
+OmegaConf.register_new_resolver("cnnlab_slug", _slug, replace=True)
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    epochs: PositiveInt = 4
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool = True
+    compile: bool = False
+    label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    monitor: Literal["val/acc", "val/loss"] = "val/acc"  # selects the best checkpoint; never a test metric
+    log_every_n_steps: PositiveInt = 50
+    limit_train_batches: Optional[PositiveInt] = None  # debug: cut each epoch short
+    limit_eval_batches: Optional[PositiveInt] = None
+    eval_train_at_end: bool = True  # the homework's report: the selected model's train loss/error
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    batch_size: PositiveInt = 128
+    eval_batch_size: PositiveInt = 1024
+    val_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.1
+    split_seed: int = 0
+    in_memory: bool = True  # False: per-sample Dataset + DataLoader with workers
+    num_workers: NonNegativeInt = 2
+
+
+def check_settings(cls: type, section: Any, prefix: str):
+    """Build settings dataclass ``cls`` from a config section, naming any bad key."""
+    if not isinstance(section, Mapping):
+        raise CnnlabError(f"{prefix} must be a mapping of options, got {section!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for key in section:
+        if key not in fields:
+            raise CnnlabError(f"{prefix} has no option {key!r}{suggestion(key, fields)}; it takes: {', '.join(fields)}")
+    return cls(**{k: check_value(f"{prefix}.{k}", v, hints[k]) for k, v in section.items()})
+
+
+@dataclass
+class Component:
+    group: str
+    name: str
+    options: dict[str, Any]  # validated and converted
+
+    def build(self, **context: Any) -> Any:
+        return GROUP_REGISTRIES[self.group].build(self.name, self.options, prefix=self.group, **context)
+
+
+@dataclass
+class RunConfig:
+    name: str
+    seed: int
+    trainer: TrainerSettings
+    data: DataSettings
+    components: dict[str, Component]
+    augment_name: str
+    augment_ops: dict[str, dict[str, Any]]
+    resolved: dict[str, Any]  # the whole config, interpolations resolved
+
+
+TOP_LEVEL_KEYS = {*GROUP_REGISTRIES, "augment", "trainer", "data", "seed", "name", "paths"}
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise CnnlabError(f"config: {str(e).splitlines()[0]}") from None
+
+
+def parse_run_config(cfg: DictConfig | Mapping[str, Any]) -> RunConfig:
+    """Validate every section of the config; raises CnnlabError on the first bad value."""
+    load_components()
+    resolved = to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
+    for key in resolved:
+        if key not in TOP_LEVEL_KEYS:
+            raise CnnlabError(f"unknown config key {key!r}{suggestion(key, TOP_LEVEL_KEYS)}; top-level keys: {', '.join(sorted(TOP_LEVEL_KEYS))}")
+    components = {}
+    for group in GROUP_REGISTRIES:
+        section = resolved.get(group)
+        if not isinstance(section, Mapping) or "name" not in section:
+            raise CnnlabError(f"config has no {group} (choose one with {group}=<name>; see: cnnlab list {GROUP_REGISTRIES[group].plural})")
+        options = {k: v for k, v in section.items() if k != "name"}
+        name = section["name"]
+        components[group] = Component(group, name, GROUP_REGISTRIES[group].check_options(name, options, group))
+    augment = resolved.get("augment") or {}
+    ops = augment.get("ops") or {}
+    if not isinstance(ops, Mapping):
+        raise CnnlabError("augment.ops must be a mapping of op name to its options")
+    checked_ops = {op: AUGMENTS.check_options(op, opts or {}, f"augment.ops.{op}") for op, opts in ops.items()}
+    return RunConfig(
+        name=check_value("name", resolved.get("name", "run"), str),
+        seed=check_value("seed", resolved.get("seed", 0), int),
+        trainer=check_settings(TrainerSettings, resolved.get("trainer", {}), "trainer"),
+        data=check_settings(DataSettings, resolved.get("data", {}), "data"),
+        components=components,
+        augment_name=str(augment.get("name", "none")),
+        augment_ops=checked_ops,
+        resolved=resolved,
+    )
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{full}."))
+        else:
+            flat[full] = value
+    return flat

@@ -1,0 +1,66 @@
+"""The Hydra application behind ``cnnlab train``, and the translation of
+Hydra's composition errors into cnnlab's one-line messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from cnnlab.config import CONF_DIR, GROUP_REGISTRIES, TOP_LEVEL_KEYS, DataSettings, TrainerSettings, check_settings
+from cnnlab.errors import CnnlabError, suggestion
+from cnnlab.registry import load_components
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def hydra_train(cfg: DictConfig) -> float | None:
+    """Hydra's task: one run. Returns the best validation value, the objective for sweepers."""
+    from cnnlab.train.run import train
+
+    summary = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    return summary["best_value"]
+
+
+def translate_hydra_error(e: BaseException) -> CnnlabError | None:
+    """A CnnlabError for a config mistake Hydra or OmegaConf caught; None for anything else."""
+    load_components()
+    if isinstance(e, MissingConfigException):
+        group, _, choice = (e.missing_cfg_file or "").rpartition("/")
+        if group in GROUP_REGISTRIES:
+            try:
+                GROUP_REGISTRIES[group].get(choice)
+            except CnnlabError as err:
+                return err
+        if group and e.options:
+            return CnnlabError(f"unknown {group} {choice!r}{suggestion(choice, e.options)}; choose from: {', '.join(e.options)}")
+        return CnnlabError(_one_line(e))
+    cause = e.__cause__ or e
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
+        parent, _, key = str(cause.full_key).rpartition(".")
+        node = getattr(cause, "parent_node", None)
+        try:
+            if parent in GROUP_REGISTRIES and node is not None and "name" in node:
+                GROUP_REGISTRIES[parent].check_options(str(node["name"]), {key: None}, parent)
+            elif parent in ("trainer", "data"):
+                check_settings(TrainerSettings if parent == "trainer" else DataSettings, {key: None}, parent)
+            elif parent == "":
+                return CnnlabError(f"unknown config key {key!r}{suggestion(key, TOP_LEVEL_KEYS)}; top-level keys: {', '.join(sorted(TOP_LEVEL_KEYS))}")
+        except CnnlabError as err:
+            return err
+        keys = list(node.keys()) if node is not None and hasattr(node, "keys") else []
+        return CnnlabError(f"{parent or 'config'} has no key {key!r}{suggestion(key, map(str, keys))}" + (f"; it has: {', '.join(map(str, keys))}" if keys else ""))
+    if isinstance(e, (HydraException, OmegaConfBaseException)):
+        return CnnlabError(_one_line(e))
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    """Hydra's messages span lines; fold them into one, adding the cause's if it says more."""
+    text = " ".join(str(e).split())
+    if e.__cause__ is not None and str(e.__cause__).split():
+        text += ": " + str(e.__cause__).splitlines()[0].strip()
+    return text

@@ -1,0 +1,176 @@
+"""One training run, from a composed config to summary.json."""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from rich.console import Console
+
+from cnnlab import __version__
+from cnnlab.augment import BatchPipeline, build_ops
+from cnnlab.config import RunConfig, flatten, parse_run_config
+from cnnlab.data.datasets import ImageData
+from cnnlab.data.loaders import InMemoryLoader, StreamingLoader, TensorImageDataset
+from cnnlab.data.split import stratified_split
+from cnnlab.errors import CnnlabError
+from cnnlab.train.checkpoint import load_checkpoint, write_json
+from cnnlab.train.console import ConsoleReporter
+from cnnlab.train.loop import Metrics, Trainer, evaluate
+from cnnlab.train.tensorboard_log import TensorBoardLogger
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", spec):
+        raise CnnlabError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    if spec.startswith("cuda"):
+        index = int(spec.split(":")[1]) if ":" in spec else 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise CnnlabError(f"trainer.device={spec} but this machine has {torch.cuda.device_count()} CUDA devices; use trainer.device=auto or cpu")
+    if spec == "mps" and not torch.backends.mps.is_available():
+        raise CnnlabError("trainer.device=mps but MPS is not available on this machine")
+    return torch.device(spec)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if precision == "fp16" and device.type != "cuda":
+        raise CnnlabError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def make_loader(run: RunConfig, images, labels, *, train: bool, pipeline: BatchPipeline, device: torch.device, seed: int):
+    d = run.data
+    batch_size = d.batch_size if train else d.eval_batch_size
+    common = dict(shuffle=train, drop_last=train and len(labels) > batch_size, seed=seed, device=device, transform=pipeline)
+    if d.in_memory:
+        return InMemoryLoader(images, labels, batch_size, **common)
+    return StreamingLoader(TensorImageDataset(images, labels), batch_size, num_workers=d.num_workers, **common)
+
+
+class RunReporter:
+    """Sends the loop's events to the terminal and to TensorBoard."""
+
+    def __init__(self, console: ConsoleReporter, tensorboard: TensorBoardLogger):
+        self.console, self.tensorboard = console, tensorboard
+        self.epoch_start, self.advance = console.epoch_start, console.advance
+
+    def log_step(self, step: int, loss: float, lr: float) -> None:
+        self.console.log_step(step, loss, lr)
+        self.tensorboard.scalars({"train/step_loss": loss, "train/lr": lr}, step)
+
+    def epoch_end(self, record: dict[str, Any], improved: bool) -> None:
+        self.console.epoch_end(record, improved)
+        self.tensorboard.scalars({k: v for k, v in record.items() if k not in ("step",)}, record["step"])
+
+
+def _selected(m: Metrics) -> dict[str, float | None]:
+    return {"loss": m.loss, "acc": m.acc, "error": 1 - m.acc, "top5": m.top5, "count": m.count}
+
+
+def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
+    wall_start = time.perf_counter()
+    run = parse_run_config(cfg)  # every name, option, type and range: nothing has been loaded yet
+    device = resolve_device(run.trainer.device)
+    autocast_dtype = resolve_precision(run.trainer.precision, device)
+    channels_last = run.trainer.channels_last and device.type != "mps"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    seed_everything(run.seed)
+
+    data: ImageData = run.components["dataset"].build()
+    train_idx, val_idx = stratified_split(data.train_labels, run.data.val_fraction, run.data.split_seed)
+    model = run.components["model"].build(in_channels=data.channels, num_classes=data.num_classes, input_size=data.input_size)
+    run.components["init"].build(model=model)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    optimizer = run.components["optimizer"].build(params=model.parameters())
+
+    train_pipe = BatchPipeline(build_ops(run.augment_ops), data.mean, data.std, device, run.seed + 1, channels_last)
+    eval_pipe = BatchPipeline([], data.mean, data.std, device, run.seed, channels_last)
+    train_loader = make_loader(run, data.train_images[train_idx], data.train_labels[train_idx], train=True,
+                               pipeline=train_pipe, device=device, seed=run.seed)
+    val_loader = make_loader(run, data.train_images[val_idx], data.train_labels[val_idx], train=False,
+                             pipeline=eval_pipe, device=device, seed=run.seed)
+    steps_per_epoch = min(len(train_loader), run.trainer.limit_train_batches or len(train_loader))
+    scheduler = run.components["scheduler"].build(optimizer=optimizer, steps_per_epoch=steps_per_epoch, epochs=run.trainer.epochs)
+
+    hparams = flatten({k: v for k, v in run.resolved.items() if k != "paths"})
+    tensorboard = TensorBoardLogger(run_dir / "tensorboard", hparams, OmegaConf.to_yaml(run.resolved))
+    console_reporter = ConsoleReporter(console)
+    n_params = sum(p.numel() for p in model.parameters())
+    console_reporter.start({
+        "run": str(run_dir), "dataset": f"{data.name}: {len(train_idx):,} train / {len(val_idx):,} val / "
+        f"{len(data.test_labels):,} test, {data.channels}x{data.input_size}x{data.input_size}, {data.num_classes} classes",
+        "model": f"{run.components['model'].name}: {n_params:,} parameters",
+        "optimizer": f"{run.components['optimizer'].name} {run.components['optimizer'].options}",
+        "scheduler": run.components["scheduler"].name, "augment": run.augment_name,
+        "device": f"{device}" + (f" ({autocast_dtype})" if autocast_dtype else " (fp32)"),
+        "epochs": f"{run.trainer.epochs} x {steps_per_epoch} steps of {run.data.batch_size}",
+    })
+    trainer = Trainer(
+        model, optimizer, scheduler, settings=run.trainer, device=device, num_classes=data.num_classes,
+        reporter=RunReporter(console_reporter, tensorboard), checkpoint_dir=run_dir / "checkpoints",
+        autocast_dtype=autocast_dtype,
+        generators={"data_order": getattr(train_loader, "generator", None) or train_loader.loader.generator,
+                    "augment": train_pipe.generator},
+        checkpoint_extra={"config": run.resolved, "version": __version__, "classes": data.classes},
+    )
+    try:
+        history = trainer.fit(train_loader, val_loader)
+    except BaseException:
+        tensorboard.close(status_ok=False)
+        raise
+
+    # Choose on validation, test once: the test split is batched only now, for the selected weights.
+    model.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"])
+    test_loader = make_loader(run, data.test_images, data.test_labels, train=False, pipeline=eval_pipe, device=device, seed=run.seed)
+    limit = run.trainer.limit_eval_batches
+
+    def score(loader) -> dict[str, float | None]:
+        return _selected(evaluate(model, loader, num_classes=data.num_classes, autocast_dtype=autocast_dtype, limit=limit))
+
+    selected = {}
+    if run.trainer.eval_train_at_end:
+        selected["train"] = score(make_loader(run, data.train_images[train_idx], data.train_labels[train_idx], train=False,
+                                              pipeline=eval_pipe, device=device, seed=run.seed))
+    selected["val"] = score(val_loader)
+    selected["test"] = score(test_loader)
+
+    train_time = sum(r["train_time_s"] for r in history)
+    summary = {
+        "status": "completed", "name": run.name, "run_dir": str(run_dir), "version": __version__,
+        "dataset": data.name, "model": run.components["model"].name, "parameters": n_params,
+        "device": str(device), "precision": str(autocast_dtype or torch.float32).replace("torch.", ""),
+        "sizes": {"train": len(train_idx), "val": len(val_idx), "test": len(data.test_labels)},
+        "monitor": trainer.best.monitor, "best_epoch": trainer.best.epoch, "best_value": trainer.best.value,
+        "selected": selected,
+        "train_time_s": train_time, "wall_time_s": time.perf_counter() - wall_start,
+        "train_images_per_s": sum(r["images_per_s"] * r["train_time_s"] for r in history) / train_time,
+        "history": history,
+    }
+    write_json(run_dir / "summary.json", summary)
+    final = {f"{split}/{k}": v for split in ("test",) for k, v in selected[split].items() if k in ("loss", "acc", "top5")}
+    final.update({"best/" + trainer.best.monitor.replace("/", "_"): trainer.best.value,
+                  "selected/train_loss": selected.get("train", {}).get("loss"),
+                  "selected/val_loss": selected["val"]["loss"], "selected/val_acc": selected["val"]["acc"]})
+    tensorboard.scalars(final, trainer.step)
+    tensorboard.close(status_ok=True)
+    console_reporter.finish(selected, trainer.best.epoch, trainer.best.monitor)
+    console_reporter.console.print(f"summary: {run_dir / 'summary.json'}", highlight=False)
+    return summary
