@@ -13,7 +13,7 @@ import os
 import sys
 
 from cnnlab import __version__
-from cnnlab.errors import CnnlabError, suggestion
+from cnnlab.errors import CnnlabError, JobAborted, suggestion
 
 USAGE = """usage: cnnlab <command> [args]
 
@@ -68,6 +68,8 @@ def _train(overrides: list[str]) -> int:
     sys.argv = ["cnnlab train", *overrides]
     try:
         hydra_train()
+    except JobAborted as aborted:
+        raise aborted.error from None
     except CnnlabError:
         raise
     except Exception as e:

@@ -14,6 +14,19 @@ class CnnlabError(Exception):
     """
 
 
+class JobAborted(BaseException):
+    """Carries a CnnlabError out of a Hydra job.
+
+    Hydra's job runner catches Exception and prints its own line before
+    re-raising; a BaseException passes through untouched, so the user sees
+    only cnnlab's one line.
+    """
+
+    def __init__(self, error: CnnlabError):
+        super().__init__(str(error))
+        self.error = error
+
+
 def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     candidates = list(candidates)
     matches = difflib.get_close_matches(word, candidates, n=n, cutoff=0.6)

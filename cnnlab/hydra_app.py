@@ -7,12 +7,12 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from cnnlab.config import CONF_DIR, GROUP_REGISTRIES, TOP_LEVEL_KEYS, DataSettings, TrainerSettings, check_settings
-from cnnlab.errors import CnnlabError, suggestion
+from cnnlab.errors import CnnlabError, JobAborted, suggestion
 from cnnlab.registry import load_components
 
 
@@ -21,7 +21,10 @@ def hydra_train(cfg: DictConfig) -> float | None:
     """Hydra's task: one run. Returns the best validation value, the objective for sweepers."""
     from cnnlab.train.run import train
 
-    summary = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        summary = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except CnnlabError as e:
+        raise JobAborted(e) from None
     return summary["best_value"]
 
 
@@ -53,6 +56,8 @@ def translate_hydra_error(e: BaseException) -> CnnlabError | None:
             return err
         keys = list(node.keys()) if node is not None and hasattr(node, "keys") else []
         return CnnlabError(f"{parent or 'config'} has no key {key!r}{suggestion(key, map(str, keys))}" + (f"; it has: {', '.join(map(str, keys))}" if keys else ""))
+    if isinstance(e, OverrideParseException):
+        return CnnlabError(f"cannot parse override {e.override!r}: {_one_line(e)}")
     if isinstance(e, (HydraException, OmegaConfBaseException)):
         return CnnlabError(_one_line(e))
     return None

@@ -1,0 +1,76 @@
+"""Shared helpers: compose real configs from conf/, run tiny trainings on CPU."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from rich.console import Console
+
+from cnnlab.config import CONF_DIR
+from cnnlab.registry import load_components
+
+load_components()
+
+# A run that takes well under a second: 4 classes of 8x8 grayscale synthetic images.
+TINY = [
+    "dataset=synthetic", "dataset.channels=1", "dataset.size=8", "dataset.classes=4",
+    "dataset.train_size=160", "dataset.test_size=40",
+    "model=mlp", "model.hidden=[16]",
+    "trainer.epochs=2", "trainer.device=cpu", "trainer.log_every_n_steps=1",
+    "data.batch_size=16", "data.eval_batch_size=32",
+]
+
+
+def tiny_with(group: str, entry: str) -> list[str]:
+    """TINY with ``group`` set to ``entry`` and TINY's own options for that group dropped."""
+    return [o for o in TINY if not o.startswith((f"{group}=", f"{group}."))] + [f"{group}={entry}"]
+
+
+def compose_config(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def quiet_console() -> Console:
+    return Console(file=io.StringIO(), width=200)
+
+
+def tiny_plus(*overrides: str) -> list[str]:
+    """TINY, then ``overrides``; a group choice among them (model=lenet5) drops TINY's options for that group."""
+    base = list(TINY)
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if "." not in key and any(t.startswith(f"{key}=") for t in TINY):
+            base = [t for t in base if not t.startswith((f"{key}=", f"{key}."))]
+    return base + list(overrides)
+
+
+def run_tiny(run_dir: Path, *overrides: str) -> dict:
+    from cnnlab.train.run import train
+
+    return train(compose_config(*tiny_plus(*overrides)), run_dir, console=quiet_console())
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
+    """The real `cnnlab` command in a subprocess, outputs under cwd."""
+    full_env = {**os.environ, "CNNLAB_OUTPUT_DIR": str(cwd / "outputs"), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "cnnlab", *args], cwd=cwd, env=full_env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    def run(*overrides: str) -> dict:
+        return run_tiny(tmp_path / "run", *overrides)
+
+    return run
