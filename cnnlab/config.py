@@ -9,7 +9,6 @@ annotations give each key's type and range.
 from __future__ import annotations
 
 import dataclasses
-import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,15 +28,6 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUP_REGISTRIES: dict[str, Registry] = {
     "dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "init": INITS,
 }
-
-
-def _slug(text: str, max_len: int = 80) -> str:
-    """A sweep job's override list as a safe, bounded directory name."""
-    text = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", str(text)).strip("_")
-    return text[:max_len] or "default"
-
-
-OmegaConf.register_new_resolver("cnnlab_slug", _slug, replace=True)
 
 
 @dataclass(frozen=True)

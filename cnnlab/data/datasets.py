@@ -64,11 +64,19 @@ def _find_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _mnist_folder(candidates: list[Path]) -> Path | None:
+def mnist_candidates(key: str, root: str | Path, tv_class: str) -> list[Path]:
+    """Where the MNIST family's IDX files may be, in lookup order."""
+    base = Path(root).expanduser()
+    return [base / tv_class / "raw", base, *SYSTEM_DIRS.get(key, [])]
+
+
+def find_mnist_files(candidates: list[Path]) -> dict[str, Path] | None:
+    """The four IDX files (plain or .gz) from the first folder that has all of them."""
     stems = [s for pair in _MNIST_FILES.values() for s in pair]
     for folder in candidates:
-        if all(_find_file(folder, s) for s in stems):
-            return folder
+        found = {s: _find_file(folder, s) for s in stems}
+        if all(found.values()):
+            return found
     return None
 
 
@@ -87,25 +95,25 @@ def _load_mnist_family(
     classes: list[str], mean: float, std: float,
 ) -> ImageData:
     base = Path(root).expanduser()
-    tv_raw = base / tv_class / "raw"  # where torchvision's download puts the files
-    candidates = [tv_raw, base, *SYSTEM_DIRS.get(key, [])]
-    folder = _mnist_folder(candidates)
+    candidates = mnist_candidates(key, root, tv_class)
+    tv_raw = candidates[0]  # where torchvision's download puts the files
+    files = find_mnist_files(candidates)
     hint = (
         f"put the four IDX files in {tv_raw}, set dataset.root to their folder"
         + (", install Debian's package dataset-fashion-mnist" if key == "fashion_mnist" else "")
         + ", or run with dataset.download=true on a machine with internet"
     )
-    if folder is None and download:
+    if files is None and download:
         import torchvision.datasets
 
         _download(pretty, lambda: getattr(torchvision.datasets, tv_class)(str(base), download=True), base, hint)
-        folder = _mnist_folder([tv_raw])
-    if folder is None:
+        files = find_mnist_files([tv_raw])
+    if files is None:
         looked = ", ".join(str(c) for c in candidates)
         raise CnnlabError(f"{pretty} not found (looked in {looked}); {hint}")
 
     def split(which: str) -> tuple[torch.Tensor, torch.Tensor]:
-        image_file, label_file = (_find_file(folder, s) for s in _MNIST_FILES[which])
+        image_file, label_file = (files[s] for s in _MNIST_FILES[which])
         images, labels = read_idx(image_file), read_idx(label_file)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise CnnlabError(

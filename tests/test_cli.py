@@ -1,0 +1,95 @@
+"""The real `cnnlab` command, in subprocesses, as a user runs it."""
+
+import json
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from tests.conftest import TINY, run_cli
+
+ONE_EPOCH = [*TINY, "trainer.epochs=1"]
+
+
+def test_train_writes_a_complete_run_directory(tmp_path):
+    out = tmp_path / "elsewhere"
+    result = run_cli("train", *ONE_EPOCH, "name=tiny", f"paths.output_dir={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = out.glob("runs/*/*-tiny")  # outputs/runs/<date>/<time>-<name>/
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "summary.json", "train.log",
+                 "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert "epoch 1/1" in (run_dir / "train.log").read_text()
+    # not a terminal: plain progress lines, then the final table
+    assert "epoch 1/1 step 1/9 loss" in result.stdout and "selected model" in result.stdout
+    assert not (tmp_path / "outputs").exists()  # paths.output_dir was obeyed
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["model=lenet"], "unknown model 'lenet' (did you mean: lenet5?); see all with: cnnlab list models"),
+        (["model.hiden=[8]"], "model 'mlp' has no option 'hiden' (did you mean: hidden?); it takes: hidden, activation, dropout, batch_norm"),
+        (["optimizer.lr=-1"], "optimizer.lr must be a number > 0, got -1"),
+        (["trainer.epochs=many"], "trainer.epochs must be an integer, got 'many'"),
+        (["augment=flipp"], "unknown augment 'flipp' (did you mean: flip?)"),
+        (["optimizer.lr=[1"], "cannot parse override 'optimizer.lr=[1'"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(tmp_path, args, expected):
+    result = run_cli("train", *TINY, *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {expected}" or result.stderr.strip().startswith(f"error: {expected}")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_missing_dataset_fails_with_instructions(tmp_path):
+    result = run_cli("train", "dataset=cifar10", "dataset.download=false", f"paths.data_dir={tmp_path / 'nodata'}",
+                     cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "CIFAR-10 not found" in result.stderr and "dataset.download=true" in result.stderr
+
+
+def test_multirun_makes_runs_with_distinct_hparams_under_one_parent(tmp_path):
+    result = run_cli("train", "-m", "optimizer.lr=0.01,0.1", *ONE_EPOCH, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (sweep_dir,) = (tmp_path / "outputs" / "sweeps").glob("*/*")  # one parent: sweeps/<date>/<time>/
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "summary.json").exists())
+    assert [j.name for j in jobs] == ["0", "1"]
+    lrs, key_sets = [], []
+    for job in jobs:
+        ea = EventAccumulator(str(job / "tensorboard"))
+        ea.Reload()
+        content = ea.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+        lrs.append(hparams["optimizer.lr"].number_value)
+        key_sets.append(set(hparams))
+    assert lrs == [0.01, 0.1] and key_sets[0] == key_sets[1]
+
+
+def test_cfg_job_prints_the_resolved_config(tmp_path):
+    result = run_cli("train", "model=lenet5", "optimizer.lr=0.3", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "name: lenet5" in result.stdout and "lr: 0.3" in result.stdout
+    assert not (tmp_path / "outputs").exists()  # printing the config trains nothing
+
+
+def test_list_shows_registry_entries_with_wildcards(tmp_path):
+    result = run_cli("list", "models", cwd=tmp_path, env={"COLUMNS": "200"})
+    assert result.returncode == 0
+    for name in ("mlp", "lenet5", "small_resnet"):
+        assert name in result.stdout
+    only = run_cli("list", "models", "l*", cwd=tmp_path, env={"COLUMNS": "200"})
+    assert "lenet5" in only.stdout and "small_resnet" not in only.stdout
+    for kind in ("datasets", "optimizers", "schedulers", "inits", "augments"):
+        assert run_cli("list", kind, cwd=tmp_path).returncode == 0
+    bad = run_cli("list", "modles", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown kind 'modles' (did you mean: models?)")
+
+
+def test_unknown_command_and_version(tmp_path):
+    bad = run_cli("trian", cwd=tmp_path)
+    assert bad.returncode == 2 and "did you mean: train?" in bad.stderr
+    assert run_cli("--version", cwd=tmp_path).stdout.startswith("cnnlab ")
