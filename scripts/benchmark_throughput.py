@@ -3,6 +3,8 @@
 
 Same model (LeNet-5 by default), data (Fashion-MNIST), batch size, optimizer and
 number of epochs for all; each loop's last epoch is timed (the first warms up).
+The loops take turns for --repeats rounds, so drift in the machine's speed hits
+all of them alike; the table shows each loop's median and range.
 
   (a) textbook:     torchvision.datasets.FashionMNIST + ToTensor/Normalize + DataLoader
   (b) hand-written: the whole set as a uint8 tensor, batches by index, a bare loop
@@ -20,6 +22,7 @@ import gzip
 import io
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -104,6 +107,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=2, help="per loop; the last one is timed")
     parser.add_argument("--textbook-workers", type=int, default=2, help="DataLoader workers, as in PyTorch's tutorials")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", default="data", help="where cnnlab looks for Fashion-MNIST first")
     args = parser.parse_args()
@@ -120,23 +124,30 @@ def main() -> None:
             with (gzip.open(src) if src.suffix == ".gz" else open(src, "rb")) as f, open(raw / stem, "wb") as out:
                 shutil.copyfileobj(f, out)
 
-        rows = []
-        rows.append(("(a) textbook: Dataset + ToTensor/Normalize + DataLoader"
-                     f" ({args.textbook_workers} workers)",
-                     textbook(args.model, tmp, args.batch_size, args.epochs, args.textbook_workers, args.seed)))
-        rows.append(("(b) hand-written in-memory loop",
-                     hand_written(args.model, data.train_images, data.train_labels, args.batch_size, args.epochs, args.seed)))
-        rows.append(("(c) cnnlab, channels_last=false",
-                     cnnlab_loop(args.model, args.batch_size, args.epochs, args.seed, ["trainer.channels_last=false"], tmp / "c1")))
-        rows.append(("(c) cnnlab (defaults: channels_last=true)",
-                     cnnlab_loop(args.model, args.batch_size, args.epochs, args.seed, [], tmp / "c2")))
+        loops = {
+            f"(a) textbook: Dataset + ToTensor/Normalize + DataLoader ({args.textbook_workers} workers)":
+                lambda: textbook(args.model, tmp, args.batch_size, args.epochs, args.textbook_workers, args.seed),
+            "(b) hand-written in-memory loop":
+                lambda: hand_written(args.model, data.train_images, data.train_labels, args.batch_size, args.epochs, args.seed),
+            "(c) cnnlab, channels_last=false":
+                lambda: cnnlab_loop(args.model, args.batch_size, args.epochs, args.seed, ["trainer.channels_last=false"], tmp / "c1"),
+            "(c) cnnlab (defaults: channels_last=true)":
+                lambda: cnnlab_loop(args.model, args.batch_size, args.epochs, args.seed, [], tmp / "c2"),
+        }
+        rates: dict[str, list[float]] = {name: [] for name in loops}
+        for _ in range(args.repeats):
+            for name, run in loops.items():
+                rates[name].append(run())
 
-    textbook_rate, hand_rate = rows[0][1], rows[1][1]
-    table = Table(title=f"{args.model} on Fashion-MNIST, batch {args.batch_size}, last of {args.epochs} epochs, CPU")
-    for col in ("loop", "images/s", "vs textbook", "vs hand-written"):
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    textbook_rate, hand_rate = list(medians.values())[:2]
+    table = Table(title=f"{args.model} on Fashion-MNIST, batch {args.batch_size}, last of {args.epochs} epochs, "
+                        f"median of {args.repeats} rounds, CPU")
+    for col in ("loop", "images/s", "range", "vs textbook", "vs hand-written"):
         table.add_column(col, justify="left" if col == "loop" else "right")
-    for name, rate in rows:
-        table.add_row(name, f"{rate:,.0f}", f"{rate / textbook_rate:.2f}x", f"{rate / hand_rate:.2f}x")
+    for name, rate in medians.items():
+        spread = f"{min(rates[name]):,.0f}-{max(rates[name]):,.0f}"
+        table.add_row(name, f"{rate:,.0f}", spread, f"{rate / textbook_rate:.2f}x", f"{rate / hand_rate:.2f}x")
     console = Console(width=120)
     console.print(table)
     console.print(f"python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -68,11 +68,12 @@ class StreamingLoader:
         device: torch.device, transform: BatchTransform, num_workers: int,
     ):
         self.device, self.transform = device, transform
+        self.generator = torch.Generator().manual_seed(seed)  # the data order
         self.loader = DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
             num_workers=num_workers, pin_memory=device.type == "cuda",
             persistent_workers=num_workers > 0,
-            generator=torch.Generator().manual_seed(seed),
+            generator=self.generator,
         )
 
     @property

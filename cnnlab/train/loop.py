@@ -127,7 +127,7 @@ class Trainer:
         while self.epoch < s.epochs:
             self.epoch += 1
             self.model.train()
-            sums = MetricSums(self.device, top5=self.num_classes > 5)
+            sums = MetricSums(self.device, top5=False)  # top-5 is reported for validation and test
             self.reporter.epoch_start(self.epoch, s.epochs, steps)
             start = time.perf_counter()
             for i, (x, y) in enumerate(train_loader):

@@ -127,8 +127,7 @@ def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
         model, optimizer, scheduler, settings=run.trainer, device=device, num_classes=data.num_classes,
         reporter=RunReporter(console_reporter, tensorboard), checkpoint_dir=run_dir / "checkpoints",
         autocast_dtype=autocast_dtype,
-        generators={"data_order": getattr(train_loader, "generator", None) or train_loader.loader.generator,
-                    "augment": train_pipe.generator},
+        generators={"data_order": train_loader.generator, "augment": train_pipe.generator},
         checkpoint_extra={"config": run.resolved, "version": __version__, "classes": data.classes},
     )
     try:
