@@ -72,6 +72,11 @@ def _train(overrides: list[str]) -> int:
         raise aborted.error from None
     except CnnlabError:
         raise
+    except OSError as e:
+        if e.filename is None:
+            raise
+        # e.g. an output directory that cannot be created (paths.output_dir)
+        raise CnnlabError(f"cannot use {e.filename}: {e.strerror or e}") from None
     except Exception as e:
         translated = translate_hydra_error(e)
         if translated is None:

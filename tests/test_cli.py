@@ -52,6 +52,14 @@ def test_missing_dataset_fails_with_instructions(tmp_path):
     assert "CIFAR-10 not found" in result.stderr and "dataset.download=true" in result.stderr
 
 
+def test_unusable_output_directory_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = run_cli("train", *ONE_EPOCH, f"paths.output_dir={blocker}/outputs", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith(f"error: cannot use {blocker}") and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_multirun_makes_runs_with_distinct_hparams_under_one_parent(tmp_path):
     result = run_cli("train", "-m", "optimizer.lr=0.01,0.1", *ONE_EPOCH, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
