@@ -72,13 +72,11 @@ def _train(overrides: list[str]) -> int:
         raise aborted.error from None
     except CnnlabError:
         raise
-    except OSError as e:
-        if e.filename is None:
-            raise
-        # e.g. an output directory that cannot be created (paths.output_dir)
-        raise CnnlabError(f"cannot use {e.filename}: {e.strerror or e}") from None
     except Exception as e:
         translated = translate_hydra_error(e)
+        if translated is None and isinstance(e, OSError) and e.filename is not None:
+            # e.g. an output directory that cannot be created (paths.output_dir)
+            translated = CnnlabError(f"cannot use {e.filename}: {e.strerror or e}")
         if translated is None:
             raise  # not a config problem: a bug, keep the traceback
         raise translated from None

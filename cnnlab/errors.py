@@ -29,7 +29,9 @@ class JobAborted(BaseException):
 
 def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     candidates = list(candidates)
-    matches = difflib.get_close_matches(word, candidates, n=n, cutoff=0.6)
+    scored = sorted(((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in candidates), reverse=True)
+    # Close enough, and not far behind the best: 'lenet' suggests lenet5, not alexnet as well.
+    matches = [c for score, c in scored[:n] if score >= 0.6 and score >= scored[0][0] - 0.05]
     if not matches:
         # Prefix matches catch abbreviations such as "res" -> "resnet18".
         matches = [c for c in candidates if c.startswith(word) or word.startswith(c)][:n]

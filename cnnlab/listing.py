@@ -1,37 +1,118 @@
-"""``cnnlab list <kind> [pattern]``: what a registry holds, as a rich table."""
+"""``cnnlab list <kind> [pattern]``: what a registry holds, as a rich table.
+
+Models also show parameters and forward FLOPs for the default dataset's input
+shape, or for ``--input CxHxW`` (and ``--classes N``). A pattern that matches one
+entry shows that entry's options.
+"""
 
 from __future__ import annotations
 
+import argparse
+import re
+
+import yaml
 from rich.console import Console
 from rich.table import Table
 
 from cnnlab.errors import CnnlabError, suggestion
-from cnnlab.registry import REGISTRIES, load_components
+from cnnlab.registry import DATASETS, REGISTRIES, Registry, load_components
+from cnnlab.validation import describe_type
 
 ALIASES = {"model": "models", "dataset": "datasets", "optimizer": "optimizers", "scheduler": "schedulers",
            "init": "inits", "augment": "augments", "augmentations": "augments", "augmentation": "augments"}
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise CnnlabError(f"cnnlab list: {message}")
+
+
+def default_dataset() -> str:
+    from cnnlab.config import CONF_DIR
+
+    defaults = yaml.safe_load((CONF_DIR / "train.yaml").read_text())["defaults"]
+    return next(d["dataset"] for d in defaults if isinstance(d, dict) and "dataset" in d)
+
+
+def parse_input(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)", text)
+    if not m or m.group(2) != m.group(3) or min(map(int, m.groups())) < 1:
+        raise CnnlabError(f"--input must be CxHxW with H == W, e.g. 3x224x224, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
 def list_command(args: list[str], console: Console | None = None) -> int:
     load_components()
-    if not args:
+    parser = _Parser(prog="cnnlab list", add_help=False)
+    parser.add_argument("kind", nargs="?")
+    parser.add_argument("pattern", nargs="?", default="*")
+    parser.add_argument("--input", default=None)
+    parser.add_argument("--classes", type=int, default=None)
+    ns = parser.parse_args(args)
+    if ns.kind is None:
         raise CnnlabError(f"cnnlab list needs a kind: {', '.join(REGISTRIES)}")
-    if len(args) > 2:
-        raise CnnlabError("usage: cnnlab list <kind> [pattern]")
-    kind = ALIASES.get(args[0], args[0])
+    kind = ALIASES.get(ns.kind, ns.kind)
     if kind not in REGISTRIES:
-        raise CnnlabError(f"unknown kind {args[0]!r}{suggestion(args[0], REGISTRIES)}; kinds: {', '.join(REGISTRIES)}")
+        raise CnnlabError(f"unknown kind {ns.kind!r}{suggestion(ns.kind, REGISTRIES)}; kinds: {', '.join(REGISTRIES)}")
     registry = REGISTRIES[kind]
-    pattern = args[1] if len(args) == 2 else "*"
-    names = registry.names(pattern)
+    names = registry.names(ns.pattern)
     if not names:
-        raise CnnlabError(f"no {registry.kind} matches {pattern!r}; see all with: cnnlab list {kind}")
-    table = Table(title=f"{kind} ({len(names)} of {len(registry)})", show_lines=False)
-    for column in ("name", "family", "description", "options"):
-        table.add_column(column, overflow="fold")
+        raise CnnlabError(f"no {registry.kind} matches {ns.pattern!r}; see all with: cnnlab list {kind}")
+    console = console or Console()
+    if kind == "models":
+        console.print(_models_table(registry, names, ns.input, ns.classes))
+    else:
+        table = Table(title=f"{kind} ({len(names)} of {len(registry)})")
+        for column in ("name", "family", "description"):
+            table.add_column(column, overflow="fold")
+        for name in names:
+            entry = registry.get(name)
+            table.add_row(name, entry.family, entry.description)
+        console.print(table)
+    if len(names) == 1 or kind != "models":
+        console.print(_options_table(registry, names))
+    return 0
+
+
+def _models_table(registry: Registry, names: list[str], input_text: str | None, classes: int | None) -> Table:
+    from cnnlab.models.measure import measure
+
+    if input_text is None:
+        dataset = DATASETS.get(default_dataset())
+        (channels, size, _), source = dataset.meta["input_shape"], f"default dataset {dataset.name}"
+        classes = classes or dataset.meta["num_classes"]
+    else:
+        channels, size = parse_input(input_text)
+        source, classes = "--input", classes or 1000
+    table = Table(title=f"models ({len(names)} of {len(registry)}): {channels}x{size}x{size} input ({source}), "
+                        f"{classes} classes; forward FLOPs per image")
+    for column, justify in (("name", "left"), ("family", "left"), ("parameters", "right"), ("FLOPs", "right"),
+                            ("description", "left")):
+        table.add_column(column, justify=justify, overflow="fold")
     for name in names:
         entry = registry.get(name)
-        options = "\n".join(o.describe() for o in entry.options.values())
-        table.add_row(name, entry.family, entry.description, options)
-    (console or Console()).print(table)
-    return 0
+        try:
+            params, flops = measure(name, channels, size, classes)
+            p, f = _count(params), _count(flops)
+        except CnnlabError as e:  # e.g. an input too small for this architecture
+            p, f = "-", str(e).split(": ")[-1][:40]
+        table.add_row(name, entry.family, p, f, entry.description)
+    return table
+
+
+def _options_table(registry: Registry, names: list[str]) -> Table:
+    table = Table(title="options (set with <group>.<option>=value)")
+    for column in ("name", "option", "type", "default"):
+        table.add_column(column, overflow="fold")
+    for name in names:
+        for option in registry.get(name).options.values():
+            default = "required" if option.required else repr(option.default)
+            table.add_row(name, option.name, describe_type(option.annotation), default)
+    return table

@@ -50,6 +50,7 @@ class Entry:
     family: str
     description: str
     options: dict[str, Option]
+    meta: dict[str, Any]  # free-form facts, e.g. a dataset's input shape
 
 
 class Registry:
@@ -59,8 +60,8 @@ class Registry:
         self.context = context    # parameters cnnlab supplies itself
         self._entries: dict[str, Entry] = {}
 
-    def register(self, fn: Callable | None = None, *, name: str | None = None, family: str = ""):
-        """Decorator: ``@REG.register`` or ``@REG.register(name=..., family=...)``."""
+    def register(self, fn: Callable | None = None, *, name: str | None = None, family: str = "", **meta: Any):
+        """Decorator: ``@REG.register`` or ``@REG.register(name=..., family=..., **meta)``."""
 
         def add(fn: Callable) -> Callable:
             entry_name = name or fn.__name__
@@ -72,6 +73,7 @@ class Registry:
                 family=family,
                 description=(inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " "),
                 options=self._options_of(fn),
+                meta=meta,
             )
             return fn
 

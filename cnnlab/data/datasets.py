@@ -128,7 +128,7 @@ def _load_mnist_family(
     return ImageData(key, train_x, train_y, test_x, test_y, classes, (mean,), (std,))
 
 
-@DATASETS.register(family="mnist")
+@DATASETS.register(family="mnist", input_shape=(1, 28, 28), num_classes=10)
 def fashion_mnist(*, root: str = "data", download: bool = True) -> ImageData:
     """Fashion-MNIST: 28×28 grayscale clothing, 10 classes, 60k train / 10k test."""
     classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -137,7 +137,7 @@ def fashion_mnist(*, root: str = "data", download: bool = True) -> ImageData:
                               classes, mean=0.2860, std=0.3530)
 
 
-@DATASETS.register(family="mnist")
+@DATASETS.register(family="mnist", input_shape=(1, 28, 28), num_classes=10)
 def mnist(*, root: str = "data", download: bool = True) -> ImageData:
     """MNIST: 28×28 grayscale handwritten digits, 10 classes, 60k train / 10k test."""
     return _load_mnist_family("mnist", "MNIST", "MNIST", root, download,
@@ -176,7 +176,7 @@ def _load_cifar(
                      torch.from_numpy(test_x), torch.from_numpy(test_y), classes, mean, std)
 
 
-@DATASETS.register(family="cifar")
+@DATASETS.register(family="cifar", input_shape=(3, 32, 32), num_classes=10)
 def cifar10(*, root: str = "data", download: bool = True) -> ImageData:
     """CIFAR-10: 32×32 colour images, 10 classes, 50k train / 10k test."""
     return _load_cifar("CIFAR-10", "CIFAR10", "cifar-10-batches-py",
@@ -185,7 +185,7 @@ def cifar10(*, root: str = "data", download: bool = True) -> ImageData:
                        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "cifar10")
 
 
-@DATASETS.register(family="cifar")
+@DATASETS.register(family="cifar", input_shape=(3, 32, 32), num_classes=100)
 def cifar100(*, root: str = "data", download: bool = True) -> ImageData:
     """CIFAR-100: 32×32 colour images, 100 fine classes, 50k train / 10k test."""
     return _load_cifar("CIFAR-100", "CIFAR100", "cifar-100-python", ["train"], "test", "fine_labels",
@@ -193,7 +193,7 @@ def cifar100(*, root: str = "data", download: bool = True) -> ImageData:
                        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "cifar100")
 
 
-@DATASETS.register(family="synthetic")
+@DATASETS.register(family="synthetic", input_shape=(3, 32, 32), num_classes=10)  # with its defaults
 def synthetic(
     *,
     channels: PositiveInt = 3,

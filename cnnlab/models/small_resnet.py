@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from cnnlab.errors import CnnlabError
-from cnnlab.models.blocks import BasicBlock, conv_bn_act, flat_features
+from cnnlab.models.blocks import conv_bn_act, flat_features
+from cnnlab.models.resnet import BasicBlock
 from cnnlab.registry import MODELS
 from cnnlab.validation import NonNegativeInt, PositiveInt, Probability
 
@@ -21,7 +22,7 @@ class SmallResNet(nn.Module):
         prev = in_channels
         for width, n_blocks in zip(widths, blocks):
             layers += [conv_bn_act(prev, width, batch_norm=batch_norm), nn.MaxPool2d(2)]
-            layers += [BasicBlock(width, batch_norm=batch_norm) for _ in range(n_blocks)]
+            layers += [BasicBlock(width, width, batch_norm=batch_norm) for _ in range(n_blocks)]
             prev = width
         self.features = nn.Sequential(*layers)
         n = flat_features(self.features, in_channels, input_size, "small_resnet")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnlab.models.blocks import WithAux
 from cnnlab.train.checkpoint import save_checkpoint
 
 
@@ -112,14 +113,21 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast_for(self.device, self.autocast_dtype):
-            logits = self.forward(x)
-            loss = self.loss_fn(logits, y)
+            out = self.forward(x)
+            logits, loss = self.loss(out, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         return logits, loss
+
+    def loss(self, out: torch.Tensor | WithAux, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and loss; auxiliary classifiers (GoogLeNet) add their weighted losses while training."""
+        if isinstance(out, WithAux):
+            aux = sum(self.loss_fn(a, y) for a in out.aux)
+            return out.logits, self.loss_fn(out.logits, y) + out.aux_weight * aux
+        return out, self.loss_fn(out, y)
 
     def fit(self, train_loader, val_loader) -> list[dict[str, Any]]:
         s = self.settings
