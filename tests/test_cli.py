@@ -89,8 +89,14 @@ def test_list_shows_registry_entries_with_wildcards(tmp_path):
     assert result.returncode == 0
     for name in ("mlp", "lenet5", "small_resnet"):
         assert name in result.stdout
+    assert "default dataset fashion_mnist" in result.stdout  # counted for 1x28x28
     only = run_cli("list", "models", "l*", cwd=tmp_path, env={"COLUMNS": "200"})
     assert "lenet5" in only.stdout and "small_resnet" not in only.stdout
+    one = run_cli("list", "models", "resnet18", "--input", "3x224x224", cwd=tmp_path, env={"COLUMNS": "200"})
+    assert "11.69M" in one.stdout and "3.63G" in one.stdout  # 1.81 G multiply-adds
+    assert "variant" in one.stdout and "zero_init_residual" in one.stdout  # a single match shows its options
+    bad_input = run_cli("list", "models", "--input", "224", cwd=tmp_path)
+    assert bad_input.returncode == 2 and "--input must be CxHxW" in bad_input.stderr
     for kind in ("datasets", "optimizers", "schedulers", "inits", "augments"):
         assert run_cli("list", kind, cwd=tmp_path).returncode == 0
     bad = run_cli("list", "modles", cwd=tmp_path)

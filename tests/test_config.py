@@ -84,8 +84,9 @@ def test_every_experiment_composes_and_validates(entry):
 
 
 def test_debug_fast_cuts_the_run_short():
-    run = parse_run_config(compose_config("debug=fast"))
+    run = parse_run_config(compose_config("debug=fast", "data.batch_size=64"))
     assert (run.trainer.epochs, run.trainer.limit_train_batches, run.trainer.limit_eval_batches) == (1, 5, 2)
+    assert run.data.eval_batch_size == 64 and run.trainer.eval_train_at_end is False
 
 
 def test_homework_experiment_is_the_lectures_mlp():

@@ -244,7 +244,12 @@ def test_fourier_mlp_frequencies_and_scale():
     gamma = features(v)
     assert gamma.shape == (5, 1024) and torch.allclose(gamma[:, :512] ** 2 + gamma[:, 512:] ** 2, torch.ones(5, 512))
     assert model(v).shape == (5, 3)
-    assert "B" in model.state_dict().keys().__repr__()  # the frequencies are saved with the weights
+    assert "1.B" in model.state_dict()  # the frequencies are saved with the weights
+    linears = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears == [(1024, 32), (32, 3)]  # hidden=[32] after 2 x 512 features
+    tanh = MODELS.build("fourier_mlp", {"activation": "tanh", "hidden": [8, 8]}, prefix="model",
+                        in_channels=2, num_classes=3, input_size=1)
+    assert count(tanh, nn.Tanh) == 2 and count(tanh, nn.ReLU) == 0
 
 
 def test_torchvision_passthrough_arch_weights_and_channels(tmp_path):
