@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.errors import CnnlabError, suggestion
 from cnnlab.registry import AUGMENTS, DATASETS, INITS, MODELS, OPTIMIZERS, SCHEDULERS, Registry, load_components
-from cnnlab.validation import NonNegativeInt, PositiveInt, Range, check_value
+from cnnlab.validation import NonNegativeInt, PositiveFloat, PositiveInt, Range, check_value
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -43,6 +43,15 @@ class TrainerSettings:
     limit_train_batches: Optional[PositiveInt] = None  # debug: cut each epoch short
     limit_eval_batches: Optional[PositiveInt] = None
     eval_train_at_end: bool = True  # the homework's report: the selected model's train loss/error
+    accumulate_steps: PositiveInt = 1  # optimizer step every N batches (gradients summed, loss / N)
+    grad_clip: Optional[PositiveFloat] = None  # clip gradients before each step...
+    grad_clip_mode: Literal["norm", "value"] = "norm"  # ...by their total 2-norm, or each value
+    ema_decay: Optional[Annotated[float, Range(gt=0, lt=1)]] = None  # EMA of the weights: evaluated, kept, selected
+    early_stopping_patience: Optional[PositiveInt] = None  # stop after N epochs without a better monitor value
+    overfit_batches: NonNegativeInt = 0  # babysitting: train (and validate) on N fixed batches
+    divergence_factor: Optional[Annotated[float, Range(gt=1)]] = 3.0  # stop when loss > factor x initial, or NaN
+    initial_loss_check: bool = True  # warn when the first loss is far from ln(num_classes)
+    log_params_every_n_steps: Optional[PositiveInt] = None  # per-layer gradient norms, weight histograms
 
 
 @dataclass(frozen=True)

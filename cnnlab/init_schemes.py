@@ -16,6 +16,8 @@ from torch import nn
 from cnnlab.registry import INITS
 from cnnlab.validation import PositiveFloat
 
+Nonlinearity = Literal["relu", "leaky_relu", "linear", "tanh", "sigmoid"]
+
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -41,8 +43,41 @@ def xavier_uniform(*, model: nn.Module, gain: PositiveFloat = 1.0, zero_bias: bo
 @INITS.register(family="kaiming")
 def kaiming_normal(
     *, model: nn.Module, mode: Literal["fan_in", "fan_out"] = "fan_in",
-    nonlinearity: Literal["relu", "leaky_relu", "linear", "tanh", "sigmoid"] = "relu",
+    nonlinearity: Nonlinearity = "relu",
     zero_bias: bool = True,
 ) -> None:
     """Kaiming/He normal: Var(w) = gain^2 / fan (gain^2 = 2 for ReLU)."""
     _apply(model, lambda w: nn.init.kaiming_normal_(w, mode=mode, nonlinearity=nonlinearity), zero_bias)
+
+
+@INITS.register(family="kaiming")
+def kaiming_uniform(
+    *, model: nn.Module, mode: Literal["fan_in", "fan_out"] = "fan_in", nonlinearity: Nonlinearity = "relu",
+    zero_bias: bool = True,
+) -> None:
+    """Kaiming/He uniform: U(-b, b) with Var(w) = b^2 / 3 = gain^2 / fan."""
+    _apply(model, lambda w: nn.init.kaiming_uniform_(w, mode=mode, nonlinearity=nonlinearity), zero_bias)
+
+
+@INITS.register(family="xavier")
+def xavier_normal(*, model: nn.Module, gain: PositiveFloat = 1.0, zero_bias: bool = True) -> None:
+    """Xavier/Glorot normal: Var(w) = gain^2 * 2 / (fan_in + fan_out)."""
+    _apply(model, lambda w: nn.init.xavier_normal_(w, gain=gain), zero_bias)
+
+
+@INITS.register(family="lecun")
+def lecun_normal(*, model: nn.Module, zero_bias: bool = True) -> None:
+    """LeCun normal: Var(w) = 1 / fan_in; keeps unit variance through tanh-like layers."""
+    _apply(model, lambda w: nn.init.kaiming_normal_(w, mode="fan_in", nonlinearity="linear"), zero_bias)
+
+
+@INITS.register(family="orthogonal")
+def orthogonal(*, model: nn.Module, gain: PositiveFloat = 1.0, zero_bias: bool = True) -> None:
+    """(Semi-)orthogonal weight matrices (Saxe et al. 2014), a conv's kernel flattened to C_out x C_in*k1*k2."""
+    _apply(model, lambda w: nn.init.orthogonal_(w, gain=gain), zero_bias)
+
+
+@INITS.register(family="normal")
+def normal(*, model: nn.Module, std: PositiveFloat = 0.01, zero_bias: bool = True) -> None:
+    """N(0, std^2) for every weight, whatever the layer's size: the lectures' 'small random numbers'."""
+    _apply(model, lambda w: nn.init.normal_(w, 0.0, std), zero_bias)

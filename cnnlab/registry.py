@@ -135,7 +135,7 @@ class Registry:
 
 DATASETS = Registry("dataset", "datasets")
 MODELS = Registry("model", "models", context=("in_channels", "num_classes", "input_size"))
-OPTIMIZERS = Registry("optimizer", "optimizers", context=("params",))
+OPTIMIZERS = Registry("optimizer", "optimizers", context=("model",))
 SCHEDULERS = Registry("scheduler", "schedulers", context=("optimizer", "steps_per_epoch", "epochs"))
 INITS = Registry("init scheme", "inits", context=("model",))
 AUGMENTS = Registry("augmentation", "augments")

@@ -65,7 +65,7 @@ def test_every_entry_composes_and_builds(group, entry):
     if group == "model":
         assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 4)
     run.components["init"].build(model=model)
-    optimizer = run.components["optimizer"].build(params=model.parameters())
+    optimizer = run.components["optimizer"].build(model=model)
     scheduler = run.components["scheduler"].build(optimizer=optimizer, steps_per_epoch=10, epochs=3)
     assert isinstance(optimizer, torch.optim.Optimizer)
     assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
@@ -112,7 +112,7 @@ def test_optimizer_option_reaches_the_optimizer(name, key, value):
     override = f"[{value[0]},{value[1]}]" if isinstance(value, tuple) else str(value).lower()
     extra = ["optimizer.nesterov=false"] if (name, key) == ("sgd", "dampening") else []
     run = parse_run_config(compose_config(*tiny_with("optimizer", name), f"optimizer.{key}={override}", *extra))
-    optimizer = run.components["optimizer"].build(params=[torch.nn.Parameter(torch.zeros(2))])
+    optimizer = run.components["optimizer"].build(model=torch.nn.Linear(2, 1))
     assert optimizer.param_groups[0][key] == value
     assert type(optimizer).__name__.lower() == name
 
@@ -120,7 +120,7 @@ def test_optimizer_option_reaches_the_optimizer(name, key, value):
 def test_nesterov_without_momentum_is_a_clear_error():
     run = parse_run_config(compose_config(*TINY, "optimizer=sgd", "optimizer.momentum=0"))
     with pytest.raises(CnnlabError, match="nesterov=true needs optimizer.momentum > 0"):
-        run.components["optimizer"].build(params=[torch.nn.Parameter(torch.zeros(2))])
+        run.components["optimizer"].build(model=torch.nn.Linear(2, 1))
 
 
 # --- the plain sections are validated, naming the key ----------------------------------------------
@@ -177,7 +177,7 @@ def test_registry_signatures_use_keyword_only_options():
 def test_schedules_follow_their_closed_forms_through_the_config():
     def lrs(*overrides, steps_per_epoch=10, epochs=4):
         run = parse_run_config(compose_config(*TINY, "optimizer=sgd", "optimizer.lr=1.0", *overrides))
-        opt = run.components["optimizer"].build(params=[torch.nn.Parameter(torch.zeros(1))])
+        opt = run.components["optimizer"].build(model=torch.nn.Linear(1, 1, bias=False))
         sched = run.components["scheduler"].build(optimizer=opt, steps_per_epoch=steps_per_epoch, epochs=epochs)
         out = []
         for _ in range(steps_per_epoch * epochs):

@@ -9,11 +9,19 @@ from torch import nn
 
 from cnnlab.errors import CnnlabError
 
-Activation = Literal["relu", "tanh", "sigmoid", "gelu", "leaky_relu"]
+Activation = Literal["relu", "tanh", "lecun_tanh", "sigmoid", "gelu", "leaky_relu"]
 Stem = Literal["auto", "small", "large"]  # small: 28x28 / 32x32 inputs (CIFAR stem); large: ImageNet-style
 
+class LeCunTanh(nn.Module):
+    """1.7159 tanh(2x/3) (LeCun et al., Efficient BackProp): near-unit gain, meant for lecun_normal init."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 1.7159 * torch.tanh(2 * x / 3)
+
+
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "leaky_relu": nn.LeakyReLU,
+    "relu": nn.ReLU, "tanh": nn.Tanh, "lecun_tanh": LeCunTanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
+    "leaky_relu": nn.LeakyReLU,
 }
 
 

@@ -62,6 +62,13 @@ class ConsoleReporter:
                 f"lr {lr:.3g} {ips:,.0f} img/s eta {eta:.0f}s", highlight=False,
             )
 
+    def warn(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+        else:
+            self.console.print(f"warning: {message}", highlight=False, markup=False)
+        log.warning(message)
+
     def epoch_end(self, record: dict[str, Any], improved: bool) -> None:
         if self.progress is not None:
             self.progress.stop()

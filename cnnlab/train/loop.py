@@ -1,7 +1,9 @@
-"""The training loop: train an epoch, validate, keep the best checkpoint."""
+"""The training loop: train an epoch, validate, keep the best checkpoint; and the
+babysitting the lectures teach (initial loss, divergence guard, early stopping)."""
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from contextlib import nullcontext
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cnnlab.models.blocks import WithAux
 from cnnlab.train.checkpoint import save_checkpoint
@@ -56,6 +59,8 @@ class Reporter(Protocol):
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
     def advance(self, images: int) -> None: ...
     def log_step(self, step: int, loss: float, lr: float) -> None: ...
+    def log_parameters(self, model: nn.Module, step: int) -> None: ...
+    def warn(self, message: str) -> None: ...
     def epoch_end(self, record: dict[str, Any], improved: bool) -> None: ...
 
 
@@ -95,6 +100,32 @@ class BestTracker:
         return better
 
 
+class DivergenceGuard:
+    """Flags the first step whose loss is NaN/inf or above factor x the first loss.
+
+    The check runs on the device every step; reading the flag (a sync) happens only at
+    log steps and epoch ends.
+    """
+
+    def __init__(self, factor: float | None, device: torch.device):
+        self.factor = factor
+        self.reference: torch.Tensor | None = None
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def watch(self, loss: torch.Tensor, step: int) -> None:
+        if self.factor is None:
+            return
+        loss = loss.detach().float()
+        if self.reference is None:
+            self.reference = loss.clone()
+        bad = ~torch.isfinite(loss) | (loss > self.factor * self.reference)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+
+    def tripped_at(self) -> int | None:
+        step = int(self.first_bad)
+        return step if step >= 0 else None
+
+
 class Trainer:
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, settings, device: torch.device,
@@ -108,19 +139,20 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
         self.forward = torch.compile(model) if settings.compile else model
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+        self.l2 = getattr(optimizer, "l2_weight_decay", 0.0)  # weight_decay_mode=l2, or L-BFGS
+        self.l2_params = getattr(optimizer, "l2_params", [])
+        self.needs_closure = isinstance(getattr(optimizer, "inner", optimizer), torch.optim.LBFGS)
+        self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
+                    if settings.ema_decay else None)
+        self.guard = DivergenceGuard(settings.divergence_factor, device)
         self.best = BestTracker(settings.monitor)
         self.epoch, self.step, self.history = 0, 0, []
+        self.status, self.initial_loss, self.diverged_at = "running", None, None
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast_for(self.device, self.autocast_dtype):
-            out = self.forward(x)
-            logits, loss = self.loss(out, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        return logits, loss
+    @property
+    def eval_model(self) -> nn.Module:
+        """What validation and selection see: the EMA weights when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
 
     def loss(self, out: torch.Tensor | WithAux, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and loss; auxiliary classifiers (GoogLeNet) add their weighted losses while training."""
@@ -129,27 +161,92 @@ class Trainer:
             return out.logits, self.loss_fn(out.logits, y) + out.aux_weight * aux
         return out, self.loss_fn(out, y)
 
+    def objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast_for(self.device, self.autocast_dtype):
+            logits, loss = self.loss(self.forward(x), y)
+        if self.l2:  # weight decay as an L2 term of the loss: lambda/2 * ||w||^2
+            loss = loss + 0.5 * self.l2 * sum(p.pow(2).sum() for p in self.l2_params)
+        return logits, loss
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, first: bool, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward; an optimizer update when ``update`` (the last batch of an accumulation)."""
+        s = self.settings
+        if self.needs_closure:  # L-BFGS re-evaluates the loss itself, possibly several times
+            last = {}
+
+            def closure():
+                self.optimizer.zero_grad(set_to_none=True)
+                last["logits"], last["loss"] = self.objective(x, y)
+                last["loss"].backward()
+                return last["loss"]
+
+            self.optimizer.step(closure)
+            self.after_update()
+            return last["logits"], last["loss"]
+        if first:  # gradients are kept until the next accumulation starts, for log_parameters
+            self.optimizer.zero_grad(set_to_none=True)
+        logits, loss = self.objective(x, y)
+        self.scaler.scale(loss / s.accumulate_steps).backward()
+        if update:
+            if s.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                if s.grad_clip_mode == "norm":
+                    nn.utils.clip_grad_norm_(params, s.grad_clip)
+                else:
+                    nn.utils.clip_grad_value_(params, s.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.after_update()
+        return logits, loss
+
+    def after_update(self) -> None:
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    def check_initial_loss(self, loss: float) -> None:
+        """The lectures' first check: with small random weights the loss is about ln(classes)."""
+        self.initial_loss, expected = loss, math.log(self.num_classes)
+        if self.settings.initial_loss_check and not (0.5 * expected <= loss <= 1.5 * expected):
+            self.reporter.warn(f"initial loss {loss:.3f} is far from ln({self.num_classes}) = {expected:.3f}: "
+                               "check the initialisation, the labels and the loss")
+
     def fit(self, train_loader, val_loader) -> list[dict[str, Any]]:
         s = self.settings
-        steps = min(len(train_loader), s.limit_train_batches or len(train_loader))
-        while self.epoch < s.epochs:
+        batches = min(len(train_loader), s.limit_train_batches or len(train_loader))
+        epochs_without_improvement = 0
+        while self.epoch < s.epochs and self.status == "running":
             self.epoch += 1
             self.model.train()
             sums = MetricSums(self.device, top5=False)  # top-5 is reported for validation and test
-            self.reporter.epoch_start(self.epoch, s.epochs, steps)
+            self.reporter.epoch_start(self.epoch, s.epochs, batches)
             start = time.perf_counter()
             for i, (x, y) in enumerate(train_loader):
-                if i == steps:
+                if i == batches:
                     break
-                logits, loss = self.train_step(x, y)
-                sums.add(logits.float(), y, loss)
+                update = (i + 1) % s.accumulate_steps == 0 or i + 1 == batches
+                logits, loss = self.train_step(x, y, first=i % s.accumulate_steps == 0, update=update)
+                sums.add(logits.float(), y, loss.detach())
                 self.step += 1
+                self.guard.watch(loss, self.step)
                 self.reporter.advance(len(y))
+                if self.step == 1:
+                    self.check_initial_loss(loss.item())
+                if s.log_params_every_n_steps and self.step % s.log_params_every_n_steps == 0:
+                    self.reporter.log_parameters(self.model, self.step)
                 if self.step % s.log_every_n_steps == 0:
                     self.reporter.log_step(self.step, loss.item(), self.optimizer.param_groups[0]["lr"])
+                    if self.guard.tripped_at() is not None:
+                        break
+            if (at := self.guard.tripped_at()) is not None:
+                self.status, self.diverged_at = "diverged", at
+                self.reporter.warn(f"loss diverged at step {at} (NaN/inf or > {s.divergence_factor}x the first loss); "
+                                   "stopping this run")
+                break
             train = sums.result()  # waits for the device, so the time below is the epoch's
             train_time = time.perf_counter() - start
-            val = evaluate(self.model, val_loader, num_classes=self.num_classes,
+            val = evaluate(self.eval_model, val_loader, num_classes=self.num_classes,
                            autocast_dtype=self.autocast_dtype, limit=s.limit_eval_batches)
             record = {"epoch": self.epoch, "step": self.step, **train.named("train"), **val.named("val"),
                       "lr": self.optimizer.param_groups[0]["lr"], "train_time_s": train_time,
@@ -160,11 +257,21 @@ class Trainer:
             if improved:
                 save_checkpoint(self.checkpoint_dir / "best.pt", self.state())
             self.reporter.epoch_end(record, improved)
+            if hasattr(self.scheduler, "observe"):  # reduce-on-plateau watches the validation loss
+                self.scheduler.observe(record["val/loss"])
+            epochs_without_improvement = 0 if improved else epochs_without_improvement + 1
+            if s.early_stopping_patience and epochs_without_improvement >= s.early_stopping_patience:
+                self.status = "early_stopped"
+                self.reporter.warn(f"early stopping: no better {s.monitor} for {epochs_without_improvement} epochs")
+        if self.status == "running":
+            self.status = "completed"
         return self.history
 
     def state(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "selected": "ema" if self.ema is not None else "model",  # the weights validation chose
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "step": self.step, "history": self.history,
             "best": {"monitor": self.best.monitor, "value": self.best.value, "epoch": self.best.epoch},
@@ -175,3 +282,8 @@ class Trainer:
             },
             **self.checkpoint_extra,
         }
+
+
+def selected_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint's run selected: the EMA when it was on, else the raw model."""
+    return checkpoint["ema"] if checkpoint.get("selected") == "ema" else checkpoint["model"]

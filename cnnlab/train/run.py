@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
@@ -22,7 +23,7 @@ from cnnlab.data.split import stratified_split
 from cnnlab.errors import CnnlabError
 from cnnlab.train.checkpoint import load_checkpoint, write_json
 from cnnlab.train.console import ConsoleReporter
-from cnnlab.train.loop import Metrics, Trainer, evaluate
+from cnnlab.train.loop import Metrics, Trainer, evaluate, selected_weights
 from cnnlab.train.tensorboard_log import TensorBoardLogger
 
 
@@ -75,6 +76,13 @@ class RunReporter:
         self.console.log_step(step, loss, lr)
         self.tensorboard.scalars({"train/step_loss": loss, "train/lr": lr}, step)
 
+    def log_parameters(self, model, step: int) -> None:
+        self.tensorboard.parameters(model, step)
+
+    def warn(self, message: str) -> None:
+        self.console.warn(message)
+        self.tensorboard.writer.add_text("warnings", message, 0)
+
     def epoch_end(self, record: dict[str, Any], improved: bool) -> None:
         self.console.epoch_end(record, improved)
         self.tensorboard.scalars({k: v for k, v in record.items() if k not in ("step",)}, record["step"])
@@ -99,16 +107,28 @@ def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
     model = run.components["model"].build(in_channels=data.channels, num_classes=data.num_classes, input_size=data.input_size)
     run.components["init"].build(model=model)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    optimizer = run.components["optimizer"].build(params=model.parameters())
+    optimizer = run.components["optimizer"].build(model=model)
+    if isinstance(getattr(optimizer, "inner", optimizer), torch.optim.LBFGS):
+        if run.trainer.accumulate_steps > 1 or run.trainer.grad_clip is not None:
+            raise CnnlabError("optimizer=lbfgs takes whole steps through its closure: "
+                              "trainer.accumulate_steps must be 1 and trainer.grad_clip null")
 
     train_pipe = BatchPipeline(build_ops(run.augment_ops), data.mean, data.std, device, run.seed + 1, channels_last)
     eval_pipe = BatchPipeline([], data.mean, data.std, device, run.seed, channels_last)
-    train_loader = make_loader(run, data.train_images[train_idx], data.train_labels[train_idx], train=True,
-                               pipeline=train_pipe, device=device, seed=run.seed)
-    val_loader = make_loader(run, data.train_images[val_idx], data.train_labels[val_idx], train=False,
-                             pipeline=eval_pipe, device=device, seed=run.seed)
-    steps_per_epoch = min(len(train_loader), run.trainer.limit_train_batches or len(train_loader))
-    scheduler = run.components["scheduler"].build(optimizer=optimizer, steps_per_epoch=steps_per_epoch, epochs=run.trainer.epochs)
+    if run.trainer.overfit_batches:  # babysitting: can the model memorise a few fixed batches?
+        fixed = train_idx[:run.trainer.overfit_batches * run.data.batch_size]
+        train_loader = make_loader(run, data.train_images[fixed], data.train_labels[fixed], train=False,
+                                   pipeline=train_pipe, device=device, seed=run.seed)
+        val_loader = make_loader(run, data.train_images[fixed], data.train_labels[fixed], train=False,
+                                 pipeline=eval_pipe, device=device, seed=run.seed)
+    else:
+        train_loader = make_loader(run, data.train_images[train_idx], data.train_labels[train_idx], train=True,
+                                   pipeline=train_pipe, device=device, seed=run.seed)
+        val_loader = make_loader(run, data.train_images[val_idx], data.train_labels[val_idx], train=False,
+                                 pipeline=eval_pipe, device=device, seed=run.seed)
+    batches = min(len(train_loader), run.trainer.limit_train_batches or len(train_loader))
+    updates_per_epoch = math.ceil(batches / run.trainer.accumulate_steps)
+    scheduler = run.components["scheduler"].build(optimizer=optimizer, steps_per_epoch=updates_per_epoch, epochs=run.trainer.epochs)
 
     hparams = flatten({k: v for k, v in run.resolved.items() if k != "paths"})
     tensorboard = TensorBoardLogger(run_dir / "tensorboard", hparams, OmegaConf.to_yaml(run.resolved))
@@ -121,7 +141,8 @@ def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
         "optimizer": f"{run.components['optimizer'].name} {run.components['optimizer'].options}",
         "scheduler": run.components["scheduler"].name, "augment": run.augment_name,
         "device": f"{device}" + (f" ({autocast_dtype})" if autocast_dtype else " (fp32)"),
-        "epochs": f"{run.trainer.epochs} x {steps_per_epoch} steps of {run.data.batch_size}",
+        "epochs": f"{run.trainer.epochs} x {batches} batches of {run.data.batch_size}"
+                  + (f", an update every {run.trainer.accumulate_steps}" if run.trainer.accumulate_steps > 1 else ""),
     })
     trainer = Trainer(
         model, optimizer, scheduler, settings=run.trainer, device=device, num_classes=data.num_classes,
@@ -136,8 +157,25 @@ def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
         tensorboard.close(status_ok=False)
         raise
 
+    summary = {
+        "status": trainer.status, "name": run.name, "run_dir": str(run_dir), "version": __version__,
+        "dataset": data.name, "model": run.components["model"].name, "parameters": n_params,
+        "device": str(device), "precision": str(autocast_dtype or torch.float32).replace("torch.", ""),
+        "sizes": {"train": len(train_idx), "val": len(val_idx), "test": len(data.test_labels)},
+        "initial_loss": trainer.initial_loss, "expected_initial_loss": math.log(data.num_classes),
+        "monitor": trainer.best.monitor, "best_epoch": trainer.best.epoch, "best_value": trainer.best.value,
+        "selected_weights": "ema" if trainer.ema is not None else "model",
+    }
+    if trainer.status == "diverged" or trainer.best.epoch is None:
+        # A diverged run is recorded, not tested: the test set is for selected models only.
+        summary.update({"diverged_at_step": trainer.diverged_at, "selected": {}, "history": history})
+        write_json(run_dir / "summary.json", summary)
+        tensorboard.close(status_ok=False)
+        console_reporter.console.print(f"status: {trainer.status}; summary: {run_dir / 'summary.json'}", highlight=False)
+        return summary
+
     # Choose on validation, test once: the test split is batched only now, for the selected weights.
-    model.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"])
+    model.load_state_dict(selected_weights(load_checkpoint(run_dir / "checkpoints" / "best.pt")))
     test_loader = make_loader(run, data.test_images, data.test_labels, train=False, pipeline=eval_pipe, device=device, seed=run.seed)
     limit = run.trainer.limit_eval_batches
 
@@ -152,17 +190,12 @@ def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
     selected["test"] = score(test_loader)
 
     train_time = sum(r["train_time_s"] for r in history)
-    summary = {
-        "status": "completed", "name": run.name, "run_dir": str(run_dir), "version": __version__,
-        "dataset": data.name, "model": run.components["model"].name, "parameters": n_params,
-        "device": str(device), "precision": str(autocast_dtype or torch.float32).replace("torch.", ""),
-        "sizes": {"train": len(train_idx), "val": len(val_idx), "test": len(data.test_labels)},
-        "monitor": trainer.best.monitor, "best_epoch": trainer.best.epoch, "best_value": trainer.best.value,
+    summary.update({
         "selected": selected,
         "train_time_s": train_time, "wall_time_s": time.perf_counter() - wall_start,
         "train_images_per_s": sum(r["images_per_s"] * r["train_time_s"] for r in history) / train_time,
         "history": history,
-    }
+    })
     write_json(run_dir / "summary.json", summary)
     final = {f"{split}/{k}": v for split in ("test",) for k, v in selected[split].items() if k in ("loss", "acc", "top5")}
     final.update({"best/" + trainer.best.monitor.replace("/", "_"): trainer.best.value,

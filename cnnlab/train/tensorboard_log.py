@@ -39,6 +39,13 @@ class TensorBoardLogger:
             if value is not None:
                 self.writer.add_scalar(tag, value, step)
 
+    def parameters(self, model, step: int) -> None:
+        """Per-layer gradient norms (vanishing or exploding gradients show here) and weight histograms."""
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                self.writer.add_scalar(f"grad_norm/{name}", p.grad.detach().norm().item(), step)
+            self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
+
     def close(self, status_ok: bool = True) -> None:
         self.writer.file_writer.add_summary(session_end(status_ok))
         self.writer.close()
