@@ -28,6 +28,20 @@ def hydra_train(cfg: DictConfig) -> float | None:
     return summary["best_value"]
 
 
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def hydra_lr_find(cfg: DictConfig) -> None:
+    """Hydra's task for `cnnlab lr-find`: the same config as training, the range test instead."""
+    import os
+
+    from cnnlab.lr_find import lr_range_test
+
+    try:
+        lr_range_test(cfg, Path(HydraConfig.get().runtime.output_dir), float(os.environ["CNNLAB_LR_FIND_MIN"]),
+                      float(os.environ["CNNLAB_LR_FIND_MAX"]), int(os.environ["CNNLAB_LR_FIND_STEPS"]))
+    except CnnlabError as e:
+        raise JobAborted(e) from None
+
+
 def translate_hydra_error(e: BaseException) -> CnnlabError | None:
     """A CnnlabError for a config mistake Hydra or OmegaConf caught; None for anything else."""
     load_components()

@@ -374,6 +374,10 @@ def test_initial_loss_is_checked_against_ln_classes(tmp_path):
     console = quiet_console()
     train(compose_config(*tiny_plus("trainer.epochs=1", "init=normal", "init.std=3.0")), tmp_path / "bad", console=console)
     assert "initial loss" in console.file.getvalue() and "far from ln(4)" in console.file.getvalue()
+    silent = quiet_console()
+    train(compose_config(*tiny_plus("trainer.epochs=1", "init=normal", "init.std=3.0", "trainer.initial_loss_check=false")),
+          tmp_path / "off", console=silent)
+    assert "far from ln(4)" not in silent.file.getvalue()
 
 
 def test_parameter_logging_writes_gradient_norms_and_histograms(tmp_path):

@@ -87,8 +87,14 @@ def test_selection_uses_validation_and_the_test_set_is_evaluated_once_at_the_end
             return original(model, loader, **kwargs)
         return evaluate
 
+    def predict_spy(original):
+        def predict(models, loader, **kwargs):
+            calls.append(loader.num_samples)
+            return original(models, loader, **kwargs)
+        return predict
+
     monkeypatch.setattr(loop_module, "evaluate", spy(loop_module.evaluate))
-    monkeypatch.setattr(run_module, "evaluate", spy(run_module.evaluate))
+    monkeypatch.setattr(run_module, "predict", predict_spy(run_module.predict))
     summary = run_tiny(tmp_path / "run", "trainer.epochs=4", "dataset.test_size=41")
     assert calls.count(41) == 1 and calls[-1] == 41  # the test split: once, last
     assert calls[:4] == [16, 16, 16, 16]  # validation after every epoch

@@ -6,6 +6,7 @@ import math
 import random
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ from cnnlab.data.datasets import ImageData
 from cnnlab.data.loaders import InMemoryLoader, StreamingLoader, TensorImageDataset
 from cnnlab.data.split import stratified_split
 from cnnlab.errors import CnnlabError
+from cnnlab.evaluation import confusion_figure, confusion_matrix, metrics_from_probs, predict
 from cnnlab.train.checkpoint import load_checkpoint, write_json
 from cnnlab.train.console import ConsoleReporter
-from cnnlab.train.loop import Metrics, Trainer, evaluate, selected_weights
+from cnnlab.train.loop import Trainer, selected_weights
 from cnnlab.train.tensorboard_log import TensorBoardLogger
 
 
@@ -88,12 +90,31 @@ class RunReporter:
         self.tensorboard.scalars({k: v for k, v in record.items() if k not in ("step",)}, record["step"])
 
 
-def _selected(m: Metrics) -> dict[str, float | None]:
+def _selected(m) -> dict[str, float | None]:
     return {"loss": m.loss, "acc": m.acc, "error": 1 - m.acc, "top5": m.top5, "count": m.count}
 
 
-def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
-    wall_start = time.perf_counter()
+@dataclass
+class Setup:
+    """Everything a run builds before its loop: validated config, device, data, model, optimizer."""
+
+    run: RunConfig
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    data: ImageData
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_pipe: BatchPipeline
+    eval_pipe: BatchPipeline
+
+    def loader(self, images, labels, *, train: bool):
+        pipe = self.train_pipe if train else self.eval_pipe
+        return make_loader(self.run, images, labels, train=train, pipeline=pipe, device=self.device, seed=self.run.seed)
+
+
+def setup(cfg) -> Setup:
     run = parse_run_config(cfg)  # every name, option, type and range: nothing has been loaded yet
     device = resolve_device(run.trainer.device)
     autocast_dtype = resolve_precision(run.trainer.precision, device)
@@ -112,20 +133,25 @@ def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
         if run.trainer.accumulate_steps > 1 or run.trainer.grad_clip is not None:
             raise CnnlabError("optimizer=lbfgs takes whole steps through its closure: "
                               "trainer.accumulate_steps must be 1 and trainer.grad_clip null")
-
     train_pipe = BatchPipeline(build_ops(run.augment_ops), data.mean, data.std, device, run.seed + 1, channels_last)
     eval_pipe = BatchPipeline([], data.mean, data.std, device, run.seed, channels_last)
+    return Setup(run, device, autocast_dtype, data, train_idx, val_idx, model, optimizer, train_pipe, eval_pipe)
+
+
+def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
+    wall_start = time.perf_counter()
+    s = setup(cfg)
+    run, device, autocast_dtype, data, model, optimizer = s.run, s.device, s.autocast_dtype, s.data, s.model, s.optimizer
+    train_idx, val_idx, train_pipe, eval_pipe = s.train_idx, s.val_idx, s.train_pipe, s.eval_pipe
+
     if run.trainer.overfit_batches:  # babysitting: can the model memorise a few fixed batches?
         fixed = train_idx[:run.trainer.overfit_batches * run.data.batch_size]
-        train_loader = make_loader(run, data.train_images[fixed], data.train_labels[fixed], train=False,
-                                   pipeline=train_pipe, device=device, seed=run.seed)
-        val_loader = make_loader(run, data.train_images[fixed], data.train_labels[fixed], train=False,
-                                 pipeline=eval_pipe, device=device, seed=run.seed)
+        train_loader = s.loader(data.train_images[fixed], data.train_labels[fixed], train=False)
+        train_loader.transform = train_pipe  # fixed batches, but still augmented as configured
+        val_loader = s.loader(data.train_images[fixed], data.train_labels[fixed], train=False)
     else:
-        train_loader = make_loader(run, data.train_images[train_idx], data.train_labels[train_idx], train=True,
-                                   pipeline=train_pipe, device=device, seed=run.seed)
-        val_loader = make_loader(run, data.train_images[val_idx], data.train_labels[val_idx], train=False,
-                                 pipeline=eval_pipe, device=device, seed=run.seed)
+        train_loader = s.loader(data.train_images[train_idx], data.train_labels[train_idx], train=True)
+        val_loader = s.loader(data.train_images[val_idx], data.train_labels[val_idx], train=False)
     batches = min(len(train_loader), run.trainer.limit_train_batches or len(train_loader))
     updates_per_epoch = math.ceil(batches / run.trainer.accumulate_steps)
     scheduler = run.components["scheduler"].build(optimizer=optimizer, steps_per_epoch=updates_per_epoch, epochs=run.trainer.epochs)
@@ -176,24 +202,29 @@ def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
 
     # Choose on validation, test once: the test split is batched only now, for the selected weights.
     model.load_state_dict(selected_weights(load_checkpoint(run_dir / "checkpoints" / "best.pt")))
-    test_loader = make_loader(run, data.test_images, data.test_labels, train=False, pipeline=eval_pipe, device=device, seed=run.seed)
-    limit = run.trainer.limit_eval_batches
+    test_loader = s.loader(data.test_images, data.test_labels, train=False)
+    probabilities = {}
 
-    def score(loader) -> dict[str, float | None]:
-        return _selected(evaluate(model, loader, num_classes=data.num_classes, autocast_dtype=autocast_dtype, limit=limit))
+    def score(split: str, loader) -> dict[str, float | None]:
+        probabilities[split] = predict([model], loader, autocast_dtype=autocast_dtype, tta_flip=run.trainer.tta_flip,
+                                       tta_shift=run.trainer.tta_shift, limit=run.trainer.limit_eval_batches)
+        return _selected(metrics_from_probs(*probabilities[split]))
 
     selected = {}
     if run.trainer.eval_train_at_end:
-        selected["train"] = score(make_loader(run, data.train_images[train_idx], data.train_labels[train_idx], train=False,
-                                              pipeline=eval_pipe, device=device, seed=run.seed))
-    selected["val"] = score(val_loader)
-    selected["test"] = score(test_loader)
+        selected["train"] = score("train", s.loader(data.train_images[train_idx], data.train_labels[train_idx], train=False))
+    selected["val"] = score("val", val_loader)
+    selected["test"] = score("test", test_loader)
+    confusion = confusion_matrix(*probabilities["test"], data.num_classes)
+    tensorboard.writer.add_figure("test/confusion_matrix", confusion_figure(confusion, data.classes), trainer.step)
 
     train_time = sum(r["train_time_s"] for r in history)
     summary.update({
         "selected": selected,
         "train_time_s": train_time, "wall_time_s": time.perf_counter() - wall_start,
         "train_images_per_s": sum(r["images_per_s"] * r["train_time_s"] for r in history) / train_time,
+        "tta_views": 1 + int(run.trainer.tta_flip) + (4 if run.trainer.tta_shift else 0),
+        "confusion_matrix": confusion.tolist(),  # [true class][predicted class], test split
         "history": history,
     })
     write_json(run_dir / "summary.json", summary)

@@ -1,0 +1,188 @@
+"""Scoring saved models: test-time augmentation, ensembles, confusion matrices, `cnnlab eval`.
+
+An ensemble averages the members' softmax outputs (the lectures' model ensemble);
+test-time augmentation averages over views of each image (mirror, and shifts by a
+few pixels). Loss is the negative log-likelihood of the averaged probabilities.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from cnnlab.errors import CnnlabError
+from cnnlab.train.checkpoint import load_checkpoint
+from cnnlab.train.loop import Metrics, autocast_for, selected_weights
+
+
+def tta_views(x: torch.Tensor, flip: bool, shift: int) -> list[torch.Tensor]:
+    """The image, its mirror image, and copies shifted by `shift` pixels up, down, left and right."""
+    views = [x]
+    if flip:
+        views.append(x.flip(3))
+    if shift:
+        h, w = x.shape[2:]
+        padded = F.pad(x, (shift,) * 4)  # zeros: the mean image after normalisation
+        for dy, dx in ((shift, 0), (-shift, 0), (0, shift), (0, -shift)):
+            views.append(padded[:, :, shift + dy:shift + dy + h, shift + dx:shift + dx + w])
+    return views
+
+
+@torch.inference_mode()
+def predict(models: Sequence[nn.Module], loader, *, autocast_dtype: torch.dtype | None = None,
+            tta_flip: bool = False, tta_shift: int = 0, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities averaged over models and views, with the labels: (N, C), (N,)."""
+    for m in models:
+        m.eval()
+    probs, labels = [], []
+    for i, (x, y) in enumerate(loader):
+        if limit is not None and i == limit:
+            break
+        total = 0
+        views = tta_views(x, tta_flip, tta_shift)
+        for model in models:
+            for view in views:
+                with autocast_for(x.device, autocast_dtype):
+                    total = total + F.softmax(model(view).float(), dim=1)
+        probs.append((total / (len(models) * len(views))).cpu())
+        labels.append(y.cpu())
+    return torch.cat(probs), torch.cat(labels)
+
+
+def metrics_from_probs(probs: torch.Tensor, labels: torch.Tensor) -> Metrics:
+    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
+    acc = (probs.argmax(1) == labels).float().mean().item()
+    top5 = None
+    if probs.shape[1] > 5:
+        top5 = (probs.topk(5, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+    return Metrics(loss, acc, top5, len(labels))
+
+
+def confusion_matrix(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """counts[true, predicted]."""
+    index = labels * num_classes + probs.argmax(1)
+    return torch.bincount(index, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def confusion_figure(matrix: torch.Tensor, classes: Sequence[str]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    size = min(max(4.0, 0.45 * n + 2), 20)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    rates = matrix.float() / matrix.sum(1, keepdim=True).clamp_min(1)
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if n <= 30:
+        ax.set_xticks(range(n), classes, rotation=90)
+        ax.set_yticks(range(n), classes)
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix (test, selected model)")
+    fig.tight_layout()
+    return fig
+
+
+def figure_png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# --- cnnlab eval ------------------------------------------------------------------------------------
+
+def checkpoint_path(target: str) -> Path:
+    path = Path(target)
+    if path.is_dir():
+        path = path / "checkpoints" / "best.pt"
+    if not path.is_file():
+        raise CnnlabError(f"{target}: no checkpoint (give a run directory with checkpoints/best.pt, or a .pt file)")
+    return path
+
+
+def evaluate_runs(targets: Sequence[str], *, splits: Sequence[str], tta_flip: bool, tta_shift: int,
+                  device: str, data_dir: str | None, console: Console | None = None) -> dict[str, Any]:
+    """Score one run or an ensemble of runs on the given splits; print the homework's report table."""
+    from cnnlab.config import parse_run_config
+    from cnnlab.train.run import resolve_device, setup
+
+    console = console or Console()
+    checkpoints = [(checkpoint_path(t), None) for t in targets]
+    checkpoints = [(p, load_checkpoint(p)) for p, _ in checkpoints]
+    configs = []
+    for path, ckpt in checkpoints:
+        cfg = ckpt.get("config")
+        if not isinstance(cfg, dict):
+            raise CnnlabError(f"checkpoint {path} has no config; was it written by cnnlab train?")
+        cfg = {**cfg, "trainer": {**cfg["trainer"], "device": device}}
+        if data_dir is not None:
+            cfg["dataset"] = {**cfg["dataset"], "root": data_dir} if "root" in cfg["dataset"] else cfg["dataset"]
+        configs.append(cfg)
+    first = parse_run_config(configs[0])
+    for (path, _), cfg in zip(checkpoints[1:], configs[1:]):
+        other = parse_run_config(cfg)
+        if (other.components["dataset"].options, other.components["dataset"].name, other.data.val_fraction,
+                other.data.split_seed) != (first.components["dataset"].options, first.components["dataset"].name,
+                                           first.data.val_fraction, first.data.split_seed):
+            raise CnnlabError(f"{path} was trained on other data or another validation split than {checkpoints[0][0]}; "
+                              "an ensemble must share both")
+    resolve_device(device)
+    models, base = [], None
+    for (path, ckpt), cfg in zip(checkpoints, configs):
+        s = setup(cfg) if base is None else None
+        base = base or s
+        model = s.model if s is not None else _model_like(cfg, base)
+        try:
+            model.load_state_dict(selected_weights(ckpt))
+        except RuntimeError as e:
+            raise CnnlabError(f"checkpoint {path} does not fit its configured model: {str(e).splitlines()[0]}") from None
+        models.append(model)
+    data = base.data
+    images = {"train": (data.train_images[base.train_idx], data.train_labels[base.train_idx]),
+              "val": (data.train_images[base.val_idx], data.train_labels[base.val_idx]),
+              "test": (data.test_images, data.test_labels)}
+    report = {}
+    for split in splits:
+        probs, labels = predict(models, base.loader(*images[split], train=False), autocast_dtype=base.autocast_dtype,
+                                tta_flip=tta_flip, tta_shift=tta_shift)
+        m = metrics_from_probs(probs, labels)
+        report[split] = {"loss": m.loss, "acc": m.acc, "error": 1 - m.acc, "top5": m.top5, "count": m.count}
+    views = 1 + int(tta_flip) + (4 if tta_shift else 0)
+    title = (f"{'ensemble of ' + str(len(models)) if len(models) > 1 else 'model'}: "
+             f"{', '.join(str(p) for p, _ in checkpoints)}" + (f"; TTA, {views} views" if views > 1 else ""))
+    table = Table(title=title)
+    for column in ("split", "loss", "error", "accuracy", "top-5"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split, m in report.items():
+        top5 = "-" if m["top5"] is None else f"{100 * m['top5']:.2f}%"
+        table.add_row(split, f"{m['loss']:.4f}", f"{100 * m['error']:.2f}%", f"{100 * m['acc']:.2f}%", top5)
+    console.print(table)
+    return {"members": [str(p) for p, _ in checkpoints], "tta_views": views, "splits": report}
+
+
+def _model_like(cfg: dict, base) -> nn.Module:
+    from cnnlab.config import parse_run_config
+
+    run = parse_run_config(cfg)
+    data = base.data
+    model = run.components["model"].build(in_channels=data.channels, num_classes=data.num_classes, input_size=data.input_size)
+    memory_format = torch.channels_last if run.trainer.channels_last else torch.contiguous_format
+    return model.to(base.device, memory_format=memory_format)
