@@ -68,6 +68,45 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 180) 
     )
 
 
+def lr_values(optimizer, scheduler, steps: int) -> list[float]:
+    """The learning rate of each of ``steps`` optimizer updates under ``scheduler``."""
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """What a run built: its Trainer, its validation split arguments and its loaders."""
+    import cnnlab.train.run as run_module
+
+    seen = {}
+
+    class CapturingTrainer(run_module.Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["trainer"] = self
+
+    original_split, original_make_loader = run_module.stratified_split, run_module.make_loader
+
+    def split(labels, val_fraction, seed):
+        seen["split"] = (val_fraction, seed)
+        return original_split(labels, val_fraction, seed)
+
+    def make_loader(*args, **kwargs):
+        loader = original_make_loader(*args, **kwargs)
+        seen.setdefault("loaders", []).append(loader)
+        return loader
+
+    monkeypatch.setattr(run_module, "Trainer", CapturingTrainer)
+    monkeypatch.setattr(run_module, "stratified_split", split)
+    monkeypatch.setattr(run_module, "make_loader", make_loader)
+    return seen
+
+
 @pytest.fixture
 def tiny_run(tmp_path):
     def run(*overrides: str) -> dict:

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from cnnlab.config import CONF_DIR, GROUP_REGISTRIES, DataSettings, TrainerSettings, parse_run_config
 from cnnlab.errors import CnnlabError
-from tests.conftest import TINY, compose_config, tiny_with
+from tests.conftest import TINY, compose_config, lr_values, tiny_with
 
 
 def group_entries(group):
@@ -179,12 +179,7 @@ def test_schedules_follow_their_closed_forms_through_the_config():
         run = parse_run_config(compose_config(*TINY, "optimizer=sgd", "optimizer.lr=1.0", *overrides))
         opt = run.components["optimizer"].build(model=torch.nn.Linear(1, 1, bias=False))
         sched = run.components["scheduler"].build(optimizer=opt, steps_per_epoch=steps_per_epoch, epochs=epochs)
-        out = []
-        for _ in range(steps_per_epoch * epochs):
-            out.append(opt.param_groups[0]["lr"])
-            opt.step()
-            sched.step()
-        return out
+        return lr_values(opt, sched, steps_per_epoch * epochs)
 
     T = 40
     cos = lrs("scheduler=cosine", "scheduler.eta_min=0.1")

@@ -12,7 +12,7 @@ from cnnlab.optimizers import Lookahead
 from cnnlab.registry import INITS, MODELS, OPTIMIZERS, SCHEDULERS
 from cnnlab.train.checkpoint import load_checkpoint
 from cnnlab.train.loop import selected_weights
-from tests.conftest import quiet_console, run_tiny
+from tests.conftest import lr_values, quiet_console, run_tiny
 
 
 def small_model():
@@ -138,12 +138,7 @@ def lr_curve(name, steps_per_epoch=10, epochs=8, **options):
     model = nn.Linear(1, 1)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sched = SCHEDULERS.build(name, options, prefix="scheduler", optimizer=opt, steps_per_epoch=steps_per_epoch, epochs=epochs)
-    out = []
-    for _ in range(steps_per_epoch * epochs):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return out
+    return lr_values(opt, sched, steps_per_epoch * epochs)
 
 
 def at_epoch(curve, e, steps_per_epoch=10):
@@ -268,23 +263,9 @@ def test_activations_through_20_tanh_layers():
 
 # --- regularisation and training options -----------------------------------------------------------
 
-def captured_trainer(monkeypatch):
-    import cnnlab.train.run as run_module
-
-    seen = {}
-
-    class Capturing(run_module.Trainer):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            seen["trainer"] = self
-
-    monkeypatch.setattr(run_module, "Trainer", Capturing)
-    return seen
-
-
 @pytest.mark.parametrize(("mode", "clip"), [("norm", 0.01), ("value", 0.001)])
-def test_gradient_clipping(tmp_path, monkeypatch, mode, clip):
-    seen = captured_trainer(monkeypatch)
+def test_gradient_clipping(tmp_path, captured, mode, clip):
+    seen = captured
     run_tiny(tmp_path / "run", "trainer.epochs=1", f"trainer.grad_clip={clip}", f"trainer.grad_clip_mode={mode}")
     grads = [p.grad for p in seen["trainer"].model.parameters()]
     if mode == "norm":
@@ -316,15 +297,15 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert torch.allclose(big, small, atol=1e-6) and updates_big == updates_small == 1
 
 
-def test_accumulate_steps_reaches_the_run(tmp_path, monkeypatch):
-    seen = captured_trainer(monkeypatch)
+def test_accumulate_steps_reaches_the_run(tmp_path, captured):
+    seen = captured
     summary = run_tiny(tmp_path / "run", "trainer.epochs=1", "trainer.accumulate_steps=4")
     assert seen["trainer"].scheduler.last_epoch == math.ceil(9 / 4)  # 9 batches -> 3 optimizer updates
     assert summary["history"][0]["step"] == 9
 
 
-def test_ema_weights_are_evaluated_kept_and_selected(tmp_path, monkeypatch):
-    seen = captured_trainer(monkeypatch)
+def test_ema_weights_are_evaluated_kept_and_selected(tmp_path, captured):
+    seen = captured
     summary = run_tiny(tmp_path / "run", "trainer.epochs=2", "trainer.ema_decay=0.9")
     best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
     assert best["selected"] == "ema" and summary["selected_weights"] == "ema"

@@ -118,34 +118,6 @@ def test_best_tracker_directions():
     assert (up.epoch, down.epoch) == (2, 3)
 
 
-@pytest.fixture
-def captured(monkeypatch):
-    seen = {}
-
-    class CapturingTrainer(run_module.Trainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            seen["trainer"] = self
-
-    original_split = run_module.stratified_split
-
-    def split(labels, val_fraction, seed):
-        seen["split"] = (val_fraction, seed)
-        seen["split_result"] = original_split(labels, val_fraction, seed)
-        return seen["split_result"]
-
-    def make_loader(*args, **kwargs):
-        loader = original_make_loader(*args, **kwargs)
-        seen.setdefault("loaders", []).append(loader)
-        return loader
-
-    original_make_loader = run_module.make_loader
-    monkeypatch.setattr(run_module, "Trainer", CapturingTrainer)
-    monkeypatch.setattr(run_module, "stratified_split", split)
-    monkeypatch.setattr(run_module, "make_loader", make_loader)
-    return seen
-
-
 def test_trainer_options_reach_the_trainer(tmp_path, captured):
     summary = run_tiny(tmp_path / "run", "trainer.epochs=3", "trainer.label_smoothing=0.2", "trainer.limit_train_batches=2",
                        "trainer.log_every_n_steps=2", "trainer.eval_train_at_end=false", "trainer.channels_last=true")
