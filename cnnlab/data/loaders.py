@@ -9,12 +9,16 @@ for the model: augmented (training only) and normalised.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-BatchTransform = Callable[[torch.Tensor], torch.Tensor]  # uint8 (N,C,H,W) -> float
+class BatchTransform(Protocol):
+    """uint8 images (N,C,H,W) and labels -> model-ready float images and targets (soft after mixup/cutmix)."""
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class InMemoryLoader:
@@ -46,7 +50,7 @@ class InMemoryLoader:
             else:  # slices are views: no copy
                 x = self.images[i * self.batch_size:(i + 1) * self.batch_size]
                 y = self.labels[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.transform(x), y
+            yield self.transform.apply(x, y)
 
 
 class TensorImageDataset(Dataset):
@@ -85,5 +89,4 @@ class StreamingLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in self.loader:
-            x = x.to(self.device, non_blocking=True)
-            yield self.transform(x), y.to(self.device, non_blocking=True)
+            yield self.transform.apply(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))

@@ -44,6 +44,8 @@ class MetricSums:
 
     @torch.no_grad()
     def add(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
+        if labels.ndim == 2:  # soft targets (mixup, cutmix): the dominant class
+            labels = labels.argmax(1)
         k = 5 if self.top5 else 1
         hits = logits.topk(k, dim=1).indices == labels[:, None]
         self.sums += torch.stack([loss.detach().double() * len(labels), hits[:, 0].sum().double(), hits.any(1).sum().double()])

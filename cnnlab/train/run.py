@@ -133,7 +133,8 @@ def setup(cfg) -> Setup:
         if run.trainer.accumulate_steps > 1 or run.trainer.grad_clip is not None:
             raise CnnlabError("optimizer=lbfgs takes whole steps through its closure: "
                               "trainer.accumulate_steps must be 1 and trainer.grad_clip null")
-    train_pipe = BatchPipeline(build_ops(run.augment_ops), data.mean, data.std, device, run.seed + 1, channels_last)
+    train_pipe = BatchPipeline(build_ops(run.augment_ops), data.mean, data.std, device, run.seed + 1, channels_last,
+                               num_classes=data.num_classes)
     eval_pipe = BatchPipeline([], data.mean, data.std, device, run.seed, channels_last)
     return Setup(run, device, autocast_dtype, data, train_idx, val_idx, model, optimizer, train_pipe, eval_pipe)
 
