@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Training throughput, side by side: cnnlab against the textbook loop and a minimal hand-written loop,
+with and without augmentation.
+
+Same model (LeNet-5 by default), data (Fashion-MNIST), batch size, optimizer and number of epochs for
+every loop; each loop's last epoch is timed (the first warms up). The loops take turns for --repeats
+rounds, so drift in the machine's speed hits all of them alike; the table shows medians and ranges.
+
+  (a) textbook:     torchvision.datasets.FashionMNIST + transforms (+ RandomCrop/RandomHorizontalFlip
+                    for crop_flip) + ToTensor/Normalize + DataLoader
+  (b) hand-written: the whole set as a uint8 tensor, batches by index, a bare loop (no augmentation)
+  (c) cnnlab:       cnnlab's own train() with augment=none / augment=<--augment>, and once with
+                    channels_last=false to show the loop's own overhead
+
+On CUDA (--device auto finds it) all loops run on the GPU with bf16 autocast; cnnlab uses its defaults.
+
+    python scripts/benchmark.py                          # LeNet-5, crop_flip, 2 epochs, 3 rounds
+    python scripts/benchmark.py --model small_resnet --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cnnlab.data.datasets import find_mnist_files, mnist_candidates  # noqa: E402
+from cnnlab.registry import DATASETS, MODELS, load_components  # noqa: E402
+
+MEAN, STD = 0.2860, 0.3530
+
+
+def build_model(name: str, seed: int, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return MODELS.build(name, {}, prefix="model", in_channels=1, num_classes=10, input_size=28).to(device)
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def textbook(model_name: str, data_dir: Path, batch: int, epochs: int, workers: int, seed: int,
+             augment: str, device: torch.device) -> float:
+    from torchvision import datasets, transforms
+
+    steps = []
+    if augment == "crop_flip":  # cnnlab's crop_flip: 4-pixel zero padding, then a mirror half the time
+        steps += [transforms.RandomCrop(28, padding=4), transforms.RandomHorizontalFlip()]
+    tf = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
+    ds = datasets.FashionMNIST(str(data_dir), train=True, transform=tf, download=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                                         pin_memory=device.type == "cuda")
+    model = build_model(model_name, seed, device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    rate = 0.0
+    for _ in range(epochs):
+        sync(device)
+        start, n = time.perf_counter(), 0
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device):
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            n += len(y)
+        sync(device)
+        rate = n / (time.perf_counter() - start)
+    return rate
+
+
+def hand_written(model_name: str, images: torch.Tensor, labels: torch.Tensor, batch: int, epochs: int, seed: int,
+                 device: torch.device) -> float:
+    model = build_model(model_name, seed, device)
+    images, labels = images.to(device), labels.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    rate = 0.0
+    for _ in range(epochs):
+        sync(device)
+        start, n = time.perf_counter(), 0
+        perm = torch.randperm(len(labels), device=device)
+        for i in range(len(labels) // batch):
+            idx = perm[i * batch:(i + 1) * batch]
+            x = (images[idx].float() / 255 - MEAN) / STD
+            with autocast(device):
+                loss = F.cross_entropy(model(x), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            n += batch
+        sync(device)
+        rate = n / (time.perf_counter() - start)
+    return rate
+
+
+def cnnlab_loop(model_name: str, batch: int, epochs: int, seed: int, device: torch.device, extra: list[str],
+                run_dir: Path) -> float:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from cnnlab.config import CONF_DIR
+    from cnnlab.train.run import train
+
+    overrides = [f"model={model_name}", f"data.batch_size={batch}", f"trainer.epochs={epochs}", f"seed={seed}",
+                 "optimizer=sgd", "optimizer.lr=0.01", "optimizer.nesterov=false", "optimizer.weight_decay=0",
+                 "scheduler=constant", "trainer.eval_train_at_end=false", f"trainer.device={device}", *extra]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    summary = train(cfg, run_dir, console=Console(file=io.StringIO()))
+    return summary["history"][-1]["images_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="lenet5")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=2, help="per loop; the last one is timed")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; the median is reported")
+    parser.add_argument("--augment", default="crop_flip", choices=["crop_flip"],
+                        help="the augmentation compared (the textbook loop needs an equivalent)")
+    parser.add_argument("--textbook-workers", type=int, default=2, help="DataLoader workers, as in PyTorch's tutorials")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-root", default="data", help="where cnnlab looks for Fashion-MNIST first")
+    args = parser.parse_args()
+    load_components()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+
+    data = DATASETS.build("fashion_mnist", {"root": args.data_root, "download": False}, prefix="dataset")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        raw = tmp / "FashionMNIST" / "raw"  # torchvision's FashionMNIST reads uncompressed files from here
+        raw.mkdir(parents=True)
+        files = find_mnist_files(mnist_candidates("fashion_mnist", args.data_root, "FashionMNIST"))
+        for stem, src in files.items():
+            with (gzip.open(src) if src.suffix == ".gz" else open(src, "rb")) as f, open(raw / stem, "wb") as out:
+                shutil.copyfileobj(f, out)
+
+        aug = args.augment
+        b, e, s, w = args.batch_size, args.epochs, args.seed, args.textbook_workers
+        loops = {
+            ("(a) textbook", "none"): lambda: textbook(args.model, tmp, b, e, w, s, "none", device),
+            ("(a) textbook", aug): lambda: textbook(args.model, tmp, b, e, w, s, aug, device),
+            ("(b) hand-written in-memory", "none"):
+                lambda: hand_written(args.model, data.train_images, data.train_labels, b, e, s, device),
+            ("(c) cnnlab", "none"): lambda: cnnlab_loop(args.model, b, e, s, device, ["augment=none"], tmp / "c0"),
+            ("(c) cnnlab", aug): lambda: cnnlab_loop(args.model, b, e, s, device, [f"augment={aug}"], tmp / "c1"),
+            ("(c) cnnlab, channels_last=false", "none"):
+                lambda: cnnlab_loop(args.model, b, e, s, device, ["augment=none", "trainer.channels_last=false"], tmp / "c2"),
+        }
+        rates: dict[tuple[str, str], list[float]] = {key: [] for key in loops}
+        for _ in range(args.repeats):
+            for key, run in loops.items():
+                rates[key].append(run())
+
+    med = {key: statistics.median(r) for key, r in rates.items()}
+    hand = med[("(b) hand-written in-memory", "none")]
+    table = Table(title=f"{args.model} on Fashion-MNIST, batch {b}, {device.type}, last of {e} epochs, "
+                        f"median of {args.repeats} rounds")
+    for col in ("loop", "augmentation", "images/s", "range", "vs textbook (same aug.)", "vs hand-written"):
+        table.add_column(col, justify="left" if col in ("loop", "augmentation") else "right")
+    for (name, augmentation), rate in med.items():
+        textbook_rate = med[("(a) textbook", augmentation)]
+        spread = f"{min(rates[(name, augmentation)]):,.0f}-{max(rates[(name, augmentation)]):,.0f}"
+        table.add_row(name, augmentation, f"{rate:,.0f}", spread, f"{rate / textbook_rate:.2f}x", f"{rate / hand:.2f}x")
+    console = Console(width=130)
+    console.print(table)
+    overhead = med[("(c) cnnlab", "none")] / med[("(c) cnnlab", aug)] - 1
+    console.print(f"cnnlab: {aug} adds {100 * overhead:.1f}% to the step time "
+                  f"({med[('(c) cnnlab', 'none')]:,.0f} -> {med[('(c) cnnlab', aug)]:,.0f} images/s)")
+    gpu = f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""
+    console.print(f"python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                  f"{platform.machine()}{gpu}; command: {' '.join(sys.argv)}")
+
+
+if __name__ == "__main__":
+    main()
