@@ -221,6 +221,27 @@ def test_compile_wraps_the_model(tmp_path, monkeypatch):
     assert compiled == [model] and trainer.forward == ("compiled", model)
 
 
+def test_compile_time_is_reported_apart_from_training_time(tmp_path, monkeypatch):
+    import time
+
+    def slow_first_call(module):  # stands in for torch.compile: the first call pays the compile
+        calls = []
+
+        def forward(x):
+            if not calls:
+                time.sleep(0.5)
+            calls.append(1)
+            return module(x)
+
+        return forward
+
+    monkeypatch.setattr(torch, "compile", slow_first_call)
+    summary = run_tiny(tmp_path / "run", "trainer.epochs=1", "trainer.compile=true")
+    assert summary["compile_time_s"] >= 0.5
+    assert summary["history"][0]["train_time_s"] < 0.5  # the compile is not counted as training
+    assert run_tiny(tmp_path / "plain", "trainer.epochs=1")["compile_time_s"] is None
+
+
 def test_console_prints_plain_lines_when_not_a_terminal(tmp_path):
     console = quiet_console()
     from cnnlab.train.run import train

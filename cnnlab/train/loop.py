@@ -150,6 +150,7 @@ class Trainer:
         self.best = BestTracker(settings.monitor)
         self.epoch, self.step, self.history = 0, 0, []
         self.status, self.initial_loss, self.diverged_at = "running", None, None
+        self.compile_time_s: float | None = None  # with trainer.compile: the first step, timed apart
 
     @property
     def eval_model(self) -> nn.Module:
@@ -207,6 +208,10 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def check_initial_loss(self, loss: float) -> None:
         """The lectures' first check: with small random weights the loss is about ln(classes)."""
         self.initial_loss, expected = loss, math.log(self.num_classes)
@@ -228,7 +233,15 @@ class Trainer:
                 if i == batches:
                     break
                 update = (i + 1) % s.accumulate_steps == 0 or i + 1 == batches
+                compiling = s.compile and self.step == 0
+                if compiling:
+                    self._sync()
+                    compile_start = time.perf_counter()
                 logits, loss = self.train_step(x, y, first=i % s.accumulate_steps == 0, update=update)
+                if compiling:  # torch.compile compiles on the first call: keep it out of the throughput
+                    self._sync()
+                    self.compile_time_s = time.perf_counter() - compile_start
+                    start += self.compile_time_s
                 sums.add(logits.float(), y, loss.detach())
                 self.step += 1
                 self.guard.watch(loss, self.step)

@@ -192,6 +192,7 @@ def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
         "initial_loss": trainer.initial_loss, "expected_initial_loss": math.log(data.num_classes),
         "monitor": trainer.best.monitor, "best_epoch": trainer.best.epoch, "best_value": trainer.best.value,
         "selected_weights": "ema" if trainer.ema is not None else "model",
+        "compile_time_s": trainer.compile_time_s,  # with trainer.compile; not in train_time_s
     }
     if trainer.status == "diverged" or trainer.best.epoch is None:
         # A diverged run is recorded, not tested: the test set is for selected models only.
