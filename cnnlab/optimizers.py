@@ -112,18 +112,19 @@ def optimizer_entry(family: str) -> Callable:
         common_hints = typing.get_type_hints(_common, include_extras=True)
 
         @functools.wraps(build)
-        def entry(*, model: nn.Module, weight_decay_mode: str = "optimizer", no_decay_norm_bias: bool = False,
-                  lookahead_steps: int = 0, lookahead_alpha: float = 0.5, **options):
-            weight_decay = options.get("weight_decay", 0.0)
-            l2 = weight_decay if weight_decay_mode == "l2" else 0.0
-            groups = decay_groups(model, 0.0 if l2 else weight_decay, no_decay_norm_bias)
+        def entry(*, model: nn.Module, **options):
+            common = {name: options.pop(name, p.default) for name, p in _COMMON.items()}
+            # The builder's own default when weight_decay is not given: the groups carry the value.
+            weight_decay = options.setdefault("weight_decay", own["weight_decay"].default)
+            l2 = weight_decay if common["weight_decay_mode"] == "l2" else 0.0
+            groups = decay_groups(model, 0.0 if l2 else weight_decay, common["no_decay_norm_bias"])
             optimizer = build(groups, **options)
             if isinstance(optimizer, torch.optim.LBFGS):
                 l2 = weight_decay  # L-BFGS has no weight decay of its own: it goes into the loss
-            if lookahead_steps > 0:
-                optimizer = Lookahead(optimizer, lookahead_steps, lookahead_alpha)
+            if common["lookahead_steps"] > 0:
+                optimizer = Lookahead(optimizer, common["lookahead_steps"], common["lookahead_alpha"])
             optimizer.l2_weight_decay = l2
-            optimizer.l2_params = [p for g in decay_groups(model, 0, no_decay_norm_bias)[:1] for p in g["params"]]
+            optimizer.l2_params = groups[0]["params"]  # the decayed group (all parameters unless spared)
             return optimizer
 
         params = [inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY)]

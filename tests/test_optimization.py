@@ -50,6 +50,18 @@ def test_optimizer_options_reach_the_optimizer(name, options, group_values, cls)
         assert opt.param_groups[0][key] == value, key
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS.names())
+def test_defaults_of_a_bare_build_are_the_builders_own(name):
+    own = OPTIMIZERS.get(name).options["weight_decay"].default
+    opt = optimizer(name)
+    if name == "lbfgs":  # no weight decay of its own: it goes into the loss
+        assert opt.l2_weight_decay == own
+    else:
+        assert opt.param_groups[0]["weight_decay"] == own and opt.l2_weight_decay == 0.0
+        assert optimizer(name, weight_decay_mode="l2").l2_weight_decay == own
+    assert not isinstance(opt, Lookahead)
+
+
 def test_weight_decay_modes():
     opt = optimizer("adamw", weight_decay=0.1, weight_decay_mode="l2")
     assert opt.param_groups[0]["weight_decay"] == 0.0 and opt.l2_weight_decay == 0.1
