@@ -7,7 +7,6 @@ few pixels). Loss is the negative log-likelihood of the averaged probabilities.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from cnnlab.errors import CnnlabError
+from cnnlab.plotting import pyplot
 from cnnlab.train.checkpoint import load_checkpoint
-from cnnlab.train.loop import Metrics, autocast_for, selected_weights
+from cnnlab.train.console import report_table
+from cnnlab.train.loop import Metrics, MetricSums, autocast_for, selected_weights
+
+
+def tta_view_count(flip: bool, shift: int) -> int:
+    """How many views tta_views makes."""
+    return 1 + int(flip) + (4 if shift else 0)
 
 
 def tta_views(x: torch.Tensor, flip: bool, shift: int) -> list[torch.Tensor]:
@@ -58,12 +63,10 @@ def predict(models: Sequence[nn.Module], loader, *, autocast_dtype: torch.dtype 
 
 
 def metrics_from_probs(probs: torch.Tensor, labels: torch.Tensor) -> Metrics:
-    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
-    acc = (probs.argmax(1) == labels).float().mean().item()
-    top5 = None
-    if probs.shape[1] > 5:
-        top5 = (probs.topk(5, dim=1).indices == labels[:, None]).any(1).float().mean().item()
-    return Metrics(loss, acc, top5, len(labels))
+    """Loss (NLL of the probabilities), accuracy and top-5, counted as during training."""
+    sums = MetricSums(probs.device, top5=probs.shape[1] > 5)
+    sums.add(probs, labels, F.nll_loss(probs.clamp_min(1e-12).log(), labels))
+    return sums.result()
 
 
 def confusion_matrix(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -73,14 +76,9 @@ def confusion_matrix(probs: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 
 def confusion_figure(matrix: torch.Tensor, classes: Sequence[str]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = len(classes)
     size = min(max(4.0, 0.45 * n + 2), 20)
-    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(size, size), dpi=100)
     rates = matrix.float() / matrix.sum(1, keepdim=True).clamp_min(1)
     ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     if n <= 30:
@@ -98,15 +96,6 @@ def confusion_figure(matrix: torch.Tensor, classes: Sequence[str]):
     return fig
 
 
-def figure_png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 # --- cnnlab eval ------------------------------------------------------------------------------------
 
 def checkpoint_path(target: str) -> Path:
@@ -122,11 +111,10 @@ def evaluate_runs(targets: Sequence[str], *, splits: Sequence[str], tta_flip: bo
                   device: str, data_dir: str | None, console: Console | None = None) -> dict[str, Any]:
     """Score one run or an ensemble of runs on the given splits; print the homework's report table."""
     from cnnlab.config import parse_run_config
-    from cnnlab.train.run import resolve_device, setup
+    from cnnlab.train.run import build_model, resolve_device, setup
 
     console = console or Console()
-    checkpoints = [(checkpoint_path(t), None) for t in targets]
-    checkpoints = [(p, load_checkpoint(p)) for p, _ in checkpoints]
+    checkpoints = [(p, load_checkpoint(p)) for p in map(checkpoint_path, targets)]
     configs = []
     for path, ckpt in checkpoints:
         cfg = ckpt.get("config")
@@ -136,25 +124,22 @@ def evaluate_runs(targets: Sequence[str], *, splits: Sequence[str], tta_flip: bo
         if data_dir is not None:
             cfg["dataset"] = {**cfg["dataset"], "root": data_dir} if "root" in cfg["dataset"] else cfg["dataset"]
         configs.append(cfg)
-    first = parse_run_config(configs[0])
-    for (path, _), cfg in zip(checkpoints[1:], configs[1:]):
-        other = parse_run_config(cfg)
+    runs = [parse_run_config(cfg) for cfg in configs]
+    first = runs[0]
+    for (path, _), other in zip(checkpoints[1:], runs[1:]):
         if (other.components["dataset"].options, other.components["dataset"].name, other.data.val_fraction,
                 other.data.split_seed) != (first.components["dataset"].options, first.components["dataset"].name,
                                            first.data.val_fraction, first.data.split_seed):
             raise CnnlabError(f"{path} was trained on other data or another validation split than {checkpoints[0][0]}; "
                               "an ensemble must share both")
     resolve_device(device)
-    models, base = [], None
-    for (path, ckpt), cfg in zip(checkpoints, configs):
-        s = setup(cfg) if base is None else None
-        base = base or s
-        model = s.model if s is not None else _model_like(cfg, base)
+    base = setup(configs[0])  # data, split and pipelines: shared by every member
+    models = [base.model, *(build_model(run, base.data, base.device, init=False) for run in runs[1:])]
+    for (path, ckpt), model in zip(checkpoints, models):
         try:
             model.load_state_dict(selected_weights(ckpt))
         except RuntimeError as e:
             raise CnnlabError(f"checkpoint {path} does not fit its configured model: {str(e).splitlines()[0]}") from None
-        models.append(model)
     data = base.data
     images = {"train": (data.train_images[base.train_idx], data.train_labels[base.train_idx]),
               "val": (data.train_images[base.val_idx], data.train_labels[base.val_idx]),
@@ -163,26 +148,10 @@ def evaluate_runs(targets: Sequence[str], *, splits: Sequence[str], tta_flip: bo
     for split in splits:
         probs, labels = predict(models, base.loader(*images[split], train=False), autocast_dtype=base.autocast_dtype,
                                 tta_flip=tta_flip, tta_shift=tta_shift)
-        m = metrics_from_probs(probs, labels)
-        report[split] = {"loss": m.loss, "acc": m.acc, "error": 1 - m.acc, "top5": m.top5, "count": m.count}
-    views = 1 + int(tta_flip) + (4 if tta_shift else 0)
+        report[split] = metrics_from_probs(probs, labels).report()
+    views = tta_view_count(tta_flip, tta_shift)
     title = (f"{'ensemble of ' + str(len(models)) if len(models) > 1 else 'model'}: "
              f"{', '.join(str(p) for p, _ in checkpoints)}" + (f"; TTA, {views} views" if views > 1 else ""))
-    table = Table(title=title)
-    for column in ("split", "loss", "error", "accuracy", "top-5"):
-        table.add_column(column, justify="left" if column == "split" else "right")
-    for split, m in report.items():
-        top5 = "-" if m["top5"] is None else f"{100 * m['top5']:.2f}%"
-        table.add_row(split, f"{m['loss']:.4f}", f"{100 * m['error']:.2f}%", f"{100 * m['acc']:.2f}%", top5)
-    console.print(table)
+    console.print(report_table(title, report))
     return {"members": [str(p) for p, _ in checkpoints], "tta_views": views, "splits": report}
 
-
-def _model_like(cfg: dict, base) -> nn.Module:
-    from cnnlab.config import parse_run_config
-
-    run = parse_run_config(cfg)
-    data = base.data
-    model = run.components["model"].build(in_channels=data.channels, num_classes=data.num_classes, input_size=data.input_size)
-    memory_format = torch.channels_last if run.trainer.channels_last else torch.contiguous_format
-    return model.to(base.device, memory_format=memory_format)

@@ -9,7 +9,6 @@ kept: this is a probe before choosing optimizer.lr.
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from cnnlab.train.checkpoint import atomic_write, write_json
+from cnnlab.plotting import pyplot, save_png
+from cnnlab.train.checkpoint import write_json
 from cnnlab.train.loop import Trainer
 from cnnlab.train.run import setup
 from cnnlab.train.tensorboard_log import TensorBoardLogger
@@ -94,12 +94,7 @@ def suggest(lrs: list[float], smoothed: list[float]) -> float:
 
 
 def plot(lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(6, 4), dpi=100)
     ax.plot(lrs, losses, color="0.8", label="loss")
     ax.plot(lrs, smoothed, color="C0", label="smoothed")
     ax.axvline(suggestion, color="C3", linestyle="--", label=f"suggested {suggestion:.3g}")
@@ -111,7 +106,4 @@ def plot(lrs: list[float], losses: list[float], smoothed: list[float], suggestio
     ax.set_ylabel("training loss")
     ax.set_title("LR range test")
     ax.legend()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(fig)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    save_png(fig, path)

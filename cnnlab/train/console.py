@@ -22,6 +22,16 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def report_table(title: str, report: dict[str, dict[str, float | None]]) -> Table:
+    """The homework's report: loss, error, accuracy and top-5 per split."""
+    table = Table(title=title)
+    for column in ("split", "loss", "error", "accuracy", "top-5"):
+        table.add_column(column, justify="right" if column != "split" else "left")
+    for split, m in report.items():
+        table.add_row(split, f"{m['loss']:.4f}", _pct(m["error"]), _pct(m["acc"]), _pct(m.get("top5")))
+    return table
+
+
 class ConsoleReporter:
     def __init__(self, console: Console | None = None):
         self.console = console or Console()
@@ -82,10 +92,6 @@ class ConsoleReporter:
         log.info(line)
 
     def finish(self, selected: dict[str, dict[str, float]], best_epoch: int | None, monitor: str) -> None:
-        table = Table(title=f"selected model: epoch {best_epoch} (best {monitor})")
-        for column in ("split", "loss", "error", "accuracy", "top-5"):
-            table.add_column(column, justify="right" if column != "split" else "left")
         for split, m in selected.items():
-            table.add_row(split, f"{m['loss']:.4f}", _pct(m["error"]), _pct(m["acc"]), _pct(m.get("top5")))
             log.info("%s: loss %.4f error %s accuracy %s", split, m["loss"], _pct(m["error"]), _pct(m["acc"]))
-        self.console.print(table)
+        self.console.print(report_table(f"selected model: epoch {best_epoch} (best {monitor})", selected))

@@ -28,6 +28,10 @@ class Metrics:
     top5: float | None  # only where there are more than 5 classes
     count: int
 
+    def report(self) -> dict[str, float | None]:
+        """A row of the homework's report: loss, accuracy, error, top-5 and how many images."""
+        return {"loss": self.loss, "acc": self.acc, "error": 1 - self.acc, "top5": self.top5, "count": self.count}
+
     def named(self, split: str) -> dict[str, float]:
         out = {f"{split}/loss": self.loss, f"{split}/acc": self.acc}
         if self.top5 is not None:

@@ -22,7 +22,7 @@ from cnnlab.data.datasets import ImageData
 from cnnlab.data.loaders import InMemoryLoader, StreamingLoader, TensorImageDataset
 from cnnlab.data.split import stratified_split
 from cnnlab.errors import CnnlabError
-from cnnlab.evaluation import confusion_figure, confusion_matrix, metrics_from_probs, predict
+from cnnlab.evaluation import confusion_figure, confusion_matrix, metrics_from_probs, predict, tta_view_count
 from cnnlab.train.checkpoint import load_checkpoint, write_json
 from cnnlab.train.console import ConsoleReporter
 from cnnlab.train.loop import Trainer, selected_weights
@@ -90,10 +90,6 @@ class RunReporter:
         self.tensorboard.scalars({k: v for k, v in record.items() if k not in ("step",)}, record["step"])
 
 
-def _selected(m) -> dict[str, float | None]:
-    return {"loss": m.loss, "acc": m.acc, "error": 1 - m.acc, "top5": m.top5, "count": m.count}
-
-
 @dataclass
 class Setup:
     """Everything a run builds before its loop: validated config, device, data, model, optimizer."""
@@ -114,20 +110,30 @@ class Setup:
         return make_loader(self.run, images, labels, train=train, pipeline=pipe, device=self.device, seed=self.run.seed)
 
 
+def uses_channels_last(run: RunConfig, device: torch.device) -> bool:
+    return run.trainer.channels_last and device.type != "mps"
+
+
+def build_model(run: RunConfig, data: ImageData, device: torch.device, *, init: bool) -> torch.nn.Module:
+    """The configured model for ``data``'s shape, initialised (``init``) and placed on ``device``."""
+    model = run.components["model"].build(in_channels=data.channels, num_classes=data.num_classes, input_size=data.input_size)
+    if init:
+        run.components["init"].build(model=model)
+    return model.to(device, memory_format=torch.channels_last if uses_channels_last(run, device) else torch.contiguous_format)
+
+
 def setup(cfg) -> Setup:
     run = parse_run_config(cfg)  # every name, option, type and range: nothing has been loaded yet
     device = resolve_device(run.trainer.device)
     autocast_dtype = resolve_precision(run.trainer.precision, device)
-    channels_last = run.trainer.channels_last and device.type != "mps"
+    channels_last = uses_channels_last(run, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     seed_everything(run.seed)
 
     data: ImageData = run.components["dataset"].build()
     train_idx, val_idx = stratified_split(data.train_labels, run.data.val_fraction, run.data.split_seed)
-    model = run.components["model"].build(in_channels=data.channels, num_classes=data.num_classes, input_size=data.input_size)
-    run.components["init"].build(model=model)
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model = build_model(run, data, device, init=True)
     optimizer = run.components["optimizer"].build(model=model)
     if isinstance(getattr(optimizer, "inner", optimizer), torch.optim.LBFGS):
         if run.trainer.accumulate_steps > 1 or run.trainer.grad_clip is not None:
@@ -210,7 +216,7 @@ def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
     def score(split: str, loader) -> dict[str, float | None]:
         probabilities[split] = predict([model], loader, autocast_dtype=autocast_dtype, tta_flip=run.trainer.tta_flip,
                                        tta_shift=run.trainer.tta_shift, limit=run.trainer.limit_eval_batches)
-        return _selected(metrics_from_probs(*probabilities[split]))
+        return metrics_from_probs(*probabilities[split]).report()
 
     selected = {}
     if run.trainer.eval_train_at_end:
@@ -225,7 +231,7 @@ def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
         "selected": selected,
         "train_time_s": train_time, "wall_time_s": time.perf_counter() - wall_start,
         "train_images_per_s": sum(r["images_per_s"] * r["train_time_s"] for r in history) / train_time,
-        "tta_views": 1 + int(run.trainer.tta_flip) + (4 if run.trainer.tta_shift else 0),
+        "tta_views": tta_view_count(run.trainer.tta_flip, run.trainer.tta_shift),
         "confusion_matrix": confusion.tolist(),  # [true class][predicted class], test split
         "history": history,
     })
