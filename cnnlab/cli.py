@@ -13,7 +13,7 @@ import os
 import sys
 
 from cnnlab import __version__
-from cnnlab.errors import CnnlabError, JobAborted, suggestion
+from cnnlab.errors import CnnlabError, CommandLineParser, JobAborted, suggestion
 
 USAGE = """usage: cnnlab <command> [args]
 
@@ -71,14 +71,7 @@ def _dispatch(argv: list[str]) -> int:
 
 
 def _eval(args: list[str]) -> int:
-    import argparse
-    import json
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str):
-            raise CnnlabError(f"cnnlab eval: {message}")
-
-    parser = Parser(prog="cnnlab eval", add_help=False)
+    parser = CommandLineParser("cnnlab eval")
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--splits", default="train,val,test")
     parser.add_argument("--tta-flip", action="store_true")
@@ -105,9 +98,7 @@ def _eval(args: list[str]) -> int:
 
 
 def _lr_find(args: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="cnnlab lr-find", add_help=False)
+    parser = CommandLineParser("cnnlab lr-find")
     parser.add_argument("--min-lr", type=float, default=1e-6)
     parser.add_argument("--max-lr", type=float, default=10.0)
     parser.add_argument("--steps", type=int, default=200)

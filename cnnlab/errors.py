@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
 from collections.abc import Iterable
 
@@ -25,6 +26,16 @@ class JobAborted(BaseException):
     def __init__(self, error: CnnlabError):
         super().__init__(str(error))
         self.error = error
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse for cnnlab's subcommands: a bad argument is a CnnlabError, not a usage dump."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog=prog, add_help=False)
+
+    def error(self, message: str):
+        raise CnnlabError(f"{self.prog}: {message}")
 
 
 def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:

@@ -7,24 +7,18 @@ entry shows that entry's options.
 
 from __future__ import annotations
 
-import argparse
 import re
 
 import yaml
 from rich.console import Console
 from rich.table import Table
 
-from cnnlab.errors import CnnlabError, suggestion
+from cnnlab.errors import CnnlabError, CommandLineParser, suggestion
 from cnnlab.registry import DATASETS, REGISTRIES, Registry, load_components
 from cnnlab.validation import describe_type
 
 ALIASES = {"model": "models", "dataset": "datasets", "optimizer": "optimizers", "scheduler": "schedulers",
            "init": "inits", "augment": "augments", "augmentations": "augments", "augmentation": "augments"}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        raise CnnlabError(f"cnnlab list: {message}")
 
 
 def default_dataset() -> str:
@@ -50,7 +44,7 @@ def _count(n: float) -> str:
 
 def list_command(args: list[str], console: Console | None = None) -> int:
     load_components()
-    parser = _Parser(prog="cnnlab list", add_help=False)
+    parser = CommandLineParser("cnnlab list")
     parser.add_argument("kind", nargs="?")
     parser.add_argument("pattern", nargs="?", default="*")
     parser.add_argument("--input", default=None)

@@ -22,6 +22,11 @@ from cnnlab.validation import NonNegativeFloat, NonNegativeInt, PositiveFloat, P
 Interval = Literal["step", "epoch"]
 
 
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warmup: (step + 1) / warmup_steps over the first warmup_steps updates, then 1."""
+    return (step + 1) / warmup_steps if step < warmup_steps else 1.0
+
+
 def progress_schedule(
     optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int,
     warmup_epochs: float, interval: str,
@@ -34,7 +39,7 @@ def progress_schedule(
     def for_group(base_lr: float) -> Callable[[int], float]:
         def lr_factor(step: int) -> float:
             if step < warmup_steps:
-                return (step + 1) / warmup_steps
+                return warmup_factor(step, warmup_steps)
             t = (step - warmup_steps) / steps_per_epoch
             if interval == "epoch":
                 t = math.floor(t)
@@ -181,8 +186,7 @@ class PlateauSchedule(LambdaLR):
 
         def for_group(base_lr: float) -> Callable[[int], float]:
             def lr_factor(step: int) -> float:
-                warm = (step + 1) / warmup_steps if step < warmup_steps else 1.0
-                return warm * max(factor ** self.reductions, min_lr / base_lr)
+                return warmup_factor(step, warmup_steps) * max(factor ** self.reductions, min_lr / base_lr)
             return lr_factor
 
         super().__init__(optimizer, [for_group(b) for b in base])

@@ -139,3 +139,6 @@ def test_lr_find_command(tmp_path):
     assert list((tmp_path / "outputs" / "lr_find").glob("*/*/lr_find.png"))
     bad = run_cli("lr-find", "--min-lr", "1", "--max-lr", "0.1", *TINY, cwd=tmp_path)
     assert bad.returncode == 2 and "0 < --min-lr < --max-lr" in bad.stderr
+    typo = run_cli("lr-find", "--steps", "many", *TINY, cwd=tmp_path)
+    assert typo.returncode == 2 and typo.stderr.strip().startswith("error: cnnlab lr-find: argument --steps")
+    assert len(typo.stderr.strip().splitlines()) == 1
