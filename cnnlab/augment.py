@@ -75,6 +75,84 @@ def random_crop(*, padding: NonNegativeInt = 4, fill: Literal["zero", "reflect"]
     return op
 
 
+def _first_valid(valid: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per row, the value at the first True of ``valid`` (rows with none: anything; masked later)."""
+    return values.gather(1, valid.int().argmax(1, keepdim=True)).squeeze(1)
+
+
+def resized_crop_boxes(
+    n: int, h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float], x: torch.Tensor, g: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torchvision's RandomResizedCrop.get_params for n images at once: (top, left, height, width).
+
+    Ten tries per image of area fraction ~ U(scale) and log aspect ratio ~ U(log ratio); the first
+    box that fits wins; an image with none gets the central crop at the nearest allowed ratio.
+    """
+    tries = 10
+    area = _uniform(n * tries, scale[0], scale[1], x, g).view(n, tries) * h * w
+    aspect = _uniform(n * tries, math.log(ratio[0]), math.log(ratio[1]), x, g).view(n, tries).exp()
+    bw = (area * aspect).sqrt().round().long()
+    bh = (area / aspect).sqrt().round().long()
+    valid = (bw > 0) & (bw <= w) & (bh > 0) & (bh <= h)
+    bw, bh = _first_valid(valid, bw), _first_valid(valid, bh)
+    top = (torch.rand(n, device=x.device, generator=g) * (h - bh + 1).clamp_min(1)).long()
+    left = (torch.rand(n, device=x.device, generator=g) * (w - bw + 1).clamp_min(1)).long()
+    # fallback: the whole image, cut down to the nearest allowed aspect ratio
+    if w / h < ratio[0]:
+        fw, fh = w, round(w / ratio[0])
+    elif w / h > ratio[1]:
+        fw, fh = round(h * ratio[1]), h
+    else:
+        fw, fh = w, h
+    found = valid.any(1)
+    pick = lambda box, central: torch.where(found, box, torch.full_like(box, central))  # noqa: E731
+    return pick(top, (h - fh) // 2), pick(left, (w - fw) // 2), pick(bh, fh), pick(bw, fw)
+
+
+def crop_matrices(top: torch.Tensor, left: torch.Tensor, height: torch.Tensor, width: torch.Tensor,
+                  h: int, w: int) -> torch.Tensor:
+    """(N, 2, 3) matrices for affine_grid that map the whole output onto each crop box (resize = bilinear)."""
+    zero = torch.zeros_like(top, dtype=torch.float32)
+    height, width, top, left = height.float(), width.float(), top.float(), left.float()
+    return torch.stack([
+        torch.stack([width / w, zero, (2 * left + width) / w - 1], -1),
+        torch.stack([zero, height / h, (2 * top + height) / h - 1], -1),
+    ], 1)
+
+
+def resized_crops(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, height: torch.Tensor,
+                  width: torch.Tensor) -> torch.Tensor:
+    """Each image's box, resized (bilinear) to the full image size: torchvision's resized_crop, batched.
+
+    A box is never larger than its image, so this only enlarges, where antialiasing changes nothing.
+    Sample points are clamped to the box's outer pixel centres, as interpolate clamps at a crop's edge.
+    """
+    _, _, h, w = x.shape
+    grid = F.affine_grid(crop_matrices(top, left, height, width, h, w).to(x.device), list(x.shape), align_corners=False)
+    edges = lambda start, size, full: ((2 * start + 1) / full - 1, (2 * (start + size - 1) + 1) / full - 1)  # noqa: E731
+    (x0, x1), (y0, y1) = edges(left.float(), width.float(), w), edges(top.float(), height.float(), h)
+    grid = torch.stack([grid[..., 0].clamp(x0.view(-1, 1, 1), x1.view(-1, 1, 1)),
+                        grid[..., 1].clamp(y0.view(-1, 1, 1), y1.view(-1, 1, 1))], -1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+@AUGMENTS.register(family="crop")
+def random_resized_crop(
+    *, scale_min: Annotated[float, Range(gt=0, le=1)] = 0.08, scale_max: Annotated[float, Range(gt=0, le=1)] = 1.0,
+    ratio_min: PositiveFloat = 3 / 4, ratio_max: PositiveFloat = 4 / 3, p: UnitInterval = 1.0,
+) -> BatchOp:
+    """Inception-style crop: a box of area fraction in [scale_min, scale_max] and aspect ratio in [ratio_min, ratio_max], resized to the image size."""
+    if scale_min > scale_max or ratio_min > ratio_max:
+        raise CnnlabError("augment random_resized_crop: scale_min must be <= scale_max and ratio_min <= ratio_max")
+
+    def op(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        n, _, h, w = x.shape
+        boxes = resized_crop_boxes(n, h, w, (scale_min, scale_max), (ratio_min, ratio_max), x, g)
+        return torch.where(_per_sample(x, p, g), resized_crops(x, *boxes), x)
+
+    return op
+
+
 def affine_matrices(angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, scale: torch.Tensor,
                     shear: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(N, 2, 3) matrices for affine_grid: output pixel -> input pixel, in normalised [-1, 1] coordinates.

@@ -62,8 +62,11 @@ class DataSettings:
     eval_batch_size: PositiveInt = 1024
     val_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.1
     split_seed: int = 0
-    in_memory: bool = True  # False: per-sample Dataset + DataLoader with workers
+    # auto: tensor datasets live on the device, image folders are read per image;
+    # false: per-image Dataset + DataLoader with workers and torchvision.transforms.v2
+    in_memory: Literal["auto", True, False] = "auto"
     num_workers: NonNegativeInt = 2
+    prefetch_factor: PositiveInt = 2  # batches each worker prepares ahead
 
 
 def check_settings(cls: type, section: Any, prefix: str):

@@ -140,13 +140,10 @@ def evaluate_runs(targets: Sequence[str], *, splits: Sequence[str], tta_flip: bo
             model.load_state_dict(selected_weights(ckpt))
         except RuntimeError as e:
             raise CnnlabError(f"checkpoint {path} does not fit its configured model: {str(e).splitlines()[0]}") from None
-    data = base.data
-    images = {"train": (data.train_images[base.train_idx], data.train_labels[base.train_idx]),
-              "val": (data.train_images[base.val_idx], data.train_labels[base.val_idx]),
-              "test": (data.test_images, data.test_labels)}
+    where = {"train": ("train", base.train_idx), "val": ("train", base.val_idx), "test": ("test", None)}
     report = {}
     for split in splits:
-        probs, labels = predict(models, base.loader(*images[split], train=False), autocast_dtype=base.autocast_dtype,
+        probs, labels = predict(models, base.loader(*where[split], train=False), autocast_dtype=base.autocast_dtype,
                                 tta_flip=tta_flip, tta_shift=tta_shift)
         report[split] = metrics_from_probs(probs, labels).report()
     views = tta_view_count(tta_flip, tta_shift)

@@ -11,6 +11,7 @@ import re
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cnnlab.errors import CnnlabError, CommandLineParser, suggestion
@@ -68,7 +69,7 @@ def list_command(args: list[str], console: Console | None = None) -> int:
             table.add_column(column, overflow="fold")
         for name in names:
             entry = registry.get(name)
-            table.add_row(name, entry.family, entry.description)
+            table.add_row(name, entry.family, escape(entry.description))
         console.print(table)
     if len(names) == 1 or kind != "models":
         console.print(_options_table(registry, names))
@@ -97,7 +98,7 @@ def _models_table(registry: Registry, names: list[str], input_text: str | None, 
             p, f = _count(params), _count(flops)
         except CnnlabError as e:  # e.g. an input too small for this architecture
             p, f = "-", str(e).split(": ")[-1][:40]
-        table.add_row(name, entry.family, p, f, entry.description)
+        table.add_row(name, entry.family, p, f, escape(entry.description))
     return table
 
 

@@ -35,7 +35,7 @@ def lr_range_test(cfg, run_dir: Path, min_lr: float, max_lr: float, steps: int,
     console = console or Console()
     s = setup(cfg)
     data = s.data
-    loader = s.loader(data.train_images[s.train_idx], data.train_labels[s.train_idx], train=True)
+    loader = s.loader("train", s.train_idx, train=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(s.optimizer, lambda step: 1.0)  # lr is set by hand below
     trainer = Trainer(s.model, s.optimizer, scheduler, settings=s.run.trainer, device=s.device,
                       num_classes=data.num_classes, reporter=_Silent(), checkpoint_dir=run_dir,

@@ -144,11 +144,13 @@ REGISTRIES: dict[str, Registry] = {r.plural: r for r in (DATASETS, MODELS, OPTIM
 
 _COMPONENT_MODULES = (
     "cnnlab.data.datasets",
+    "cnnlab.data.folder",
     "cnnlab.models",
     "cnnlab.optimizers",
     "cnnlab.schedulers",
     "cnnlab.init_schemes",
     "cnnlab.augment",
+    "cnnlab.augment_per_image",
 )
 
 

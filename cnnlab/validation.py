@@ -60,6 +60,11 @@ def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def _literal(choice: Any) -> str:
+    """A Literal choice as the user writes it in YAML: true/false, not True/False."""
+    return str(choice).lower() if isinstance(choice, bool) else str(choice)
+
+
 def describe_type(annotation: Any) -> str:
     """A short human description of an annotation, for error messages and listings."""
     origin = typing.get_origin(annotation)
@@ -68,7 +73,7 @@ def describe_type(annotation: Any) -> str:
         ranges = [m.describe() for m in meta if isinstance(m, Range)]
         return describe_type(base) + (f" {' '.join(ranges)}" if ranges else "")
     if origin is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(annotation)))
+        return "one of " + ", ".join(map(_literal, typing.get_args(annotation)))
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return " or ".join(describe_type(a) for a in args) + " or null"
@@ -112,7 +117,7 @@ def check_value(key: str, value: Any, annotation: Any) -> Any:
         if not any(value == c and type(value) is type(c) for c in choices):
             hint = suggestion(str(value), map(str, choices)) if isinstance(value, str) else ""
             raise CnnlabError(
-                f"{key} must be one of {', '.join(map(str, choices))}, got {_show(value)}{hint}"
+                f"{key} must be one of {', '.join(map(_literal, choices))}, got {_show(value)}{hint}"
             )
         return value
     if origin in (list, tuple) or annotation in (list, tuple):

@@ -90,20 +90,20 @@ def captured(monkeypatch):
             super().__init__(*args, **kwargs)
             seen["trainer"] = self
 
-    original_split, original_make_loader = run_module.stratified_split, run_module.make_loader
+    original_split, original_loader = run_module.stratified_split, run_module.Setup.loader
 
     def split(labels, val_fraction, seed):
         seen["split"] = (val_fraction, seed)
         return original_split(labels, val_fraction, seed)
 
-    def make_loader(*args, **kwargs):
-        loader = original_make_loader(*args, **kwargs)
-        seen.setdefault("loaders", []).append(loader)
-        return loader
+    def loader(self, *args, **kwargs):
+        made = original_loader(self, *args, **kwargs)
+        seen.setdefault("loaders", []).append(made)
+        return made
 
     monkeypatch.setattr(run_module, "Trainer", CapturingTrainer)
     monkeypatch.setattr(run_module, "stratified_split", split)
-    monkeypatch.setattr(run_module, "make_loader", make_loader)
+    monkeypatch.setattr(run_module.Setup, "loader", loader)
     return seen
 
 

@@ -47,7 +47,7 @@ def test_settings_yaml_matches_the_settings_dataclass(section, cls):
     assert OmegaConf.to_container(cfg[section]) == fields
 
 
-DATA_FREE = {"fashion_mnist", "mnist", "cifar10", "cifar100"}  # need files: built in test_data.py
+NEEDS_FILES = {"fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "stl10", "imagefolder"}  # built in test_data.py
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,7 @@ def test_every_entry_composes_and_builds(group, entry):
     assert run.components[group].name == entry
     model = run.components["model"].build(in_channels=1, num_classes=4, input_size=28)
     if group == "dataset":
-        if entry not in DATA_FREE:
+        if entry not in NEEDS_FILES:
             data = run.components["dataset"].build()
             assert data.train_images.dtype == torch.uint8
         return
@@ -135,7 +135,7 @@ def test_nesterov_without_momentum_is_a_clear_error():
         ("trainer.monitor=test/acc", "trainer.monitor must be one of val/acc, val/loss"),
         ("data.batch_size=0", "data.batch_size must be an integer >= 1"),
         ("data.val_fraction=0", "data.val_fraction must be a number > 0 and < 1"),
-        ("data.in_memory=maybe", "data.in_memory must be true or false"),
+        ("data.in_memory=maybe", "data.in_memory must be one of auto, true, false, got 'maybe'"),
         ("optimizer.lr=0", "optimizer.lr must be a number > 0"),
         ("optimizer.lr=nan", "optimizer.lr must be a finite number"),
         ("model.dropout=1.5", "model.dropout must be a number >= 0 and < 1"),
@@ -153,7 +153,7 @@ def test_bad_values_name_the_key(override, message):
 
 
 def test_paths_data_dir_reaches_every_file_dataset_root(tmp_path):
-    for dataset in sorted(DATA_FREE):
+    for dataset in sorted(NEEDS_FILES - {"imagefolder"}):  # imagefolder's root is the user's own folder
         run = parse_run_config(compose_config(f"dataset={dataset}", f"paths.data_dir={tmp_path}"))
         assert run.components["dataset"].options["root"] == str(tmp_path)
 

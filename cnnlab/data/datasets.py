@@ -16,7 +16,10 @@ from typing import Annotated
 import numpy as np
 import torch
 
-from cnnlab.data.formats import read_cifar_batch, read_cifar_class_names, read_idx
+from cnnlab.data.formats import (
+    read_cifar_batch, read_cifar_class_names, read_idx, read_stl10_images, read_stl10_labels, read_svhn_mat,
+)
+from cnnlab.data.loaders import TensorImageDataset
 from cnnlab.errors import CnnlabError
 from cnnlab.registry import DATASETS
 from cnnlab.validation import NonNegativeFloat, PositiveInt, Range
@@ -46,6 +49,19 @@ class ImageData:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    reads_files = False  # the whole dataset is in these tensors
+    resize = None        # images already share one size: no resize before the per-image transforms
+    validation_idx = None  # no fixed validation set: it is split from train
+
+    def tensors(self, split: str, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 images, labels) of "train" or "test", optionally only at ``idx``."""
+        images, labels = (self.train_images, self.train_labels) if split == "train" else (self.test_images, self.test_labels)
+        return (images, labels) if idx is None else (images[idx], labels[idx])
+
+    def per_image(self, split: str, idx: torch.Tensor | None, transform) -> TensorImageDataset:
+        """The same images one by one, for a DataLoader (data.in_memory=false)."""
+        return TensorImageDataset(*self.tensors(split, idx), transform=transform)
 
 
 # Debian's dataset-fashion-mnist installs the four IDX .gz files here.
@@ -90,6 +106,11 @@ def _download(pretty: str, fetch: Callable[[], object], root: Path, hint: str) -
         ) from None
 
 
+def _check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise CnnlabError(f"{path} has labels outside 0..{num_classes - 1}")
+
+
 def _load_mnist_family(
     key: str, pretty: str, tv_class: str, root: str, download: bool,
     classes: list[str], mean: float, std: float,
@@ -119,8 +140,7 @@ def _load_mnist_family(
             raise CnnlabError(
                 f"{image_file} and {label_file} do not match: images {list(images.shape)}, labels {list(labels.shape)}"
             )
-        if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
-            raise CnnlabError(f"{label_file} has labels outside 0..{len(classes) - 1}")
+        _check_labels(labels, len(classes), label_file)
         return torch.from_numpy(images.astype(np.uint8)).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
     train_x, train_y = split("train")
@@ -170,8 +190,7 @@ def _load_cifar(
     if len(classes) != num_classes:
         classes = [str(i) for i in range(num_classes)]
     for labels, path in ((train_y, needed[0]), (test_y, needed[-1])):
-        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-            raise CnnlabError(f"{path} has labels outside 0..{num_classes - 1}")
+        _check_labels(labels, num_classes, path)
     return ImageData(key, torch.from_numpy(train_x), torch.from_numpy(train_y),
                      torch.from_numpy(test_x), torch.from_numpy(test_y), classes, mean, std)
 
@@ -191,6 +210,59 @@ def cifar100(*, root: str = "data", download: bool = True) -> ImageData:
     return _load_cifar("CIFAR-100", "CIFAR100", "cifar-100-python", ["train"], "test", "fine_labels",
                        "meta", "fine_label_names", root, download,
                        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "cifar100")
+
+
+@DATASETS.register(family="svhn", input_shape=(3, 32, 32), num_classes=10)
+def svhn(*, root: str = "data", download: bool = True, extra: bool = False) -> ImageData:
+    """SVHN cropped digits: 32×32 colour house numbers, 10 classes, 73,257 train (+531,131 extra) / 26,032 test."""
+    base = Path(root).expanduser()
+    names = ["train_32x32.mat", "test_32x32.mat"] + (["extra_32x32.mat"] if extra else [])
+    hint = (f"put torchvision's SVHN files ({', '.join(names)}) in {base}, set dataset.root to their folder, "
+            "or run with dataset.download=true on a machine with internet")
+    missing = [n for n in names if not (base / n).is_file()]
+    if missing and download:
+        import torchvision.datasets
+
+        splits = {"train_32x32.mat": "train", "test_32x32.mat": "test", "extra_32x32.mat": "extra"}
+        _download("SVHN", lambda: [torchvision.datasets.SVHN(str(base), split=splits[n], download=True) for n in missing],
+                  base, hint)
+        missing = [n for n in names if not (base / n).is_file()]
+    if missing:
+        raise CnnlabError(f"SVHN not found ({base / missing[0]} is missing); {hint}")
+    parts = {n: read_svhn_mat(base / n) for n in names}
+    for n, (_, labels) in parts.items():
+        _check_labels(labels, 10, base / n)
+    train = [parts["train_32x32.mat"]] + ([parts["extra_32x32.mat"]] if extra else [])
+    test_x, test_y = parts["test_32x32.mat"]
+    return ImageData("svhn", torch.from_numpy(np.concatenate([p[0] for p in train])),
+                     torch.from_numpy(np.concatenate([p[1] for p in train])),
+                     torch.from_numpy(test_x), torch.from_numpy(test_y), [str(d) for d in range(10)],
+                     (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))
+
+
+@DATASETS.register(family="stl10", input_shape=(3, 96, 96), num_classes=10)
+def stl10(*, root: str = "data", download: bool = True) -> ImageData:
+    """STL-10: 96×96 colour images of 10 ImageNet classes, 5,000 train / 8,000 test (the labelled splits)."""
+    base = Path(root).expanduser()
+    folder = base / "stl10_binary"
+    needed = [folder / n for n in ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin")]
+    hint = (f"put torchvision's stl10_binary/ folder in {base}, set dataset.root to its parent, "
+            "or run with dataset.download=true on a machine with internet (2.6 GB)")
+    if not all(p.is_file() for p in needed) and download:
+        import torchvision.datasets
+
+        _download("STL-10", lambda: torchvision.datasets.STL10(str(base), split="train", download=True), base, hint)
+    missing = [p for p in needed if not p.is_file()]
+    if missing:
+        raise CnnlabError(f"STL-10 not found ({missing[0]} is missing); {hint}")
+    train_x, test_x = read_stl10_images(needed[0]), read_stl10_images(needed[2])
+    train_y, test_y = read_stl10_labels(needed[1], len(train_x)), read_stl10_labels(needed[3], len(test_x))
+    names_file = folder / "class_names.txt"
+    classes = names_file.read_text().split() if names_file.is_file() else []
+    if len(classes) != 10:
+        classes = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+    return ImageData("stl10", torch.from_numpy(train_x), torch.from_numpy(train_y), torch.from_numpy(test_x),
+                     torch.from_numpy(test_y), classes, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713))
 
 
 @DATASETS.register(family="synthetic", input_shape=(3, 32, 32), num_classes=10)  # with its defaults

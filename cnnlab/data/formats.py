@@ -117,3 +117,59 @@ def write_cifar_batch(path: str | Path, images: np.ndarray, labels: np.ndarray, 
     """Write a CIFAR python batch as torchvision's download unpacks it."""
     batch = {"data": np.asarray(images, np.uint8).reshape(len(images), -1), label_key: [int(x) for x in labels]}
     Path(path).write_bytes(pickle.dumps(batch))
+
+
+def read_svhn_mat(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read an SVHN cropped-digits .mat file: (uint8 images N×3×32×32, int64 labels 0..9; the file's 10 is digit 0)."""
+    import scipy.io
+
+    path = Path(path)
+    try:
+        mat = scipy.io.loadmat(str(path), variable_names=["X", "y"])
+    except OSError as e:
+        raise CnnlabError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # scipy raises ValueError, MatReadError, TypeError... on damaged files
+        raise CnnlabError(f"corrupt SVHN file {path}: {type(e).__name__}: {e}") from None
+    images, labels = mat.get("X"), mat.get("y")
+    if images is None or labels is None or images.ndim != 4 or images.shape[:3] != (32, 32, 3) \
+            or images.dtype != np.uint8 or labels.size != images.shape[3]:
+        raise CnnlabError(f"corrupt SVHN file {path}: expected uint8 X [32, 32, 3, N] and N labels y")
+    labels = labels.reshape(-1).astype(np.int64)
+    labels[labels == 10] = 0
+    return np.ascontiguousarray(images.transpose(3, 2, 0, 1)), labels
+
+
+def write_svhn_mat(path: str | Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write images N×3×32×32 and labels 0..9 as SVHN's .mat (X [32, 32, 3, N], y with 10 for 0)."""
+    import scipy.io
+
+    y = np.asarray(labels, np.uint8).reshape(-1, 1).copy()
+    y[y == 0] = 10
+    scipy.io.savemat(str(path), {"X": np.asarray(images, np.uint8).transpose(2, 3, 1, 0), "y": y})
+
+
+_STL10_IMAGE_BYTES = 3 * 96 * 96
+
+
+def read_stl10_images(path: str | Path) -> np.ndarray:
+    """Read STL-10's X .bin: uint8 N×3×96×96 (the file is column-major per image)."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) == 0 or len(raw) % _STL10_IMAGE_BYTES:
+        raise CnnlabError(f"corrupt STL-10 file {path}: {len(raw)} bytes is not a whole number of 3x96x96 images")
+    return np.frombuffer(raw, np.uint8).reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2).copy()
+
+
+def read_stl10_labels(path: str | Path, count: int) -> np.ndarray:
+    """Read STL-10's y .bin (labels 1..10) as int64 0..9; ``count`` is the number of images."""
+    path = Path(path)
+    labels = np.frombuffer(_read_bytes(path), np.uint8).astype(np.int64) - 1
+    if len(labels) != count or (labels.size and (labels.min() < 0 or labels.max() > 9)):
+        raise CnnlabError(f"corrupt STL-10 file {path}: expected {count} labels in 1..10, got {len(labels)}")
+    return labels
+
+
+def write_stl10(images_path: str | Path, labels_path: str | Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write images N×3×96×96 and labels 0..9 in STL-10's binary layout."""
+    Path(images_path).write_bytes(np.asarray(images, np.uint8).transpose(0, 1, 3, 2).tobytes())
+    Path(labels_path).write_bytes((np.asarray(labels) + 1).astype(np.uint8).tobytes())

@@ -15,6 +15,9 @@ from typing import Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cnnlab.errors import CnnlabError
+
+
 class BatchTransform(Protocol):
     """uint8 images (N,C,H,W) and labels -> model-ready float images and targets (soft after mixup/cutmix)."""
 
@@ -54,29 +57,38 @@ class InMemoryLoader:
 
 
 class TensorImageDataset(Dataset):
-    """Per-sample access to uint8 image tensors, as a DataLoader needs."""
+    """Per-sample access to uint8 image tensors, as a DataLoader needs; ``transform`` runs per image."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.labels = images, labels
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[i], self.labels[i]
+        image = self.images[i]
+        return (image if self.transform is None else self.transform(image)), self.labels[i]
+
+
+def _worker_error_line(error: CnnlabError) -> CnnlabError:
+    """A DataLoader worker's CnnlabError comes back wrapped with its traceback: keep the one line."""
+    last = str(error).rstrip().splitlines()[-1] if str(error).strip() else ""
+    prefix = f"{CnnlabError.__module__}.{CnnlabError.__qualname__}: "
+    return CnnlabError(last.removeprefix(prefix))
 
 
 class StreamingLoader:
     def __init__(
         self, dataset: Dataset, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int,
-        device: torch.device, transform: BatchTransform, num_workers: int,
+        device: torch.device, transform: BatchTransform, num_workers: int, prefetch_factor: int = 2,
     ):
         self.device, self.transform = device, transform
-        self.generator = torch.Generator().manual_seed(seed)  # the data order
+        self.generator = torch.Generator().manual_seed(seed)  # the data order, and each worker's seed
         self.loader = DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
             num_workers=num_workers, pin_memory=device.type == "cuda",
             persistent_workers=num_workers > 0,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
             generator=self.generator,
         )
 
@@ -88,5 +100,8 @@ class StreamingLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self.loader:
-            yield self.transform.apply(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+        try:
+            for x, y in self.loader:
+                yield self.transform.apply(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+        except CnnlabError as e:
+            raise _worker_error_line(e) from None

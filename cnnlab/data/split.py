@@ -7,7 +7,8 @@ import torch
 from cnnlab.errors import CnnlabError
 
 
-def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int,
+                     what: str = "data.val_fraction") -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (train, val): ``val_fraction`` of each class goes to validation.
 
     Stratified so that a small validation set still has every class in its
@@ -25,7 +26,7 @@ def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tu
     train_idx, val_idx = torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
     if len(val_idx) == 0 or len(train_idx) == 0:
         raise CnnlabError(
-            f"data.val_fraction={val_fraction} leaves {len(train_idx)} training and "
-            f"{len(val_idx)} validation images out of {len(labels)}"
+            f"{what}={val_fraction} leaves {len(train_idx)} and {len(val_idx)} images "
+            f"on the two sides of the split, out of {len(labels)}"
         )
     return train_idx, val_idx

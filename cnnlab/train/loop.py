@@ -90,6 +90,40 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, autocast_dtype: torc
     return sums.result()
 
 
+class EpochTimer:
+    """Seconds of training work: CUDA events on a GPU (read once, at the epoch's end), a host clock elsewhere.
+
+    Events time the device's own queue, so a host running ahead of the GPU does not shorten an epoch.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.mps = device.type == "cuda", device.type == "mps"
+        self.excluded = 0.0  # e.g. torch.compile's first call, reported apart
+
+    def start(self) -> None:
+        self.excluded = 0.0
+        if self.cuda:
+            self.begin = torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.begin_s = time.perf_counter()
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded += seconds
+
+    def stop(self) -> float:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            elapsed = self.begin.elapsed_time(end) / 1000
+        else:
+            if self.mps:  # MPS queues work like CUDA but has no events here: wait for it
+                torch.mps.synchronize()
+            elapsed = time.perf_counter() - self.begin_s
+        return elapsed - self.excluded
+
+
 class BestTracker:
     """The best value so far of the monitored validation metric."""
 
@@ -232,7 +266,8 @@ class Trainer:
             self.model.train()
             sums = MetricSums(self.device, top5=False)  # top-5 is reported for validation and test
             self.reporter.epoch_start(self.epoch, s.epochs, batches)
-            start = time.perf_counter()
+            timer = EpochTimer(self.device)
+            timer.start()
             for i, (x, y) in enumerate(train_loader):
                 if i == batches:
                     break
@@ -245,7 +280,7 @@ class Trainer:
                 if compiling:  # torch.compile compiles on the first call: keep it out of the throughput
                     self._sync()
                     self.compile_time_s = time.perf_counter() - compile_start
-                    start += self.compile_time_s
+                    timer.exclude(self.compile_time_s)
                 sums.add(logits.float(), y, loss.detach())
                 self.step += 1
                 self.guard.watch(loss, self.step)
@@ -263,8 +298,8 @@ class Trainer:
                 self.reporter.warn(f"loss diverged at step {at} (NaN/inf or > {s.divergence_factor}x the first loss); "
                                    "stopping this run")
                 break
-            train = sums.result()  # waits for the device, so the time below is the epoch's
-            train_time = time.perf_counter() - start
+            train_time = timer.stop()
+            train = sums.result()
             val = evaluate(self.eval_model, val_loader, num_classes=self.num_classes,
                            autocast_dtype=self.autocast_dtype, limit=s.limit_eval_batches)
             record = {"epoch": self.epoch, "step": self.step, **train.named("train"), **val.named("val"),

@@ -17,11 +17,14 @@ from rich.console import Console
 
 from cnnlab import __version__
 from cnnlab.augment import BatchPipeline, build_ops
+from cnnlab.augment_per_image import Geometry, per_image_transform, split_pipeline
 from cnnlab.config import RunConfig, flatten, parse_run_config
 from cnnlab.data.datasets import ImageData
-from cnnlab.data.loaders import InMemoryLoader, StreamingLoader, TensorImageDataset
+from cnnlab.data.folder import FolderData
+from cnnlab.data.loaders import InMemoryLoader, StreamingLoader
 from cnnlab.data.split import stratified_split
 from cnnlab.errors import CnnlabError
+from cnnlab.registry import DATASETS
 from cnnlab.evaluation import confusion_figure, confusion_matrix, metrics_from_probs, predict, tta_view_count
 from cnnlab.train.checkpoint import load_checkpoint, write_json
 from cnnlab.train.console import ConsoleReporter
@@ -58,13 +61,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def make_loader(run: RunConfig, images, labels, *, train: bool, pipeline: BatchPipeline, device: torch.device, seed: int):
-    d = run.data
-    batch_size = d.batch_size if train else d.eval_batch_size
-    common = dict(shuffle=train, drop_last=train and len(labels) > batch_size, seed=seed, device=device, transform=pipeline)
-    if d.in_memory:
-        return InMemoryLoader(images, labels, batch_size, **common)
-    return StreamingLoader(TensorImageDataset(images, labels), batch_size, num_workers=d.num_workers, **common)
+def uses_memory_path(run: RunConfig) -> bool:
+    """True: the dataset lives on the device as uint8 tensors; False: read per image by DataLoader workers."""
+    dataset = run.components["dataset"].name
+    reads_files = DATASETS.get(dataset).meta.get("reads_files", False)
+    if run.data.in_memory is True and reads_files:
+        raise CnnlabError(f"dataset={dataset} is read per image from disk; data.in_memory must be auto or false")
+    return not reads_files and run.data.in_memory is not False
 
 
 class RunReporter:
@@ -97,17 +100,26 @@ class Setup:
     run: RunConfig
     device: torch.device
     autocast_dtype: torch.dtype | None
-    data: ImageData
+    data: ImageData | FolderData
     train_idx: torch.Tensor
     val_idx: torch.Tensor
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    train_pipe: BatchPipeline
+    train_pipe: BatchPipeline   # on the device: normalisation, and every augmentation on the memory path
     eval_pipe: BatchPipeline
+    in_memory: bool
+    per_image: dict[bool, Any]  # train? -> the v2 transform DataLoader workers run per image (or None)
 
-    def loader(self, images, labels, *, train: bool):
-        pipe = self.train_pipe if train else self.eval_pipe
-        return make_loader(self.run, images, labels, train=train, pipeline=pipe, device=self.device, seed=self.run.seed)
+    def loader(self, split: str, idx: torch.Tensor | None = None, *, train: bool, shuffle: bool | None = None):
+        """Batches of split "train" or "test" (at ``idx``), augmented when ``train``; shuffled when ``train`` by default."""
+        d, shuffle = self.run.data, train if shuffle is None else shuffle
+        batch_size = d.batch_size if train else d.eval_batch_size
+        common = dict(shuffle=shuffle, drop_last=shuffle and len(idx if idx is not None else self.data.test_labels) > batch_size,
+                      seed=self.run.seed, device=self.device, transform=self.train_pipe if train else self.eval_pipe)
+        if self.in_memory:
+            return InMemoryLoader(*self.data.tensors(split, idx), batch_size, **common)
+        return StreamingLoader(self.data.per_image(split, idx, self.per_image[train]), batch_size,
+                               num_workers=d.num_workers, prefetch_factor=d.prefetch_factor, **common)
 
 
 def uses_channels_last(run: RunConfig, device: torch.device) -> bool:
@@ -131,18 +143,31 @@ def setup(cfg) -> Setup:
         torch.backends.cudnn.benchmark = True
     seed_everything(run.seed)
 
-    data: ImageData = run.components["dataset"].build()
-    train_idx, val_idx = stratified_split(data.train_labels, run.data.val_fraction, run.data.split_seed)
+    in_memory = uses_memory_path(run)
+    batched_ops, per_image_ops = split_pipeline(
+        run.augment_ops, per_image=not in_memory,
+        where="data.in_memory=false" if run.data.in_memory is False else f"dataset={run.components['dataset'].name}")
+    batch_ops = build_ops(batched_ops)  # every op's options are checked before any data is read
+
+    data: ImageData | FolderData = run.components["dataset"].build()
+    if data.validation_idx is not None:  # the dataset brings its own validation set
+        train_idx, val_idx = data.validation_idx
+    else:
+        train_idx, val_idx = stratified_split(data.train_labels, run.data.val_fraction, run.data.split_seed)
+    geometry = Geometry(data.input_size, data.resize or data.input_size)
+    per_image = {train: per_image_transform(per_image_ops, geometry, train=train, resized=data.resize is not None)
+                 for train in (True, False)}
     model = build_model(run, data, device, init=True)
     optimizer = run.components["optimizer"].build(model=model)
     if isinstance(getattr(optimizer, "inner", optimizer), torch.optim.LBFGS):
         if run.trainer.accumulate_steps > 1 or run.trainer.grad_clip is not None:
             raise CnnlabError("optimizer=lbfgs takes whole steps through its closure: "
                               "trainer.accumulate_steps must be 1 and trainer.grad_clip null")
-    train_pipe = BatchPipeline(build_ops(run.augment_ops), data.mean, data.std, device, run.seed + 1, channels_last,
+    train_pipe = BatchPipeline(batch_ops, data.mean, data.std, device, run.seed + 1, channels_last,
                                num_classes=data.num_classes)
     eval_pipe = BatchPipeline([], data.mean, data.std, device, run.seed, channels_last)
-    return Setup(run, device, autocast_dtype, data, train_idx, val_idx, model, optimizer, train_pipe, eval_pipe)
+    return Setup(run, device, autocast_dtype, data, train_idx, val_idx, model, optimizer, train_pipe, eval_pipe,
+                 in_memory, per_image)
 
 
 def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
@@ -153,12 +178,11 @@ def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
 
     if run.trainer.overfit_batches:  # babysitting: can the model memorise a few fixed batches?
         fixed = train_idx[:run.trainer.overfit_batches * run.data.batch_size]
-        train_loader = s.loader(data.train_images[fixed], data.train_labels[fixed], train=False)
-        train_loader.transform = train_pipe  # fixed batches, but still augmented as configured
-        val_loader = s.loader(data.train_images[fixed], data.train_labels[fixed], train=False)
+        train_loader = s.loader("train", fixed, train=True, shuffle=False)  # fixed batches, augmented as configured
+        val_loader = s.loader("train", fixed, train=False)
     else:
-        train_loader = s.loader(data.train_images[train_idx], data.train_labels[train_idx], train=True)
-        val_loader = s.loader(data.train_images[val_idx], data.train_labels[val_idx], train=False)
+        train_loader = s.loader("train", train_idx, train=True)
+        val_loader = s.loader("train", val_idx, train=False)
     batches = min(len(train_loader), run.trainer.limit_train_batches or len(train_loader))
     updates_per_epoch = math.ceil(batches / run.trainer.accumulate_steps)
     scheduler = run.components["scheduler"].build(optimizer=optimizer, steps_per_epoch=updates_per_epoch, epochs=run.trainer.epochs)
@@ -169,7 +193,10 @@ def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     console_reporter.start({
         "run": str(run_dir), "dataset": f"{data.name}: {len(train_idx):,} train / {len(val_idx):,} val / "
-        f"{len(data.test_labels):,} test, {data.channels}x{data.input_size}x{data.input_size}, {data.num_classes} classes",
+        f"{len(data.test_labels):,} test, {data.channels}x{data.input_size}x{data.input_size}, {data.num_classes} classes"
+        + (f"; {data.layout}" if data.reads_files else ""),
+        "data path": "in memory on the device (batched augmentation)" if s.in_memory else
+                     f"per image: DataLoader, {run.data.num_workers} workers, torchvision.transforms.v2",
         "model": f"{run.components['model'].name}: {n_params:,} parameters",
         "optimizer": f"{run.components['optimizer'].name} {run.components['optimizer'].options}",
         "scheduler": run.components["scheduler"].name, "augment": run.augment_name,
@@ -210,7 +237,7 @@ def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
 
     # Choose on validation, test once: the test split is batched only now, for the selected weights.
     model.load_state_dict(selected_weights(load_checkpoint(run_dir / "checkpoints" / "best.pt")))
-    test_loader = s.loader(data.test_images, data.test_labels, train=False)
+    test_loader = s.loader("test", train=False)
     probabilities = {}
 
     def score(split: str, loader) -> dict[str, float | None]:
@@ -220,7 +247,7 @@ def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
 
     selected = {}
     if run.trainer.eval_train_at_end:
-        selected["train"] = score("train", s.loader(data.train_images[train_idx], data.train_labels[train_idx], train=False))
+        selected["train"] = score("train", s.loader("train", train_idx, train=False))
     selected["val"] = score("val", val_loader)
     selected["test"] = score("test", test_loader)
     confusion = confusion_matrix(*probabilities["test"], data.num_classes)
