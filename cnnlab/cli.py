@@ -28,12 +28,16 @@ commands:
   eval RUN [RUN ...] [--splits train,val,test] [--tta-flip] [--tta-shift N] [--data-dir D]
                             score a run's selected checkpoint, or an ensemble (softmax averaged),
                             with optional test-time augmentation; prints the report table
+  report SWEEP_DIR [--plot] [--test-best] [--device D] [--data-dir D]
+                            every trial of a sweep ranked on validation (also report.csv, .md);
+                            flags a best value on the edge of its range with the command to run next;
+                            --test-best scores only the chosen trial on the test split
   list <kind> [pattern]     what a registry holds; kinds: models, datasets, optimizers,
                             schedulers, inits, augments; pattern is shell-style, e.g. 'res*'
   --version                 print the version
 """
 
-COMMANDS = ("train", "lr-find", "eval", "list")
+COMMANDS = ("train", "lr-find", "eval", "report", "list")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,6 +67,8 @@ def _dispatch(argv: list[str]) -> int:
         return _lr_find(rest)
     if command == "eval":
         return _eval(rest)
+    if command == "report":
+        return _report(rest)
     if command == "list":
         from cnnlab.listing import list_command
 
@@ -97,6 +103,20 @@ def _eval(args: list[str]) -> int:
     return 0
 
 
+def _report(args: list[str]) -> int:
+    parser = CommandLineParser("cnnlab report")
+    parser.add_argument("sweep_dir")
+    parser.add_argument("--plot", action="store_true")
+    parser.add_argument("--test-best", action="store_true")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-dir", default=None)
+    ns = parser.parse_args(args)
+    from cnnlab.report import report
+
+    report(ns.sweep_dir, plot=ns.plot, test_best=ns.test_best, device=ns.device, data_dir=ns.data_dir)
+    return 0
+
+
 def _lr_find(args: list[str]) -> int:
     parser = CommandLineParser("cnnlab lr-find")
     parser.add_argument("--min-lr", type=float, default=1e-6)
@@ -116,7 +136,10 @@ def _train(overrides: list[str], task: str = "hydra_train") -> int:
     from cnnlab import hydra_app
     from cnnlab.hydra_app import translate_hydra_error
 
+    from cnnlab.sweep import FAILED_EXIT_STATUS, last_sweep
+
     hydra_train = getattr(hydra_app, task)
+    last_sweep.clear()
 
     # Hydra raises instead of printing its own (multi-line) report; we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -135,4 +158,4 @@ def _train(overrides: list[str], task: str = "hydra_train") -> int:
         if translated is None:
             raise  # not a config problem: a bug, keep the traceback
         raise translated from None
-    return 0
+    return FAILED_EXIT_STATUS if last_sweep.get("failed") else 0

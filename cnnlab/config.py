@@ -69,6 +69,12 @@ class DataSettings:
     prefetch_factor: PositiveInt = 2  # batches each worker prepares ahead
 
 
+@dataclass(frozen=True)
+class SweepSettings:
+    resume: bool = False       # continue in the same run or sweep directory: finished trials are skipped
+    test_trials: bool = False  # score every trial on test; the rule is one test, `cnnlab report --test-best`
+
+
 def check_settings(cls: type, section: Any, prefix: str):
     """Build settings dataclass ``cls`` from a config section, naming any bad key."""
     if not isinstance(section, Mapping):
@@ -97,13 +103,14 @@ class RunConfig:
     seed: int
     trainer: TrainerSettings
     data: DataSettings
+    sweep: SweepSettings
     components: dict[str, Component]
     augment_name: str
     augment_ops: dict[str, dict[str, Any]]
     resolved: dict[str, Any]  # the whole config, interpolations resolved
 
 
-TOP_LEVEL_KEYS = {*GROUP_REGISTRIES, "augment", "trainer", "data", "seed", "name", "paths"}
+TOP_LEVEL_KEYS = {*GROUP_REGISTRIES, "augment", "trainer", "data", "sweep", "seed", "name", "paths"}
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:
@@ -138,6 +145,7 @@ def parse_run_config(cfg: DictConfig | Mapping[str, Any]) -> RunConfig:
         seed=check_value("seed", resolved.get("seed", 0), int),
         trainer=check_settings(TrainerSettings, resolved.get("trainer", {}), "trainer"),
         data=check_settings(DataSettings, resolved.get("data", {}), "data"),
+        sweep=check_settings(SweepSettings, resolved.get("sweep") or {}, "sweep"),
         components=components,
         augment_name=str(augment.get("name", "none")),
         augment_ops=checked_ops,

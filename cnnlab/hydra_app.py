@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -14,15 +15,23 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from cnnlab.config import CONF_DIR, GROUP_REGISTRIES, TOP_LEVEL_KEYS, DataSettings, TrainerSettings, check_settings
 from cnnlab.errors import CnnlabError, JobAborted, suggestion
 from cnnlab.registry import load_components
+from cnnlab.sweep import register_resolvers, run_trial
+
+
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def hydra_train(cfg: DictConfig) -> float | None:
-    """Hydra's task: one run. Returns the best validation value, the objective for sweepers."""
+    """Hydra's task: one run, or one trial of a sweep. Returns the best validation value, the sweepers' objective."""
     from cnnlab.train.run import train
 
+    hydra_config = HydraConfig.get()
+    run_dir = Path(hydra_config.runtime.output_dir)
+    if hydra_config.mode == RunMode.MULTIRUN:
+        return run_trial(cfg, run_dir)  # records failures instead of raising: the sweep goes on
     try:
-        summary = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        summary = train(cfg, run_dir, resume=bool((cfg.get("sweep") or {}).get("resume")))
     except CnnlabError as e:
         raise JobAborted(e) from None
     return summary["best_value"]

@@ -9,7 +9,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from cnnlab.config import CONF_DIR, GROUP_REGISTRIES, DataSettings, TrainerSettings, parse_run_config
+from cnnlab.config import CONF_DIR, GROUP_REGISTRIES, DataSettings, SweepSettings, TrainerSettings, parse_run_config
 from cnnlab.errors import CnnlabError
 from tests.conftest import TINY, compose_config, lr_values, tiny_with
 
@@ -38,7 +38,7 @@ def test_yaml_lists_every_option_with_the_builders_default(group, entry):
         assert (list(default) if isinstance(default, tuple) else default) == value, key
 
 
-@pytest.mark.parametrize(("section", "cls"), [("trainer", TrainerSettings), ("data", DataSettings)])
+@pytest.mark.parametrize(("section", "cls"), [("trainer", TrainerSettings), ("data", DataSettings), ("sweep", SweepSettings)])
 def test_settings_yaml_matches_the_settings_dataclass(section, cls):
     cfg = compose_config()
     keys = set(OmegaConf.to_container(cfg[section]))

@@ -260,7 +260,8 @@ class Trainer:
     def fit(self, train_loader, val_loader) -> list[dict[str, Any]]:
         s = self.settings
         batches = min(len(train_loader), s.limit_train_batches or len(train_loader))
-        epochs_without_improvement = 0
+        # after a resume, count from the best epoch so far
+        epochs_without_improvement = self.epoch - (self.best.epoch or self.epoch)
         while self.epoch < s.epochs and self.status == "running":
             self.epoch += 1
             self.model.train()
@@ -321,6 +322,28 @@ class Trainer:
             self.status = "completed"
         return self.history
 
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint written by ``state()`` at an epoch's end."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
+        self.best.value, self.best.epoch = state["best"]["value"], state["best"]["epoch"]
+        self.initial_loss = state.get("initial_loss")
+        if self.initial_loss is not None and self.guard.factor is not None:
+            self.guard.reference = torch.tensor(self.initial_loss, device=self.device)
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        for name, generator in self.generators.items():
+            generator.set_state(rng[name])
+
     def state(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -329,6 +352,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "step": self.step, "history": self.history,
             "best": {"monitor": self.best.monitor, "value": self.best.value, "epoch": self.best.epoch},
+            "initial_loss": self.initial_loss,
             "rng": {
                 "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -170,8 +170,13 @@ def setup(cfg) -> Setup:
                  in_memory, per_image)
 
 
-def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
+def train(cfg, run_dir: Path, console: Console | None = None, *, test: bool = True,
+          resume: bool = False) -> dict[str, Any]:
+    """One run into ``run_dir``. ``test=False`` (a sweep's trials) leaves the test split unscored;
+    ``resume`` continues from ``run_dir``'s last checkpoint when there is one."""
     wall_start = time.perf_counter()
+    last = run_dir / "checkpoints" / "last.pt"
+    resume_state = load_checkpoint(last) if resume and last.is_file() else None
     s = setup(cfg)
     run, device, autocast_dtype, data, model, optimizer = s.run, s.device, s.autocast_dtype, s.data, s.model, s.optimizer
     train_idx, val_idx, train_pipe, eval_pipe = s.train_idx, s.val_idx, s.train_pipe, s.eval_pipe
@@ -188,7 +193,8 @@ def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
     scheduler = run.components["scheduler"].build(optimizer=optimizer, steps_per_epoch=updates_per_epoch, epochs=run.trainer.epochs)
 
     hparams = flatten({k: v for k, v in run.resolved.items() if k != "paths"})
-    tensorboard = TensorBoardLogger(run_dir / "tensorboard", hparams, OmegaConf.to_yaml(run.resolved))
+    tensorboard = TensorBoardLogger(run_dir / "tensorboard", hparams, OmegaConf.to_yaml(run.resolved),
+                                    purge_step=resume_state["step"] + 1 if resume_state else None)
     console_reporter = ConsoleReporter(console)
     n_params = sum(p.numel() for p in model.parameters())
     console_reporter.start({
@@ -211,6 +217,9 @@ def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
         generators={"data_order": train_loader.generator, "augment": train_pipe.generator},
         checkpoint_extra={"config": run.resolved, "version": __version__, "classes": data.classes},
     )
+    if resume_state is not None:
+        trainer.load_state(resume_state)
+        console_reporter.console.print(f"resumed from {last} after epoch {trainer.epoch}", highlight=False)
     try:
         history = trainer.fit(train_loader, val_loader)
     except BaseException:
@@ -237,7 +246,6 @@ def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
 
     # Choose on validation, test once: the test split is batched only now, for the selected weights.
     model.load_state_dict(selected_weights(load_checkpoint(run_dir / "checkpoints" / "best.pt")))
-    test_loader = s.loader("test", train=False)
     probabilities = {}
 
     def score(split: str, loader) -> dict[str, float | None]:
@@ -249,9 +257,11 @@ def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
     if run.trainer.eval_train_at_end:
         selected["train"] = score("train", s.loader("train", train_idx, train=False))
     selected["val"] = score("val", val_loader)
-    selected["test"] = score("test", test_loader)
-    confusion = confusion_matrix(*probabilities["test"], data.num_classes)
-    tensorboard.writer.add_figure("test/confusion_matrix", confusion_figure(confusion, data.classes), trainer.step)
+    confusion = None
+    if test:
+        selected["test"] = score("test", s.loader("test", train=False))
+        confusion = confusion_matrix(*probabilities["test"], data.num_classes)
+        tensorboard.writer.add_figure("test/confusion_matrix", confusion_figure(confusion, data.classes), trainer.step)
 
     train_time = sum(r["train_time_s"] for r in history)
     summary.update({
@@ -259,11 +269,11 @@ def train(cfg, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
         "train_time_s": train_time, "wall_time_s": time.perf_counter() - wall_start,
         "train_images_per_s": sum(r["images_per_s"] * r["train_time_s"] for r in history) / train_time,
         "tta_views": tta_view_count(run.trainer.tta_flip, run.trainer.tta_shift),
-        "confusion_matrix": confusion.tolist(),  # [true class][predicted class], test split
+        "confusion_matrix": confusion.tolist() if confusion is not None else None,  # [true][predicted], test split
         "history": history,
     })
     write_json(run_dir / "summary.json", summary)
-    final = {f"{split}/{k}": v for split in ("test",) for k, v in selected[split].items() if k in ("loss", "acc", "top5")}
+    final = {f"test/{k}": v for k, v in selected.get("test", {}).items() if k in ("loss", "acc", "top5")}
     final.update({"best/" + trainer.best.monitor.replace("/", "_"): trainer.best.value,
                   "selected/train_loss": selected.get("train", {}).get("loss"),
                   "selected/val_loss": selected["val"]["loss"], "selected/val_acc": selected["val"]["acc"]})

@@ -27,8 +27,9 @@ def hparam_value(value: Any) -> float | str | bool:
 
 
 class TensorBoardLogger:
-    def __init__(self, log_dir: Path, hparams: dict[str, Any], config_yaml: str):
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+    def __init__(self, log_dir: Path, hparams: dict[str, Any], config_yaml: str, purge_step: int | None = None):
+        # purge_step: a resumed run drops what the interrupted one logged after its checkpoint
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
         self.hparams = {k: hparam_value(v) for k, v in hparams.items()}
         self.writer.add_text("config", f"```yaml\n{config_yaml}\n```", 0)
         _, session_start, _ = hparams_summaries(self.hparams, {})

@@ -1,0 +1,215 @@
+"""Sweeps through the real CLI: failing trials are recorded and the sweep goes on, Optuna's random
+search, resume, the report's ranking and coarse-to-fine advice, and one test of the chosen trial."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from cnnlab.report import Searched, refine, report, searched_parameters
+from cnnlab.sweep import FAILED_EXIT_STATUS
+from cnnlab.train.checkpoint import load_checkpoint, save_checkpoint
+from tests.conftest import TINY, quiet_console, run_cli
+
+SWEEP = [o for o in TINY if not o.startswith("model.hidden")] + ["model.hidden=[16]"]
+
+
+def sweep_dir(cwd: Path) -> Path:
+    (found,) = (cwd / "outputs" / "sweeps").glob("*/*")
+    return found
+
+
+def summaries(folder: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in folder.glob("*/summary.json")}
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """4 trials: two train, lr=50 diverges, lr=-1 raises (an invalid value inside the trial)."""
+    cwd = tmp_path_factory.mktemp("grid")
+    result = run_cli("train", "-m", *SWEEP, "optimizer.lr=0.01,0.3,50,-1", cwd=cwd)
+    return cwd, result
+
+
+def test_failing_trials_are_recorded_and_the_sweep_finishes(grid):
+    cwd, result = grid
+    folder = sweep_dir(cwd)
+    assert result.returncode == FAILED_EXIT_STATUS, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("sweep: 4 trials (2 completed, 1 diverged, 1 failed), 2 failed")
+    s = summaries(folder)
+    assert [s[k]["status"] for k in "0123"] == ["completed", "completed", "diverged", "failed"]
+    assert s["2"]["error"].startswith("loss diverged at step") and s["2"]["history"] == []  # diverged in epoch 1
+    assert s["3"]["error"] == "optimizer.lr must be a number > 0, got -1"
+    assert "Traceback" not in result.stderr
+
+
+def test_trials_are_not_tested_unless_asked(grid):
+    cwd, _ = grid
+    for summary in summaries(sweep_dir(cwd)).values():
+        assert "test" not in (summary.get("selected") or {})
+
+
+def test_every_trial_is_in_the_hparams_dashboard_with_the_same_keys(grid):
+    cwd, _ = grid
+    keys = []
+    for trial in sorted(sweep_dir(cwd).glob("[0-9]*/tensorboard")):
+        events = EventAccumulator(str(trial), size_guidance={"tensors": 0})
+        events.Reload()
+        content = events.summary_metadata["_hparams_/session_start_info"].plugin_data.content
+        info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+        keys.append(set(info.hparams))
+        if trial.parent.name in ("0", "1"):  # finished trials end with their selected metrics
+            assert events.Scalars("selected/val_acc")
+    assert len(keys) == 4 and all(k == keys[0] for k in keys) and "optimizer.lr" in keys[0]
+
+
+def test_report_ranks_on_validation_and_puts_failures_last(grid):
+    cwd, _ = grid
+    folder = sweep_dir(cwd)
+    result = report(str(folder), console=quiet_console())
+    s = summaries(folder)
+    finished = sorted(["0", "1"], key=lambda k: -s[k]["best_value"])
+    assert result["ranking"][:2] == finished and set(result["ranking"][2:]) == {"2", "3"}
+    assert result["best"] == finished[0] and result["failed"] == 2
+    csv_rows = (folder / "report.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("best,trial,optimizer.lr,status") and csv_rows[1].startswith(f"*,{finished[0]},")
+    assert "| * |" in (folder / "report.md").read_text()
+
+
+def test_test_best_scores_exactly_one_checkpoint_on_test(grid, monkeypatch):
+    cwd, _ = grid
+    folder = sweep_dir(cwd)
+    import cnnlab.evaluation as evaluation
+
+    calls = []
+    original = evaluation.evaluate_runs
+
+    def counting(targets, **kwargs):
+        calls.append((list(targets), kwargs["splits"]))
+        return original(targets, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_runs", counting)
+    result = report(str(folder), test_best=True, device="cpu", console=quiet_console())
+    assert calls == [([str(folder / result["best"])], ["test"])]
+    written = json.loads((folder / "test_best.json").read_text())
+    assert written["trial"] == result["best"] and 0 <= written["acc"] <= 1
+
+
+def test_report_of_a_folder_without_trials_is_one_clear_error(tmp_path):
+    result = run_cli("report", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2 and "holds no trials" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- Optuna --------------------------------------------------------------------------------------
+
+def test_optuna_random_sweep_samples_log_uniform_lrs_and_keeps_its_study(tmp_path):
+    result = run_cli("train", "-m", "sweep=random_lr_wd", "hydra.sweeper.n_trials=4", *SWEEP,
+                     "optimizer.lr=tag(log, interval(0.0001, 1.0))", cwd=tmp_path)
+    assert result.returncode in (0, FAILED_EXIT_STATUS), result.stderr[-2000:]
+    folder = sweep_dir(tmp_path)
+    lrs = [dict(o.split("=", 1) for o in json.loads((folder / str(i) / "trial.json").read_text())["overrides"]
+                if o.startswith("optimizer."))["optimizer.lr"] for i in range(4)]
+    assert all(1e-4 <= float(lr) <= 1 for lr in lrs) and len(set(lrs)) == 4
+    import optuna
+
+    study = optuna.load_study(study_name="synthetic-mlp", storage=f"sqlite:///{folder / 'optuna.db'}")
+    assert len(study.trials) == 4 and all(t.state.name == "COMPLETE" for t in study.trials)
+    assert study.direction.name == "MAXIMIZE"  # from trainer.monitor=val/acc
+    record = json.loads((folder / "sweep.json").read_text())
+    (searched,) = [s for s in searched_parameters(record) if s.key == "optimizer.lr"]
+    assert (searched.low, searched.high, searched.log) == (1e-4, 1.0, True)
+
+
+def test_the_log_tag_samples_uniformly_in_log_space():
+    import optuna
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
+
+    override = OverridesParser.create().parse_overrides(["optimizer.lr=tag(log, interval(0.0001, 1.0))"])[0]
+    distribution = create_optuna_distribution_from_override(override)
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    study = optuna.create_study(sampler=sampler)
+    exponents = torch.tensor([math.log10(sampler.sample_independent(study, None, "lr", distribution))
+                              for _ in range(4000)])
+    assert -4 <= exponents.min() and exponents.max() <= 0
+    # uniform on [-4, 0]: each decade holds a quarter of the draws
+    counts = torch.histc(exponents, bins=4, min=-4, max=0) / 4000
+    assert torch.allclose(counts, torch.full((4,), 0.25), atol=0.03)
+
+
+# --- resume -------------------------------------------------------------------------------------
+
+def test_an_interrupted_sweep_resumes_skipping_finished_trials(tmp_path):
+    args = ["train", "-m", *SWEEP, "trainer.epochs=2", "optimizer.lr=0.03,0.1,0.3"]
+    assert run_cli(*args, cwd=tmp_path).returncode == 0
+    folder = sweep_dir(tmp_path)
+    finished_before = (folder / "0" / "summary.json").read_text()
+    # trial 1 was cut off after its first epoch: summary gone, checkpoint rolled back to epoch 1
+    state = load_checkpoint(folder / "1" / "checkpoints" / "last.pt")
+    first_epoch = state["history"][0]
+    state.update(epoch=1, step=first_epoch["step"], history=[first_epoch])
+    save_checkpoint(folder / "1" / "checkpoints" / "last.pt", state)
+    (folder / "1" / "summary.json").unlink()
+    # trial 2 never started
+    import shutil
+
+    shutil.rmtree(folder / "2")
+
+    result = run_cli(*args, f"hydra.sweep.dir={folder}", "sweep.resume=true", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (folder / "0" / "summary.json").read_text() == finished_before  # skipped, not retrained
+    assert "resumed from" in result.stdout and "after epoch 1" in result.stdout
+    resumed = json.loads((folder / "1" / "summary.json").read_text())
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2] and resumed["history"][0] == first_epoch
+    assert json.loads((folder / "2" / "summary.json").read_text())["status"] == "completed"
+    assert result.stdout.strip().splitlines()[-1].startswith("sweep: 3 trials (3 completed), 0 failed")
+
+
+# --- parallel trials --------------------------------------------------------------------------------
+
+def test_joblib_launcher_runs_trials_in_parallel_processes(tmp_path):
+    result = run_cli("train", "-m", *SWEEP, "trainer.epochs=1", "optimizer.lr=0.03,0.1",
+                     "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = sweep_dir(tmp_path)
+    pids = {json.loads((folder / n / "trial.json").read_text())["pid"] for n in ("0", "1")}
+    assert len(pids) == 2
+    assert {s["status"] for s in summaries(folder).values()} == {"completed"}
+
+
+# --- coarse to fine -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("item", "best", "where", "syntax"), [
+    (Searched("optimizer.lr", values=[0.001, 0.01, 0.1], log=True), 0.1, "on the edge", "0.01,0.1,1"),
+    (Searched("optimizer.lr", values=[0.001, 0.01, 0.1], log=True), 0.001, "on the edge", "0.0001,0.001,0.01"),
+    (Searched("model.dropout", values=[0.0, 0.2, 0.4]), 0.4, "on the edge", "0.2,0.4,0.6"),
+    (Searched("optimizer.lr", values=[0.001, 0.01, 0.1], log=True), 0.01, "inside", "0.00316228,0.01,0.0316228"),
+    (Searched("optimizer.lr", low=1e-4, high=1.0, log=True), 0.9, "on the edge", "tag(log, interval(0.009, 90))"),
+    (Searched("optimizer.lr", low=1e-4, high=1.0, log=True), 0.01, "inside", "tag(log, interval(0.001, 0.1))"),
+    (Searched("model.dropout", low=0.0, high=0.5), 0.02, "on the edge", "interval(0, 0.27)"),
+])
+def test_refine_moves_the_window_off_an_edge_and_narrows_inside(item, best, where, syntax):
+    assert refine(item, best) == (where, syntax)
+
+
+def test_report_flags_an_edge_best_and_prints_the_command(tmp_path):
+    folder = tmp_path / "sweep"
+    record = {"task_overrides": ["model=mlp", "optimizer.lr=0.001,0.01,0.1"], "sweeper_params": {},
+              "monitor": "val/loss"}
+    folder.mkdir()
+    (folder / "sweep.json").write_text(json.dumps(record))
+    for i, (lr, loss) in enumerate([(0.001, 0.9), (0.01, 0.5), (0.1, 0.3)]):
+        (folder / str(i)).mkdir()
+        (folder / str(i) / "trial.json").write_text(json.dumps({"overrides": ["model=mlp", f"optimizer.lr={lr}"]}))
+        history = [{"epoch": 1, "val/loss": loss, "val/acc": 1 - loss}]
+        (folder / str(i) / "summary.json").write_text(json.dumps(
+            {"status": "completed", "best_value": loss, "history": history, "wall_time_s": 1.0}))
+    result = report(str(folder), plot=True, console=quiet_console())
+    assert result["ranking"] == ["2", "1", "0"]  # val/loss: lower is better
+    (advice,) = result["advice"]
+    assert advice["where"] == "on the edge" and advice["command"] == "cnnlab train -m model=mlp optimizer.lr=0.01,0.1,1"
+    assert (folder / "report.png").stat().st_size > 1000
