@@ -175,8 +175,8 @@ def train(cfg, run_dir: Path, console: Console | None = None, *, test: bool = Tr
     """One run into ``run_dir``. ``test=False`` (a sweep's trials) leaves the test split unscored;
     ``resume`` continues from ``run_dir``'s last checkpoint when there is one."""
     wall_start = time.perf_counter()
-    last = run_dir / "checkpoints" / "last.pt"
-    resume_state = load_checkpoint(last) if resume and last.is_file() else None
+    last = run_dir / "checkpoints" / "last.pt" if resume else None
+    resume_state = load_checkpoint(last) if last is not None and last.is_file() else None
     s = setup(cfg)
     run, device, autocast_dtype, data, model, optimizer = s.run, s.device, s.autocast_dtype, s.data, s.model, s.optimizer
     train_idx, val_idx, train_pipe, eval_pipe = s.train_idx, s.val_idx, s.train_pipe, s.eval_pipe
