@@ -213,3 +213,24 @@ def test_report_flags_an_edge_best_and_prints_the_command(tmp_path):
     (advice,) = result["advice"]
     assert advice["where"] == "on the edge" and advice["command"] == "cnnlab train -m model=mlp optimizer.lr=0.01,0.1,1"
     assert (folder / "report.png").stat().st_size > 1000
+
+
+def test_a_resumed_optuna_sweep_runs_only_what_is_left_and_requeues_a_cut_off_trial(tmp_path):
+    import optuna
+
+    args = ["train", "-m", "sweep=random_lr_wd", *SWEEP, "trainer.epochs=1"]
+    assert run_cli(*args, "hydra.sweeper.n_trials=2", cwd=tmp_path).returncode in (0, FAILED_EXIT_STATUS)
+    folder = sweep_dir(tmp_path)
+    storage = f"sqlite:///{folder / 'optuna.db'}"
+    study = optuna.load_study(study_name="synthetic-mlp", storage=storage)
+    cut_off = study.ask({"optimizer.lr": optuna.distributions.LogUniformDistribution(0.001, 1.0),
+                         "optimizer.weight_decay": optuna.distributions.LogUniformDistribution(1e-6, 0.01)})
+    lost_params = dict(cut_off.params)  # a trial whose process died: RUNNING in the study forever
+
+    result = run_cli(*args, "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={folder}", "sweep.resume=true", cwd=tmp_path)
+    assert result.returncode in (0, FAILED_EXIT_STATUS), result.stderr[-2000:]
+    trials = optuna.load_study(study_name="synthetic-mlp", storage=storage).trials
+    states = [t.state.name for t in trials]
+    assert states[:2] == ["COMPLETE", "COMPLETE"] and states[2] == "FAIL" and states.count("COMPLETE") == 4
+    assert any(t.params == lost_params and t.state.name == "COMPLETE" for t in trials[3:])  # asked again
+    assert sorted(p.name for p in folder.glob("[0-9]*")) == ["0", "1", "3", "4"]  # new jobs numbered after the old
