@@ -29,7 +29,7 @@ def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1
 
 
 class _Residual(nn.Module):
-    """out = shortcut(x) + SE(body(x)); post-activation blocks add a ReLU after the sum."""
+    """out = ReLU(shortcut(x) + SE(body(x))); pre-activation blocks override forward (no ReLU after the sum)."""
 
     expansion = 1
     preact = False
@@ -41,6 +41,15 @@ class _Residual(nn.Module):
             projection = _conv(in_ch, out_ch, 1, stride, bias=not batch_norm)
             # Pre-activation blocks project the already normalised input, so no BN of their own.
             self.shortcut = projection if self.preact else nn.Sequential(projection, norm2d(out_ch, batch_norm))
+        if not self.preact:
+            self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.shortcut(x) + self.se(self.body(x)))
+
+    def last_norm(self) -> nn.Module:
+        """The body's last layer (BN, or the last conv in v2): zero-init makes the block an identity."""
+        return self.body[-1]
 
 
 class BasicBlock(_Residual):
@@ -55,13 +64,6 @@ class BasicBlock(_Residual):
             _conv(planes, planes, 3, bias=not batch_norm), norm2d(planes, batch_norm),
         )
         self._finish(in_ch, planes, stride, batch_norm, se_reduction)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.shortcut(x) + self.se(self.body(x)))
-
-    def last_norm(self) -> nn.Module:
-        return self.body[-1]
 
 
 class Bottleneck(_Residual):
@@ -81,13 +83,6 @@ class Bottleneck(_Residual):
             _conv(width, out_ch, 1, bias=not batch_norm), norm2d(out_ch, batch_norm),
         )
         self._finish(in_ch, out_ch, stride, batch_norm, se_reduction)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.shortcut(x) + self.se(self.body(x)))
-
-    def last_norm(self) -> nn.Module:
-        return self.body[-1]
 
 
 class PreActBasicBlock(_Residual):
@@ -113,9 +108,6 @@ class PreActBasicBlock(_Residual):
         shortcut = x if isinstance(self.shortcut, nn.Identity) else self.shortcut(out)
         return shortcut + self.se(self.body(out))
 
-    def last_norm(self) -> nn.Module:
-        return self.body[-1]  # the last conv: zero-init makes the block an identity
-
 
 class PreActBottleneck(_Residual):
     """BN -> ReLU -> 1x1 -> BN -> ReLU -> 3x3 (stride) -> BN -> ReLU -> 1x1 (x4), + shortcut."""
@@ -137,7 +129,6 @@ class PreActBottleneck(_Residual):
         self._finish(in_ch, out_ch, stride, batch_norm, se_reduction)
 
     forward = PreActBasicBlock.forward
-    last_norm = PreActBasicBlock.last_norm
 
 
 class ResNet(nn.Module):
