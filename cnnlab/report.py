@@ -51,10 +51,11 @@ class Searched:
     sweep_syntax: str = ""
 
 
-def _number(text: Any) -> Any:
+def _number(text: str) -> float | str:
+    """An override's value as a number where it is one."""
     try:
-        return float(text) if not isinstance(text, bool) else text
-    except (TypeError, ValueError):
+        return float(text)
+    except ValueError:
         return text
 
 
@@ -66,7 +67,7 @@ def _params(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_trials(sweep_dir: Path, monitor: str) -> list[Trial]:
+def load_trials(sweep_dir: Path) -> list[Trial]:
     trials = []
     for folder in trial_dirs(sweep_dir):
         record = read_json(folder / TRIAL_FILE) or {}
@@ -187,7 +188,7 @@ def report(sweep_dir: str, *, plot: bool = False, test_best: bool = False, devic
         raise CnnlabError(f"{sweep_dir} is not a folder; give a sweep directory (outputs/sweeps/<date>/<time>)")
     record = read_json(folder / SWEEP_FILE) or {}
     monitor = record.get("monitor", "val/acc")
-    trials = load_trials(folder, monitor)
+    trials = load_trials(folder)
     if not trials:
         raise CnnlabError(f"{sweep_dir} holds no trials (no */{TRIAL_FILE}); is it the directory of a `cnnlab train -m` sweep?")
     maximize = not monitor.endswith("loss")
@@ -198,7 +199,7 @@ def report(sweep_dir: str, *, plot: bool = False, test_best: bool = False, devic
     searched = searched_parameters(record)
     varied = [s.key for s in searched]
     for key in sorted({k for t in trials for k in t.params}):
-        if key not in varied and len({str(t.params.get(k := key)) for t in trials}) > 1:
+        if key not in varied and len({str(t.params.get(key)) for t in trials}) > 1:
             varied.append(key)
 
     header = ["", "trial", *varied, "status", "epochs", "best val loss", "best val acc", "wall time (s)", "error"]
@@ -267,9 +268,9 @@ def _plot(folder: Path, trials: list[Trial], searched: list[Searched], monitor: 
     from cnnlab.plotting import pyplot, save_png
 
     plt = pyplot()
-    keys = [s for s in searched] or []
-    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4.5 * max(len(keys), 1), 3.6), squeeze=False)
-    for ax, item in zip(axes[0], keys):
+    panels = max(len(searched), 1)
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
+    for ax, item in zip(axes[0], searched):
         xs = [t.params.get(item.key) for t in trials if t.value is not None]
         ys = [t.value for t in trials if t.value is not None]
         ax.scatter(xs, ys, color="tab:blue", label="finished")

@@ -1,6 +1,5 @@
 """Batched augmentation: per-sample randomness, seeds, label alignment, torchvision v2 equivalence, mixing."""
 
-import math
 
 import pytest
 import torch

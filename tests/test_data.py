@@ -1,6 +1,5 @@
 """Readers on tiny files in the real on-disk formats, dataset lookup, split, loaders, augmentation."""
 
-import gzip
 import urllib.error
 
 import numpy as np

@@ -1,7 +1,6 @@
 """Test-time augmentation, ensembles, the confusion matrix, `cnnlab eval` and `cnnlab lr-find`."""
 
 import json
-import math
 
 import pytest
 import torch

@@ -114,7 +114,8 @@ class Setup:
         """Batches of split "train" or "test" (at ``idx``), augmented when ``train``; shuffled when ``train`` by default."""
         d, shuffle = self.run.data, train if shuffle is None else shuffle
         batch_size = d.batch_size if train else d.eval_batch_size
-        common = dict(shuffle=shuffle, drop_last=shuffle and len(idx if idx is not None else self.data.test_labels) > batch_size,
+        size = len(idx) if idx is not None else len(self.data.train_labels if split == "train" else self.data.test_labels)
+        common = dict(shuffle=shuffle, drop_last=shuffle and size > batch_size,
                       seed=self.run.seed, device=self.device, transform=self.train_pipe if train else self.eval_pipe)
         if self.in_memory:
             return InMemoryLoader(*self.data.tensors(split, idx), batch_size, **common)
@@ -179,7 +180,7 @@ def train(cfg, run_dir: Path, console: Console | None = None, *, test: bool = Tr
     resume_state = load_checkpoint(last) if last is not None and last.is_file() else None
     s = setup(cfg)
     run, device, autocast_dtype, data, model, optimizer = s.run, s.device, s.autocast_dtype, s.data, s.model, s.optimizer
-    train_idx, val_idx, train_pipe, eval_pipe = s.train_idx, s.val_idx, s.train_pipe, s.eval_pipe
+    train_idx, val_idx, train_pipe = s.train_idx, s.val_idx, s.train_pipe
 
     if run.trainer.overfit_batches:  # babysitting: can the model memorise a few fixed batches?
         fixed = train_idx[:run.trainer.overfit_batches * run.data.batch_size]
