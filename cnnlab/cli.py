@@ -13,7 +13,7 @@ import os
 import sys
 
 from cnnlab import __version__
-from cnnlab.errors import CnnlabError, CommandLineParser, JobAborted, suggestion
+from cnnlab.errors import CnnlabError, CommandLineParser, JobAborted, Preempted, suggestion
 
 USAGE = """usage: cnnlab <command> [args]
 
@@ -22,6 +22,10 @@ commands:
                             cnnlab train model=lenet5 optimizer=sgd optimizer.lr=0.1 trainer.epochs=20
                             -m / --multirun sweeps comma-separated values: optimizer.lr=0.01,0.1,1
                             --cfg job prints the resolved config; --help lists the config groups
+                            resume=RUN_DIR continues a stopped run exactly where it stopped
+                            (a run directory reused with hydra.run.dir resumes by itself);
+                            SIGTERM, SIGINT, SIGUSR1 checkpoint and exit with status 75
+                            multi-GPU: torchrun --nproc_per_node=N -m cnnlab train ...
   lr-find [--min-lr 1e-6] [--max-lr 10] [--steps 200] [key=value ...]
                             LR range test on the configured run: loss vs an exponentially growing
                             lr, to TensorBoard and a PNG, and a suggested optimizer.lr
@@ -47,6 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     except CnnlabError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
+    except Preempted as stopped:
+        if os.environ.get("RANK", "0") == "0":
+            print(stopped, file=sys.stderr)
+        code = Preempted.EXIT_STATUS
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
@@ -140,6 +148,17 @@ def _train(overrides: list[str], task: str = "hydra_train") -> int:
 
     hydra_train = getattr(hydra_app, task)
     last_sweep.clear()
+    overrides = resume_overrides(overrides)
+    multirun = any(a in ("-m", "--multirun") for a in overrides)
+    if not multirun and task == "hydra_train":
+        refuse_bad_resume(overrides)
+    from cnnlab.train.distributed import agree_on_run, launched_ranks
+
+    ranks = launched_ranks()
+    if ranks.enabled:
+        if multirun:
+            raise CnnlabError("torchrun runs one training; a sweep runs its trials through hydra/launcher")
+        overrides = agree_on_run(overrides, ranks)
 
     # Hydra raises instead of printing its own (multi-line) report; we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -158,4 +177,73 @@ def _train(overrides: list[str], task: str = "hydra_train") -> int:
         if translated is None:
             raise  # not a config problem: a bug, keep the traceback
         raise translated from None
+    finally:
+        if ranks.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
     return FAILED_EXIT_STATUS if last_sweep.get("failed") else 0
+
+
+def refuse_bad_resume(overrides: list[str]) -> None:
+    """A run directory that holds a checkpoint is continued; check that this config may continue
+    it before Hydra starts the job, which would overwrite the run's .hydra/ record."""
+    from pathlib import Path
+
+    run_dirs = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
+    if not run_dirs or "${" in run_dirs[-1] or any(o.startswith("-") for o in overrides):
+        return
+    run_dir = Path(run_dirs[-1])
+    if not (run_dir / "checkpoints").is_dir():
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from rich.console import Console
+
+    from cnnlab.config import CONF_DIR
+    from cnnlab.hydra_app import translate_hydra_error
+    from cnnlab.train.console import ConsoleReporter
+    from cnnlab.train.run import load_resume_state
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=[o for o in overrides if not o.startswith(("hydra.", "hydra/"))])
+    except Exception as e:  # noqa: BLE001 - composition errors are reported as the job would report them
+        translated = translate_hydra_error(e)
+        if translated is None:
+            raise
+        raise translated from None
+    finally:
+        GlobalHydra.instance().clear()
+    load_resume_state(cfg, run_dir, ConsoleReporter(Console(quiet=True)))
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def resume_overrides(args: list[str]) -> list[str]:
+    """``resume=RUN_DIR``: the run's own overrides (.hydra/overrides.yaml), then the ones given
+    now (they win, and must be keys a resume may change), in RUN_DIR itself."""
+    given = [a for a in args if a.startswith("resume=")]
+    if not given:
+        return args
+    from pathlib import Path
+
+    import yaml
+
+    if any(a in ("-m", "--multirun") for a in args):
+        raise CnnlabError("resume= continues one run; a sweep resumes with hydra.sweep.dir=<dir> sweep.resume=true")
+    run_dir = Path(given[-1].split("=", 1)[1]).expanduser()
+    if not any((run_dir / "checkpoints" / name).is_file() for name in ("last.pt", "previous.pt")):
+        raise CnnlabError(f"resume={run_dir}: no checkpoint there (looked for {run_dir / 'checkpoints' / 'last.pt'})")
+    saved_file = run_dir / ".hydra" / "overrides.yaml"
+    try:
+        saved = [str(o) for o in (yaml.safe_load(saved_file.read_text()) or [])] if saved_file.is_file() else []
+    except (OSError, yaml.YAMLError) as e:
+        raise CnnlabError(f"resume={run_dir}: cannot read {saved_file}: {e}") from None
+    rest = [a for a in args if not a.startswith("resume=")]
+    new_keys = {_key(a) for a in rest if not a.startswith("-")}
+    return [o for o in saved if _key(o) not in new_keys] + rest + [f"hydra.run.dir={run_dir}"]

@@ -54,6 +54,9 @@ class TrainerSettings:
     log_params_every_n_steps: Optional[PositiveInt] = None  # per-layer gradient norms, weight histograms
     tta_flip: bool = False  # final evaluation: average over each image and its mirror image...
     tta_shift: NonNegativeInt = 0  # ...and copies shifted by this many pixels (4 more views)
+    checkpoint_every_n_steps: Optional[PositiveInt] = None  # also checkpoint inside epochs (last.pt), for long epochs
+    deterministic: bool = False  # torch.use_deterministic_algorithms, cuDNN deterministic, a fixed cuBLAS workspace
+    sync_batchnorm: bool = False  # under torchrun on GPUs: batch-norm statistics over the global batch
 
 
 @dataclass(frozen=True)

@@ -53,3 +53,17 @@ def suggestion(word: str, candidates: Iterable[str]) -> str:
     """' (did you mean: a, b?)' or '' when nothing is close."""
     matches = close_matches(word, candidates)
     return f" (did you mean: {', '.join(matches)}?)" if matches else ""
+
+
+class Preempted(BaseException):
+    """A run stopped on request (SIGTERM, SIGINT, SLURM's SIGUSR1) after saving a checkpoint.
+
+    A BaseException, like JobAborted, so Hydra and a sweep's trial handler let it through:
+    a pre-empted sweep stops as a whole and is resumed as a whole.
+    """
+
+    EXIT_STATUS = 75  # sysexits' EX_TEMPFAIL: try again later; distinct from 2 (input) and 3 (failed trials)
+
+    def __init__(self, signal_name: str, step: int, checkpoint: str, resume_hint: str):
+        super().__init__(f"stopped by {signal_name} at step {step}; checkpoint: {checkpoint}; resume with: {resume_hint}")
+        self.signal_name, self.step, self.checkpoint, self.resume_hint = signal_name, step, checkpoint, resume_hint

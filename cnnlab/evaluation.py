@@ -18,7 +18,7 @@ from torch import nn
 
 from cnnlab.errors import CnnlabError
 from cnnlab.plotting import pyplot
-from cnnlab.train.checkpoint import load_checkpoint
+from cnnlab.train.checkpoint import load_checkpoint, load_weights
 from cnnlab.train.console import report_table
 from cnnlab.train.loop import Metrics, MetricSums, autocast_for, selected_weights
 
@@ -136,10 +136,7 @@ def evaluate_runs(targets: Sequence[str], *, splits: Sequence[str], tta_flip: bo
     base = setup(configs[0])  # data, split and pipelines: shared by every member
     models = [base.model, *(build_model(run, base.data, base.device, init=False) for run in runs[1:])]
     for (path, ckpt), model in zip(checkpoints, models):
-        try:
-            model.load_state_dict(selected_weights(ckpt))
-        except RuntimeError as e:
-            raise CnnlabError(f"checkpoint {path} does not fit its configured model: {str(e).splitlines()[0]}") from None
+        load_weights(model, selected_weights(ckpt), path)
     where = {"train": ("train", base.train_idx), "val": ("train", base.val_idx), "test": ("test", None)}
     report = {}
     for split in splits:

@@ -31,7 +31,7 @@ def hydra_train(cfg: DictConfig) -> float | None:
     if hydra_config.mode == RunMode.MULTIRUN:
         return run_trial(cfg, run_dir)  # records failures instead of raising: the sweep goes on
     try:
-        summary = train(cfg, run_dir, resume=bool((cfg.get("sweep") or {}).get("resume")))
+        summary = train(cfg, run_dir, resume=True)  # a run directory with a checkpoint continues (requeued jobs)
     except CnnlabError as e:
         raise JobAborted(e) from None
     return summary["best_value"]

@@ -111,7 +111,8 @@ def run_trial(cfg: DictConfig, run_dir: Path) -> float:
     write_json(run_dir / TRIAL_FILE, {"overrides": overrides, "started": start, "pid": os.getpid()})
     try:
         summary = train(cfg, run_dir, test=bool(settings.get("test_trials", False)),
-                        resume=bool(settings.get("resume")))
+                        resume=bool(settings.get("resume")),
+                        resume_hint=f"the same command with hydra.sweep.dir={run_dir.parent} sweep.resume=true")
     except Exception as e:  # noqa: BLE001 - a trial's failure is data for the sweep, not the end of it
         first_line = (str(e).strip().splitlines() or [""])[0]
         error = first_line if isinstance(e, CnnlabError) else f"{type(e).__name__}: {first_line}"

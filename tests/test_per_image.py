@@ -126,8 +126,8 @@ def test_imagefolder_trains_end_to_end_through_workers(tmp_path, captured):
     train_loader, val_loader = captured["loaders"][:2]
     assert isinstance(train_loader, run_module.StreamingLoader)
     assert train_loader.loader.num_workers == 1 and train_loader.loader.prefetch_factor == 3
-    train_steps = [type(t) for t in train_loader.loader.dataset.transform.transforms]
-    val_steps = val_loader.loader.dataset.transform.transforms
+    train_steps = [type(t) for t in train_loader.dataset.transform.transforms]
+    val_steps = val_loader.dataset.transform.transforms
     assert train_steps == [v2.RandomResizedCrop, v2.RandomHorizontalFlip]  # the pipeline picks its own crop
     assert type(val_steps[0]) is v2.Compose  # evaluation: resize + centre crop, no augmentation
     assert summary["sizes"] == {"train": 30, "val": 6, "test": 12} and summary["status"] == "completed"
@@ -235,7 +235,7 @@ def test_streamed_tensor_data_maps_the_same_pipeline_onto_v2(tmp_path, captured)
     summary = run_tiny(tmp_path / "run", "trainer.epochs=1", "data.in_memory=false", "data.num_workers=0",
                        "augment=mixup", "augment.ops.random_crop.padding=2")
     loader = captured["loaders"][0]
-    steps = loader.loader.dataset.transform.transforms
+    steps = loader.dataset.transform.transforms
     assert [type(t) for t in steps] == [v2.RandomCrop, v2.RandomHorizontalFlip] and steps[0].padding == [2, 2, 2, 2]
     assert [getattr(op, "mixes_labels", False) for op in loader.transform.ops] == [True]  # mixup stays batched
     x, y = next(iter(loader))

@@ -1,8 +1,18 @@
 """Checkpoints and other run files, written atomically: a crash mid-write
-leaves the previous file intact, never a half-written one."""
+leaves the previous file intact, never a half-written one.
+
+A checkpoint is ``torch.save``'s zip followed by a trailer line holding the
+SHA-256 of the zip (``torch.load`` ignores bytes after the archive, so the file
+stays loadable by plain torch). torch.load itself checks no checksum: a flipped
+byte inside a tensor would load as wrong weights; the trailer catches it.
+Before ``last.pt`` is replaced, the checkpoint it held becomes ``previous.pt``,
+so a resume can fall back one checkpoint when the newest is damaged.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import tempfile
@@ -13,9 +23,30 @@ import torch
 
 from cnnlab.errors import CnnlabError
 
+TRAILER = b"\ncnnlab-sha256:"
+TRAILER_LEN = len(TRAILER) + 64 + 1  # marker, hex digest, newline
+PREVIOUS = "previous.pt"
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, fsync it, then rename it over ``path``."""
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, fsync it, then rename it over ``path``.
+
+    ``keep_previous``: first make the file ``path`` held reachable under this name, so there is
+    always a complete file under ``path`` and, once replaced, its predecessor under the other name.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -23,29 +54,85 @@ def atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            link = keep_previous.with_name(f".{keep_previous.name}.link")
+            link.unlink(missing_ok=True)
+            try:  # a hard link keeps `path` in place until the final rename
+                os.link(path, link)
+                os.replace(link, keep_previous)
+            except OSError:  # no hard links here: the old file moves, `previous` covers the gap
+                os.replace(path, keep_previous)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, state: dict[str, Any], keep_previous: bool = False) -> None:
+    """Write ``state`` with its checksum; ``keep_previous``: the replaced file becomes previous.pt."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+
+    def write(f):
+        f.write(payload)
+        f.write(TRAILER + digest + b"\n")
+
     try:
-        atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write(path, write, keep_previous=path.with_name(PREVIOUS) if keep_previous else None)
     except OSError as e:
-        raise CnnlabError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint is intact") from None
+        raise CnnlabError(f"cannot write checkpoint {path}: {e.strerror or e}; "
+                          "the previous checkpoint is intact") from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A verified checkpoint; one line naming the file when it is missing, truncated or corrupt."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise CnnlabError(f"checkpoint {path} does not exist") from None
+    except OSError as e:
+        raise CnnlabError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    tail = data[-TRAILER_LEN:]
+    if tail.startswith(TRAILER):
+        data = data[:-TRAILER_LEN]
+        if hashlib.sha256(data).hexdigest().encode() != tail[len(TRAILER):-1]:
+            raise CnnlabError(f"checkpoint {path} is corrupt: its SHA-256 does not match the one written with it")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or foreign files fail in many ways inside torch.load
         raise CnnlabError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CnnlabError(f"checkpoint {path} is not a cnnlab checkpoint (no model state)")
     return state
+
+
+def load_resumable(folder: Path) -> tuple[dict[str, Any], Path, list[str]] | None:
+    """The newest good checkpoint in ``folder``: last.pt, else previous.pt. Returns the state, its
+    path and a line for each damaged one passed over; None when there is no checkpoint at all."""
+    damaged = []
+    candidates = [folder / "last.pt", folder / PREVIOUS]
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            return load_checkpoint(path), path, damaged
+        except CnnlabError as e:
+            damaged.append(str(e))
+    if damaged:
+        raise CnnlabError(f"no usable checkpoint in {folder}: {'; '.join(damaged)}")
+    return None
+
+
+def load_weights(module: torch.nn.Module, weights: dict[str, Any], path: Path | str) -> None:
+    """``module.load_state_dict``, with a mismatch (other classes, another architecture) as one line."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e).strip()]
+        raise CnnlabError(f"checkpoint {path} does not fit the configured model: {details[0][:300]}") from None
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -43,8 +43,9 @@ class ConsoleReporter:
         self.console.print(Panel(body, title="cnnlab train", expand=False))
         log.info("start: %s", "; ".join(f"{k}={v}" for k, v in info.items()))
 
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
-        self.epoch, self.epochs, self.steps, self.done = epoch, epochs, steps, 0
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
+        """``done``: batches of this epoch trained before a resume."""
+        self.epoch, self.epochs, self.steps, self.done = epoch, epochs, steps, done
         self.images, self.started, self.loss = 0, time.perf_counter(), float("nan")
         if self.live:
             self.progress = Progress(
@@ -52,7 +53,7 @@ class ConsoleReporter:
                 TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:,.0f} img/s"),
                 TimeRemainingColumn(), console=self.console, transient=True,
             )
-            self.task = self.progress.add_task("train", total=steps, loss=float("nan"), ips=0.0)
+            self.task = self.progress.add_task("train", total=steps, completed=done, loss=float("nan"), ips=0.0)
             self.progress.start()
 
     def advance(self, images: int) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import re
 import time
@@ -18,7 +20,7 @@ from rich.console import Console
 from cnnlab import __version__
 from cnnlab.augment import BatchPipeline, build_ops
 from cnnlab.augment_per_image import Geometry, per_image_transform, split_pipeline
-from cnnlab.config import RunConfig, flatten, parse_run_config
+from cnnlab.config import RunConfig, flatten, parse_run_config, to_container
 from cnnlab.data.datasets import ImageData
 from cnnlab.data.folder import FolderData
 from cnnlab.data.loaders import InMemoryLoader, StreamingLoader
@@ -26,15 +28,20 @@ from cnnlab.data.split import stratified_split
 from cnnlab.errors import CnnlabError
 from cnnlab.registry import DATASETS
 from cnnlab.evaluation import confusion_figure, confusion_matrix, metrics_from_probs, predict, tta_view_count
-from cnnlab.train.checkpoint import load_checkpoint, write_json
+from cnnlab.train.checkpoint import load_checkpoint, load_resumable, load_weights, write_json
 from cnnlab.train.console import ConsoleReporter
+from cnnlab.train.distributed import Ranks, check_global_batch, init_process_group, launched_ranks
 from cnnlab.train.loop import Trainer, selected_weights
+from cnnlab.train.resume import check_resumable
+from cnnlab.train.signals import StopRequest
 from cnnlab.train.tensorboard_log import TensorBoardLogger
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, ranks: Ranks = Ranks()) -> torch.device:
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and ranks.enabled:  # torchrun: one GPU per process
+        spec = f"cuda:{ranks.local_rank}"
     if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", spec):
         raise CnnlabError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {spec!r}")
     if spec.startswith("cuda"):
@@ -55,6 +62,15 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def set_deterministic(on: bool, device: torch.device) -> None:
+    """trainer.deterministic: every op's deterministic algorithm (an op without one is an error)."""
+    if on and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible matmuls
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not on  # autotuning picks algorithms by timing
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -71,26 +87,34 @@ def uses_memory_path(run: RunConfig) -> bool:
 
 
 class RunReporter:
-    """Sends the loop's events to the terminal and to TensorBoard."""
+    """Sends the loop's events to the terminal and to TensorBoard (None: a DDP rank other than 0)."""
 
-    def __init__(self, console: ConsoleReporter, tensorboard: TensorBoardLogger):
+    def __init__(self, console: ConsoleReporter, tensorboard: TensorBoardLogger | None):
         self.console, self.tensorboard = console, tensorboard
         self.epoch_start, self.advance = console.epoch_start, console.advance
 
     def log_step(self, step: int, loss: float, lr: float) -> None:
         self.console.log_step(step, loss, lr)
-        self.tensorboard.scalars({"train/step_loss": loss, "train/lr": lr}, step)
+        if self.tensorboard is not None:
+            self.tensorboard.scalars({"train/step_loss": loss, "train/lr": lr}, step)
 
     def log_parameters(self, model, step: int) -> None:
-        self.tensorboard.parameters(model, step)
+        if self.tensorboard is not None:
+            self.tensorboard.parameters(model, step)
 
     def warn(self, message: str) -> None:
         self.console.warn(message)
-        self.tensorboard.writer.add_text("warnings", message, 0)
+        if self.tensorboard is not None:
+            self.tensorboard.writer.add_text("warnings", message, 0)
 
     def epoch_end(self, record: dict[str, Any], improved: bool) -> None:
         self.console.epoch_end(record, improved)
-        self.tensorboard.scalars({k: v for k, v in record.items() if k not in ("step",)}, record["step"])
+        if self.tensorboard is not None:
+            self.tensorboard.scalars({k: v for k, v in record.items() if k not in ("step",)}, record["step"])
+
+    def flush(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.writer.flush()
 
 
 @dataclass
@@ -109,14 +133,19 @@ class Setup:
     eval_pipe: BatchPipeline
     in_memory: bool
     per_image: dict[bool, Any]  # train? -> the v2 transform DataLoader workers run per image (or None)
+    ranks: Ranks
 
-    def loader(self, split: str, idx: torch.Tensor | None = None, *, train: bool, shuffle: bool | None = None):
-        """Batches of split "train" or "test" (at ``idx``), augmented when ``train``; shuffled when ``train`` by default."""
+    def loader(self, split: str, idx: torch.Tensor | None = None, *, train: bool, shuffle: bool | None = None,
+               shard: bool = True):
+        """Batches of split "train" or "test" (at ``idx``), augmented when ``train``; shuffled when ``train`` by default.
+        Under DDP each rank gets its share of every batch (``shard``), or all of it."""
         d, shuffle = self.run.data, train if shuffle is None else shuffle
         batch_size = d.batch_size if train else d.eval_batch_size
         size = len(idx) if idx is not None else len(self.data.train_labels if split == "train" else self.data.test_labels)
+        ranks = self.ranks if shard else Ranks()
         common = dict(shuffle=shuffle, drop_last=shuffle and size > batch_size,
-                      seed=self.run.seed, device=self.device, transform=self.train_pipe if train else self.eval_pipe)
+                      seed=self.run.seed, device=self.device, transform=self.train_pipe if train else self.eval_pipe,
+                      rank=ranks.rank, world_size=ranks.world_size)
         if self.in_memory:
             return InMemoryLoader(*self.data.tensors(split, idx), batch_size, **common)
         return StreamingLoader(self.data.per_image(split, idx, self.per_image[train]), batch_size,
@@ -135,13 +164,17 @@ def build_model(run: RunConfig, data: ImageData, device: torch.device, *, init: 
     return model.to(device, memory_format=torch.channels_last if uses_channels_last(run, device) else torch.contiguous_format)
 
 
-def setup(cfg) -> Setup:
+def setup(cfg, ranks: Ranks = Ranks()) -> Setup:
     run = parse_run_config(cfg)  # every name, option, type and range: nothing has been loaded yet
-    device = resolve_device(run.trainer.device)
+    device = resolve_device(run.trainer.device, ranks)
     autocast_dtype = resolve_precision(run.trainer.precision, device)
     channels_last = uses_channels_last(run, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    if ranks.enabled:
+        check_global_batch(run.data.batch_size, ranks)
+        if run.trainer.sync_batchnorm and device.type != "cuda":
+            raise CnnlabError("trainer.sync_batchnorm=true needs CUDA devices (torch's SyncBatchNorm runs on GPUs only)")
+        init_process_group(ranks)
+    set_deterministic(run.trainer.deterministic, device)
     seed_everything(run.seed)
 
     in_memory = uses_memory_path(run)
@@ -159,44 +192,75 @@ def setup(cfg) -> Setup:
     per_image = {train: per_image_transform(per_image_ops, geometry, train=train, resized=data.resize is not None)
                  for train in (True, False)}
     model = build_model(run, data, device, init=True)
+    if ranks.enabled:
+        if run.trainer.sync_batchnorm:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        seed_everything(run.seed + ranks.rank)  # dropout differs across ranks; DDP copies rank 0's initial weights
     optimizer = run.components["optimizer"].build(model=model)
     if isinstance(getattr(optimizer, "inner", optimizer), torch.optim.LBFGS):
         if run.trainer.accumulate_steps > 1 or run.trainer.grad_clip is not None:
             raise CnnlabError("optimizer=lbfgs takes whole steps through its closure: "
                               "trainer.accumulate_steps must be 1 and trainer.grad_clip null")
-    train_pipe = BatchPipeline(batch_ops, data.mean, data.std, device, run.seed + 1, channels_last,
-                               num_classes=data.num_classes)
+    train_pipe = BatchPipeline(batch_ops, data.mean, data.std, device, run.seed + 1 + 7919 * ranks.rank, channels_last,
+                               num_classes=data.num_classes)  # each rank its own augmentation draws
     eval_pipe = BatchPipeline([], data.mean, data.std, device, run.seed, channels_last)
     return Setup(run, device, autocast_dtype, data, train_idx, val_idx, model, optimizer, train_pipe, eval_pipe,
-                 in_memory, per_image)
+                 in_memory, per_image, ranks)
+
+
+def load_resume_state(cfg, run_dir: Path, console: ConsoleReporter) -> dict[str, Any] | None:
+    """The newest good checkpoint in ``run_dir`` when the config may continue it; None for a fresh run."""
+    found = load_resumable(run_dir / "checkpoints")
+    if found is None:
+        return None
+    state, path, damaged = found
+    for line in damaged:
+        console.warn(f"{line}; falling back to {path}")
+    status = _read_status(run_dir)
+    if status in ("early_stopped", "diverged") and state.get("partial") is None:
+        raise CnnlabError(f"{run_dir} ended {status}; nothing to resume (choose a new hydra.run.dir)")
+    check_resumable(state, path, to_container(cfg), run_dir)
+    state["path"] = str(path)
+    return state
+
+
+def _read_status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
 
 
 def train(cfg, run_dir: Path, console: Console | None = None, *, test: bool = True,
-          resume: bool = False) -> dict[str, Any]:
+          resume: bool = False, resume_hint: str | None = None) -> dict[str, Any]:
     """One run into ``run_dir``. ``test=False`` (a sweep's trials) leaves the test split unscored;
-    ``resume`` continues from ``run_dir``'s last checkpoint when there is one."""
+    ``resume``: continue from ``run_dir``'s newest good checkpoint when there is one (the config
+    may differ only in keys a resume allows). Under torchrun, every rank calls this."""
     wall_start = time.perf_counter()
-    last = run_dir / "checkpoints" / "last.pt" if resume else None
-    resume_state = load_checkpoint(last) if last is not None and last.is_file() else None
-    s = setup(cfg)
+    ranks = launched_ranks()
+    console_reporter = ConsoleReporter(console if ranks.is_main else Console(quiet=True))
+    resume_state = load_resume_state(cfg, run_dir, console_reporter) if resume else None
+    s = setup(cfg, ranks)
     run, device, autocast_dtype, data, model, optimizer = s.run, s.device, s.autocast_dtype, s.data, s.model, s.optimizer
     train_idx, val_idx, train_pipe = s.train_idx, s.val_idx, s.train_pipe
 
     if run.trainer.overfit_batches:  # babysitting: can the model memorise a few fixed batches?
         fixed = train_idx[:run.trainer.overfit_batches * run.data.batch_size]
         train_loader = s.loader("train", fixed, train=True, shuffle=False)  # fixed batches, augmented as configured
-        val_loader = s.loader("train", fixed, train=False)
+        val_rows = fixed
     else:
         train_loader = s.loader("train", train_idx, train=True)
-        val_loader = s.loader("train", val_idx, train=False)
+        val_rows = val_idx
+    val_loader = s.loader("train", val_rows, train=False)
     batches = min(len(train_loader), run.trainer.limit_train_batches or len(train_loader))
     updates_per_epoch = math.ceil(batches / run.trainer.accumulate_steps)
     scheduler = run.components["scheduler"].build(optimizer=optimizer, steps_per_epoch=updates_per_epoch, epochs=run.trainer.epochs)
 
-    hparams = flatten({k: v for k, v in run.resolved.items() if k != "paths"})
-    tensorboard = TensorBoardLogger(run_dir / "tensorboard", hparams, OmegaConf.to_yaml(run.resolved),
-                                    purge_step=resume_state["step"] + 1 if resume_state else None)
-    console_reporter = ConsoleReporter(console)
+    tensorboard = None
+    if ranks.is_main:  # one writer: rank 0's
+        hparams = flatten({k: v for k, v in run.resolved.items() if k != "paths"})
+        tensorboard = TensorBoardLogger(run_dir / "tensorboard", hparams, OmegaConf.to_yaml(run.resolved),
+                                        purge_step=resume_state["step"] + 1 if resume_state else None)
     n_params = sum(p.numel() for p in model.parameters())
     console_reporter.start({
         "run": str(run_dir), "dataset": f"{data.name}: {len(train_idx):,} train / {len(val_idx):,} val / "
@@ -207,30 +271,40 @@ def train(cfg, run_dir: Path, console: Console | None = None, *, test: bool = Tr
         "model": f"{run.components['model'].name}: {n_params:,} parameters",
         "optimizer": f"{run.components['optimizer'].name} {run.components['optimizer'].options}",
         "scheduler": run.components["scheduler"].name, "augment": run.augment_name,
-        "device": f"{device}" + (f" ({autocast_dtype})" if autocast_dtype else " (fp32)"),
+        "device": f"{device}" + (f" ({autocast_dtype})" if autocast_dtype else " (fp32)")
+                  + (f", {ranks.world_size} processes (DDP)" if ranks.enabled else ""),
         "epochs": f"{run.trainer.epochs} x {batches} batches of {run.data.batch_size}"
                   + (f", an update every {run.trainer.accumulate_steps}" if run.trainer.accumulate_steps > 1 else ""),
     })
-    trainer = Trainer(
-        model, optimizer, scheduler, settings=run.trainer, device=device, num_classes=data.num_classes,
-        reporter=RunReporter(console_reporter, tensorboard), checkpoint_dir=run_dir / "checkpoints",
-        autocast_dtype=autocast_dtype,
-        generators={"data_order": train_loader.generator, "augment": train_pipe.generator},
-        checkpoint_extra={"config": run.resolved, "version": __version__, "classes": data.classes},
-    )
-    if resume_state is not None:
-        trainer.load_state(resume_state)
-        console_reporter.console.print(f"resumed from {last} after epoch {trainer.epoch}", highlight=False)
-    try:
-        history = trainer.fit(train_loader, val_loader)
-    except BaseException:
-        tensorboard.close(status_ok=False)
-        raise
+    with StopRequest() as stop:
+        trainer = Trainer(
+            model, optimizer, scheduler, settings=run.trainer, device=device, num_classes=data.num_classes,
+            reporter=RunReporter(console_reporter, tensorboard), checkpoint_dir=run_dir / "checkpoints",
+            autocast_dtype=autocast_dtype,
+            generators={"data_order": train_loader.generator, "augment": train_pipe.generator},
+            checkpoint_extra={"config": run.resolved, "version": __version__, "classes": data.classes},
+            ranks=ranks, stop=stop, resume_hint=resume_hint or f"cnnlab train resume={run_dir}",
+        )
+        if resume_state is not None:
+            trainer.load_state(resume_state)
+            where = f"epoch {trainer.epoch}" + (f", batch {trainer.partial['batch']} of epoch {trainer.epoch + 1}"
+                                                if trainer.partial else "")
+            console_reporter.console.print(f"resumed from {resume_state['path']} after {where} (step {trainer.step})",
+                                           highlight=False)
+        try:
+            history = trainer.fit(train_loader, val_loader)
+        except BaseException:
+            if tensorboard is not None:
+                tensorboard.close(status_ok=False)
+            raise
+    if not ranks.is_main:  # rank 0 alone selects, tests and writes the summary
+        return {"status": trainer.status, "best_value": trainer.best.value}
 
     summary = {
         "status": trainer.status, "name": run.name, "run_dir": str(run_dir), "version": __version__,
         "dataset": data.name, "model": run.components["model"].name, "parameters": n_params,
         "device": str(device), "precision": str(autocast_dtype or torch.float32).replace("torch.", ""),
+        "processes": ranks.world_size,
         "sizes": {"train": len(train_idx), "val": len(val_idx), "test": len(data.test_labels)},
         "initial_loss": trainer.initial_loss, "expected_initial_loss": math.log(data.num_classes),
         "monitor": trainer.best.monitor, "best_epoch": trainer.best.epoch, "best_value": trainer.best.value,
@@ -244,9 +318,12 @@ def train(cfg, run_dir: Path, console: Console | None = None, *, test: bool = Tr
         tensorboard.close(status_ok=False)
         console_reporter.console.print(f"status: {trainer.status}; summary: {run_dir / 'summary.json'}", highlight=False)
         return summary
+    if ranks.enabled:  # the final scores use whole batches on rank 0
+        val_loader = s.loader("train", val_rows, train=False, shard=False)
 
     # Choose on validation, test once: the test split is batched only now, for the selected weights.
-    model.load_state_dict(selected_weights(load_checkpoint(run_dir / "checkpoints" / "best.pt")))
+    best = run_dir / "checkpoints" / "best.pt"
+    load_weights(model, selected_weights(load_checkpoint(best)), best)
     probabilities = {}
 
     def score(split: str, loader) -> dict[str, float | None]:
@@ -256,11 +333,11 @@ def train(cfg, run_dir: Path, console: Console | None = None, *, test: bool = Tr
 
     selected = {}
     if run.trainer.eval_train_at_end:
-        selected["train"] = score("train", s.loader("train", train_idx, train=False))
+        selected["train"] = score("train", s.loader("train", train_idx, train=False, shard=False))
     selected["val"] = score("val", val_loader)
     confusion = None
     if test:
-        selected["test"] = score("test", s.loader("test", train=False))
+        selected["test"] = score("test", s.loader("test", train=False, shard=False))
         confusion = confusion_matrix(*probabilities["test"], data.num_classes)
         tensorboard.writer.add_figure("test/confusion_matrix", confusion_figure(confusion, data.classes), trainer.step)
 
