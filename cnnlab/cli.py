@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = _dispatch(argv)
     except CnnlabError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under torchrun every rank reports, rank 0 plainly
+        print(f"{'' if rank == '0' else f'rank {rank}: '}error: {e}", file=sys.stderr)
         code = 2
     except Preempted as stopped:
         if os.environ.get("RANK", "0") == "0":

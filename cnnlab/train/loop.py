@@ -369,6 +369,7 @@ class Trainer:
         return self.ranks.any(requested, self.device)
 
     def preempt(self) -> None:
+        self.ranks.barrier()  # rank 0's checkpoint is on disk before any rank leaves
         raise Preempted(self.stop.signal if self.stop is not None and self.stop.signal else "a signal on another rank",
                         self.step, str(self.checkpoint_dir / "last.pt"), self.resume_hint)
 

@@ -297,7 +297,8 @@ def train(cfg, run_dir: Path, console: Console | None = None, *, test: bool = Tr
             if tensorboard is not None:
                 tensorboard.close(status_ok=False)
             raise
-    if not ranks.is_main:  # rank 0 alone selects, tests and writes the summary
+    if not ranks.is_main:  # rank 0 alone selects, tests and writes the summary; the others wait for it
+        ranks.barrier()
         return {"status": trainer.status, "best_value": trainer.best.value}
 
     summary = {
@@ -317,6 +318,7 @@ def train(cfg, run_dir: Path, console: Console | None = None, *, test: bool = Tr
         write_json(run_dir / "summary.json", summary)
         tensorboard.close(status_ok=False)
         console_reporter.console.print(f"status: {trainer.status}; summary: {run_dir / 'summary.json'}", highlight=False)
+        ranks.barrier()
         return summary
     if ranks.enabled:  # the final scores use whole batches on rank 0
         val_loader = s.loader("train", val_rows, train=False, shard=False)
@@ -359,4 +361,5 @@ def train(cfg, run_dir: Path, console: Console | None = None, *, test: bool = Tr
     tensorboard.close(status_ok=True)
     console_reporter.finish(selected, trainer.best.epoch, trainer.best.monitor)
     console_reporter.console.print(f"summary: {run_dir / 'summary.json'}", highlight=False)
+    ranks.barrier()  # nobody leaves (and tears down the process group) while another rank still works
     return summary

@@ -1,0 +1,63 @@
+"""DistributedDataParallel under torchrun, on the CPU with gloo and 2 processes: the same
+training as 1 process with the same global batch, with rank 0 alone writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnlab.train.checkpoint import load_checkpoint
+from tests.conftest import TINY, run_cli
+
+
+def torchrun(*args: str, cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CNNLAB_OUTPUT_DIR": str(cwd / "outputs"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+         "-m", "cnnlab", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("ddp")
+    two = torchrun("train", *TINY, f"hydra.run.dir={folder / 'two'}", cwd=folder)
+    assert two.returncode == 0, two.stderr
+    one = run_cli("train", *TINY, f"hydra.run.dir={folder / 'one'}", cwd=folder)
+    assert one.returncode == 0, one.stderr
+    return {"one": folder / "one", "two": folder / "two", "stdout": two.stdout}
+
+
+def test_two_processes_train_as_one_with_the_same_global_batch(runs):
+    one, two = (load_checkpoint(runs[k] / "checkpoints" / "last.pt")["model"] for k in ("one", "two"))
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)
+    s1, s2 = (json.loads((runs[k] / "summary.json").read_text()) for k in ("one", "two"))
+    assert s2["processes"] == 2 and s1["processes"] == 1
+    for a, b in zip(s1["history"], s2["history"]):  # metrics are reduced over both ranks' shares
+        assert a["step"] == b["step"]
+        for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    assert s2["selected"]["test"]["count"] == 40 and s2["sizes"] == s1["sizes"]
+
+
+def test_only_rank_0_writes_logs_and_checkpoints(runs):
+    two = runs["two"]
+    assert len(list((two / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["best.pt", "last.pt", "previous.pt"]
+    assert runs["stdout"].count("cnnlab train") == 1  # one start panel: rank 1's console is quiet
+    assert "2 processes (DDP)" in runs["stdout"]
+
+
+def test_a_global_batch_that_does_not_split_and_cpu_sync_batchnorm_are_one_line(tmp_path):
+    result = torchrun("train", *TINY, "data.batch_size=15", "trainer.sync_batchnorm=true", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "error: data.batch_size=15 is the global batch and must divide evenly over 2 processes" in result.stderr
+    result = torchrun("train", *TINY, "trainer.sync_batchnorm=true", cwd=tmp_path)
+    assert "error: trainer.sync_batchnorm=true needs CUDA devices" in result.stderr
