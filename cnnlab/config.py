@@ -74,7 +74,7 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class SweepSettings:
-    resume: bool = False       # continue in the same run or sweep directory: finished trials are skipped
+    resume: bool = False       # continue a sweep in the same directory: finished trials are skipped
     test_trials: bool = False  # score every trial on test; the rule is one test, `cnnlab report --test-best`
 
 

@@ -47,8 +47,8 @@ class MetricSums:
     """Loss and hit counts summed on the device: read once per epoch, since a read syncs with the GPU."""
 
     def __init__(self, device: torch.device, top5: bool):
-        self.sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss * n, top-1 hits, top-5 hits, n
-        self.top5 = top5
+        self.sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, top-1 hits, top-5 hits
+        self.count, self.top5 = 0, top5
 
     @torch.no_grad()
     def add(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
@@ -58,12 +58,16 @@ class MetricSums:
             labels = labels.argmax(1)
         k = 5 if self.top5 else 1
         hits = logits.topk(k, dim=1).indices == labels[:, None]
-        n = torch.tensor(float(len(labels)), device=self.sums.device, dtype=torch.float64)
-        self.sums += torch.stack([loss.detach().double() * n, hits[:, 0].sum().double(), hits.any(1).sum().double(), n])
+        self.sums += torch.stack([loss.detach().double() * len(labels), hits[:, 0].sum().double(), hits.any(1).sum().double()])
+        self.count += len(labels)
 
     def total(self, ranks: Ranks = SINGLE) -> torch.Tensor:
-        """The sums over every rank (a copy)."""
-        return ranks.sum_(self.sums.clone())
+        """(loss * n, top-1 hits, top-5 hits, n), summed over every rank."""
+        return ranks.sum_(torch.cat([self.sums, self.sums.new_tensor([self.count])]))
+
+    def load(self, total: torch.Tensor) -> None:
+        self.sums.copy_(total[:3])
+        self.count = int(total[3])
 
     def result(self, ranks: Ranks = SINGLE) -> Metrics:
         loss, top1, top5, count = self.total(ranks).tolist()
@@ -295,7 +299,7 @@ class Trainer:
             start = partial["batch"] if partial else 0
             sums = MetricSums(self.device, top5=False)  # top-5 is reported for validation and test
             if partial is not None and self.ranks.is_main:  # the saved sums are over all ranks
-                sums.sums.copy_(partial["sums"])
+                sums.load(partial["sums"])
             self.reporter.epoch_start(self.epoch, s.epochs, batches, done=start)
             timer = EpochTimer(self.device)
             timer.start(carried=partial["train_time_s"] if partial else 0.0)

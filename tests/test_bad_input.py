@@ -1,0 +1,183 @@
+"""The bad-input corpus (#7): every mistake a user can type or leave on disk, through the real
+`cnnlab` command. Each ends in exactly one line on stderr that names the culprit, a non-zero
+exit, no traceback, and no half-written file."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cnnlab.data.formats import write_cifar_batch, write_idx
+from cnnlab.train.checkpoint import load_checkpoint, save_checkpoint
+from tests.conftest import TINY
+
+RUN = ["train", *TINY, "trainer.epochs=1"]
+MNIST = ["train", *[o for o in TINY if not o.startswith(("dataset", "model"))], "model=mlp", "model.hidden=[8]",
+         "dataset=mnist", "dataset.download=false", "trainer.epochs=1"]
+CIFAR = [*[o if o != "dataset=mnist" else "dataset=cifar10" for o in MNIST]]
+FOLDER = ["train", *[o for o in TINY if not o.startswith(("dataset", "model"))], "model=mlp", "model.hidden=[8]",
+          "dataset=imagefolder", "dataset.size=8", "dataset.channels=1", "data.num_workers=0", "trainer.epochs=1"]
+
+# (case id, command line with {root} for the corpus folder, what the one line must contain)
+CASES = [
+    # config keys and names
+    ("unknown top-level key", [*RUN, "+colour=red"], "unknown config key 'colour'"),
+    ("unknown trainer key", [*RUN, "trainer.epoch=3"], "trainer has no option 'epoch' (did you mean: epochs?)"),
+    ("unknown data key", [*RUN, "data.batchsize=3"], "data has no option 'batchsize' (did you mean: batch_size?)"),
+    ("unknown model option", [*RUN, "model.hiden=[8]"], "model 'mlp' has no option 'hiden' (did you mean: hidden?)"),
+    ("unknown model", [*RUN, "model=lenet"], "unknown model 'lenet' (did you mean: lenet5?)"),
+    ("unknown optimizer", [*RUN, "optimizer=adamm"], "unknown optimizer 'adamm' (did you mean: adam"),
+    ("unknown scheduler", [*RUN, "scheduler=cosin"], "unknown scheduler 'cosin' (did you mean: cosine"),
+    ("unknown init", [*RUN, "init=kaimin"], "unknown init scheme 'kaimin' (did you mean: kaiming_normal?)"),
+    ("unknown augment", [*RUN, "augment=flipp"], "unknown augment 'flipp' (did you mean: flip?)"),
+    ("unknown dataset", [*RUN, "dataset=cifar100x"], "unknown dataset 'cifar100x' (did you mean: cifar100"),
+    ("unknown command", ["trian"], "unknown command 'trian' (did you mean: train?)"),
+    ("unknown list kind", ["list", "modelz"], "modelz"),
+    # wrong types
+    ("epochs not a number", [*RUN, "trainer.epochs=many"], "trainer.epochs must be an integer, got 'many'"),
+    ("bool not a bool", [*RUN, "trainer.deterministic=maybe"], "trainer.deterministic"),
+    ("list not a list", [*RUN, "model.hidden=abc"], "model.hidden"),
+    ("seed not a number", [*RUN, "seed=abc"], "seed must be an integer"),
+    ("precision not a choice", [*RUN, "trainer.precision=fp8"], "trainer.precision"),
+    ("monitor a test metric", [*RUN, "trainer.monitor=test/acc"], "trainer.monitor"),
+    ("unparseable override", [*RUN, "optimizer.lr=[1"], "cannot parse override 'optimizer.lr=[1'"),
+    # zero, negative and non-finite numbers
+    ("zero epochs", [*RUN, "trainer.epochs=0"], "trainer.epochs must be an integer >= 1, got 0"),
+    ("negative epochs", [*RUN, "trainer.epochs=-1"], "trainer.epochs must be an integer >= 1, got -1"),
+    ("zero batch", [*RUN, "data.batch_size=0"], "data.batch_size must be an integer >= 1, got 0"),
+    ("negative batch", [*RUN, "data.batch_size=-8"], "data.batch_size must be an integer >= 1, got -8"),
+    ("val fraction above 1", [*RUN, "data.val_fraction=1.5"], "data.val_fraction"),
+    ("lr nan", [*RUN, "optimizer.lr=nan"], "optimizer.lr"),
+    ("lr inf", [*RUN, "optimizer.lr=inf"], "optimizer.lr"),
+    ("lr negative", [*RUN, "optimizer.lr=-1"], "optimizer.lr must be a number > 0, got -1"),
+    ("negative workers", [*RUN, "data.num_workers=-1"], "data.num_workers"),
+    ("zero image size", [*RUN, "dataset.size=0"], "dataset.size"),
+    ("device absent", [*RUN, "trainer.device=cuda"], "trainer.device=cuda but this machine has 0 CUDA devices"),
+    ("device unknown", [*RUN, "trainer.device=tpu"], "trainer.device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("lr-find steps", ["lr-find", "--steps", "1", *RUN[1:]], "lr-find needs"),
+    # data on disk
+    ("missing data root", [*MNIST, "paths.data_dir={root}/nothing"], "{root}/nothing"),
+    ("truncated IDX", [*MNIST, "paths.data_dir={root}/mnist_truncated"], "mnist_truncated/"),
+    ("truncated gzip", [*MNIST, "paths.data_dir={root}/mnist_cut_gzip"], "corrupt gzip file {root}/mnist_cut_gzip/"),
+    ("corrupt IDX header", [*MNIST, "paths.data_dir={root}/mnist_bad_magic"], "mnist_bad_magic/"),
+    ("IDX images and labels disagree", [*MNIST, "paths.data_dir={root}/mnist_mismatch"], "mnist_mismatch/"),
+    ("unreadable IDX (a folder)", [*MNIST, "paths.data_dir={root}/mnist_folder"], "mnist_folder/"),
+    ("corrupt CIFAR batch", [*CIFAR, "paths.data_dir={root}/cifar_corrupt"], "cifar_corrupt/"),
+    ("CIFAR batch without data", [*CIFAR, "paths.data_dir={root}/cifar_no_data"], "cifar_no_data/"),
+    ("non-image file in a folder", [*FOLDER, "dataset.root={root}/folder_text"], "notes.txt"),
+    ("corrupt image in a folder", [*FOLDER, "dataset.root={root}/folder_corrupt"], "broken.png"),
+    ("empty class folder", [*FOLDER, "dataset.root={root}/folder_empty"], "folder_empty/"),
+    ("image folder root missing", [*FOLDER, "dataset.root={root}/no_such_folder"], "no_such_folder"),
+    # checkpoints and runs
+    ("eval of a missing run", ["eval", "{root}/no_run"], "{root}/no_run"),
+    ("eval of a corrupt checkpoint", ["eval", "{root}/run_corrupt"], "run_corrupt/checkpoints/best.pt is corrupt"),
+    ("eval of another architecture", ["eval", "{root}/run_other_arch"], "does not fit the configured model"),
+    ("resume with other classes", ["train", "resume={root}/run_ok", "dataset.classes=5"], "dataset.classes: 4 -> 5"),
+    ("resume of an empty folder", ["train", "resume={root}/no_run"], "no checkpoint there"),
+    ("resume of a sweep", ["train", "-m", "resume={root}/run_ok"], "resume= continues one run"),
+    ("report of a missing sweep", ["report", "{root}/no_sweep"], "no_sweep"),
+    # where outputs go
+    ("output dir inside a file", [*RUN, "paths.output_dir={root}/a_file/out"], "a_file"),
+    ("run dir inside a file", [*RUN, "hydra.run.dir={root}/a_file/run"], "a_file"),
+]
+
+
+def build_corpus(root: Path) -> None:
+    rng = np.random.default_rng(0)
+
+    def mnist(folder: Path, n_labels: int = 30) -> Path:
+        folder.mkdir(parents=True)
+        for prefix, n in (("train", 30), ("t10k", 10)):
+            write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+            write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz",
+                      (np.arange(n_labels if prefix == "train" else n) % 10).astype(np.uint8))
+        return folder
+
+    images = mnist(root / "mnist_truncated") / "train-images-idx3-ubyte.gz"
+    images.write_bytes(gzip.compress(gzip.decompress(images.read_bytes())[:500]))
+    images = mnist(root / "mnist_cut_gzip") / "t10k-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:100])
+    images = mnist(root / "mnist_bad_magic") / "train-images-idx3-ubyte.gz"
+    images.write_bytes(gzip.compress(b"\x12\x34\x56\x78" + gzip.decompress(images.read_bytes())[4:]))
+    mnist(root / "mnist_mismatch", n_labels=29)
+    images = mnist(root / "mnist_folder") / "train-images-idx3-ubyte.gz"
+    images.unlink()
+    images.mkdir()
+
+    for name, corrupt in (("cifar_corrupt", lambda p: p.write_bytes(b"not a pickle at all" * 10)),
+                          ("cifar_no_data", lambda p: p.write_bytes(pickle.dumps({"labels": [1, 2]})))):
+        folder = root / name / "cifar-10-batches-py"
+        folder.mkdir(parents=True)
+        for batch in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            write_cifar_batch(folder / batch, rng.integers(0, 256, (6, 3072), dtype=np.uint8), np.arange(6) % 10, "labels")
+        (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+        corrupt(folder / "data_batch_1")
+
+    from PIL import Image
+
+    for name in ("folder_text", "folder_corrupt", "folder_empty"):
+        for cls in ("ant", "bee"):
+            (root / name / cls).mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / name / cls / f"{i}.png")
+    (root / "folder_text" / "bee" / "notes.txt").write_text("not an image")
+    (root / "folder_corrupt" / "ant" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    shutil.rmtree(root / "folder_empty" / "bee")
+    (root / "folder_empty" / "bee").mkdir()
+
+    (root / "a_file").write_text("a file where a folder is expected")
+
+    env = {**os.environ, "CNNLAB_OUTPUT_DIR": str(root / "outputs")}
+    subprocess.run([sys.executable, "-m", "cnnlab", *RUN, f"hydra.run.dir={root / 'run_ok'}"], cwd=root, env=env,
+                   check=True, capture_output=True, timeout=300)
+    shutil.copytree(root / "run_ok", root / "run_corrupt")
+    best = root / "run_corrupt" / "checkpoints" / "best.pt"
+    data = bytearray(best.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    best.write_bytes(bytes(data))
+    shutil.copytree(root / "run_ok", root / "run_other_arch")
+    best = root / "run_other_arch" / "checkpoints" / "best.pt"
+    state = load_checkpoint(best)
+    state["config"]["model"]["hidden"] = [32]  # weights of an MLP with 16 hidden units, said to have 32
+    save_checkpoint(best, state)
+
+
+def run(args: list[str], root: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CNNLAB_OUTPUT_DIR": str(root / "outputs"), "COLUMNS": "400", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "cnnlab", *(a.format(root=root) for a in args)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    root = tmp_path_factory.mktemp("corpus")
+    build_corpus(root)
+    with ThreadPoolExecutor(max_workers=3) as pool:  # each case is a process; most fail within a second
+        done = dict(zip([c[0] for c in CASES], pool.map(lambda case: run(case[1], root), CASES)))
+    return root, done
+
+
+def test_the_corpus_has_at_least_40_cases():
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize(("case", "args", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_naming_the_culprit(results, case, args, expected):
+    root, done = results
+    result = done[case]
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected.format(root=root) in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not list(root.rglob("*.tmp")) and not list((root / "outputs").rglob("summary.json"))
