@@ -243,3 +243,85 @@ def test_deterministic_runs_give_identical_weights_and_metrics(tmp_path):
     assert strip(a) == strip(b) and a["selected"] == b["selected"]
     run_tiny(tmp_path / "c", "trainer.epochs=1")
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+# --- resuming inside an epoch: the loaders and the whole training state -----------------------
+
+def noisy_transform(image: torch.Tensor) -> torch.Tensor:
+    """A per-image transform that draws from torch's RNG, as v2's random transforms do."""
+    return image + torch.randint(0, 50, image.shape, dtype=torch.uint8)
+
+
+def make_loader(kind: str, workers: int = 0, world_size: int = 1, rank: int = 0):
+    from cnnlab.data.loaders import InMemoryLoader, StreamingLoader, TensorImageDataset
+    from tests.test_data import identity_pipeline
+
+    images, labels = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1), torch.arange(50)
+    common = dict(shuffle=True, drop_last=False, seed=3, device=torch.device("cpu"), transform=identity_pipeline(),
+                  rank=rank, world_size=world_size)
+    if kind == "memory":
+        return InMemoryLoader(images, labels, 8, **common)
+    return StreamingLoader(TensorImageDataset(images, labels, noisy_transform), 8, num_workers=workers, **common)
+
+
+@pytest.mark.parametrize("kind", ["memory", "streaming"])
+def test_an_epoch_restarted_from_its_saved_order_skips_exactly_the_batches_done(kind):
+    loader = make_loader(kind)
+    next(iter(loader))  # a first epoch moves the generator on
+    order_state = loader.generator.get_state()
+    full = list(loader.iterate())
+    loader.generator.set_state(order_state)
+    tail = list(loader.iterate(start=3))
+    assert len(tail) == len(full) - 3
+    for (x1, y1), (x2, y2) in zip(full[3:], tail):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(full[0][1], list(loader.iterate())[0][1])  # and the next epoch is a new order
+
+
+def test_per_image_randomness_does_not_depend_on_the_workers():
+    batches = {}
+    for workers in (0, 2):
+        loader = make_loader("streaming", workers=workers)
+        batches[workers] = [b for _ in range(2) for b in loader]
+    for (x0, y0), (x2, y2) in zip(batches[0], batches[2]):
+        assert torch.equal(y0, y2) and torch.equal(x0, x2)
+
+
+def test_ranks_share_each_global_batch_between_them():
+    whole = [y for _, y in make_loader("memory")]
+    halves = [[y for _, y in make_loader("memory", world_size=2, rank=r)] for r in (0, 1)]
+    for batch, a, b in zip(whole, *halves):
+        assert torch.equal(torch.cat([a, b]), batch)
+
+
+def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights_with_ema_augmentation_and_dropout(
+        tmp_path, monkeypatch):
+    """In-process: a stop request at step 13 (inside epoch 2), then a resume, against a run never stopped."""
+    import cnnlab.train.run as run_module
+    from cnnlab.errors import Preempted
+
+    options = ("trainer.deterministic=true", "trainer.ema_decay=0.9", "augment=crop_flip", "model.dropout=0.2",
+               "trainer.epochs=3")
+    run_tiny(tmp_path / "straight", *options)
+
+    class StoppedAt13(run_module.Trainer):
+        def stop_requested(self) -> bool:
+            if self.step == 13 and self.stop is not None:
+                self.stop.signal = "SIGTERM"
+            return super().stop_requested()
+
+    monkeypatch.setattr(run_module, "Trainer", StoppedAt13)
+    with pytest.raises(Preempted) as stopped:
+        run_tiny(tmp_path / "cut", *options)
+    assert stopped.value.step == 13
+    state = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1 and state["partial"]["batch"] == 4 and state["ema_updates"] == 13
+    monkeypatch.undo()
+
+    from tests.conftest import compose_config, quiet_console, tiny_plus
+
+    run_module.train(compose_config(*tiny_plus(*options)), tmp_path / "cut", console=quiet_console(), resume=True)
+    a, b = (load_checkpoint(tmp_path / name / "checkpoints" / "last.pt") for name in ("straight", "cut"))
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert metrics(tmp_path / "straight") == metrics(tmp_path / "cut")
