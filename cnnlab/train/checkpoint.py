@@ -26,6 +26,8 @@ from cnnlab.errors import CnnlabError
 TRAILER = b"\ncnnlab-sha256:"
 TRAILER_LEN = len(TRAILER) + 64 + 1  # marker, hex digest, newline
 PREVIOUS = "previous.pt"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process's umask: mkstemp makes 0600 files, run files should be like any other
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -50,6 +52,7 @@ def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
