@@ -325,3 +325,23 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights_with_ema_augmentati
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert metrics(tmp_path / "straight") == metrics(tmp_path / "cut")
+
+
+def test_sigterm_stops_a_whole_sweep_which_then_resumes(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = ["train", "-m", *[o for o in LONG if not o.startswith("trainer.checkpoint")],
+            "optimizer.lr=0.05,0.1", f"hydra.sweep.dir={sweep_dir}"]
+    process = start_cli(*args, cwd=tmp_path)
+    wait_for(sweep_dir / "0" / "tensorboard", process)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75, stderr
+    assert (f"resume with: the same command with hydra.sweep.dir={sweep_dir} sweep.resume=true" in stderr
+            and "Traceback" not in stderr)
+    assert not (sweep_dir / "1").exists()  # the sweep stopped with its first trial
+
+    result = run_cli(*args, "sweep.resume=true", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "sweep: 2 trials (2 completed), 0 failed" in result.stdout
+    assert "resumed from" in result.stdout
