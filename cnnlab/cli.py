@@ -13,7 +13,7 @@ import os
 import sys
 
 from cnnlab import __version__
-from cnnlab.errors import CnnlabError, CommandLineParser, JobAborted, Preempted, suggestion
+from cnnlab.errors import CnnlabError, CommandLineParser, JobAborted, Preempted, ProcessesFailed, suggestion
 
 USAGE = """usage: cnnlab <command> [args]
 
@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(stopped, file=sys.stderr)
         code = Preempted.EXIT_STATUS
+    except ProcessesFailed as failed:
+        code = failed.status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130

@@ -57,6 +57,7 @@ class TrainerSettings:
     checkpoint_every_n_steps: Optional[PositiveInt] = None  # also checkpoint inside epochs (last.pt), for long epochs
     deterministic: bool = False  # torch.use_deterministic_algorithms, cuDNN deterministic, a fixed cuBLAS workspace
     sync_batchnorm: bool = False  # under torchrun on GPUs: batch-norm statistics over the global batch
+    devices: PositiveInt = 1  # >1: cnnlab starts this many DDP processes on this machine (one per GPU)
 
 
 @dataclass(frozen=True)

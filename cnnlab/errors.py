@@ -67,3 +67,11 @@ class Preempted(BaseException):
     def __init__(self, signal_name: str, step: int, checkpoint: str, resume_hint: str):
         super().__init__(f"stopped by {signal_name} at step {step}; checkpoint: {checkpoint}; resume with: {resume_hint}")
         self.signal_name, self.step, self.checkpoint, self.resume_hint = signal_name, step, checkpoint, resume_hint
+
+
+class ProcessesFailed(BaseException):
+    """``trainer.devices=N``: a rank's non-zero exit status, passed on (the ranks printed their own lines)."""
+
+    def __init__(self, status: int):
+        super().__init__(f"exit status {status}")
+        self.status = status

@@ -12,10 +12,12 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from cnnlab.config import CONF_DIR, GROUP_REGISTRIES, TOP_LEVEL_KEYS, DataSettings, TrainerSettings, check_settings
-from cnnlab.errors import CnnlabError, JobAborted, suggestion
+from cnnlab.config import (CONF_DIR, GROUP_REGISTRIES, TOP_LEVEL_KEYS, DataSettings, TrainerSettings, check_settings,
+                           parse_run_config)
+from cnnlab.errors import CnnlabError, JobAborted, ProcessesFailed, suggestion
 from cnnlab.registry import load_components
 from cnnlab.sweep import register_resolvers, run_trial
+from cnnlab.train.distributed import launch_processes, launched_ranks
 
 
 register_resolvers()
@@ -31,6 +33,12 @@ def hydra_train(cfg: DictConfig) -> float | None:
     if hydra_config.mode == RunMode.MULTIRUN:
         return run_trial(cfg, run_dir)  # records failures instead of raising: the sweep goes on
     try:
+        devices = parse_run_config(cfg).trainer.devices
+        if devices > 1 and not launched_ranks().enabled:  # start the DDP processes; they train in run_dir
+            code = launch_processes(devices, [*hydra_config.overrides.task, f"hydra.run.dir={run_dir}"])
+            if code:
+                raise ProcessesFailed(code)
+            return None
         summary = train(cfg, run_dir, resume=True)  # a run directory with a checkpoint continues (requeued jobs)
     except CnnlabError as e:
         raise JobAborted(e) from None

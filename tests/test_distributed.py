@@ -26,7 +26,8 @@ def torchrun(*args: str, cwd: Path, processes: int = 2) -> subprocess.CompletedP
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("ddp")
-    two = torchrun("train", *TINY, f"hydra.run.dir={folder / 'two'}", cwd=folder)
+    # trainer.devices=2: cnnlab starts the two processes itself, with torchrun's environment
+    two = run_cli("train", *TINY, "trainer.devices=2", f"hydra.run.dir={folder / 'two'}", cwd=folder)
     assert two.returncode == 0, two.stderr
     one = run_cli("train", *TINY, f"hydra.run.dir={folder / 'one'}", cwd=folder)
     assert one.returncode == 0, one.stderr
@@ -55,9 +56,26 @@ def test_only_rank_0_writes_logs_and_checkpoints(runs):
     assert "2 processes (DDP)" in runs["stdout"]
 
 
+def test_torchrun_runs_the_same_training(runs, tmp_path):
+    result = torchrun("train", *TINY, f"hydra.run.dir={tmp_path / 'torchrun'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    a = load_checkpoint(runs["two"] / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "torchrun" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same 2-process computation, launched either way
+
+
+def test_devices_in_a_sweep_or_against_torchrun_is_one_line(tmp_path):
+    result = run_cli("train", "-m", *TINY, "trainer.devices=2", "optimizer.lr=0.1", cwd=tmp_path)
+    assert "trainer.devices=2 starts its processes from a single `cnnlab train`; a sweep's trials" in result.stderr
+    result = torchrun("train", *TINY, "trainer.devices=3", cwd=tmp_path)
+    assert result.returncode != 0 and "error: trainer.devices=3 starts its processes from a single " \
+        "`cnnlab train`, but 2 were started by torchrun" in result.stderr
+
+
 def test_a_global_batch_that_does_not_split_and_cpu_sync_batchnorm_are_one_line(tmp_path):
-    result = torchrun("train", *TINY, "data.batch_size=15", "trainer.sync_batchnorm=true", cwd=tmp_path)
-    assert result.returncode != 0
+    result = run_cli("train", *TINY, "trainer.devices=2", "data.batch_size=15", "trainer.sync_batchnorm=true",
+                     cwd=tmp_path)
+    assert result.returncode == 2
     assert "error: data.batch_size=15 is the global batch and must divide evenly over 2 processes" in result.stderr
     result = torchrun("train", *TINY, "trainer.sync_batchnorm=true", cwd=tmp_path)
     assert "error: trainer.sync_batchnorm=true needs CUDA devices" in result.stderr

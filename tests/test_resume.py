@@ -345,3 +345,19 @@ def test_sigterm_stops_a_whole_sweep_which_then_resumes(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "sweep: 2 trials (2 completed), 0 failed" in result.stdout
     assert "resumed from" in result.stdout
+
+
+def test_checkpoint_every_n_steps_writes_last_pt_inside_epochs(tmp_path, monkeypatch):
+    import cnnlab.train.loop as loop
+
+    written = []
+    real_save = loop.save_checkpoint
+
+    def recording_save(path, state, keep_previous=False):
+        if path.name == "last.pt":
+            written.append((state["step"], (state["partial"] or {}).get("batch")))
+        real_save(path, state, keep_previous)
+
+    monkeypatch.setattr(loop, "save_checkpoint", recording_save)
+    run_tiny(tmp_path / "run", "trainer.checkpoint_every_n_steps=4")  # 9 batches an epoch
+    assert written == [(4, 4), (8, 8), (9, None), (13, 4), (17, 8), (18, None)]

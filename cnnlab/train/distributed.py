@@ -10,6 +10,11 @@ the CPU. Every rank runs the same loop on its share of each global batch; only r
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +43,12 @@ class Ranks:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """True on every rank when it is true on one: ranks must leave the loop at the same step."""
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on one: ranks must leave the loop at the same step.
+        A CPU tensor, so gloo carries it and the GPU's queue is never waited on (asked every step)."""
         if not self.enabled:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        t = torch.tensor([1.0 if flag else 0.0])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
@@ -98,3 +104,47 @@ def check_global_batch(batch_size: int, ranks: Ranks, key: str = "data.batch_siz
     if batch_size % ranks.world_size:
         raise CnnlabError(f"{key}={batch_size} is the global batch and must divide evenly over "
                           f"{ranks.world_size} processes")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_processes(processes: int, args: list[str]) -> int:
+    """``trainer.devices=N``: run ``cnnlab train args`` as N DDP processes on this machine, with the
+    environment torchrun would give them. Returns rank 0's exit status (or the first failure's).
+
+    SIGTERM and SIGUSR1 sent to this process are passed on, so every rank checkpoints and stops;
+    Ctrl-C reaches the ranks from the terminal directly. When one rank fails the others cannot
+    finish their collectives, so they are stopped.
+    """
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes)}
+    ranks = [subprocess.Popen([sys.executable, "-m", "cnnlab", "train", *args],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(processes)]
+
+    def forward(number, _frame):
+        for p in ranks:
+            if p.poll() is None:
+                p.send_signal(number)
+
+    previous = {n: signal.signal(n, forward) for n in (signal.SIGTERM, signal.SIGUSR1)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        failed_at = None
+        while any(p.poll() is None for p in ranks):
+            failed = [p for p in ranks if p.poll() not in (None, 0)]
+            if failed and failed_at is None:
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > 10:
+                for p in ranks:
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.05)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    codes = [p.returncode for p in ranks]
+    return codes[0] if codes[0] != 0 else next((c for c in codes if c != 0), 0)

@@ -370,7 +370,7 @@ class Trainer:
 
     def stop_requested(self) -> bool:
         requested = self.stop is not None and self.stop.signal is not None
-        return self.ranks.any(requested, self.device)
+        return self.ranks.any(requested)
 
     def preempt(self) -> None:
         self.ranks.barrier()  # rank 0's checkpoint is on disk before any rank leaves

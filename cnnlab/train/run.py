@@ -169,6 +169,10 @@ def setup(cfg, ranks: Ranks = Ranks()) -> Setup:
     device = resolve_device(run.trainer.device, ranks)
     autocast_dtype = resolve_precision(run.trainer.precision, device)
     channels_last = uses_channels_last(run, device)
+    if run.trainer.devices > 1 and ranks.world_size != run.trainer.devices:
+        raise CnnlabError(f"trainer.devices={run.trainer.devices} starts its processes from a single `cnnlab train`"
+                          + (f", but {ranks.world_size} were started by torchrun" if ranks.enabled else
+                             "; a sweep's trials run one process each (use hydra/launcher to run trials side by side)"))
     if ranks.enabled:
         check_global_batch(run.data.batch_size, ranks)
         if run.trainer.sync_batchnorm and device.type != "cuda":
