@@ -361,3 +361,16 @@ def test_checkpoint_every_n_steps_writes_last_pt_inside_epochs(tmp_path, monkeyp
     monkeypatch.setattr(loop, "save_checkpoint", recording_save)
     run_tiny(tmp_path / "run", "trainer.checkpoint_every_n_steps=4")  # 9 batches an epoch
     assert written == [(4, 4), (8, 8), (9, None), (13, 4), (17, 8), (18, None)]
+
+
+def test_dataloader_workers_ignore_ctrl_c_and_sigusr1_but_not_sigterm():
+    from cnnlab.train.signals import ignore_stop_signals
+
+    saved = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        ignore_stop_signals()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == saved[signal.SIGTERM]  # multiprocessing ends workers with it
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)

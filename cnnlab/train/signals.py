@@ -43,8 +43,9 @@ class StopRequest:
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader workers leave stop signals to the training process, which shuts them down."""
-    for name in STOP_SIGNALS:
-        number = getattr(signal, name, None)
+    """DataLoader workers leave Ctrl-C (sent to the whole process group) and SLURM's SIGUSR1 to the
+    training process, which finishes its step, checkpoints and shuts them down. SIGTERM keeps its
+    default: multiprocessing ends workers with it at exit."""
+    for number in (signal.SIGINT, getattr(signal, "SIGUSR1", None)):
         if number is not None:
             signal.signal(number, signal.SIG_IGN)
