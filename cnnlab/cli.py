@@ -151,8 +151,8 @@ def _train(overrides: list[str], task: str = "hydra_train") -> int:
 
     hydra_train = getattr(hydra_app, task)
     last_sweep.clear()
-    overrides = resume_overrides(overrides)
     multirun = any(a in ("-m", "--multirun") for a in overrides)
+    overrides = resume_overrides(overrides, multirun)
     if not multirun and task == "hydra_train":
         refuse_bad_resume(overrides)
     from cnnlab.train.distributed import agree_on_run, launched_ranks
@@ -227,7 +227,7 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def resume_overrides(args: list[str]) -> list[str]:
+def resume_overrides(args: list[str], multirun: bool) -> list[str]:
     """``resume=RUN_DIR``: the run's own overrides (.hydra/overrides.yaml), then the ones given
     now (they win, and must be keys a resume may change), in RUN_DIR itself."""
     given = [a for a in args if a.startswith("resume=")]
@@ -237,11 +237,13 @@ def resume_overrides(args: list[str]) -> list[str]:
 
     import yaml
 
-    if any(a in ("-m", "--multirun") for a in args):
+    if multirun:
         raise CnnlabError("resume= continues one run; a sweep resumes with hydra.sweep.dir=<dir> sweep.resume=true")
     run_dir = Path(given[-1].split("=", 1)[1]).expanduser()
-    if not any((run_dir / "checkpoints" / name).is_file() for name in ("last.pt", "previous.pt")):
-        raise CnnlabError(f"resume={run_dir}: no checkpoint there (looked for {run_dir / 'checkpoints' / 'last.pt'})")
+    from cnnlab.train.checkpoint import LAST, PREVIOUS
+
+    if not any((run_dir / "checkpoints" / name).is_file() for name in (LAST, PREVIOUS)):
+        raise CnnlabError(f"resume={run_dir}: no checkpoint there (looked for {run_dir / 'checkpoints' / LAST})")
     saved_file = run_dir / ".hydra" / "overrides.yaml"
     try:
         saved = [str(o) for o in (yaml.safe_load(saved_file.read_text()) or [])] if saved_file.is_file() else []

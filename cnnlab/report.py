@@ -19,7 +19,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from cnnlab.errors import CnnlabError
-from cnnlab.sweep import FAILED, SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, read_json, trial_dirs
+from cnnlab.sweep import FAILED, SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, trial_dirs
+from cnnlab.train.checkpoint import read_json
 from cnnlab.train.checkpoint import write_json
 
 EDGE = 0.1  # a best value in the outer 10% of an interval (in log space if log-sampled) is on its edge

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,7 +27,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.errors import CnnlabError
-from cnnlab.train.checkpoint import load_checkpoint, write_json
+from cnnlab.train.checkpoint import LAST, load_checkpoint, read_json, write_json
 
 log = logging.getLogger("cnnlab.sweep")
 
@@ -39,13 +38,6 @@ FAILED_EXIT_STATUS = 3  # `cnnlab train -m` when some trials failed; 2 stays "yo
 
 # What the last sweep in this process ended with (set by SweepSummary, read by the CLI).
 last_sweep: dict[str, Any] = {}
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def objective(summary: dict[str, Any], monitor: str) -> float:
@@ -69,7 +61,7 @@ def _previous_attempt(sweep_dir: Path, overrides: list[str], here: Path) -> Path
 
 def _last_history(run_dir: Path) -> list[dict[str, Any]]:
     try:
-        return load_checkpoint(run_dir / "checkpoints" / "last.pt").get("history", [])
+        return load_checkpoint(run_dir / "checkpoints" / LAST).get("history", [])
     except CnnlabError:
         return []
 

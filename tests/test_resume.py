@@ -351,14 +351,13 @@ def test_checkpoint_every_n_steps_writes_last_pt_inside_epochs(tmp_path, monkeyp
     import cnnlab.train.loop as loop
 
     written = []
-    real_save = loop.save_checkpoint
+    real_encode = loop.encode_checkpoint
 
-    def recording_save(path, state, keep_previous=False):
-        if path.name == "last.pt":
-            written.append((state["step"], (state["partial"] or {}).get("batch")))
-        real_save(path, state, keep_previous)
+    def recording_encode(state):  # once per save: last.pt, and best.pt with the same bytes
+        written.append((state["step"], (state["partial"] or {}).get("batch")))
+        return real_encode(state)
 
-    monkeypatch.setattr(loop, "save_checkpoint", recording_save)
+    monkeypatch.setattr(loop, "encode_checkpoint", recording_encode)
     run_tiny(tmp_path / "run", "trainer.checkpoint_every_n_steps=4")  # 9 batches an epoch
     assert written == [(4, 4), (8, 8), (9, None), (13, 4), (17, 8), (18, None)]
 

@@ -44,18 +44,20 @@ class EpochOrder:
         n, b = self.num_samples, self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
-    def draw(self) -> torch.Tensor:
-        """This epoch's order of sample indices (the generator advances)."""
-        if self.shuffle:
-            return torch.randperm(self.num_samples, generator=self.generator)
-        return torch.arange(self.num_samples)
+    def draw(self) -> torch.Tensor | None:
+        """This epoch's order of sample indices (the generator advances); None: in order, unshuffled."""
+        return torch.randperm(self.num_samples, generator=self.generator) if self.shuffle else None
 
-    def shard(self, batch: torch.Tensor) -> torch.Tensor:
-        return batch if self.world_size == 1 else torch.tensor_split(batch, self.world_size)[self.rank]
-
-    def batches(self, order: torch.Tensor, start: int) -> Iterator[torch.Tensor]:
+    def batches(self, order: torch.Tensor | None, start: int) -> Iterator[torch.Tensor | slice]:
+        """This rank's share of each global batch from ``start`` on: indices into ``order``, or with no
+        order a slice (a slice of a tensor is a view: in-order batches are never copied)."""
         for i in range(start, len(self)):
-            yield self.shard(order[i * self.batch_size:(i + 1) * self.batch_size])
+            lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, self.num_samples)
+            # the rank's part as torch.tensor_split would cut it: the first (hi - lo) % world parts one longer
+            size, longer = divmod(hi - lo, self.world_size)
+            lo += self.rank * size + min(self.rank, longer)
+            hi = lo + size + (self.rank < longer)
+            yield slice(lo, hi) if order is None else order[lo:hi]
 
 
 class OrderedLoader:
@@ -105,7 +107,9 @@ class InMemoryLoader(OrderedLoader):
         return len(self.labels)
 
     def iterate(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.order.draw().to(self.images.device)
+        order = self.order.draw()
+        if order is not None:
+            order = order.to(self.images.device)
         for idx in self.order.batches(order, start):
             yield self.transform.apply(self.images[idx], self.labels[idx])
 
@@ -157,6 +161,8 @@ class SeededBatches(Sampler):
 
     def __iter__(self):
         order = self.order.draw()
+        if order is None:
+            order = torch.arange(self.order.num_samples)
         seeds = torch.randint(0, 2**62, (self.order.num_samples,), generator=self.order.generator)
         start, self.start = self.start, 0
         for idx in self.order.batches(order, start):

@@ -25,7 +25,7 @@ from cnnlab.errors import CnnlabError
 
 TRAILER = b"\ncnnlab-sha256:"
 TRAILER_LEN = len(TRAILER) + 64 + 1  # marker, hex digest, newline
-PREVIOUS = "previous.pt"
+LAST, PREVIOUS = "last.pt", "previous.pt"  # a resume reads the first of these that is sound
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process's umask: mkstemp makes 0600 files, run files should be like any other
 
@@ -72,19 +72,20 @@ def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
         raise
 
 
-def save_checkpoint(path: Path, state: dict[str, Any], keep_previous: bool = False) -> None:
-    """Write ``state`` with its checksum; ``keep_previous``: the replaced file becomes previous.pt."""
+def encode_checkpoint(state: dict[str, Any]) -> bytes:
+    """``state`` as torch.save writes it, followed by the trailer with its SHA-256."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    payload = buffer.getbuffer()
-    digest = hashlib.sha256(payload).hexdigest().encode()
+    buffer.write(TRAILER + hashlib.sha256(buffer.getbuffer()).hexdigest().encode() + b"\n")
+    return buffer.getvalue()
 
-    def write(f):
-        f.write(payload)
-        f.write(TRAILER + digest + b"\n")
 
+def save_checkpoint(path: Path, state: dict[str, Any] | bytes, keep_previous: bool = False) -> None:
+    """Write ``state`` (or its encode_checkpoint bytes) with its checksum; ``keep_previous``: the
+    replaced file becomes previous.pt."""
+    data = state if isinstance(state, bytes) else encode_checkpoint(state)
     try:
-        atomic_write(path, write, keep_previous=path.with_name(PREVIOUS) if keep_previous else None)
+        atomic_write(path, lambda f: f.write(data), keep_previous=path.with_name(PREVIOUS) if keep_previous else None)
     except OSError as e:
         raise CnnlabError(f"cannot write checkpoint {path}: {e.strerror or e}; "
                           "the previous checkpoint is intact") from None
@@ -116,8 +117,7 @@ def load_resumable(folder: Path) -> tuple[dict[str, Any], Path, list[str]] | Non
     """The newest good checkpoint in ``folder``: last.pt, else previous.pt. Returns the state, its
     path and a line for each damaged one passed over; None when there is no checkpoint at all."""
     damaged = []
-    candidates = [folder / "last.pt", folder / PREVIOUS]
-    for path in candidates:
+    for path in (folder / LAST, folder / PREVIOUS):
         if not path.is_file():
             continue
         try:
@@ -136,6 +136,14 @@ def load_weights(module: torch.nn.Module, weights: dict[str, Any], path: Path | 
     except RuntimeError as e:
         details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e).strip()]
         raise CnnlabError(f"checkpoint {path} does not fit the configured model: {details[0][:300]}") from None
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file written by write_json; None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

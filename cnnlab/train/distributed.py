@@ -58,7 +58,8 @@ class Ranks:
             return step
         t = torch.tensor([step if step >= 0 else 2**62], device=device, dtype=torch.long)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return int(t.item()) if int(t.item()) < 2**62 else -1
+        earliest = int(t.item())
+        return earliest if earliest < 2**62 else -1
 
     def barrier(self) -> None:
         if self.enabled:

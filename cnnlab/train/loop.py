@@ -19,7 +19,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cnnlab.errors import Preempted
 from cnnlab.models.blocks import WithAux
-from cnnlab.train.checkpoint import load_weights, save_checkpoint
+from cnnlab.train.checkpoint import LAST, encode_checkpoint, load_weights, save_checkpoint
 from cnnlab.train.distributed import Ranks
 
 SINGLE = Ranks()
@@ -295,7 +295,7 @@ class Trainer:
             partial, self.partial = self.partial, None
             if partial is not None:  # the interrupted epoch: its order again, from the next batch
                 train_loader.generator.set_state(partial["order"])
-            self.order_state = train_loader.generator.get_state()
+            order_state = train_loader.generator.get_state()
             start = partial["batch"] if partial else 0
             sums = MetricSums(self.device, top5=False)  # top-5 is reported for validation and test
             if partial is not None and self.ranks.is_main:  # the saved sums are over all ranks
@@ -334,7 +334,7 @@ class Trainer:
                     stopping = self.stop_requested()
                     if stopping or (s.checkpoint_every_n_steps and since_checkpoint >= s.checkpoint_every_n_steps):
                         saving_start = time.perf_counter()
-                        self.save({"batch": i + 1, "order": self.order_state, "sums": sums.total(self.ranks).cpu(),
+                        self.save({"batch": i + 1, "order": order_state, "sums": sums.total(self.ranks).cpu(),
                                    "train_time_s": timer.stop()})
                         timer.exclude(time.perf_counter() - saving_start)
                         since_checkpoint = 0
@@ -375,7 +375,7 @@ class Trainer:
     def preempt(self) -> None:
         self.ranks.barrier()  # rank 0's checkpoint is on disk before any rank leaves
         raise Preempted(self.stop.signal if self.stop is not None and self.stop.signal else "a signal on another rank",
-                        self.step, str(self.checkpoint_dir / "last.pt"), self.resume_hint)
+                        self.step, str(self.checkpoint_dir / LAST), self.resume_hint)
 
     def save(self, partial: dict[str, Any] | None, best: bool = False) -> None:
         """last.pt (the one it replaces kept as previous.pt), and best.pt when ``best``: rank 0 only.
@@ -383,10 +383,10 @@ class Trainer:
         if not self.ranks.is_main:
             return
         self.reporter.flush()  # what was logged up to here is on disk before the checkpoint says so
-        state = self.state(partial)
-        save_checkpoint(self.checkpoint_dir / "last.pt", state, keep_previous=True)
+        data = encode_checkpoint(self.state(partial))  # serialised once, written once or twice
+        save_checkpoint(self.checkpoint_dir / LAST, data, keep_previous=True)
         if best:
-            save_checkpoint(self.checkpoint_dir / "best.pt", state)
+            save_checkpoint(self.checkpoint_dir / "best.pt", data)
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint written by ``state()``: at an epoch's end, or inside one."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -28,7 +27,7 @@ from cnnlab.data.split import stratified_split
 from cnnlab.errors import CnnlabError
 from cnnlab.registry import DATASETS
 from cnnlab.evaluation import confusion_figure, confusion_matrix, metrics_from_probs, predict, tta_view_count
-from cnnlab.train.checkpoint import load_checkpoint, load_resumable, load_weights, write_json
+from cnnlab.train.checkpoint import load_checkpoint, load_resumable, load_weights, read_json, write_json
 from cnnlab.train.console import ConsoleReporter
 from cnnlab.train.distributed import Ranks, check_global_batch, init_process_group, launched_ranks
 from cnnlab.train.loop import Trainer, selected_weights
@@ -220,19 +219,12 @@ def load_resume_state(cfg, run_dir: Path, console: ConsoleReporter) -> dict[str,
     state, path, damaged = found
     for line in damaged:
         console.warn(f"{line}; falling back to {path}")
-    status = _read_status(run_dir)
+    status = (read_json(run_dir / "summary.json") or {}).get("status")
     if status in ("early_stopped", "diverged") and state.get("partial") is None:
         raise CnnlabError(f"{run_dir} ended {status}; nothing to resume (choose a new hydra.run.dir)")
     check_resumable(state, path, to_container(cfg), run_dir)
     state["path"] = str(path)
     return state
-
-
-def _read_status(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status")
-    except (OSError, ValueError):
-        return None
 
 
 def train(cfg, run_dir: Path, console: Console | None = None, *, test: bool = True,
