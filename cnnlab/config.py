@@ -74,6 +74,14 @@ class DataSettings:
 
 
 @dataclass(frozen=True)
+class FinetuneSettings:
+    mode: Literal["full", "last_k", "linear_probe"] = "full"  # what trains: everything, the last k stages + head, the head
+    k: PositiveInt = 1  # last_k: how many stages before the head train
+    head_lr: Optional[PositiveFloat] = None  # null: optimizer.lr
+    backbone_lr: Optional[PositiveFloat] = None  # null: optimizer.lr
+
+
+@dataclass(frozen=True)
 class SweepSettings:
     resume: bool = False       # continue a sweep in the same directory: finished trials are skipped
     test_trials: bool = False  # score every trial on test; the rule is one test, `cnnlab report --test-best`
@@ -108,13 +116,16 @@ class RunConfig:
     trainer: TrainerSettings
     data: DataSettings
     sweep: SweepSettings
+    finetune: FinetuneSettings
+    pretrained: Optional[str]  # model.pretrained: weights to start from
     components: dict[str, Component]
     augment_name: str
     augment_ops: dict[str, dict[str, Any]]
     resolved: dict[str, Any]  # the whole config, interpolations resolved
 
 
-TOP_LEVEL_KEYS = {*GROUP_REGISTRIES, "augment", "trainer", "data", "sweep", "seed", "name", "paths"}
+TOP_LEVEL_KEYS = {*GROUP_REGISTRIES, "augment", "trainer", "data", "sweep", "finetune", "seed", "name", "paths"}
+CNNLAB_MODEL_KEYS = ("name", "pretrained")  # model.* keys cnnlab handles itself; the rest go to the builder
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:
@@ -136,7 +147,8 @@ def parse_run_config(cfg: DictConfig | Mapping[str, Any]) -> RunConfig:
         section = resolved.get(group)
         if not isinstance(section, Mapping) or "name" not in section:
             raise CnnlabError(f"config has no {group} (choose one with {group}=<name>; see: cnnlab list {GROUP_REGISTRIES[group].plural})")
-        options = {k: v for k, v in section.items() if k != "name"}
+        own = CNNLAB_MODEL_KEYS if group == "model" else ("name",)
+        options = {k: v for k, v in section.items() if k not in own}
         name = section["name"]
         components[group] = Component(group, name, GROUP_REGISTRIES[group].check_options(name, options, group))
     augment = resolved.get("augment") or {}
@@ -150,6 +162,8 @@ def parse_run_config(cfg: DictConfig | Mapping[str, Any]) -> RunConfig:
         trainer=check_settings(TrainerSettings, resolved.get("trainer", {}), "trainer"),
         data=check_settings(DataSettings, resolved.get("data", {}), "data"),
         sweep=check_settings(SweepSettings, resolved.get("sweep") or {}, "sweep"),
+        finetune=check_settings(FinetuneSettings, resolved.get("finetune") or {}, "finetune"),
+        pretrained=check_value("model.pretrained", resolved["model"].get("pretrained"), Optional[str]),
         components=components,
         augment_name=str(augment.get("name", "none")),
         augment_ops=checked_ops,

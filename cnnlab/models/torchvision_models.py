@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
-
-import torch
 from torch import nn
 
 from cnnlab.errors import CnnlabError, suggestion
@@ -24,30 +20,12 @@ def _first_conv_for(model: nn.Module, in_channels: int) -> None:
                 return
 
 
-def load_weights(model: nn.Module, path: str) -> None:
-    """Load a local state dict; tensors whose shape differs (a new head) keep their fresh init."""
-    file = Path(path).expanduser()
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CnnlabError(f"model.weights: {file} does not exist (weights are never downloaded)") from None
-    except Exception as e:
-        raise CnnlabError(f"model.weights: {file} is not a readable state dict ({type(e).__name__})") from None
-    state = state.get("model", state) if isinstance(state, dict) else state
-    own = model.state_dict()
-    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    missing = [k for k in own if k not in fitting]
-    if not fitting or len(missing) > len(own) // 2:
-        raise CnnlabError(f"model.weights: {file} does not fit this architecture ({len(fitting)} of {len(own)} tensors match)")
-    model.load_state_dict(fitting, strict=False)
-
-
 @MODELS.register(family="torchvision")
 def tv(
     *, in_channels: int, num_classes: int, input_size: int,
-    arch: str = "resnet18", weights: Optional[str] = None,
+    arch: str = "resnet18",
 ) -> nn.Module:
-    """A torchvision.models architecture by name (`model.arch`); weights only from a local file, never downloaded."""
+    """A torchvision.models architecture by name (`model.arch`); pretrained weights with `model.pretrained=<file>`."""
     import torchvision.models
 
     names = torchvision.models.list_models(module=torchvision.models)
@@ -57,6 +35,4 @@ def tv(
     kwargs = {"aux_logits": False, "init_weights": True} if arch in ("googlenet", "inception_v3") else {}
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
     _first_conv_for(model, in_channels)
-    if weights:
-        load_weights(model, weights)
     return model

@@ -26,6 +26,7 @@ from cnnlab.data.loaders import InMemoryLoader, StreamingLoader
 from cnnlab.data.split import stratified_split
 from cnnlab.errors import CnnlabError
 from cnnlab.registry import DATASETS
+from cnnlab.finetune import set_learning_rates, transfer_learning
 from cnnlab.evaluation import confusion_figure, confusion_matrix, metrics_from_probs, predict, tta_view_count
 from cnnlab.train.checkpoint import load_checkpoint, load_resumable, load_weights, read_json, write_json
 from cnnlab.train.console import ConsoleReporter
@@ -133,6 +134,7 @@ class Setup:
     in_memory: bool
     per_image: dict[bool, Any]  # train? -> the v2 transform DataLoader workers run per image (or None)
     ranks: Ranks
+    transfer: str | None  # what model.pretrained and finetune.* did, for the run's header
 
     def loader(self, split: str, idx: torch.Tensor | None = None, *, train: bool, shuffle: bool | None = None,
                shard: bool = True):
@@ -199,7 +201,10 @@ def setup(cfg, ranks: Ranks = Ranks()) -> Setup:
         if run.trainer.sync_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         seed_everything(run.seed + ranks.rank)  # dropout differs across ranks; DDP copies rank 0's initial weights
+    transfer = transfer_learning(run, model)
     optimizer = run.components["optimizer"].build(model=model)
+    if transfer.trained:
+        set_learning_rates(optimizer, transfer.trained[-1], run.finetune.head_lr, run.finetune.backbone_lr)
     if isinstance(getattr(optimizer, "inner", optimizer), torch.optim.LBFGS):
         if run.trainer.accumulate_steps > 1 or run.trainer.grad_clip is not None:
             raise CnnlabError("optimizer=lbfgs takes whole steps through its closure: "
@@ -208,7 +213,7 @@ def setup(cfg, ranks: Ranks = Ranks()) -> Setup:
                                num_classes=data.num_classes)  # each rank its own augmentation draws
     eval_pipe = BatchPipeline([], data.mean, data.std, device, run.seed, channels_last)
     return Setup(run, device, autocast_dtype, data, train_idx, val_idx, model, optimizer, train_pipe, eval_pipe,
-                 in_memory, per_image, ranks)
+                 in_memory, per_image, ranks, transfer.describe(model))
 
 
 def load_resume_state(cfg, run_dir: Path, console: ConsoleReporter) -> dict[str, Any] | None:
@@ -269,6 +274,7 @@ def train(cfg, run_dir: Path, console: Console | None = None, *, test: bool = Tr
         "scheduler": run.components["scheduler"].name, "augment": run.augment_name,
         "device": f"{device}" + (f" ({autocast_dtype})" if autocast_dtype else " (fp32)")
                   + (f", {ranks.world_size} processes (DDP)" if ranks.enabled else ""),
+        **({"transfer": s.transfer} if s.transfer else {}),
         "epochs": f"{run.trainer.epochs} x {batches} batches of {run.data.batch_size}"
                   + (f", an update every {run.trainer.accumulate_steps}" if run.trainer.accumulate_steps > 1 else ""),
     })
