@@ -36,12 +36,15 @@ commands:
                             every trial of a sweep ranked on validation (also report.csv, .md);
                             flags a best value on the edge of its range with the command to run next;
                             --test-best scores only the chosen trial on the test split
+  viz RUN_DIR               the run's pictures as PNGs in RUN_DIR/viz/: first-layer filters during
+                            training, feature maps per stage, augmented samples, the most
+                            confidently misclassified test images, the confusion matrix
   list <kind> [pattern]     what a registry holds; kinds: models, datasets, optimizers,
                             schedulers, inits, augments; pattern is shell-style, e.g. 'res*'
   --version                 print the version
 """
 
-COMMANDS = ("train", "lr-find", "eval", "report", "list")
+COMMANDS = ("train", "lr-find", "eval", "report", "viz", "list")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,6 +83,8 @@ def _dispatch(argv: list[str]) -> int:
         return _eval(rest)
     if command == "report":
         return _report(rest)
+    if command == "viz":
+        return _viz(rest)
     if command == "list":
         from cnnlab.listing import list_command
 
@@ -125,6 +130,17 @@ def _report(args: list[str]) -> int:
     from cnnlab.report import report
 
     report(ns.sweep_dir, plot=ns.plot, test_best=ns.test_best, device=ns.device, data_dir=ns.data_dir)
+    return 0
+
+
+def _viz(args: list[str]) -> int:
+    parser = CommandLineParser("cnnlab viz")
+    parser.add_argument("run_dir")
+    ns = parser.parse_args(args)
+    from cnnlab.viz import write_pngs
+
+    for path in write_pngs(ns.run_dir):
+        print(path)
     return 0
 
 

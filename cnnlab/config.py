@@ -82,6 +82,13 @@ class FinetuneSettings:
 
 
 @dataclass(frozen=True)
+class VizSettings:
+    every_n_epochs: NonNegativeInt = 1  # first-layer filters and feature maps of a fixed image; 0: off
+    augment_samples: NonNegativeInt = 32  # a grid of augmented training images at the start; 0: off
+    misclassified: NonNegativeInt = 16  # the most confidently misclassified test images at the end; 0: off
+
+
+@dataclass(frozen=True)
 class SweepSettings:
     resume: bool = False       # continue a sweep in the same directory: finished trials are skipped
     test_trials: bool = False  # score every trial on test; the rule is one test, `cnnlab report --test-best`
@@ -117,6 +124,7 @@ class RunConfig:
     data: DataSettings
     sweep: SweepSettings
     finetune: FinetuneSettings
+    viz: VizSettings
     pretrained: Optional[str]  # model.pretrained: weights to start from
     components: dict[str, Component]
     augment_name: str
@@ -124,7 +132,7 @@ class RunConfig:
     resolved: dict[str, Any]  # the whole config, interpolations resolved
 
 
-TOP_LEVEL_KEYS = {*GROUP_REGISTRIES, "augment", "trainer", "data", "sweep", "finetune", "seed", "name", "paths"}
+TOP_LEVEL_KEYS = {*GROUP_REGISTRIES, "augment", "trainer", "data", "sweep", "finetune", "viz", "seed", "name", "paths"}
 CNNLAB_MODEL_KEYS = ("name", "pretrained")  # model.* keys cnnlab handles itself; the rest go to the builder
 
 
@@ -163,6 +171,7 @@ def parse_run_config(cfg: DictConfig | Mapping[str, Any]) -> RunConfig:
         data=check_settings(DataSettings, resolved.get("data", {}), "data"),
         sweep=check_settings(SweepSettings, resolved.get("sweep") or {}, "sweep"),
         finetune=check_settings(FinetuneSettings, resolved.get("finetune") or {}, "finetune"),
+        viz=check_settings(VizSettings, resolved.get("viz") or {}, "viz"),
         pretrained=check_value("model.pretrained", resolved["model"].get("pretrained"), Optional[str]),
         components=components,
         augment_name=str(augment.get("name", "none")),

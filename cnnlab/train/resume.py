@@ -16,7 +16,7 @@ ALLOWED_ON_RESUME = (
     "trainer.epochs", "trainer.device", "trainer.devices", "trainer.log_every_n_steps", "trainer.log_params_every_n_steps",
     "trainer.checkpoint_every_n_steps", "trainer.limit_eval_batches", "trainer.eval_train_at_end",
     "trainer.tta_flip", "trainer.tta_shift", "trainer.early_stopping_patience", "trainer.initial_loss_check",
-    "data.num_workers", "data.prefetch_factor", "data.eval_batch_size", "paths.*", "sweep.*", "name",
+    "data.num_workers", "data.prefetch_factor", "data.eval_batch_size", "paths.*", "sweep.*", "viz.*", "name",
 )
 _ABSENT = object()
 

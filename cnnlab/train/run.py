@@ -35,6 +35,7 @@ from cnnlab.train.loop import Trainer, selected_weights
 from cnnlab.train.resume import check_resumable
 from cnnlab.train.signals import StopRequest
 from cnnlab.train.tensorboard_log import TensorBoardLogger
+from cnnlab.viz import Visualizer, images_of, start_visualizer
 
 
 def resolve_device(spec: str, ranks: Ranks = Ranks()) -> torch.device:
@@ -89,8 +90,8 @@ def uses_memory_path(run: RunConfig) -> bool:
 class RunReporter:
     """Sends the loop's events to the terminal and to TensorBoard (None: a DDP rank other than 0)."""
 
-    def __init__(self, console: ConsoleReporter, tensorboard: TensorBoardLogger | None):
-        self.console, self.tensorboard = console, tensorboard
+    def __init__(self, console: ConsoleReporter, tensorboard: TensorBoardLogger | None, visualizer: Visualizer | None):
+        self.console, self.tensorboard, self.visualizer = console, tensorboard, visualizer
         self.epoch_start, self.advance = console.epoch_start, console.advance
 
     def log_step(self, step: int, loss: float, lr: float) -> None:
@@ -111,6 +112,8 @@ class RunReporter:
         self.console.epoch_end(record, improved)
         if self.tensorboard is not None:
             self.tensorboard.scalars({k: v for k, v in record.items() if k not in ("step",)}, record["step"])
+        if self.visualizer is not None:
+            self.visualizer.epoch_end(record["epoch"], record["step"])
 
     def flush(self) -> None:
         if self.tensorboard is not None:
@@ -257,11 +260,12 @@ def train(cfg, run_dir: Path, console: Console | None = None, *, test: bool = Tr
     updates_per_epoch = math.ceil(batches / run.trainer.accumulate_steps)
     scheduler = run.components["scheduler"].build(optimizer=optimizer, steps_per_epoch=updates_per_epoch, epochs=run.trainer.epochs)
 
-    tensorboard = None
+    tensorboard = visualizer = None
     if ranks.is_main:  # one writer: rank 0's
         hparams = flatten({k: v for k, v in run.resolved.items() if k != "paths"})
         tensorboard = TensorBoardLogger(run_dir / "tensorboard", hparams, OmegaConf.to_yaml(run.resolved),
                                         purge_step=resume_state["step"] + 1 if resume_state else None)
+        visualizer = start_visualizer(s, run_dir, tensorboard.writer, fresh=resume_state is None)
     n_params = sum(p.numel() for p in model.parameters())
     console_reporter.start({
         "run": str(run_dir), "dataset": f"{data.name}: {len(train_idx):,} train / {len(val_idx):,} val / "
@@ -281,7 +285,7 @@ def train(cfg, run_dir: Path, console: Console | None = None, *, test: bool = Tr
     with StopRequest() as stop:
         trainer = Trainer(
             model, optimizer, scheduler, settings=run.trainer, device=device, num_classes=data.num_classes,
-            reporter=RunReporter(console_reporter, tensorboard), checkpoint_dir=run_dir / "checkpoints",
+            reporter=RunReporter(console_reporter, tensorboard, visualizer), checkpoint_dir=run_dir / "checkpoints",
             autocast_dtype=autocast_dtype,
             generators={"data_order": train_loader.generator, "augment": train_pipe.generator},
             checkpoint_extra={"config": run.resolved, "version": __version__, "classes": data.classes},
@@ -344,6 +348,8 @@ def train(cfg, run_dir: Path, console: Console | None = None, *, test: bool = Tr
         selected["test"] = score("test", s.loader("test", train=False, shard=False))
         confusion = confusion_matrix(*probabilities["test"], data.num_classes)
         tensorboard.writer.add_figure("test/confusion_matrix", confusion_figure(confusion, data.classes), trainer.step)
+        if visualizer is not None and run.viz.misclassified:
+            visualizer.misclassified(lambda idx: images_of(s, "test", idx, train=False), *probabilities["test"], trainer.step)
 
     train_time = sum(r["train_time_s"] for r in history)
     summary.update({
