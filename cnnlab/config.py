@@ -82,6 +82,13 @@ class FinetuneSettings:
 
 
 @dataclass(frozen=True)
+class TaskSettings:
+    name: Literal["classify", "image_fit"] = "classify"
+    image: Optional[str] = None  # image_fit: an image file; null: the bundled procedural image
+    size: PositiveInt = 128  # image_fit: the image is centre-cropped and resized to size x size
+
+
+@dataclass(frozen=True)
 class VizSettings:
     every_n_epochs: NonNegativeInt = 1  # first-layer filters and feature maps of a fixed image; 0: off
     augment_samples: NonNegativeInt = 32  # a grid of augmented training images at the start; 0: off
@@ -125,6 +132,7 @@ class RunConfig:
     sweep: SweepSettings
     finetune: FinetuneSettings
     viz: VizSettings
+    task: TaskSettings
     pretrained: Optional[str]  # model.pretrained: weights to start from
     components: dict[str, Component]
     augment_name: str
@@ -132,7 +140,7 @@ class RunConfig:
     resolved: dict[str, Any]  # the whole config, interpolations resolved
 
 
-TOP_LEVEL_KEYS = {*GROUP_REGISTRIES, "augment", "trainer", "data", "sweep", "finetune", "viz", "seed", "name", "paths"}
+TOP_LEVEL_KEYS = {*GROUP_REGISTRIES, "augment", "trainer", "data", "sweep", "finetune", "viz", "task", "seed", "name", "paths"}
 CNNLAB_MODEL_KEYS = ("name", "pretrained")  # model.* keys cnnlab handles itself; the rest go to the builder
 
 
@@ -172,6 +180,7 @@ def parse_run_config(cfg: DictConfig | Mapping[str, Any]) -> RunConfig:
         sweep=check_settings(SweepSettings, resolved.get("sweep") or {}, "sweep"),
         finetune=check_settings(FinetuneSettings, resolved.get("finetune") or {}, "finetune"),
         viz=check_settings(VizSettings, resolved.get("viz") or {}, "viz"),
+        task=check_settings(TaskSettings, resolved.get("task") or {}, "task"),
         pretrained=check_value("model.pretrained", resolved["model"].get("pretrained"), Optional[str]),
         components=components,
         augment_name=str(augment.get("name", "none")),

@@ -240,6 +240,10 @@ def train(cfg, run_dir: Path, console: Console | None = None, *, test: bool = Tr
     """One run into ``run_dir``. ``test=False`` (a sweep's trials) leaves the test split unscored;
     ``resume``: continue from ``run_dir``'s newest good checkpoint when there is one (the config
     may differ only in keys a resume allows). Under torchrun, every rank calls this."""
+    if cfg.get("task", {}).get("name") == "image_fit":
+        from cnnlab.image_fit import fit_image
+
+        return fit_image(cfg, run_dir, console)
     wall_start = time.perf_counter()
     ranks = launched_ranks()
     console_reporter = ConsoleReporter(console if ranks.is_main else Console(quiet=True))
