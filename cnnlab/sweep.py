@@ -40,6 +40,11 @@ FAILED_EXIT_STATUS = 3  # `cnnlab train -m` when some trials failed; 2 stays "yo
 last_sweep: dict[str, Any] = {}
 
 
+def monitor_of(cfg: DictConfig) -> str:
+    """What a trial is ranked by: trainer.monitor, or the PSNR of an image_fit (maximised)."""
+    return "psnr" if cfg.get("task", {}).get("name") == "image_fit" else str(cfg.trainer.monitor)
+
+
 def objective(summary: dict[str, Any], monitor: str) -> float:
     """The value a sweeper optimises: the trial's best ``monitor`` value; for a failed trial the
     worst value there is (-inf for accuracy, +inf for loss), so it never wins and Optuna's samplers
@@ -86,7 +91,7 @@ def run_trial(cfg: DictConfig, run_dir: Path) -> float:
     from cnnlab.train.run import train
 
     settings = cfg.get("sweep") or {}
-    monitor = str(cfg.trainer.monitor)
+    monitor = monitor_of(cfg)
     overrides = list(HydraConfig.get().overrides.task)
     overrides = [o for o in overrides if not o.startswith(("sweep.resume=", "hydra.sweep.dir="))]
     if settings.get("resume"):
@@ -160,7 +165,7 @@ class SweepSummary(Callback):
             "task_overrides": list(config.hydra.overrides.task),  # as typed, sweep syntax included
             "sweeper_params": {str(k): str(v) for k, v in params.items()},
             "sweeper": str(config.hydra.sweeper.get("_target_", "")),
-            "monitor": str(config.trainer.monitor),
+            "monitor": monitor_of(config),
         })
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -79,3 +79,11 @@ def test_task_options_reach_the_fit(tmp_path):
 def test_a_cnn_is_refused_in_one_line(tmp_path):
     with pytest.raises(CnnlabError, match="task=image_fit trains a coordinate MLP: model=fourier_mlp or model=mlp, not model=lenet5"):
         train(compose_config("task=image_fit", "model=lenet5"), tmp_path / "run", console=quiet_console())
+
+
+def test_a_sweep_ranks_image_fits_by_psnr():
+    from cnnlab.sweep import monitor_of, objective
+
+    assert monitor_of(compose_config("task=image_fit")) == "psnr"
+    assert monitor_of(compose_config("trainer.monitor=val/loss")) == "val/loss"
+    assert objective({"status": "completed", "best_value": 31.5}, "psnr") == 31.5

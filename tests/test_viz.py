@@ -7,7 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cnnlab.registry import MODELS
 from cnnlab.train.checkpoint import load_checkpoint
 from cnnlab.viz import Record, first_layer_filters, log_spaced
-from tests.conftest import compose_config, run_cli, run_tiny, tiny_plus
+from tests.conftest import compose_config, run_tiny, tiny_plus
 
 CNN = ("model=small_resnet", "model.widths=[4,8]", "augment=crop_flip", "optimizer.lr=0.001")  # weak: it errs
 VIZ_OFF = ("viz.every_n_epochs=0", "viz.augment_samples=0", "viz.misclassified=0")
@@ -80,15 +80,29 @@ def test_an_mlps_first_layer_is_drawn_as_images():
     assert [e for e in range(20) if log_spaced(e)] == [0, 1, 2, 4, 8, 16]
 
 
-def test_cnnlab_viz_writes_pngs_and_refuses_what_is_not_a_run(tmp_path, viz_run):
+def cnnlab(capsys, *args):
+    """The `cnnlab` command in this process: (exit status, stdout, stderr)."""
+    from cnnlab.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+def test_cnnlab_viz_writes_pngs_and_refuses_what_is_not_a_run(tmp_path, viz_run, capsys):
     run_dir, _ = viz_run
-    result = run_cli("viz", str(run_dir), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    written = result.stdout.split()
+    code, out, err = cnnlab(capsys, "viz", str(run_dir))
+    assert code == 0, err
+    written = out.split()
     assert [p.rsplit("/", 1)[1] for p in written] == [
         "filters.png", "features.png", "augmented.png", "misclassified.png", "confusion.png"]
     assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in written)
-    missing = run_cli("viz", str(tmp_path / "nowhere"), cwd=tmp_path)
-    assert missing.returncode == 2 and missing.stderr.strip().endswith("(outputs/runs/<date>/<time>-<name>)")
-    empty = run_cli("viz", str(tmp_path), cwd=tmp_path)
-    assert empty.returncode == 2 and "has no viz/record.pt" in empty.stderr and len(empty.stderr.splitlines()) == 1
+    code, _, err = cnnlab(capsys, "viz", str(tmp_path / "nowhere"))
+    assert code == 2 and err.strip().endswith("(outputs/runs/<date>/<time>-<name>)")
+    code, _, err = cnnlab(capsys, "viz", str(tmp_path))
+    assert code == 2 and "has no viz/record.pt" in err and len(err.splitlines()) == 1
+    (tmp_path / "viz").mkdir()
+    (tmp_path / "viz" / "record.pt").write_bytes(b"junk")
+    code, _, err = cnnlab(capsys, "viz", str(tmp_path))
+    assert code == 2 and "record.pt is unreadable or corrupt" in err and len(err.splitlines()) == 1
