@@ -86,6 +86,18 @@ CASES = [
     ("resume of an empty folder", ["train", "resume={root}/no_run"], "no checkpoint there"),
     ("resume of a sweep", ["train", "-m", "resume={root}/run_ok"], "resume= continues one run"),
     ("report of a missing sweep", ["report", "{root}/no_sweep"], "no_sweep"),
+    ("viz of a folder that is no run", ["viz", "{root}/cifar_no_data"], "cifar_no_data has no viz/record.pt"),
+    # transfer learning and image_fit
+    ("pretrained file missing", [*RUN, "model.pretrained={root}/nothing.pt"], "{root}/nothing.pt does not exist"),
+    ("pretrained of another architecture", [*RUN, "model.hidden=[32]", "model.pretrained={root}/run_ok/checkpoints/best.pt"],
+     "run_ok/checkpoints/best.pt does not fit the configured model: 1.weight"),
+    ("pretrained checkpoint corrupt", [*RUN, "model.pretrained={root}/run_corrupt/checkpoints/best.pt"],
+     "run_corrupt/checkpoints/best.pt is corrupt"),
+    ("unknown finetune mode", [*RUN, "finetune.mode=probe"], "finetune.mode must be one of full, last_k, linear_probe"),
+    ("image_fit image missing", ["train", "task=image_fit", "trainer.device=cpu", "task.image={root}/nothing.png"],
+     "task.image: {root}/nothing.png does not exist"),
+    ("image_fit image not an image", ["train", "task=image_fit", "trainer.device=cpu", "task.image={root}/a_file"],
+     "task.image: {root}/a_file is not a readable image"),
     # where outputs go
     ("output dir inside a file", [*RUN, "paths.output_dir={root}/a_file/out"], "a_file"),
     ("run dir inside a file", [*RUN, "hydra.run.dir={root}/a_file/run"], "a_file"),

@@ -22,7 +22,7 @@ RECIPES = {
 }
 ONE_STEP = ["dataset=synthetic", "dataset.train_size=200", "dataset.test_size=8", "trainer.device=cpu",
             "trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_eval_batches=1",
-            "trainer.eval_train_at_end=false", "data.batch_size=8", "data.eval_batch_size=8"]
+            "trainer.eval_train_at_end=false", "data.batch_size=4", "data.eval_batch_size=4"]
 
 
 def test_every_recipe_of_the_lectures_is_shipped():
