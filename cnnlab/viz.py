@@ -139,12 +139,12 @@ class Visualizer:
         if not every or epoch % every:
             return
         filters = first_layer_filters(self.model, self.channels, self.size)
-        if filters is not None:
+        if filters is not None and filters.isfinite().all():  # a diverged run's NaN weights draw nothing
             self.writer.add_image("viz/first_layer_filters", filter_grid(filters), step)
             if log_spaced(epoch):
                 self.record.filters[epoch] = filters.half()
         try:
-            maps = stage_outputs(self.model, self.sample)
+            maps = {k: m for k, m in stage_outputs(self.model, self.sample).items() if m.isfinite().all()}
         except CnnlabError:  # a model without a backbone/head split has no stages to show
             maps = {}
         for i, (name, m) in enumerate(maps.items()):
