@@ -144,6 +144,11 @@ TOP_LEVEL_KEYS = {*GROUP_REGISTRIES, "augment", "trainer", "data", "sweep", "fin
 CNNLAB_MODEL_KEYS = ("name", "pretrained")  # model.* keys cnnlab handles itself; the rest go to the builder
 
 
+def is_image_fit(cfg: Mapping[str, Any]) -> bool:
+    """task=image_fit: the coordinate-MLP homework instead of classification."""
+    return (cfg.get("task") or {}).get("name") == "image_fit"
+
+
 def to_container(cfg: DictConfig) -> dict[str, Any]:
     try:
         return OmegaConf.to_container(cfg, resolve=True)

@@ -14,14 +14,13 @@ from __future__ import annotations
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from cnnlab.errors import CnnlabError
+from cnnlab.models.blocks import NORM_LAYERS
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
 @dataclass
@@ -56,7 +55,7 @@ def stages(model: nn.Module) -> list[Stage]:
     for name, module in parts:
         if not any(True for _ in module.parameters()):
             continue
-        if isinstance(module, _NORMS) and found:
+        if isinstance(module, NORM_LAYERS) and found:
             found[-1].modules.append(module)
         else:
             found.append(Stage(name, [module]))
@@ -68,7 +67,7 @@ def stages(model: nn.Module) -> list[Stage]:
 
 def read_pretrained(path: str) -> dict[str, torch.Tensor]:
     """Weights from a cnnlab checkpoint (the weights its run selected) or a torchvision-style state dict."""
-    from cnnlab.train.checkpoint import load_checkpoint
+    from cnnlab.train.checkpoint import has_digest, load_checkpoint
     from cnnlab.train.loop import selected_weights
 
     file = Path(path).expanduser()
@@ -76,8 +75,8 @@ def read_pretrained(path: str) -> dict[str, torch.Tensor]:
         raise CnnlabError(f"model.pretrained: {file} does not exist (weights are never downloaded)")
     try:
         return selected_weights(load_checkpoint(file))
-    except CnnlabError as e:
-        if "corrupt: its SHA-256" in str(e):  # a cnnlab checkpoint, damaged
+    except CnnlabError:
+        if has_digest(file):  # a cnnlab checkpoint, damaged: its own one line
             raise
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
@@ -108,7 +107,8 @@ def load_pretrained(model: nn.Module, path: str) -> list[str]:
     Returns the names of the tensors left at their initialisation."""
     source = read_pretrained(path)
     own = model.state_dict()
-    head = {n for n, _ in _named_state(model, stages(model)[-1])}
+    module_names = {id(m): n for n, m in model.named_modules()}
+    head = {f"{module_names[id(m)]}.{k}" for m in stages(model)[-1].modules for k in m.state_dict()}
     first_conv = next((f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
     fitted, kept = {}, []
     for name, target in own.items():
@@ -124,12 +124,6 @@ def load_pretrained(model: nn.Module, path: str) -> list[str]:
             raise CnnlabError(f"model.pretrained: {path} does not fit the configured model: {name} ({why})")
     model.load_state_dict(fitted, strict=False)
     return kept
-
-
-def _named_state(model: nn.Module, stage: Stage) -> list[tuple[str, Any]]:
-    ids = {id(m) for s in stage.modules for m in s.modules()}
-    return [(f"{prefix}.{n}" if prefix else n, t) for prefix, m in model.named_modules() if id(m) in ids
-            for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]]
 
 
 def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:

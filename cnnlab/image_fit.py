@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from cnnlab import __version__
-from cnnlab.config import flatten, parse_run_config
+from cnnlab.config import parse_run_config
 from cnnlab.errors import CnnlabError
 from cnnlab.train.checkpoint import atomic_write, save_checkpoint, write_json
 from cnnlab.train.tensorboard_log import TensorBoardLogger
@@ -107,8 +107,7 @@ def fit_image(cfg, run_dir: Path, console: Console | None = None) -> dict[str, A
     scheduler = run.components["scheduler"].build(optimizer=optimizer, steps_per_epoch=batches, epochs=settings.epochs)
     generator = torch.Generator(device=device).manual_seed(run.seed)
 
-    tensorboard = TensorBoardLogger(run_dir / "tensorboard", flatten({k: v for k, v in run.resolved.items() if k != "paths"}),
-                                    OmegaConf.to_yaml(run.resolved))
+    tensorboard = TensorBoardLogger(run_dir / "tensorboard", run.resolved, OmegaConf.to_yaml(run.resolved))
     tensorboard.writer.add_image("image_fit/target", image, 0)
     write_png(image, run_dir / "target.png")
     console.print(f"image_fit: {task.image or 'the bundled procedural image'} at {size}x{size}, "

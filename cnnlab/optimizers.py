@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from cnnlab.errors import CnnlabError
+from cnnlab.models.blocks import NORM_LAYERS
 from cnnlab.registry import OPTIMIZERS
 from cnnlab.validation import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, UnitInterval
 
 DecayMode = Literal["optimizer", "l2"]
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
 def _common(
@@ -52,7 +52,7 @@ def decay_groups(model: nn.Module, weight_decay: float, spare_norm_bias: bool) -
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if p.requires_grad:
-                (no_decay if isinstance(module, _NORMS) or name == "bias" else decay).append(p)
+                (no_decay if isinstance(module, NORM_LAYERS) or name == "bias" else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -42,7 +42,9 @@ last_sweep: dict[str, Any] = {}
 
 def monitor_of(cfg: DictConfig) -> str:
     """What a trial is ranked by: trainer.monitor, or the PSNR of an image_fit (maximised)."""
-    return "psnr" if cfg.get("task", {}).get("name") == "image_fit" else str(cfg.trainer.monitor)
+    from cnnlab.config import is_image_fit
+
+    return "psnr" if is_image_fit(cfg) else str(cfg.trainer.monitor)
 
 
 def objective(summary: dict[str, Any], monitor: str) -> float:
@@ -73,7 +75,6 @@ def _last_history(run_dir: Path) -> list[dict[str, Any]]:
 
 def _tensorboard_session(cfg: DictConfig, run_dir: Path) -> None:
     """A trial that failed before training began still gets its HParams session, marked failed."""
-    from cnnlab.config import flatten
     from cnnlab.train.tensorboard_log import TensorBoardLogger
 
     if (run_dir / "tensorboard").exists():
@@ -82,8 +83,7 @@ def _tensorboard_session(cfg: DictConfig, run_dir: Path) -> None:
         tree = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # noqa: BLE001 - the failure may be in the config itself
         tree = OmegaConf.to_container(cfg, resolve=False)
-    hparams = flatten({k: v for k, v in tree.items() if k != "paths"})
-    TensorBoardLogger(run_dir / "tensorboard", hparams, OmegaConf.to_yaml(cfg)).close(status_ok=False)
+    TensorBoardLogger(run_dir / "tensorboard", tree, OmegaConf.to_yaml(cfg)).close(status_ok=False)
 
 
 def run_trial(cfg: DictConfig, run_dir: Path) -> float:

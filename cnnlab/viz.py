@@ -159,7 +159,8 @@ class Visualizer:
         confidence, predicted = probs.max(1)
         wrong = (predicted != labels).nonzero().flatten()
         chosen = wrong[confidence[wrong].argsort(descending=True)[:n]]
-        self.record.misclassified = {"images": images_at(chosen) if len(chosen) else torch.zeros(0, dtype=torch.uint8),"true": labels[chosen], "predicted": predicted[chosen],
+        images = images_at(chosen) if len(chosen) else torch.zeros(0, dtype=torch.uint8)
+        self.record.misclassified = {"images": images, "true": labels[chosen], "predicted": predicted[chosen],
                                      "confidence": confidence[chosen], "index": chosen}
         if len(chosen):
             self.writer.add_figure("test/misclassified", misclassified_figure(self.record), step)

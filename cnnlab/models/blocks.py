@@ -36,6 +36,11 @@ def resolve_stem(stem: str, input_size: int) -> str:
     return "small" if input_size <= 64 else "large"
 
 
+# Normalisation layers: no weight decay for them (optimizer.no_decay_norm_bias); in transfer
+# learning each belongs to the stage before it.
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
 def norm2d(channels: int, batch_norm: bool) -> nn.Module:
     return nn.BatchNorm2d(channels) if batch_norm else nn.Identity()
 

@@ -91,6 +91,14 @@ def save_checkpoint(path: Path, state: dict[str, Any] | bytes, keep_previous: bo
                           "the previous checkpoint is intact") from None
 
 
+def has_digest(path: Path) -> bool:
+    """True for a file that ends with save_checkpoint's SHA-256 trailer (a cnnlab checkpoint)."""
+    with open(path, "rb") as f:
+        f.seek(0, io.SEEK_END)
+        f.seek(max(0, f.tell() - TRAILER_LEN))
+        return f.read().startswith(TRAILER)
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A verified checkpoint; one line naming the file when it is missing, truncated or corrupt."""
     try:

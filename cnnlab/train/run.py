@@ -19,7 +19,7 @@ from rich.console import Console
 from cnnlab import __version__
 from cnnlab.augment import BatchPipeline, build_ops
 from cnnlab.augment_per_image import Geometry, per_image_transform, split_pipeline
-from cnnlab.config import RunConfig, flatten, parse_run_config, to_container
+from cnnlab.config import RunConfig, is_image_fit, parse_run_config, to_container
 from cnnlab.data.datasets import ImageData
 from cnnlab.data.folder import FolderData
 from cnnlab.data.loaders import InMemoryLoader, StreamingLoader
@@ -240,7 +240,7 @@ def train(cfg, run_dir: Path, console: Console | None = None, *, test: bool = Tr
     """One run into ``run_dir``. ``test=False`` (a sweep's trials) leaves the test split unscored;
     ``resume``: continue from ``run_dir``'s newest good checkpoint when there is one (the config
     may differ only in keys a resume allows). Under torchrun, every rank calls this."""
-    if cfg.get("task", {}).get("name") == "image_fit":
+    if is_image_fit(cfg):
         from cnnlab.image_fit import fit_image
 
         return fit_image(cfg, run_dir, console)
@@ -266,8 +266,7 @@ def train(cfg, run_dir: Path, console: Console | None = None, *, test: bool = Tr
 
     tensorboard = visualizer = None
     if ranks.is_main:  # one writer: rank 0's
-        hparams = flatten({k: v for k, v in run.resolved.items() if k != "paths"})
-        tensorboard = TensorBoardLogger(run_dir / "tensorboard", hparams, OmegaConf.to_yaml(run.resolved),
+        tensorboard = TensorBoardLogger(run_dir / "tensorboard", run.resolved, OmegaConf.to_yaml(run.resolved),
                                         purge_step=resume_state["step"] + 1 if resume_state else None)
         visualizer = start_visualizer(s, run_dir, tensorboard.writer, fresh=resume_state is None)
     n_params = sum(p.numel() for p in model.parameters())

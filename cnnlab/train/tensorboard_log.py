@@ -9,6 +9,7 @@ HParams plugin then builds the experiment from the sessions of all runs under
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from tensorboard.plugins.hparams import api_pb2
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+from cnnlab.config import flatten
 
 
 def hparam_value(value: Any) -> float | str | bool:
@@ -27,9 +30,11 @@ def hparam_value(value: Any) -> float | str | bool:
 
 
 class TensorBoardLogger:
-    def __init__(self, log_dir: Path, hparams: dict[str, Any], config_yaml: str, purge_step: int | None = None):
-        # purge_step: a resumed run drops what the interrupted one logged after its checkpoint
+    def __init__(self, log_dir: Path, config: Mapping[str, Any], config_yaml: str, purge_step: int | None = None):
+        """``config``: the run's config tree; its keys but paths.* become the HParams.
+        purge_step: a resumed run drops what the interrupted one logged after its checkpoint."""
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        hparams = flatten({k: v for k, v in config.items() if k != "paths"})
         self.hparams = {k: hparam_value(v) for k, v in hparams.items()}
         self.writer.add_text("config", f"```yaml\n{config_yaml}\n```", 0)
         _, session_start, _ = hparams_summaries(self.hparams, {})
