@@ -40,7 +40,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cnnlab.data.datasets import find_mnist_files, mnist_candidates  # noqa: E402
-from cnnlab.registry import DATASETS, MODELS, load_components  # noqa: E402
+from cnnlab.core.registry import DATASETS, MODELS, load_components  # noqa: E402
 
 MEAN, STD = 0.2860, 0.3530
 
@@ -118,8 +118,8 @@ def cnnlab_loop(model_name: str, batch: int, epochs: int, seed: int, device: tor
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from cnnlab.config import CONF_DIR
-    from cnnlab.train.run import train
+    from cnnlab.core.config import CONF_DIR
+    from cnnlab.tasks import train
 
     overrides = [f"model={model_name}", f"data.batch_size={batch}", f"trainer.epochs={epochs}", f"seed={seed}",
                  "optimizer=sgd", "optimizer.lr=0.01", "optimizer.nesterov=false", "optimizer.weight_decay=0",

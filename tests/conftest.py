@@ -13,8 +13,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from rich.console import Console
 
-from cnnlab.config import CONF_DIR
-from cnnlab.registry import load_components
+from cnnlab.core.config import CONF_DIR
+from cnnlab.core.registry import load_components
 
 load_components()
 
@@ -54,7 +54,7 @@ def tiny_plus(*overrides: str) -> list[str]:
 
 
 def run_tiny(run_dir: Path, *overrides: str) -> dict:
-    from cnnlab.train.run import train
+    from cnnlab.tasks import train
 
     return train(compose_config(*tiny_plus(*overrides)), run_dir, console=quiet_console())
 
@@ -81,16 +81,17 @@ def lr_values(optimizer, scheduler, steps: int) -> list[float]:
 @pytest.fixture
 def captured(monkeypatch):
     """What a run built: its Trainer, its validation split arguments and its loaders."""
-    import cnnlab.train.run as run_module
+    import cnnlab.tasks.classify as classify_module
+    import cnnlab.train.assemble as assemble_module
 
     seen = {}
 
-    class CapturingTrainer(run_module.Trainer):
+    class CapturingTrainer(classify_module.Trainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             seen["trainer"] = self
 
-    original_split, original_loader = run_module.stratified_split, run_module.Setup.loader
+    original_split, original_loader = assemble_module.stratified_split, assemble_module.Setup.loader
 
     def split(labels, val_fraction, seed):
         seen["split"] = (val_fraction, seed)
@@ -101,9 +102,9 @@ def captured(monkeypatch):
         seen.setdefault("loaders", []).append(made)
         return made
 
-    monkeypatch.setattr(run_module, "Trainer", CapturingTrainer)
-    monkeypatch.setattr(run_module, "stratified_split", split)
-    monkeypatch.setattr(run_module.Setup, "loader", loader)
+    monkeypatch.setattr(classify_module, "Trainer", CapturingTrainer)
+    monkeypatch.setattr(assemble_module, "stratified_split", split)
+    monkeypatch.setattr(assemble_module.Setup, "loader", loader)
     return seen
 
 

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from cnnlab.augment import BatchPipeline, adjust, affine_matrices, build_ops
-from cnnlab.config import CONF_DIR
-from cnnlab.registry import AUGMENTS
+from cnnlab.augment.batched import BatchPipeline, adjust, affine_matrices, build_ops
+from cnnlab.core.config import CONF_DIR
+from cnnlab.core.registry import AUGMENTS
 
 # Ops with a batched version (the policies AutoAugment etc. exist only per image: test_per_image.py).
 BATCHED = [n for n in AUGMENTS.names() if not AUGMENTS.get(n).meta.get("per_image_only")]
@@ -114,7 +114,7 @@ def test_color_adjustments_equal_torchvision(channels):
 
 
 def test_erasing_equals_torchvision_erase_for_the_same_box():
-    from cnnlab.augment import _boxes_mask
+    from cnnlab.augment.batched import _boxes_mask
 
     x = torch.rand(1, 3, 10, 10)
     mask = _boxes_mask(x, torch.tensor([2]), torch.tensor([3]), torch.tensor([4]), torch.tensor([5]))

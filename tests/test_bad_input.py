@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from cnnlab.data.formats import write_cifar_batch, write_idx
-from cnnlab.train.checkpoint import load_checkpoint, save_checkpoint
+from cnnlab.runtime.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import TINY
 
 RUN = ["train", *TINY, "trainer.epochs=1"]

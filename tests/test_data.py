@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab.augment import BatchPipeline, build_ops
+from cnnlab.augment.batched import BatchPipeline, build_ops
 from cnnlab.data import datasets
 from cnnlab.data.formats import read_cifar_batch, read_idx, write_cifar_batch, write_idx
 from cnnlab.data.loaders import InMemoryLoader, StreamingLoader, TensorImageDataset
 from cnnlab.data.split import stratified_split
-from cnnlab.errors import CnnlabError
-from cnnlab.registry import DATASETS
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.registry import DATASETS
 
 
 # --- IDX --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnlab.train.checkpoint import load_checkpoint
+from cnnlab.runtime.checkpoint import load_checkpoint
 from tests.conftest import TINY, run_cli
 
 

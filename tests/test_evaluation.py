@@ -7,9 +7,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from cnnlab.errors import CnnlabError
-from cnnlab.evaluation import confusion_matrix, evaluate_runs, metrics_from_probs, predict, tta_views
-from cnnlab.lr_find import lr_range_test, suggest
+from cnnlab.core.errors import CnnlabError
+from cnnlab.analysis.evaluation import confusion_matrix, evaluate_runs, metrics_from_probs, predict, tta_views
+from cnnlab.analysis.lr_find import lr_range_test, suggest
 from tests.conftest import compose_config, quiet_console, run_cli, run_tiny, tiny_plus
 
 

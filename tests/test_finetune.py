@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab.errors import CnnlabError
-from cnnlab.finetune import freeze, load_pretrained, stages
-from cnnlab.registry import MODELS
-from cnnlab.train.checkpoint import load_checkpoint
-from cnnlab.train.run import setup
+from cnnlab.core.errors import CnnlabError
+from cnnlab.train.finetune import freeze, load_pretrained, stages
+from cnnlab.core.registry import MODELS
+from cnnlab.runtime.checkpoint import load_checkpoint
+from cnnlab.train.assemble import setup
 from tests.conftest import compose_config, run_tiny, tiny_plus
 
 CNN = ("model=small_resnet", "model.widths=[4,8]", "model.blocks=[0,1]")  # stages: features.0, .2, .4, head.2
@@ -108,7 +108,7 @@ def test_bad_pretrained_and_finetune_settings_are_one_line(tmp_path, pretrained)
     with pytest.raises(CnnlabError, match="does not exist .weights are never downloaded"):
         load_pretrained(build("lenet5"), str(tmp_path / "missing.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CnnlabError, match="junk.pt is neither a cnnlab checkpoint nor a state dict"):
+    with pytest.raises(CnnlabError, match="junk.pt is unreadable or corrupt"):
         load_pretrained(build("lenet5"), str(tmp_path / "junk.pt"))
     with pytest.raises(CnnlabError, match=r"does not fit the configured model: features.2.body.0.weight \(missing\)"):
         setup(compose_config(*tiny_plus("model=small_resnet", "model.widths=[4,8]", "model.blocks=[1,1]",

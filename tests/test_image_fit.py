@@ -6,11 +6,11 @@ import pytest
 import torch
 from torchvision.io import encode_png
 
-from cnnlab.errors import CnnlabError
-from cnnlab.image_fit import load_image, procedural_image, psnr
-from cnnlab.registry import MODELS
-from cnnlab.train.checkpoint import load_checkpoint
-from cnnlab.train.run import train
+from cnnlab.core.errors import CnnlabError
+from cnnlab.tasks.image_fit import load_image, procedural_image, psnr
+from cnnlab.core.registry import MODELS
+from cnnlab.runtime.checkpoint import load_checkpoint
+from cnnlab.tasks import train
 from tests.conftest import compose_config, quiet_console
 
 SMALL = ("task=image_fit", "task.size=16", "model.hidden=[32]", "data.batch_size=64", "trainer.device=cpu")
@@ -82,7 +82,8 @@ def test_a_cnn_is_refused_in_one_line(tmp_path):
 
 
 def test_a_sweep_ranks_image_fits_by_psnr():
-    from cnnlab.sweep import monitor_of, objective
+    from cnnlab.sweep.trials import objective
+    from cnnlab.tasks import monitor_of
 
     assert monitor_of(compose_config("task=image_fit")) == "psnr"
     assert monitor_of(compose_config("trainer.monitor=val/loss")) == "val/loss"

@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError
 from cnnlab.models.blocks import SqueezeExcite, WithAux
 from cnnlab.models.measure import measure
 from cnnlab.models.mlp import FourierFeatures
 from cnnlab.models.resnet import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck
-from cnnlab.registry import INITS, MODELS
+from cnnlab.core.registry import INITS, MODELS
 
 
 def build(name, shape=(1, 28), classes=10, **options):

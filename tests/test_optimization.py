@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError
 from cnnlab.models.blocks import LeCunTanh
-from cnnlab.optimizers import Lookahead
-from cnnlab.registry import INITS, MODELS, OPTIMIZERS, SCHEDULERS
-from cnnlab.train.checkpoint import load_checkpoint
+from cnnlab.optim.optimizers import Lookahead
+from cnnlab.core.registry import INITS, MODELS, OPTIMIZERS, SCHEDULERS
+from cnnlab.runtime.checkpoint import load_checkpoint
 from cnnlab.train.loop import selected_weights
 from tests.conftest import lr_values, quiet_console, run_tiny
 
@@ -287,7 +287,7 @@ def test_gradient_clipping(tmp_path, captured, mode, clip):
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-    from cnnlab.config import TrainerSettings
+    from cnnlab.core.config import TrainerSettings
     from cnnlab.train.loop import Trainer
 
     def weights_after(batches, accumulate):
@@ -358,7 +358,7 @@ def test_divergence_factor_null_turns_the_guard_off(tmp_path):
 
 
 def test_initial_loss_is_checked_against_ln_classes(tmp_path):
-    from cnnlab.train.run import train
+    from cnnlab.tasks import train
     from tests.conftest import compose_config, tiny_plus
 
     summary = run_tiny(tmp_path / "ok", "trainer.epochs=1")
@@ -386,7 +386,7 @@ def test_parameter_logging_writes_gradient_norms_and_histograms(tmp_path):
 
 def test_accumulation_with_lbfgs_is_refused():
     from tests.conftest import compose_config, tiny_plus
-    from cnnlab.train.run import train
+    from cnnlab.tasks import train
 
     with pytest.raises(CnnlabError, match="accumulate_steps"):
         train(compose_config(*tiny_plus("optimizer=lbfgs", "trainer.accumulate_steps=2")), None, console=quiet_console())

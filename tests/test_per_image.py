@@ -7,14 +7,14 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-import cnnlab.train.run as run_module
-from cnnlab.augment import build_ops, resized_crop_boxes, resized_crops
-from cnnlab.augment_per_image import Geometry, V2_EQUIVALENTS, per_image_transform, split_pipeline
+import cnnlab.train.assemble as assemble_module
+from cnnlab.augment.batched import build_ops, resized_crop_boxes, resized_crops
+from cnnlab.augment.per_image import Geometry, V2_EQUIVALENTS, per_image_transform, split_pipeline
 from cnnlab.data import datasets
 from cnnlab.data.folder import FileImageDataset, imagefolder
 from cnnlab.data.formats import write_stl10, write_svhn_mat
-from cnnlab.errors import CnnlabError
-from cnnlab.registry import AUGMENTS
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.registry import AUGMENTS
 from tests.conftest import run_cli, run_tiny
 
 # A tiny tree: 3 classes, 8x8 up to 12x10 pixel images of different sizes.
@@ -124,7 +124,7 @@ def test_imagefolder_trains_end_to_end_through_workers(tmp_path, captured):
                        "data.prefetch_factor=3", "augment=imagenet", "data.batch_size=8", "trainer.epochs=3",
                        "data.val_fraction=0.2", "dataset.test_fraction=0.25")
     train_loader, val_loader = captured["loaders"][:2]
-    assert isinstance(train_loader, run_module.StreamingLoader)
+    assert isinstance(train_loader, assemble_module.StreamingLoader)
     assert train_loader.loader.num_workers == 1 and train_loader.loader.prefetch_factor == 3
     train_steps = [type(t) for t in train_loader.dataset.transform.transforms]
     val_steps = val_loader.dataset.transform.transforms

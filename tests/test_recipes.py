@@ -2,8 +2,8 @@
 
 import pytest
 
-from cnnlab.config import CONF_DIR, parse_run_config
-from cnnlab.train.run import train
+from cnnlab.core.config import CONF_DIR, parse_run_config
+from cnnlab.tasks import train
 from tests.conftest import compose_config, quiet_console
 
 # recipe -> (model it trains, augment pipeline, optimizer)

@@ -2,9 +2,9 @@ from typing import Literal
 
 import pytest
 
-from cnnlab.errors import CnnlabError
-from cnnlab.registry import MODELS, REGISTRIES, Registry
-from cnnlab.validation import PositiveFloat
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.registry import MODELS, REGISTRIES, Registry
+from cnnlab.core.validation import PositiveFloat
 
 
 def make_registry() -> Registry:
@@ -92,7 +92,7 @@ def test_builders_must_annotate_every_option():
 
 
 def test_every_kind_has_a_registry_with_entries():
-    assert set(REGISTRIES) == {"datasets", "models", "optimizers", "schedulers", "inits", "augments"}
+    assert set(REGISTRIES) == {"datasets", "models", "optimizers", "schedulers", "inits", "augments", "tasks"}
     for registry in REGISTRIES.values():
         assert len(registry) >= 2, registry.plural
     assert {"mlp", "lenet5", "small_resnet"} <= set(MODELS.names())

@@ -19,9 +19,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cnnlab.errors import CnnlabError
-from cnnlab.train.checkpoint import PREVIOUS, load_checkpoint, load_resumable, save_checkpoint
-from cnnlab.train.signals import StopRequest
+from cnnlab.core.errors import CnnlabError
+from cnnlab.runtime.checkpoint import PREVIOUS, load_checkpoint, load_resumable, save_checkpoint
+from cnnlab.runtime.signals import StopRequest
 from tests.conftest import TINY, run_cli as _run_cli, run_tiny
 
 WIDE = {"COLUMNS": "400"}  # rich wraps long paths at the terminal's width
@@ -159,7 +159,7 @@ def test_saving_keeps_the_replaced_checkpoint_as_previous(tmp_path):
     for step in (1, 2, 3):
         save_checkpoint(path, {"model": {}, "step": step}, keep_previous=True)
     assert load_checkpoint(path)["step"] == 3 and load_checkpoint(tmp_path / PREVIOUS)["step"] == 2
-    assert torch.load(path, weights_only=False)["step"] == 3  # still a plain torch file
+    assert torch.load(path, weights_only=True)["step"] == 3  # still a plain torch file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "previous.pt"]  # no temp files left
 
 
@@ -297,20 +297,21 @@ def test_ranks_share_each_global_batch_between_them():
 def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights_with_ema_augmentation_and_dropout(
         tmp_path, monkeypatch):
     """In-process: a stop request at step 13 (inside epoch 2), then a resume, against a run never stopped."""
-    import cnnlab.train.run as run_module
-    from cnnlab.errors import Preempted
+    import cnnlab.tasks.classify as classify_module
+    from cnnlab.tasks import train
+    from cnnlab.core.errors import Preempted
 
     options = ("trainer.deterministic=true", "trainer.ema_decay=0.9", "augment=crop_flip", "model.dropout=0.2",
                "trainer.epochs=3")
     run_tiny(tmp_path / "straight", *options)
 
-    class StoppedAt13(run_module.Trainer):
+    class StoppedAt13(classify_module.Trainer):
         def stop_requested(self) -> bool:
             if self.step == 13 and self.stop is not None:
                 self.stop.signal = "SIGTERM"
             return super().stop_requested()
 
-    monkeypatch.setattr(run_module, "Trainer", StoppedAt13)
+    monkeypatch.setattr(classify_module, "Trainer", StoppedAt13)
     with pytest.raises(Preempted) as stopped:
         run_tiny(tmp_path / "cut", *options)
     assert stopped.value.step == 13
@@ -320,7 +321,7 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights_with_ema_augmentati
 
     from tests.conftest import compose_config, quiet_console, tiny_plus
 
-    run_module.train(compose_config(*tiny_plus(*options)), tmp_path / "cut", console=quiet_console(), resume=True)
+    train(compose_config(*tiny_plus(*options)), tmp_path / "cut", console=quiet_console(), resume=True)
     a, b = (load_checkpoint(tmp_path / name / "checkpoints" / "last.pt") for name in ("straight", "cut"))
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
@@ -363,7 +364,7 @@ def test_checkpoint_every_n_steps_writes_last_pt_inside_epochs(tmp_path, monkeyp
 
 
 def test_dataloader_workers_ignore_ctrl_c_and_sigusr1_but_not_sigterm():
-    from cnnlab.train.signals import ignore_stop_signals
+    from cnnlab.runtime.signals import ignore_stop_signals
 
     saved = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM)}
     try:

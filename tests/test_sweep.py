@@ -10,9 +10,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from cnnlab.report import Searched, refine, report, searched_parameters
-from cnnlab.sweep import FAILED_EXIT_STATUS
-from cnnlab.train.checkpoint import load_checkpoint, save_checkpoint
+from cnnlab.sweep.report import Searched, refine, report, searched_parameters
+from cnnlab.sweep.trials import FAILED_EXIT_STATUS
+from cnnlab.runtime.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import TINY, quiet_console, run_cli
 
 SWEEP = [o for o in TINY if not o.startswith("model.hidden")] + ["model.hidden=[16]"]
@@ -83,7 +83,7 @@ def test_report_ranks_on_validation_and_puts_failures_last(grid):
 def test_test_best_scores_exactly_one_checkpoint_on_test(grid, monkeypatch):
     cwd, _ = grid
     folder = sweep_dir(cwd)
-    import cnnlab.evaluation as evaluation
+    import cnnlab.analysis.evaluation as evaluation
 
     calls = []
     original = evaluation.evaluate_runs

@@ -8,10 +8,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
 import cnnlab.train.loop as loop_module
-import cnnlab.train.run as run_module
-from cnnlab.config import flatten
-from cnnlab.errors import CnnlabError
-from cnnlab.train.checkpoint import load_checkpoint
+import cnnlab.tasks.classify as classify_module
+import cnnlab.train.assemble as assemble_module
+from cnnlab.core.config import flatten
+from cnnlab.core.errors import CnnlabError
+from cnnlab.runtime.checkpoint import load_checkpoint
 from tests.conftest import compose_config, quiet_console, run_tiny, tiny_plus
 
 
@@ -94,7 +95,7 @@ def test_selection_uses_validation_and_the_test_set_is_evaluated_once_at_the_end
         return predict
 
     monkeypatch.setattr(loop_module, "evaluate", spy(loop_module.evaluate))
-    monkeypatch.setattr(run_module, "predict", predict_spy(run_module.predict))
+    monkeypatch.setattr(classify_module, "predict", predict_spy(classify_module.predict))
     summary = run_tiny(tmp_path / "run", "trainer.epochs=4", "dataset.test_size=41")
     assert calls.count(41) == 1 and calls[-1] == 41  # the test split: once, last
     assert calls[:4] == [16, 16, 16, 16]  # validation after every epoch
@@ -156,13 +157,13 @@ def test_data_options_reach_the_split_and_loaders(tmp_path, captured):
     assert summary["history"][0]["step"] == 120 // 20
     train_loader, val_loader = captured["loaders"][:2]
     assert train_loader.batch_size == 20 and val_loader.batch_size == 13
-    assert isinstance(train_loader, run_module.InMemoryLoader)
+    assert isinstance(train_loader, assemble_module.InMemoryLoader)
 
 
 def test_streaming_loader_path_with_workers(tmp_path, captured):
     summary = run_tiny(tmp_path / "run", "trainer.epochs=1", "data.in_memory=false", "data.num_workers=1")
     loader = captured["loaders"][0]
-    assert isinstance(loader, run_module.StreamingLoader) and loader.loader.num_workers == 1
+    assert isinstance(loader, assemble_module.StreamingLoader) and loader.loader.num_workers == 1
     assert summary["status"] == "completed" and summary["sizes"]["train"] == 144
 
 
@@ -183,24 +184,24 @@ def test_augment_pipeline_reaches_the_training_batches_only(tmp_path, captured):
     val_pipe = captured["loaders"][1].transform
     assert len(train_pipe.ops) == 2 and val_pipe.ops == []
     x = torch.arange(64, dtype=torch.uint8).view(1, 1, 8, 8)
-    flipped_only = run_module.BatchPipeline(train_pipe.ops[1:], [0.0], [1 / 255], torch.device("cpu"), 0)
+    flipped_only = assemble_module.BatchPipeline(train_pipe.ops[1:], [0.0], [1 / 255], torch.device("cpu"), 0)
     assert torch.allclose(flipped_only(x), x.flip(3).float())
 
 
 def test_precision_and_device(tmp_path):
-    assert run_module.resolve_precision("auto", torch.device("cpu")) is None
-    assert run_module.resolve_precision("auto", torch.device("cuda")) is torch.bfloat16
-    assert run_module.resolve_precision("fp16", torch.device("cuda")) is torch.float16
+    assert assemble_module.resolve_precision("auto", torch.device("cpu")) is None
+    assert assemble_module.resolve_precision("auto", torch.device("cuda")) is torch.bfloat16
+    assert assemble_module.resolve_precision("fp16", torch.device("cuda")) is torch.float16
     with pytest.raises(CnnlabError, match="fp16 needs a CUDA device"):
-        run_module.resolve_precision("fp16", torch.device("cpu"))
+        assemble_module.resolve_precision("fp16", torch.device("cpu"))
     summary = run_tiny(tmp_path / "bf16", "trainer.epochs=1", "trainer.precision=bf16")
     assert summary["precision"] == "bfloat16" and summary["device"] == "cpu"
     assert run_tiny(tmp_path / "fp32", "trainer.epochs=1", "trainer.precision=fp32")["precision"] == "float32"
-    assert run_module.resolve_device("cpu") == torch.device("cpu")
+    assert assemble_module.resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
-        assert run_module.resolve_device("auto") == torch.device("cpu")
+        assert assemble_module.resolve_device("auto") == torch.device("cpu")
         with pytest.raises(CnnlabError, match="trainer.device=cuda but this machine has 0 CUDA devices"):
-            run_module.resolve_device("cuda")
+            assemble_module.resolve_device("cuda")
 
 
 def test_compile_wraps_the_model(tmp_path, monkeypatch):
@@ -208,7 +209,7 @@ def test_compile_wraps_the_model(tmp_path, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or ("compiled", module))
     cfg = compose_config("trainer.compile=true")
-    from cnnlab.config import parse_run_config
+    from cnnlab.core.config import parse_run_config
 
     settings = parse_run_config(cfg).trainer
     model = torch.nn.Linear(2, 2)
@@ -244,7 +245,7 @@ def test_compile_time_is_reported_apart_from_training_time(tmp_path, monkeypatch
 
 def test_console_prints_plain_lines_when_not_a_terminal(tmp_path):
     console = quiet_console()
-    from cnnlab.train.run import train
+    from cnnlab.tasks import train
 
     train(compose_config(*tiny_plus("trainer.epochs=1", "trainer.log_every_n_steps=3")), tmp_path / "run", console=console)
     out = console.file.getvalue()

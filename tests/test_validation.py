@@ -3,8 +3,8 @@ from typing import Literal, Optional
 
 import pytest
 
-from cnnlab.errors import CnnlabError
-from cnnlab.validation import PositiveInt, Probability, check_value
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.validation import PositiveInt, Probability, check_value
 
 
 @pytest.mark.parametrize(

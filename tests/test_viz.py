@@ -4,9 +4,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cnnlab.registry import MODELS
-from cnnlab.train.checkpoint import load_checkpoint
-from cnnlab.viz import Record, first_layer_filters, log_spaced
+from cnnlab.core.registry import MODELS
+from cnnlab.runtime.checkpoint import load_checkpoint
+from cnnlab.analysis.viz import Record, first_layer_filters, log_spaced
 from tests.conftest import compose_config, run_tiny, tiny_plus
 
 CNN = ("model=small_resnet", "model.widths=[4,8]", "augment=crop_flip", "optimizer.lr=0.001")  # weak: it errs
@@ -46,7 +46,7 @@ def test_most_confidently_misclassified_are_test_images_sorted_by_confidence(viz
     m = record.misclassified
     assert 0 < len(m["images"]) <= 5 and (m["true"] != m["predicted"]).all()
     assert (m["confidence"][:-1] >= m["confidence"][1:]).all()
-    from cnnlab.config import parse_run_config
+    from cnnlab.core.config import parse_run_config
 
     test_images = parse_run_config(compose_config(*tiny_plus(*CNN))).components["dataset"].build().test_images
     assert torch.equal(m["images"], test_images[m["index"]])
@@ -82,7 +82,7 @@ def test_an_mlps_first_layer_is_drawn_as_images():
 
 def cnnlab(capsys, *args):
     """The `cnnlab` command in this process: (exit status, stdout, stderr)."""
-    from cnnlab.cli import main
+    from cnnlab.cli.commands import main
 
     with pytest.raises(SystemExit) as exit_:
         main(list(args))

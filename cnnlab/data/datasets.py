@@ -20,9 +20,9 @@ from cnnlab.data.formats import (
     read_cifar_batch, read_cifar_class_names, read_idx, read_stl10_images, read_stl10_labels, read_svhn_mat,
 )
 from cnnlab.data.loaders import TensorImageDataset
-from cnnlab.errors import CnnlabError
-from cnnlab.registry import DATASETS
-from cnnlab.validation import NonNegativeFloat, PositiveInt, Range
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.registry import DATASETS
+from cnnlab.core.validation import NonNegativeFloat, PositiveInt, Range
 
 
 @dataclass

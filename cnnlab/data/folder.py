@@ -22,9 +22,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from cnnlab.data.split import stratified_split
-from cnnlab.errors import CnnlabError
-from cnnlab.registry import DATASETS
-from cnnlab.validation import PositiveInt, UnitInterval
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.registry import DATASETS
+from cnnlab.core.validation import PositiveInt, UnitInterval
 
 # torchvision.datasets.folder.IMG_EXTENSIONS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

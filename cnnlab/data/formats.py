@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnlab.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/): data is big-endian.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

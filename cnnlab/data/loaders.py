@@ -21,8 +21,8 @@ from typing import Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cnnlab.errors import CnnlabError
-from cnnlab.train.signals import ignore_stop_signals
+from cnnlab.core.errors import CnnlabError
+from cnnlab.runtime.signals import ignore_stop_signals
 
 
 class BatchTransform(Protocol):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cnnlab.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError
 
 
 def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int,

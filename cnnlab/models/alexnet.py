@@ -7,8 +7,8 @@ from typing import Optional
 from torch import nn
 
 from cnnlab.models.blocks import Stem, flat_features, resolve_stem
-from cnnlab.registry import MODELS
-from cnnlab.validation import PositiveInt, Probability
+from cnnlab.core.registry import MODELS
+from cnnlab.core.validation import PositiveInt, Probability
 
 
 class AlexNet(nn.Module):

@@ -7,7 +7,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
-from cnnlab.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError
 
 Activation = Literal["relu", "tanh", "lecun_tanh", "sigmoid", "gelu", "leaky_relu"]
 Stem = Literal["auto", "small", "large"]  # small: 28x28 / 32x32 inputs (CIFAR stem); large: ImageNet-style

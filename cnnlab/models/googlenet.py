@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from cnnlab.models.blocks import Stem, WithAux, conv_bn_act, resolve_stem
-from cnnlab.registry import MODELS
-from cnnlab.validation import NonNegativeFloat, Probability
+from cnnlab.core.registry import MODELS
+from cnnlab.core.validation import NonNegativeFloat, Probability
 
 # Table 1: #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj
 INCEPTIONS = {

@@ -7,8 +7,8 @@ from typing import Literal
 from torch import nn
 
 from cnnlab.models.blocks import flat_features
-from cnnlab.registry import MODELS
-from cnnlab.validation import Probability
+from cnnlab.core.registry import MODELS
+from cnnlab.core.validation import Probability
 
 
 class LeNet5(nn.Module):

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cnnlab.registry import MODELS
+from cnnlab.core.registry import MODELS
 
 
 def measure(name: str, in_channels: int, input_size: int, num_classes: int,

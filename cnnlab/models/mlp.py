@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from cnnlab.models import blocks
-from cnnlab.registry import MODELS
-from cnnlab.validation import PositiveFloat, PositiveInt, Probability
+from cnnlab.core.registry import MODELS
+from cnnlab.core.validation import PositiveFloat, PositiveInt, Probability
 
 
 def hidden_layers(width: int, hidden: list[int], activation: str, dropout: float, batch_norm: bool) -> tuple[list[nn.Module], int]:

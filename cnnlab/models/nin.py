@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from cnnlab.models.blocks import Stem, conv_bn_act, resolve_stem
-from cnnlab.registry import MODELS
-from cnnlab.validation import Probability
+from cnnlab.core.registry import MODELS
+from cnnlab.core.validation import Probability
 
 
 class NiN(nn.Module):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from cnnlab.models.blocks import SqueezeExcite, Stem, norm2d, resolve_stem
-from cnnlab.registry import MODELS
+from cnnlab.core.registry import MODELS
 
 Variant = Literal["v1", "v1_5", "v2"]
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from cnnlab.models.blocks import Stem, resolve_stem
 from cnnlab.models.resnet import ResNet, Variant, block_for
-from cnnlab.registry import MODELS
-from cnnlab.validation import PositiveInt
+from cnnlab.core.registry import MODELS
+from cnnlab.core.validation import PositiveInt
 
 
 @MODELS.register(family="resnext")

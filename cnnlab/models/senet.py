@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from cnnlab.models.blocks import Stem, resolve_stem
 from cnnlab.models.resnet import RESNETS, ResNet, Variant, block_for
-from cnnlab.registry import MODELS
-from cnnlab.validation import PositiveInt
+from cnnlab.core.registry import MODELS
+from cnnlab.core.validation import PositiveInt
 
 
 def _register(name: str, kind: str, layers: list[int]) -> None:

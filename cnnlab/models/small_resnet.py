@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from cnnlab.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError
 from cnnlab.models.blocks import conv_bn_act, flat_features
 from cnnlab.models.resnet import BasicBlock
-from cnnlab.registry import MODELS
-from cnnlab.validation import NonNegativeInt, PositiveInt, Probability
+from cnnlab.core.registry import MODELS
+from cnnlab.core.validation import NonNegativeInt, PositiveInt, Probability
 
 
 class SmallResNet(nn.Module):

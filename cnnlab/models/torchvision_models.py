@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from cnnlab.errors import CnnlabError, suggestion
-from cnnlab.registry import MODELS
+from cnnlab.core.errors import CnnlabError, suggestion
+from cnnlab.core.registry import MODELS
 
 
 def _first_conv_for(model: nn.Module, in_channels: int) -> None:

@@ -7,8 +7,8 @@ from typing import Literal
 from torch import nn
 
 from cnnlab.models.blocks import Stem, conv_bn_act, resolve_stem
-from cnnlab.registry import MODELS
-from cnnlab.validation import Probability
+from cnnlab.core.registry import MODELS
+from cnnlab.core.validation import Probability
 
 # Table 1: 3x3 conv widths, "M" a 2x2 max-pool
 CONFIGS = {

@@ -6,10 +6,10 @@ each, after a 3x3 conv of 16 channels; dropout between a block's two convs.
 
 from __future__ import annotations
 
-from cnnlab.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError
 from cnnlab.models.resnet import PreActBasicBlock, ResNet
-from cnnlab.registry import MODELS
-from cnnlab.validation import PositiveInt, Probability
+from cnnlab.core.registry import MODELS
+from cnnlab.core.validation import PositiveInt, Probability
 
 
 def wide_resnet(in_channels: int, num_classes: int, depth: int, widen: int, dropout: float, batch_norm: bool) -> ResNet:

@@ -10,10 +10,11 @@ import logging
 import time
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 log = logging.getLogger("cnnlab")
 
@@ -22,19 +23,37 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
-def report_table(title: str, report: dict[str, dict[str, float | None]]) -> Table:
+# Where output is not a terminal (a log file, a pipe, CI), nothing is wrapped: each record stays one
+# line however long, and tables take the width they need.
+UNWRAPPED_WIDTH = 1000
+
+
+def make_console(**options: Any) -> Console:
+    """A rich Console that wraps lines only on a terminal."""
+    console = Console(**options)
+    if console.is_terminal or "width" in options:
+        return console
+    return Console(soft_wrap=True, width=UNWRAPPED_WIDTH, **options)
+
+
+def titled(title: str, table: Table) -> Group:
+    """A table under its title, the title a line of its own: never squeezed into the table's width."""
+    return Group(Text(title, style="italic"), table)
+
+
+def report_table(title: str, report: dict[str, dict[str, float | None]]) -> Group:
     """The homework's report: loss, error, accuracy and top-5 per split."""
-    table = Table(title=title)
+    table = Table()
     for column in ("split", "loss", "error", "accuracy", "top-5"):
         table.add_column(column, justify="right" if column != "split" else "left")
     for split, m in report.items():
         table.add_row(split, f"{m['loss']:.4f}", _pct(m["error"]), _pct(m["acc"]), _pct(m.get("top5")))
-    return table
+    return titled(title, table)
 
 
 class ConsoleReporter:
     def __init__(self, console: Console | None = None):
-        self.console = console or Console()
+        self.console = console or make_console()
         self.live = self.console.is_terminal
         self.progress: Progress | None = None
 

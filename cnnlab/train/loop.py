@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from cnnlab.errors import Preempted
+from cnnlab.core.errors import Preempted
 from cnnlab.models.blocks import WithAux
-from cnnlab.train.checkpoint import LAST, encode_checkpoint, load_weights, save_checkpoint
-from cnnlab.train.distributed import Ranks
+from cnnlab.runtime.checkpoint import LAST, encode_checkpoint, load_weights, save_checkpoint
+from cnnlab.runtime.distributed import Ranks
 
 SINGLE = Ranks()
 
@@ -409,7 +409,8 @@ class Trainer:
         self.guard.first_bad.fill_(guard.get("first_bad", -1))
         rng = state["rng"]
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        kind, keys, *rest = rng["numpy"]  # a list of plain values (an older checkpoint: numpy's tuple)
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -430,12 +431,19 @@ class Trainer:
             "guard": {"reference": None if self.guard.reference is None else self.guard.reference.item(),
                       "first_bad": int(self.guard.first_bad)},
             "rng": {
-                "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "python": random.getstate(), "numpy": numpy_rng_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 **{name: g.get_state() for name, g in self.generators.items()},
             },
             **self.checkpoint_extra,
         }
+
+
+def numpy_rng_state() -> list[Any]:
+    """numpy's global RNG state as plain values (its key array as a list), so a checkpoint loads with
+    torch.load(weights_only=True) and no allow-listed numpy types."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return [kind, keys.tolist(), int(position), int(has_gauss), float(cached)]
 
 
 def selected_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:

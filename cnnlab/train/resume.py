@@ -8,8 +8,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from cnnlab.config import flatten
-from cnnlab.errors import CnnlabError
+from cnnlab.core.config import flatten
+from cnnlab.core.errors import CnnlabError
 
 # Keys that change how long, where or how verbosely a run trains, not what it computes.
 ALLOWED_ON_RESUME = (

@@ -19,7 +19,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, Sessi
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-from cnnlab.config import flatten
+from cnnlab.core.config import flatten
 
 
 def hparam_value(value: Any) -> float | str | bool:

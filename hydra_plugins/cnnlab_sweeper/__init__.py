@@ -10,13 +10,13 @@ from pathlib import Path
 
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as HydraOptunaSweeper
 
-log = logging.getLogger("cnnlab.sweep")
+log = logging.getLogger("cnnlab.sweep.trials")
 
 
 class OptunaSweeper(HydraOptunaSweeper):
     """Hydra's Optuna sweeper, resumable: with the study in SQLite in the sweep directory, a rerun
     runs only the trials still to go, re-queues the parameters of trials that were cut off, and
-    numbers its jobs after the old ones (cnnlab.sweep.run_trial then continues a cut-off trial
+    numbers its jobs after the old ones (cnnlab.sweep.trials.run_trial then continues a cut-off trial
     from its checkpoint). Failing trials return the worst value, so they never win."""
 
     def sweep(self, arguments: list[str]) -> None:

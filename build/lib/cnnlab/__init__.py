@@ -1,0 +1,3 @@
+"""cnnlab: a configuration-driven experiment runner for convolutional networks."""
+
+__version__ = "0.1.0"

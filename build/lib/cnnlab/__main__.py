@@ -1,0 +1,3 @@
+from cnnlab.cli.commands import main
+
+main()

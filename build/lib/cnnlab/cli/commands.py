@@ -1,0 +1,304 @@
+"""The ``cnnlab`` command.
+
+    cnnlab train [overrides...] [-m]     # Hydra: model=lenet5 optimizer.lr=0.1, --cfg job, -m sweeps
+    cnnlab list <kind> [pattern]         # models, datasets, optimizers, schedulers, inits, augments
+
+A user's mistake ends in one line on stderr (``error: ...``) and exit status 2;
+only a bug in cnnlab shows a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from cnnlab import __version__
+from cnnlab.core.errors import CnnlabError, CommandLineParser, JobAborted, Preempted, ProcessesFailed, suggestion
+
+USAGE = """usage: cnnlab <command> [args]
+
+commands:
+  train [key=value ...]     train; choose parts and set options with Hydra overrides, e.g.
+                            cnnlab train model=lenet5 optimizer=sgd optimizer.lr=0.1 trainer.epochs=20
+                            -m / --multirun sweeps comma-separated values: optimizer.lr=0.01,0.1,1
+                            --cfg job prints the resolved config; --help lists the config groups
+                            resume=RUN_DIR continues a stopped run exactly where it stopped
+                            (a run directory reused with hydra.run.dir resumes by itself);
+                            SIGTERM, SIGINT, SIGUSR1 checkpoint and exit with status 75
+                            multi-GPU: torchrun --nproc_per_node=N -m cnnlab train ...
+  lr-find [--min-lr 1e-6] [--max-lr 10] [--steps 200] [key=value ...]
+                            LR range test on the configured run: loss vs an exponentially growing
+                            lr, to TensorBoard and a PNG, and a suggested optimizer.lr
+  eval RUN [RUN ...] [--splits train,val,test] [--tta-flip] [--tta-shift N] [--data-dir D]
+                            score a run's selected checkpoint, or an ensemble (softmax averaged),
+                            with optional test-time augmentation; prints the report table
+  report SWEEP_DIR [--plot] [--test-best] [--device D] [--data-dir D]
+                            every trial of a sweep ranked on validation (also report.csv, .md);
+                            flags a best value on the edge of its range with the command to run next;
+                            --test-best scores only the chosen trial on the test split
+  viz RUN_DIR               the run's pictures as PNGs in RUN_DIR/viz/: first-layer filters during
+                            training, feature maps per stage, augmented samples, the most
+                            confidently misclassified test images, the confusion matrix
+  list <kind> [pattern]     what a registry holds; kinds: models, datasets, optimizers,
+                            schedulers, inits, augments; pattern is shell-style, e.g. 'res*'
+  --version                 print the version
+"""
+
+COMMANDS = ("train", "lr-find", "eval", "report", "viz", "list")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _dispatch(argv)
+    except CnnlabError as e:
+        rank = os.environ.get("RANK", "0")  # under torchrun every rank reports, rank 0 plainly
+        print(f"{'' if rank == '0' else f'rank {rank}: '}error: {e}", file=sys.stderr)
+        code = 2
+    except Preempted as stopped:
+        if os.environ.get("RANK", "0") == "0":
+            print(stopped, file=sys.stderr)
+        code = Preempted.EXIT_STATUS
+    except ProcessesFailed as failed:
+        code = failed.status
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+def _dispatch(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    if argv[0] == "--version":
+        print(f"cnnlab {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        return _train(rest)
+    if command == "lr-find":
+        return _lr_find(rest)
+    if command == "eval":
+        return _eval(rest)
+    if command == "report":
+        return _report(rest)
+    if command == "viz":
+        return _viz(rest)
+    if command == "list":
+        from cnnlab.cli.listing import list_command
+
+        return list_command(rest)
+    raise CnnlabError(f"unknown command {command!r}{suggestion(command, COMMANDS)}; see: cnnlab --help")
+
+
+def _eval(args: list[str]) -> int:
+    parser = CommandLineParser("cnnlab eval", "score a run's selected checkpoint, or an ensemble of runs "
+                               "(softmax averaged), with optional test-time augmentation")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="a run directory or a checkpoint file; several: an ensemble")
+    parser.add_argument("--splits", default="train,val,test", help="comma-separated, from train, val, test (default: all)")
+    parser.add_argument("--tta-flip", action="store_true", help="also average over each image's mirror image")
+    parser.add_argument("--tta-shift", type=int, default=0, metavar="N", help="also over 4 copies shifted by N pixels")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    parser.add_argument("--data-dir", default=None, help="where the dataset is, when not where the run found it")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the report here")
+    ns = parser.parse_args(args)
+    splits = [x for x in ns.splits.split(",") if x]
+    bad = [x for x in splits if x not in ("train", "val", "test")]
+    if bad or not splits or ns.tta_shift < 0:
+        raise CnnlabError("cnnlab eval: --splits takes train, val and test (comma-separated); --tta-shift >= 0")
+    from cnnlab.analysis.evaluation import evaluate_runs
+
+    report = evaluate_runs(ns.runs, splits=splits, tta_flip=ns.tta_flip, tta_shift=ns.tta_shift,
+                           device=ns.device, data_dir=ns.data_dir)
+    if ns.json:
+        from pathlib import Path
+
+        from cnnlab.runtime.checkpoint import write_json
+
+        write_json(Path(ns.json), report)
+    return 0
+
+
+def _report(args: list[str]) -> int:
+    parser = CommandLineParser("cnnlab report", "every trial of a sweep ranked on validation (also report.csv "
+                               "and report.md), with the coarse-to-fine command to run next")
+    parser.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    parser.add_argument("--plot", action="store_true", help="write report.png: the metric against each searched option")
+    parser.add_argument("--test-best", action="store_true", help="score only the chosen trial on the test split, once")
+    parser.add_argument("--device", default="auto", help="for --test-best: auto, cpu, cuda, cuda:N")
+    parser.add_argument("--data-dir", default=None, help="for --test-best: where the dataset is")
+    ns = parser.parse_args(args)
+    from cnnlab.sweep.report import report
+
+    report(ns.sweep_dir, plot=ns.plot, test_best=ns.test_best, device=ns.device, data_dir=ns.data_dir)
+    return 0
+
+
+def _viz(args: list[str]) -> int:
+    parser = CommandLineParser("cnnlab viz", "a run's pictures as PNGs in RUN_DIR/viz/: first-layer filters over "
+                               "training, feature maps, augmented samples, misclassified test images, confusion matrix")
+    parser.add_argument("run_dir", metavar="RUN_DIR")
+    ns = parser.parse_args(args)
+    from cnnlab.analysis.viz import write_pngs
+
+    for path in write_pngs(ns.run_dir):
+        print(path)
+    return 0
+
+
+def _lr_find(args: list[str]) -> int:
+    parser = CommandLineParser("cnnlab lr-find", "LR range test on the configured run: the loss against an "
+                               "exponentially growing learning rate, to TensorBoard and lr_find.png, and a suggested "
+                               "optimizer.lr. Other arguments are the run's Hydra overrides (key=value).")
+    parser.add_argument("--min-lr", type=float, default=1e-6, help="the first learning rate (default 1e-6)")
+    parser.add_argument("--max-lr", type=float, default=10.0, help="the last learning rate (default 10)")
+    parser.add_argument("--steps", type=int, default=200, help="steps from --min-lr to --max-lr (default 200)")
+    flags, overrides = parser.parse_known_args(args)
+    if not 0 < flags.min_lr < flags.max_lr or flags.steps < 3:
+        raise CnnlabError("lr-find needs 0 < --min-lr < --max-lr and --steps >= 3")
+    from cnnlab.cli.hydra_app import lr_find_app
+
+    overrides = ["hydra.run.dir='${cnnlab_fresh_dir:${paths.output_dir}/lr_find/${now:%Y-%m-%d}/${now:%H-%M-%S}-${name}}'",
+                 *overrides]
+    return _train(overrides, app=lr_find_app(flags.min_lr, flags.max_lr, flags.steps))
+
+
+def _train(overrides: list[str], app=None) -> int:
+    """Run the Hydra application ``app`` (default: training) on ``overrides``."""
+    from cnnlab.cli.hydra_app import hydra_train, translate_hydra_error
+
+    from cnnlab.sweep.trials import FAILED_EXIT_STATUS, last_sweep
+
+    training = app is None
+    app = app or hydra_train
+    overrides = take_config_dirs(overrides)
+    last_sweep.clear()
+    multirun = any(a in ("-m", "--multirun") for a in overrides)
+    overrides = resume_overrides(overrides, multirun)
+    if not multirun and training:
+        refuse_bad_resume(overrides)
+    from cnnlab.runtime.distributed import agree_on_run, launched_ranks
+
+    ranks = launched_ranks()
+    if ranks.enabled:
+        if multirun:
+            raise CnnlabError("torchrun runs one training; a sweep runs its trials through hydra/launcher")
+        overrides = agree_on_run(overrides, ranks)
+
+    # Hydra raises instead of printing its own (multi-line) report; we print one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    sys.argv = ["cnnlab train", *overrides]
+    try:
+        app()
+    except JobAborted as aborted:
+        raise aborted.error from None
+    except CnnlabError:
+        raise
+    except Exception as e:
+        translated = translate_hydra_error(e)
+        if translated is None and isinstance(e, OSError) and e.filename is not None:
+            # e.g. an output directory that cannot be created (paths.output_dir)
+            translated = CnnlabError(f"cannot use {e.filename}: {e.strerror or e}")
+        if translated is None:
+            raise  # not a config problem: a bug, keep the traceback
+        raise translated from None
+    finally:
+        if ranks.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return FAILED_EXIT_STATUS if last_sweep.get("failed") else 0
+
+
+def take_config_dirs(args: list[str]) -> list[str]:
+    """``--config-dir DIR`` (``-cd DIR``, repeatable): the user's config folders, searched before
+    cnnlab's own (cnnlab.cli.hydra_app.SEARCH_PATH); the other arguments are returned for Hydra."""
+    from cnnlab.cli.hydra_app import use_config_dirs
+
+    folders, rest, i = [], [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("--config-dir", "-cd"):
+            if i + 1 == len(args):
+                raise CnnlabError(f"{arg} needs a folder")
+            folders.append(args[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--config-dir="):
+            folders.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+        i += 1
+    use_config_dirs(folders)
+    return rest
+
+
+def refuse_bad_resume(overrides: list[str]) -> None:
+    """A run directory that holds a checkpoint is continued; check that this config may continue
+    it before Hydra starts the job, which would overwrite the run's .hydra/ record."""
+    from pathlib import Path
+
+    run_dirs = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
+    if not run_dirs or "${" in run_dirs[-1] or any(o.startswith("-") for o in overrides):
+        return
+    run_dir = Path(run_dirs[-1])
+    from cnnlab.runtime.distributed import launched_ranks
+    from cnnlab.runtime.lock import check_free
+
+    if not launched_ranks().enabled:  # DDP ranks share their run's directory (rank 0 or their parent holds it)
+        check_free(run_dir)  # a live run there: say so before anything else is read or written
+    if not (run_dir / "checkpoints").is_dir():
+        return
+    from hydra import compose, initialize
+    from hydra.core.global_hydra import GlobalHydra
+    from rich.console import Console
+
+    from cnnlab.cli.hydra_app import translate_hydra_error
+    from cnnlab.train.console import ConsoleReporter
+    from cnnlab.tasks.classify import load_resume_state
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize(config_path=None, version_base="1.3"):  # the search path of the run itself
+            cfg = compose("train", overrides=[o for o in overrides if not o.startswith(("hydra.", "hydra/"))])
+    except Exception as e:  # noqa: BLE001 - composition errors are reported as the job would report them
+        translated = translate_hydra_error(e)
+        if translated is None:
+            raise
+        raise translated from None
+    finally:
+        GlobalHydra.instance().clear()
+    load_resume_state(cfg, run_dir, ConsoleReporter(Console(quiet=True)))
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def resume_overrides(args: list[str], multirun: bool) -> list[str]:
+    """``resume=RUN_DIR``: the run's own overrides (.hydra/overrides.yaml), then the ones given
+    now (they win, and must be keys a resume may change), in RUN_DIR itself."""
+    given = [a for a in args if a.startswith("resume=")]
+    if not given:
+        return args
+    from pathlib import Path
+
+    import yaml
+
+    if multirun:
+        raise CnnlabError("resume= continues one run; a sweep resumes with hydra.sweep.dir=<dir> sweep.resume=true")
+    run_dir = Path(given[-1].split("=", 1)[1]).expanduser()
+    from cnnlab.runtime.checkpoint import LAST, PREVIOUS
+
+    if not any((run_dir / "checkpoints" / name).is_file() for name in (LAST, PREVIOUS)):
+        raise CnnlabError(f"resume={run_dir}: no checkpoint there (looked for {run_dir / 'checkpoints' / LAST})")
+    saved_file = run_dir / ".hydra" / "overrides.yaml"
+    try:
+        saved = [str(o) for o in (yaml.safe_load(saved_file.read_text()) or [])] if saved_file.is_file() else []
+    except (OSError, yaml.YAMLError) as e:
+        raise CnnlabError(f"resume={run_dir}: cannot read {saved_file}: {e}") from None
+    rest = [a for a in args if not a.startswith("resume=")]
+    new_keys = {_key(a) for a in rest if not a.startswith("-")}
+    return [o for o in saved if _key(o) not in new_keys] + rest + [f"hydra.run.dir={run_dir}"]

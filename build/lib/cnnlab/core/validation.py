@@ -1,0 +1,155 @@
+"""Type and range checks for config values, driven by annotations.
+
+A builder's signature (or a settings dataclass) is the single source of truth
+for which options exist, their types and their ranges:
+
+    def sgd(params, *, lr: PositiveFloat = 0.1, momentum: UnitInterval = 0.0): ...
+
+``check_value`` converts a config value to the annotated type or raises a
+CnnlabError that names the key, e.g. ``optimizer.lr must be a number > 0, got -1``.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
+
+from cnnlab.core.errors import CnnlabError, suggestion
+
+
+@dataclass(frozen=True)
+class Range:
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def contains(self, x: float) -> bool:
+        return not (
+            (self.gt is not None and not x > self.gt)
+            or (self.ge is not None and not x >= self.ge)
+            or (self.lt is not None and not x < self.lt)
+            or (self.le is not None and not x <= self.le)
+        )
+
+    def describe(self) -> str:
+        parts = []
+        if self.gt is not None:
+            parts.append(f"> {self.gt:g}")
+        if self.ge is not None:
+            parts.append(f">= {self.ge:g}")
+        if self.lt is not None:
+            parts.append(f"< {self.lt:g}")
+        if self.le is not None:
+            parts.append(f"<= {self.le:g}")
+        return " and ".join(parts)
+
+
+PositiveFloat = Annotated[float, Range(gt=0)]
+NonNegativeFloat = Annotated[float, Range(ge=0)]
+UnitInterval = Annotated[float, Range(ge=0, le=1)]
+Probability = Annotated[float, Range(ge=0, lt=1)]  # dropout: 1.0 would drop everything
+PositiveInt = Annotated[int, Range(ge=1)]
+NonNegativeInt = Annotated[int, Range(ge=0)]
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _literal(choice: Any) -> str:
+    """A Literal choice as the user writes it in YAML: true/false, not True/False."""
+    return str(choice).lower() if isinstance(choice, bool) else str(choice)
+
+
+def describe_type(annotation: Any) -> str:
+    """A short human description of an annotation, for error messages and listings."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        base, *meta = typing.get_args(annotation)
+        ranges = [m.describe() for m in meta if isinstance(m, Range)]
+        return describe_type(base) + (f" {' '.join(ranges)}" if ranges else "")
+    if origin is Literal:
+        return "one of " + ", ".join(map(_literal, typing.get_args(annotation)))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return " or ".join(describe_type(a) for a in args) + " or null"
+    if origin in (list, tuple):
+        args = typing.get_args(annotation)
+        return f"a list of {describe_type(args[0])}" if args else "a list"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation))
+    )
+
+
+def check_value(key: str, value: Any, annotation: Any) -> Any:
+    """Return ``value`` converted to ``annotation``, or raise CnnlabError naming ``key``."""
+    if annotation is Any or annotation is typing.Any:
+        return value
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        base, *meta = typing.get_args(annotation)
+        converted = check_value(key, value, base)
+        for m in meta:
+            if isinstance(m, Range) and not m.contains(converted):
+                raise CnnlabError(
+                    f"{key} must be {describe_type(annotation)}, got {_show(value)}"
+                )
+        return converted
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return check_value(key, value, arg)
+            except CnnlabError:
+                pass
+        raise CnnlabError(f"{key} must be {describe_type(annotation)}, got {_show(value)}")
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        # type() too, so that true is not accepted where 1 is meant.
+        if not any(value == c and type(value) is type(c) for c in choices):
+            hint = suggestion(str(value), map(str, choices)) if isinstance(value, str) else ""
+            raise CnnlabError(
+                f"{key} must be one of {', '.join(map(_literal, choices))}, got {_show(value)}{hint}"
+            )
+        return value
+    if origin in (list, tuple) or annotation in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise CnnlabError(f"{key} must be {describe_type(annotation)}, got {_show(value)}")
+        args = typing.get_args(annotation)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise CnnlabError(f"{key} must have {len(args)} items, got {_show(list(value))}")
+            items = [check_value(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item_type = args[0] if args else Any
+            items = [check_value(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise CnnlabError(f"{key} must be true or false, got {_show(value)}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise CnnlabError(f"{key} must be an integer, got {_show(value)}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise CnnlabError(f"{key} must be a finite number, got {_show(value)}")
+            return float(value)
+        raise CnnlabError(f"{key} must be a number, got {_show(value)}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise CnnlabError(f"{key} must be a string, got {_show(value)}")
+    if isinstance(annotation, type) and isinstance(value, annotation):
+        return value
+    raise TypeError(f"cnnlab cannot check values of type {annotation!r} (key {key})")

@@ -1,0 +1,1 @@
+"""Datasets, on-disk readers, validation split and batch loaders."""

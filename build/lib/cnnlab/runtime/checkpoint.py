@@ -1,0 +1,189 @@
+"""Checkpoints and other run files, written atomically: a crash mid-write
+leaves the previous file intact, never a half-written one.
+
+A checkpoint is ``torch.save``'s zip followed by a trailer line holding the
+SHA-256 of the zip (``torch.load`` ignores bytes after the archive, so the file
+stays loadable by plain torch). torch.load itself checks no checksum: a flipped
+byte inside a tensor would load as wrong weights; the trailer catches it.
+Before ``last.pt`` is replaced, the checkpoint it held becomes ``previous.pt``,
+so a resume can fall back one checkpoint when the newest is damaged.
+
+Nothing loaded can run code: every file cnnlab reads with torch (checkpoints, ``model.pretrained``,
+viz records) goes through ``safe_load``, i.e. ``torch.load(weights_only=True)``. Checkpoints hold
+only tensors and plain containers. The SHA-256 proves integrity, not origin: anyone can write one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cnnlab.core.errors import CnnlabError
+
+TRAILER = b"\ncnnlab-sha256:"
+TRAILER_LEN = len(TRAILER) + 64 + 1  # marker, hex digest, newline
+LAST, PREVIOUS = "last.pt", "previous.pt"  # a resume reads the first of these that is sound
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process's umask: mkstemp makes 0600 files, run files should be like any other
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, fsync it, then rename it over ``path``.
+
+    ``keep_previous``: first make the file ``path`` held reachable under this name, so there is
+    always a complete file under ``path`` and, once replaced, its predecessor under the other name.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            link = keep_previous.with_name(f".{keep_previous.name}.link")
+            link.unlink(missing_ok=True)
+            try:  # a hard link keeps `path` in place until the final rename
+                os.link(path, link)
+                os.replace(link, keep_previous)
+            except OSError:  # no hard links here: the old file moves, `previous` covers the gap
+                os.replace(path, keep_previous)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def encode_checkpoint(state: dict[str, Any]) -> bytes:
+    """``state`` as torch.save writes it, followed by the trailer with its SHA-256."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.write(TRAILER + hashlib.sha256(buffer.getbuffer()).hexdigest().encode() + b"\n")
+    return buffer.getvalue()
+
+
+def save_checkpoint(path: Path, state: dict[str, Any] | bytes, keep_previous: bool = False) -> None:
+    """Write ``state`` (or its encode_checkpoint bytes) with its checksum; ``keep_previous``: the
+    replaced file becomes previous.pt."""
+    data = state if isinstance(state, bytes) else encode_checkpoint(state)
+    try:
+        atomic_write(path, lambda f: f.write(data), keep_previous=path.with_name(PREVIOUS) if keep_previous else None)
+    except OSError as e:
+        raise CnnlabError(f"cannot write checkpoint {path}: {e.strerror or e}; "
+                          "the previous checkpoint is intact") from None
+
+
+def has_digest(path: Path) -> bool:
+    """True for a file that ends with save_checkpoint's SHA-256 trailer (a cnnlab checkpoint)."""
+    with open(path, "rb") as f:
+        f.seek(0, io.SEEK_END)
+        f.seek(max(0, f.tell() - TRAILER_LEN))
+        return f.read().startswith(TRAILER)
+
+
+# Checkpoints written before weights_only loading (cnnlab 0.1.0 up to issue #8) hold numpy's RNG state
+# as a uint32 array. These exact numpy types rebuild arrays of plain values and nothing else.
+_LEGACY_NUMPY = [getattr(np, "_core", np).multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+
+
+def safe_load(source: Path | bytes, what: str) -> Any:
+    """``torch.load(weights_only=True)`` of a file or its bytes: tensors and plain data only. A file
+    whose pickle names anything else (code it would run) is one line naming ``what`` and those names."""
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with torch.serialization.safe_globals(_LEGACY_NUMPY):
+            return torch.load(stream, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign files fail in many ways inside torch.load
+        try:
+            if not isinstance(stream, io.BytesIO):
+                stream = io.BytesIO(Path(stream).read_bytes())
+            stream.seek(0)
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(stream)
+        except Exception:  # noqa: BLE001 - not even a readable archive
+            unsafe = []
+        allowed = {f"{g.__module__}.{g.__qualname__}" for g in _LEGACY_NUMPY}
+        unsafe = [name for name in unsafe if name not in allowed]
+        if unsafe:
+            raise CnnlabError(f"{what} was refused: loading it would call {', '.join(unsafe[:3])}"
+                              f"{' ...' if len(unsafe) > 3 else ''}; cnnlab loads only tensors and plain data") from None
+        raise CnnlabError(f"{what} is unreadable or corrupt ({type(e).__name__})") from None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A verified checkpoint; one line naming the file when it is missing, truncated or corrupt."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CnnlabError(f"checkpoint {path} does not exist") from None
+    except OSError as e:
+        raise CnnlabError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    tail = data[-TRAILER_LEN:]
+    if tail.startswith(TRAILER):
+        data = data[:-TRAILER_LEN]
+        if hashlib.sha256(data).hexdigest().encode() != tail[len(TRAILER):-1]:
+            raise CnnlabError(f"checkpoint {path} is corrupt: its SHA-256 does not match the one written with it")
+    state = safe_load(data, f"checkpoint {path}")
+    if not isinstance(state, dict) or "model" not in state:
+        raise CnnlabError(f"checkpoint {path} is not a cnnlab checkpoint (no model state)")
+    return state
+
+
+def load_resumable(folder: Path) -> tuple[dict[str, Any], Path, list[str]] | None:
+    """The newest good checkpoint in ``folder``: last.pt, else previous.pt. Returns the state, its
+    path and a line for each damaged one passed over; None when there is no checkpoint at all."""
+    damaged = []
+    for path in (folder / LAST, folder / PREVIOUS):
+        if not path.is_file():
+            continue
+        try:
+            return load_checkpoint(path), path, damaged
+        except CnnlabError as e:
+            damaged.append(str(e))
+    if damaged:
+        raise CnnlabError(f"no usable checkpoint in {folder}: {'; '.join(damaged)}")
+    return None
+
+
+def load_weights(module: torch.nn.Module, weights: dict[str, Any], path: Path | str) -> None:
+    """``module.load_state_dict``, with a mismatch (other classes, another architecture) as one line."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e).strip()]
+        raise CnnlabError(f"checkpoint {path} does not fit the configured model: {details[0][:300]}") from None
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file written by write_json; None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    text = json.dumps(data, indent=2, sort_keys=False).encode()
+    atomic_write(path, lambda f: f.write(text))

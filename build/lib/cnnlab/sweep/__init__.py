@@ -1,0 +1,1 @@
+"""Sweeps: each trial's run with its failures recorded (trials.py) and `cnnlab report` (report.py)."""

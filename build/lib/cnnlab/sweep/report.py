@@ -1,0 +1,289 @@
+"""`cnnlab report <sweep dir>`: every trial in one table, the best chosen on validation, the
+lectures' coarse-to-fine rule, and one test evaluation of the chosen trial on request.
+
+Writes report.csv and report.md into the sweep directory; ``--plot`` writes report.png
+(the metric against each searched hyperparameter, log axis where it was log-sampled).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from cnnlab.train.console import make_console, titled
+from cnnlab.core.errors import CnnlabError
+from cnnlab.sweep.trials import FAILED, SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, trial_dirs
+from cnnlab.runtime.checkpoint import read_json
+from cnnlab.runtime.checkpoint import write_json
+
+EDGE = 0.1  # a best value in the outer 10% of an interval (in log space if log-sampled) is on its edge
+
+
+@dataclass
+class Trial:
+    name: str
+    folder: Path
+    params: dict[str, Any]
+    status: str
+    epochs: int
+    best_val_loss: float | None
+    best_val_acc: float | None
+    wall_time_s: float | None
+    error: str = ""
+    value: float | None = None  # the monitored metric's best value, when the trial finished
+
+
+@dataclass
+class Searched:
+    """One searched hyperparameter: a list of values (grid) or an interval (random / TPE)."""
+
+    key: str
+    values: list[float] = field(default_factory=list)
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    sweep_syntax: str = ""
+
+
+def _number(text: str) -> float | str:
+    """An override's value as a number where it is one."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _params(overrides: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        out[key.lstrip("+~")] = _number(value)
+    return out
+
+
+def load_trials(sweep_dir: Path) -> list[Trial]:
+    trials = []
+    for folder in trial_dirs(sweep_dir):
+        record = read_json(folder / TRIAL_FILE) or {}
+        summary = read_json(folder / SUMMARY_FILE) or {}
+        history = summary.get("history") or []
+        losses = [r["val/loss"] for r in history if r.get("val/loss") is not None]
+        accs = [r["val/acc"] for r in history if r.get("val/acc") is not None]
+        status = summary.get("status", "unfinished")
+        finished = status not in FAILED and status != "unfinished" and summary.get("best_value") is not None
+        trials.append(Trial(
+            name=folder.name, folder=folder, params=_params(record.get("overrides", [])), status=status,
+            epochs=len(history), best_val_loss=min(losses) if losses else None,
+            best_val_acc=max(accs) if accs else None, wall_time_s=summary.get("wall_time_s"),
+            error=summary.get("error", ""), value=summary["best_value"] if finished else None,
+        ))
+    return trials
+
+
+def searched_parameters(record: dict[str, Any]) -> list[Searched]:
+    """What the sweep varied, from its record (command-line sweeps and hydra.sweeper.params)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+
+    parser = OverridesParser.create()
+    lines = [f"{k}={v}" for k, v in record.get("sweeper_params", {}).items()]
+    lines += [o for o in record.get("task_overrides", []) if not o.startswith("hydra")]
+    found: dict[str, Searched] = {}
+    for line in lines:
+        try:
+            override = parser.parse_overrides([line])[0]
+        except Exception:  # noqa: BLE001 - not ours to judge here; the sweep ran with it
+            continue
+        if not override.is_sweep_override():
+            continue
+        sweep, key = override.value(), override.get_key_element().lstrip("+~")
+        item = Searched(key, sweep_syntax=line.partition("=")[2])
+        item.log = "log" in (getattr(sweep, "tags", None) or set())
+        if isinstance(sweep, IntervalSweep):
+            item.low, item.high = float(sweep.start), float(sweep.end)
+        elif isinstance(sweep, (ChoiceSweep, RangeSweep)):
+            values = list(sweep.list) if isinstance(sweep, ChoiceSweep) else list(override.sweep_iterator())
+            numbers = [_number(v) for v in values]
+            if not all(isinstance(v, float) for v in numbers):
+                continue  # e.g. model=lenet5,mlp: no range to move
+            item.values = sorted(numbers)
+            item.log = item.log or _geometric(item.values)
+        found[key] = item
+    return list(found.values())
+
+
+def _geometric(values: list[float]) -> bool:
+    if len(values) < 3 or min(values) <= 0:
+        return len(values) == 2 and min(values) > 0 and max(values) / min(values) >= 10
+    ratios = [b / a for a, b in zip(values, values[1:])]
+    return max(ratios) / min(ratios) < 1.05 and ratios[0] > 1.5
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def refine(item: Searched, best: float) -> tuple[str, str] | None:
+    """(what, new sweep syntax): shifted when ``best`` is on the edge of the range, narrowed around it otherwise."""
+    if item.values:  # a grid
+        n, values = len(item.values), item.values
+        on_edge = best in (values[0], values[-1])
+        if item.log:
+            ratio = (values[-1] / values[0]) ** (1 / (n - 1)) if n > 1 else 10.0
+            if on_edge:
+                new = [best * ratio ** (i - n // 2) for i in range(n)]
+            else:
+                new = [best * math.sqrt(ratio) ** (i - n // 2) for i in range(n)]
+        else:
+            step = (values[-1] - values[0]) / (n - 1) if n > 1 else 1.0
+            step = step if on_edge else step / 2
+            new = [best + step * (i - n // 2) for i in range(n)]
+        syntax = ",".join(_fmt(v) for v in new)
+        return ("on the edge" if on_edge else "inside", syntax)
+    if item.low is None or item.high is None:
+        return None
+    lo, hi = item.low, item.high
+    if item.log and lo > 0 and best > 0:
+        t = (math.log(best) - math.log(lo)) / (math.log(hi) - math.log(lo))
+        half = math.sqrt(hi / lo)
+        on_edge = t < EDGE or t > 1 - EDGE
+        width = half if on_edge else math.sqrt(half)
+        new_lo, new_hi = best / width, best * width
+    else:
+        t = (best - lo) / (hi - lo)
+        on_edge = t < EDGE or t > 1 - EDGE
+        half = (hi - lo) / 2 if on_edge else (hi - lo) / 4
+        new_lo, new_hi = best - half, best + half
+        if lo >= 0:
+            new_lo = max(new_lo, 0.0)
+    syntax = f"interval({_fmt(new_lo)}, {_fmt(new_hi)})"
+    return ("on the edge" if on_edge else "inside", f"tag(log, {syntax})" if item.log else syntax)
+
+
+def refined_command(record: dict[str, Any], item: Searched, syntax: str) -> str:
+    args = [o for o in record.get("task_overrides", []) if o.partition("=")[0].lstrip("+~") != item.key]
+    args = [a for a in args if not a.startswith(("hydra.sweep.dir=", "sweep.resume="))]
+    return " ".join(["cnnlab train -m", *(shlex.quote(a) for a in args), shlex.quote(f"{item.key}={syntax}")])
+
+
+def _cell(value: Any, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{100 * value:.2f}%" if pct else _fmt(value)
+    return str(value)
+
+
+def report(sweep_dir: str, *, plot: bool = False, test_best: bool = False, device: str = "auto",
+           data_dir: str | None = None, console: Console | None = None) -> dict[str, Any]:
+    console = console or make_console()
+    folder = Path(sweep_dir)
+    if not folder.is_dir():
+        raise CnnlabError(f"{sweep_dir} is not a folder; give a sweep directory (outputs/sweeps/<date>/<time>)")
+    record = read_json(folder / SWEEP_FILE) or {}
+    monitor = record.get("monitor", "val/acc")
+    trials = load_trials(folder)
+    if not trials:
+        raise CnnlabError(f"{sweep_dir} holds no trials (no */{TRIAL_FILE}); is it the directory of a `cnnlab train -m` sweep?")
+    maximize = not monitor.endswith("loss")
+    done = sorted((t for t in trials if t.value is not None), key=lambda t: t.value, reverse=maximize)
+    rest = [t for t in trials if t.value is None]
+    ranked = done + rest
+    best = done[0] if done else None
+    searched = searched_parameters(record)
+    varied = [s.key for s in searched]
+    for key in sorted({k for t in trials for k in t.params}):
+        if key not in varied and len({str(t.params.get(key)) for t in trials}) > 1:
+            varied.append(key)
+
+    header = ["", "trial", *varied, "status", "epochs", "best val loss", "best val acc", "wall time (s)", "error"]
+    rows = []
+    for t in ranked:
+        rows.append(["*" if t is best else "", t.name, *(_cell(t.params.get(k)) for k in varied), t.status,
+                     str(t.epochs), _cell(t.best_val_loss), _cell(t.best_val_acc, pct=True),
+                     f"{t.wall_time_s:.1f}" if t.wall_time_s is not None else "-", t.error])
+    failed = sum(t.status in FAILED for t in trials)
+    table = Table()
+    for column in header:
+        table.add_column(column, overflow="ellipsis" if column == "error" else "fold",
+                         max_width=48 if column == "error" else None)
+    for row in rows:
+        table.add_row(*(escape(c) for c in row), style="bold green" if row[0] else None)
+    console.print(titled(f"{folder}: {len(trials)} trials, {failed} failed; ranked by best {monitor}", table))
+
+    with (folder / "report.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["best", *header[1:]])
+        writer.writerows(rows)
+    md = ["| " + " | ".join(["best", *header[1:]]) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    advice = []
+    if best is not None:
+        console.print(f"best: trial {best.name}, {monitor} {_fmt(best.value)} ({best.folder})", highlight=False)
+        for item in searched:
+            value = best.params.get(item.key)
+            if not isinstance(value, float):
+                continue
+            refined = refine(item, value)
+            if refined is None:
+                continue
+            where, syntax = refined
+            command = refined_command(record, item, syntax)
+            if where == "on the edge":
+                line = f"{item.key}={_fmt(value)} is on the edge of the searched range {item.sweep_syntax}: move the window"
+            else:
+                line = f"{item.key}={_fmt(value)} lies inside {item.sweep_syntax}: refine around it"
+            advice.append({"key": item.key, "best": value, "where": where, "command": command})
+            console.print(f"{line}\n  {command}", highlight=False, soft_wrap=True)
+    (folder / "report.md").write_text("\n".join(
+        [f"# Sweep {folder}", "", f"{len(trials)} trials, {failed} failed; ranked by best {monitor}.", "", *md, ""]
+        + [f"- {a['key']} ({a['where']}): `{a['command']}`" for a in advice]) + "\n")
+    result: dict[str, Any] = {"trials": len(trials), "failed": failed, "monitor": monitor,
+                              "best": best.name if best else None, "ranking": [t.name for t in ranked],
+                              "advice": advice}
+    if plot:
+        result["plot"] = str(_plot(folder, trials, searched, monitor))
+        console.print(f"plot: {result['plot']}", highlight=False)
+    if test_best:
+        if best is None:
+            raise CnnlabError(f"{sweep_dir}: no trial finished, so there is none to test")
+        from cnnlab.analysis.evaluation import evaluate_runs
+
+        scores = evaluate_runs([str(best.folder)], splits=["test"], tta_flip=False, tta_shift=0, device=device,
+                               data_dir=data_dir, console=console)
+        result["test"] = {"trial": best.name, **scores["splits"]["test"]}
+        write_json(folder / "test_best.json", result["test"])
+        console.print(f"test split scored once, for trial {best.name}: {folder / 'test_best.json'}", highlight=False)
+    console.print(f"written: {folder / 'report.csv'}, {folder / 'report.md'}", highlight=False)
+    return result
+
+
+def _plot(folder: Path, trials: list[Trial], searched: list[Searched], monitor: str) -> Path:
+    from cnnlab.analysis.plotting import pyplot, save_png
+
+    plt = pyplot()
+    panels = max(len(searched), 1)
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
+    for ax, item in zip(axes[0], searched):
+        xs = [t.params.get(item.key) for t in trials if t.value is not None]
+        ys = [t.value for t in trials if t.value is not None]
+        ax.scatter(xs, ys, color="tab:blue", label="finished")
+        failed_x = [t.params.get(item.key) for t in trials if t.value is None and isinstance(t.params.get(item.key), float)]
+        if failed_x and ys:
+            ax.scatter(failed_x, [min(ys)] * len(failed_x), marker="x", color="tab:red", label="failed")
+        if item.log:
+            ax.set_xscale("log")
+        ax.set_xlabel(item.key + (" (log)" if item.log else ""))
+        ax.set_ylabel(f"best {monitor}")
+        ax.legend(fontsize=7)
+    path = folder / "report.png"
+    save_png(fig, path)
+    return path

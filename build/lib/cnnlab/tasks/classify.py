@@ -1,0 +1,216 @@
+"""The classification task: one run from a composed config to summary.json."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from rich.console import Console
+
+from cnnlab import __version__
+from cnnlab.analysis.evaluation import confusion_figure, confusion_matrix, metrics_from_probs, predict, tta_view_count
+from cnnlab.analysis.viz import Visualizer, images_of, start_visualizer
+from cnnlab.core.config import to_container
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.registry import TASKS
+from cnnlab.runtime.checkpoint import load_checkpoint, load_resumable, load_weights, read_json, write_json
+from cnnlab.runtime.distributed import launched_ranks
+from cnnlab.runtime.signals import StopRequest
+from cnnlab.train.assemble import setup
+from cnnlab.train.console import ConsoleReporter
+from cnnlab.train.loop import Trainer, selected_weights
+from cnnlab.train.resume import check_resumable
+from cnnlab.train.tensorboard_log import TensorBoardLogger
+
+
+class RunReporter:
+    """Sends the loop's events to the terminal and to TensorBoard (None: a DDP rank other than 0)."""
+
+    def __init__(self, console: ConsoleReporter, tensorboard: TensorBoardLogger | None, visualizer: Visualizer | None):
+        self.console, self.tensorboard, self.visualizer = console, tensorboard, visualizer
+        self.epoch_start, self.advance = console.epoch_start, console.advance
+
+    def log_step(self, step: int, loss: float, lr: float) -> None:
+        self.console.log_step(step, loss, lr)
+        if self.tensorboard is not None:
+            self.tensorboard.scalars({"train/step_loss": loss, "train/lr": lr}, step)
+
+    def log_parameters(self, model, step: int) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.parameters(model, step)
+
+    def warn(self, message: str) -> None:
+        self.console.warn(message)
+        if self.tensorboard is not None:
+            self.tensorboard.writer.add_text("warnings", message, 0)
+
+    def epoch_end(self, record: dict[str, Any], improved: bool) -> None:
+        self.console.epoch_end(record, improved)
+        if self.tensorboard is not None:
+            self.tensorboard.scalars({k: v for k, v in record.items() if k not in ("step",)}, record["step"])
+        if self.visualizer is not None:
+            self.visualizer.epoch_end(record["epoch"], record["step"])
+
+    def flush(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.writer.flush()
+
+
+def load_resume_state(cfg, run_dir: Path, console: ConsoleReporter) -> dict[str, Any] | None:
+    """The newest good checkpoint in ``run_dir`` when the config may continue it; None for a fresh run."""
+    found = load_resumable(run_dir / "checkpoints")
+    if found is None:
+        return None
+    state, path, damaged = found
+    for line in damaged:
+        console.warn(f"{line}; falling back to {path}")
+    status = (read_json(run_dir / "summary.json") or {}).get("status")
+    if status in ("early_stopped", "diverged") and state.get("partial") is None:
+        raise CnnlabError(f"{run_dir} ended {status}; nothing to resume (choose a new hydra.run.dir)")
+    check_resumable(state, path, to_container(cfg), run_dir)
+    state["path"] = str(path)
+    return state
+
+
+@TASKS.register
+def classify(cfg, run_dir: Path, console: Console | None = None, *, test: bool = True,
+             resume: bool = False, resume_hint: str | None = None) -> dict[str, Any]:
+    """Train an image classifier: choose on validation, test once (the default task).
+
+    ``test=False`` (a sweep's trials) leaves the test split unscored; ``resume``: continue from
+    ``run_dir``'s newest good checkpoint when there is one (the config may differ only in keys a
+    resume allows). Under torchrun, every rank calls this."""
+    wall_start = time.perf_counter()
+    ranks = launched_ranks()
+    console_reporter = ConsoleReporter(console if ranks.is_main else Console(quiet=True))
+    resume_state = load_resume_state(cfg, run_dir, console_reporter) if resume else None
+    s = setup(cfg, ranks)
+    run, device, autocast_dtype, data, model, optimizer = s.run, s.device, s.autocast_dtype, s.data, s.model, s.optimizer
+    train_idx, val_idx, train_pipe = s.train_idx, s.val_idx, s.train_pipe
+
+    if run.trainer.overfit_batches:  # babysitting: can the model memorise a few fixed batches?
+        fixed = train_idx[:run.trainer.overfit_batches * run.data.batch_size]
+        train_loader = s.loader("train", fixed, train=True, shuffle=False)  # fixed batches, augmented as configured
+        val_rows = fixed
+    else:
+        train_loader = s.loader("train", train_idx, train=True)
+        val_rows = val_idx
+    val_loader = s.loader("train", val_rows, train=False)
+    batches = min(len(train_loader), run.trainer.limit_train_batches or len(train_loader))
+    updates_per_epoch = math.ceil(batches / run.trainer.accumulate_steps)
+    scheduler = run.components["scheduler"].build(optimizer=optimizer, steps_per_epoch=updates_per_epoch, epochs=run.trainer.epochs)
+
+    tensorboard = visualizer = None
+    if ranks.is_main:  # one writer: rank 0's
+        tensorboard = TensorBoardLogger(run_dir / "tensorboard", run.resolved, OmegaConf.to_yaml(run.resolved),
+                                        purge_step=resume_state["step"] + 1 if resume_state else None)
+        visualizer = start_visualizer(s, run_dir, tensorboard.writer, fresh=resume_state is None)
+    n_params = sum(p.numel() for p in model.parameters())
+    console_reporter.start({
+        "run": str(run_dir), "dataset": f"{data.name}: {len(train_idx):,} train / {len(val_idx):,} val / "
+        f"{len(data.test_labels):,} test, {data.channels}x{data.input_size}x{data.input_size}, {data.num_classes} classes"
+        + (f"; {data.layout}" if data.reads_files else ""),
+        "data path": "in memory on the device (batched augmentation)" if s.in_memory else
+                     f"per image: DataLoader, {run.data.num_workers} workers, torchvision.transforms.v2",
+        "model": f"{run.components['model'].name}: {n_params:,} parameters",
+        "optimizer": f"{run.components['optimizer'].name} {run.components['optimizer'].options}",
+        "scheduler": run.components["scheduler"].name, "augment": run.augment_name,
+        "device": f"{device}" + (f" ({autocast_dtype})" if autocast_dtype else " (fp32)")
+                  + (f", {ranks.world_size} processes (DDP)" if ranks.enabled else ""),
+        **({"transfer": s.transfer} if s.transfer else {}),
+        "epochs": f"{run.trainer.epochs} x {batches} batches of {run.data.batch_size}"
+                  + (f", an update every {run.trainer.accumulate_steps}" if run.trainer.accumulate_steps > 1 else ""),
+    })
+    with StopRequest() as stop:
+        trainer = Trainer(
+            model, optimizer, scheduler, settings=run.trainer, device=device, num_classes=data.num_classes,
+            reporter=RunReporter(console_reporter, tensorboard, visualizer), checkpoint_dir=run_dir / "checkpoints",
+            autocast_dtype=autocast_dtype,
+            generators={"data_order": train_loader.generator, "augment": train_pipe.generator},
+            checkpoint_extra={"config": run.resolved, "version": __version__, "classes": data.classes},
+            ranks=ranks, stop=stop, resume_hint=resume_hint or f"cnnlab train resume={run_dir}",
+        )
+        if resume_state is not None:
+            trainer.load_state(resume_state)
+            where = f"epoch {trainer.epoch}" + (f", batch {trainer.partial['batch']} of epoch {trainer.epoch + 1}"
+                                                if trainer.partial else "")
+            console_reporter.console.print(f"resumed from {resume_state['path']} after {where} (step {trainer.step})",
+                                           highlight=False)
+        try:
+            history = trainer.fit(train_loader, val_loader)
+        except BaseException:
+            if tensorboard is not None:
+                tensorboard.close(status_ok=False)
+            raise
+    if not ranks.is_main:  # rank 0 alone selects, tests and writes the summary; the others wait for it
+        ranks.barrier()
+        return {"status": trainer.status, "best_value": trainer.best.value}
+
+    summary = {
+        "status": trainer.status, "name": run.name, "run_dir": str(run_dir), "version": __version__,
+        "dataset": data.name, "model": run.components["model"].name, "parameters": n_params,
+        "device": str(device), "precision": str(autocast_dtype or torch.float32).replace("torch.", ""),
+        "processes": ranks.world_size,
+        "sizes": {"train": len(train_idx), "val": len(val_idx), "test": len(data.test_labels)},
+        "initial_loss": trainer.initial_loss, "expected_initial_loss": math.log(data.num_classes),
+        "monitor": trainer.best.monitor, "best_epoch": trainer.best.epoch, "best_value": trainer.best.value,
+        "selected_weights": "ema" if trainer.ema is not None else "model",
+        "compile_time_s": trainer.compile_time_s,  # with trainer.compile; not in train_time_s
+    }
+    if trainer.status == "diverged" or trainer.best.epoch is None:
+        # A diverged run is recorded, not tested: the test set is for selected models only.
+        summary.update({"diverged_at_step": trainer.diverged_at, "selected": {}, "history": history})
+        write_json(run_dir / "summary.json", summary)
+        tensorboard.close(status_ok=False)
+        console_reporter.console.print(f"status: {trainer.status}; summary: {run_dir / 'summary.json'}", highlight=False)
+        ranks.barrier()
+        return summary
+    if ranks.enabled:  # the final scores use whole batches on rank 0
+        val_loader = s.loader("train", val_rows, train=False, shard=False)
+
+    # Choose on validation, test once: the test split is batched only now, for the selected weights.
+    best = run_dir / "checkpoints" / "best.pt"
+    load_weights(model, selected_weights(load_checkpoint(best)), best)
+    probabilities = {}
+
+    def score(split: str, loader) -> dict[str, float | None]:
+        probabilities[split] = predict([model], loader, autocast_dtype=autocast_dtype, tta_flip=run.trainer.tta_flip,
+                                       tta_shift=run.trainer.tta_shift, limit=run.trainer.limit_eval_batches)
+        return metrics_from_probs(*probabilities[split]).report()
+
+    selected = {}
+    if run.trainer.eval_train_at_end:
+        selected["train"] = score("train", s.loader("train", train_idx, train=False, shard=False))
+    selected["val"] = score("val", val_loader)
+    confusion = None
+    if test:
+        selected["test"] = score("test", s.loader("test", train=False, shard=False))
+        confusion = confusion_matrix(*probabilities["test"], data.num_classes)
+        tensorboard.writer.add_figure("test/confusion_matrix", confusion_figure(confusion, data.classes), trainer.step)
+        if visualizer is not None and run.viz.misclassified:
+            visualizer.misclassified(lambda idx: images_of(s, "test", idx, train=False), *probabilities["test"], trainer.step)
+
+    train_time = sum(r["train_time_s"] for r in history)
+    summary.update({
+        "selected": selected,
+        "train_time_s": train_time, "wall_time_s": time.perf_counter() - wall_start,
+        "train_images_per_s": sum(r["images_per_s"] * r["train_time_s"] for r in history) / train_time,
+        "tta_views": tta_view_count(run.trainer.tta_flip, run.trainer.tta_shift),
+        "confusion_matrix": confusion.tolist() if confusion is not None else None,  # [true][predicted], test split
+        "history": history,
+    })
+    write_json(run_dir / "summary.json", summary)
+    final = {f"test/{k}": v for k, v in selected.get("test", {}).items() if k in ("loss", "acc", "top5")}
+    final.update({"best/" + trainer.best.monitor.replace("/", "_"): trainer.best.value,
+                  "selected/train_loss": selected.get("train", {}).get("loss"),
+                  "selected/val_loss": selected["val"]["loss"], "selected/val_acc": selected["val"]["acc"]})
+    tensorboard.scalars(final, trainer.step)
+    tensorboard.close(status_ok=True)
+    console_reporter.finish(selected, trainer.best.epoch, trainer.best.monitor)
+    console_reporter.console.print(f"summary: {run_dir / 'summary.json'}", highlight=False)
+    ranks.barrier()  # nobody leaves (and tears down the process group) while another rank still works
+    return summary

@@ -1,0 +1,1 @@
+"""Training: the loop, checkpoints, and what a run reports (terminal, TensorBoard, summary.json)."""

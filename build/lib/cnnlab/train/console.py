@@ -1,0 +1,117 @@
+"""What a run shows in the terminal (rich) and writes to its log file.
+
+On a terminal: a live progress bar per epoch (step, loss, images/s, ETA).
+Otherwise (CI logs, redirected output): plain lines every log_every_n_steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+log = logging.getLogger("cnnlab")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+# Where output is not a terminal (a log file, a pipe, CI), nothing is wrapped: each record stays one
+# line however long, and tables take the width they need.
+UNWRAPPED_WIDTH = 1000
+
+
+def make_console(**options: Any) -> Console:
+    """A rich Console that wraps lines only on a terminal."""
+    console = Console(**options)
+    if console.is_terminal or "width" in options:
+        return console
+    return Console(soft_wrap=True, width=UNWRAPPED_WIDTH, **options)
+
+
+def titled(title: str, table: Table) -> Group:
+    """A table under its title, the title a line of its own: never squeezed into the table's width."""
+    return Group(Text(title, style="italic"), table)
+
+
+def report_table(title: str, report: dict[str, dict[str, float | None]]) -> Group:
+    """The homework's report: loss, error, accuracy and top-5 per split."""
+    table = Table()
+    for column in ("split", "loss", "error", "accuracy", "top-5"):
+        table.add_column(column, justify="right" if column != "split" else "left")
+    for split, m in report.items():
+        table.add_row(split, f"{m['loss']:.4f}", _pct(m["error"]), _pct(m["acc"]), _pct(m.get("top5")))
+    return titled(title, table)
+
+
+class ConsoleReporter:
+    def __init__(self, console: Console | None = None):
+        self.console = console or make_console()
+        self.live = self.console.is_terminal
+        self.progress: Progress | None = None
+
+    def start(self, info: dict[str, Any]) -> None:
+        body = "\n".join(f"[bold]{k}[/]: {v}" for k, v in info.items())
+        self.console.print(Panel(body, title="cnnlab train", expand=False))
+        log.info("start: %s", "; ".join(f"{k}={v}" for k, v in info.items()))
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
+        """``done``: batches of this epoch trained before a resume."""
+        self.epoch, self.epochs, self.steps, self.done = epoch, epochs, steps, done
+        self.images, self.started, self.loss = 0, time.perf_counter(), float("nan")
+        if self.live:
+            self.progress = Progress(
+                TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:,.0f} img/s"),
+                TimeRemainingColumn(), console=self.console, transient=True,
+            )
+            self.task = self.progress.add_task("train", total=steps, completed=done, loss=float("nan"), ips=0.0)
+            self.progress.start()
+
+    def advance(self, images: int) -> None:
+        self.done += 1
+        self.images += images
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+    def log_step(self, step: int, loss: float, lr: float) -> None:
+        ips = self.images / max(time.perf_counter() - self.started, 1e-9)
+        if self.progress is not None:
+            self.progress.update(self.task, loss=loss, ips=ips)
+        else:
+            eta = (self.steps - self.done) * (time.perf_counter() - self.started) / max(self.done, 1)
+            self.console.print(
+                f"epoch {self.epoch}/{self.epochs} step {self.done}/{self.steps} loss {loss:.4f} "
+                f"lr {lr:.3g} {ips:,.0f} img/s eta {eta:.0f}s", highlight=False,
+            )
+
+    def warn(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+        else:
+            self.console.print(f"warning: {message}", highlight=False, markup=False)
+        log.warning(message)
+
+    def epoch_end(self, record: dict[str, Any], improved: bool) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        line = (
+            f"epoch {record['epoch']}/{self.epochs}  train loss {record['train/loss']:.4f} acc {_pct(record['train/acc'])}  "
+            f"val loss {record['val/loss']:.4f} acc {_pct(record['val/acc'])}  lr {record['lr']:.3g}  "
+            f"{record['train_time_s']:.1f}s {record['images_per_s']:,.0f} img/s" + ("  *best" if improved else "")
+        )
+        self.console.print(line, highlight=False)
+        log.info(line)
+
+    def finish(self, selected: dict[str, dict[str, float]], best_epoch: int | None, monitor: str) -> None:
+        for split, m in selected.items():
+            log.info("%s: loss %.4f error %s accuracy %s", split, m["loss"], _pct(m["error"]), _pct(m["acc"]))
+        self.console.print(report_table(f"selected model: epoch {best_epoch} (best {monitor})", selected))

@@ -1,0 +1,151 @@
+"""Scoring saved models: test-time augmentation, ensembles, confusion matrices, `cnnlab eval`.
+
+An ensemble averages the members' softmax outputs (the lectures' model ensemble);
+test-time augmentation averages over views of each image (mirror, and shifts by a
+few pixels). Loss is the negative log-likelihood of the averaged probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import nn
+
+from cnnlab.core.errors import CnnlabError
+from cnnlab.analysis.plotting import pyplot
+from cnnlab.runtime.checkpoint import load_checkpoint, load_weights
+from cnnlab.train.console import make_console, report_table
+from cnnlab.train.loop import Metrics, MetricSums, autocast_for, selected_weights
+
+
+def tta_view_count(flip: bool, shift: int) -> int:
+    """How many views tta_views makes."""
+    return 1 + int(flip) + (4 if shift else 0)
+
+
+def tta_views(x: torch.Tensor, flip: bool, shift: int) -> list[torch.Tensor]:
+    """The image, its mirror image, and copies shifted by `shift` pixels up, down, left and right."""
+    views = [x]
+    if flip:
+        views.append(x.flip(3))
+    if shift:
+        h, w = x.shape[2:]
+        padded = F.pad(x, (shift,) * 4)  # zeros: the mean image after normalisation
+        for dy, dx in ((shift, 0), (-shift, 0), (0, shift), (0, -shift)):
+            views.append(padded[:, :, shift + dy:shift + dy + h, shift + dx:shift + dx + w])
+    return views
+
+
+@torch.inference_mode()
+def predict(models: Sequence[nn.Module], loader, *, autocast_dtype: torch.dtype | None = None,
+            tta_flip: bool = False, tta_shift: int = 0, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities averaged over models and views, with the labels: (N, C), (N,)."""
+    for m in models:
+        m.eval()
+    probs, labels = [], []
+    for i, (x, y) in enumerate(loader):
+        if limit is not None and i == limit:
+            break
+        total = 0
+        views = tta_views(x, tta_flip, tta_shift)
+        for model in models:
+            for view in views:
+                with autocast_for(x.device, autocast_dtype):
+                    total = total + F.softmax(model(view).float(), dim=1)
+        probs.append((total / (len(models) * len(views))).cpu())
+        labels.append(y.cpu())
+    return torch.cat(probs), torch.cat(labels)
+
+
+def metrics_from_probs(probs: torch.Tensor, labels: torch.Tensor) -> Metrics:
+    """Loss (NLL of the probabilities), accuracy and top-5, counted as during training."""
+    sums = MetricSums(probs.device, top5=probs.shape[1] > 5)
+    sums.add(probs, labels, F.nll_loss(probs.clamp_min(1e-12).log(), labels))
+    return sums.result()
+
+
+def confusion_matrix(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """counts[true, predicted]."""
+    index = labels * num_classes + probs.argmax(1)
+    return torch.bincount(index, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def confusion_figure(matrix: torch.Tensor, classes: Sequence[str]):
+    n = len(classes)
+    size = min(max(4.0, 0.45 * n + 2), 20)
+    fig, ax = pyplot().subplots(figsize=(size, size), dpi=100)
+    rates = matrix.float() / matrix.sum(1, keepdim=True).clamp_min(1)
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if n <= 30:
+        ax.set_xticks(range(n), classes, rotation=90)
+        ax.set_yticks(range(n), classes)
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix (test, selected model)")
+    fig.tight_layout()
+    return fig
+
+
+# --- cnnlab eval ------------------------------------------------------------------------------------
+
+def checkpoint_path(target: str) -> Path:
+    path = Path(target)
+    if path.is_dir():
+        path = path / "checkpoints" / "best.pt"
+    if not path.is_file():
+        raise CnnlabError(f"{target}: no checkpoint (give a run directory with checkpoints/best.pt, or a .pt file)")
+    return path
+
+
+def evaluate_runs(targets: Sequence[str], *, splits: Sequence[str], tta_flip: bool, tta_shift: int,
+                  device: str, data_dir: str | None, console: Console | None = None) -> dict[str, Any]:
+    """Score one run or an ensemble of runs on the given splits; print the homework's report table."""
+    from cnnlab.core.config import parse_run_config
+    from cnnlab.train.assemble import build_model, resolve_device, setup
+
+    console = console or make_console()
+    checkpoints = [(p, load_checkpoint(p)) for p in map(checkpoint_path, targets)]
+    configs = []
+    for path, ckpt in checkpoints:
+        cfg = ckpt.get("config")
+        if not isinstance(cfg, dict):
+            raise CnnlabError(f"checkpoint {path} has no config; was it written by cnnlab train?")
+        cfg = {**cfg, "trainer": {**cfg["trainer"], "device": device}}
+        if data_dir is not None:
+            cfg["dataset"] = {**cfg["dataset"], "root": data_dir} if "root" in cfg["dataset"] else cfg["dataset"]
+        configs.append(cfg)
+    runs = [parse_run_config(cfg) for cfg in configs]
+    first = runs[0]
+    for (path, _), other in zip(checkpoints[1:], runs[1:]):
+        if (other.components["dataset"].options, other.components["dataset"].name, other.data.val_fraction,
+                other.data.split_seed) != (first.components["dataset"].options, first.components["dataset"].name,
+                                           first.data.val_fraction, first.data.split_seed):
+            raise CnnlabError(f"{path} was trained on other data or another validation split than {checkpoints[0][0]}; "
+                              "an ensemble must share both")
+    resolve_device(device)
+    base = setup(configs[0])  # data, split and pipelines: shared by every member
+    models = [base.model, *(build_model(run, base.data, base.device, init=False) for run in runs[1:])]
+    for (path, ckpt), model in zip(checkpoints, models):
+        load_weights(model, selected_weights(ckpt), path)
+    where = {"train": ("train", base.train_idx), "val": ("train", base.val_idx), "test": ("test", None)}
+    report = {}
+    for split in splits:
+        probs, labels = predict(models, base.loader(*where[split], train=False), autocast_dtype=base.autocast_dtype,
+                                tta_flip=tta_flip, tta_shift=tta_shift)
+        report[split] = metrics_from_probs(probs, labels).report()
+    views = tta_view_count(tta_flip, tta_shift)
+    title = (f"{'ensemble of ' + str(len(models)) if len(models) > 1 else 'model'}: "
+             f"{', '.join(str(p) for p, _ in checkpoints)}" + (f"; TTA, {views} views" if views > 1 else ""))
+    console.print(report_table(title, report))
+    return {"members": [str(p) for p, _ in checkpoints], "tta_views": views, "splits": report}
+

@@ -1,0 +1,287 @@
+"""Seeing inside the network: first-layer filters over training, feature maps of a fixed image at
+each stage, what the augmentation makes of training images, the most confidently misclassified
+test images, and the confusion matrix.
+
+During training they go to TensorBoard (tags viz/*), and what they are drawn from goes to
+<run dir>/viz/record.pt, from which `cnnlab viz <run dir>` draws PNGs at any time later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.utils import make_grid
+
+from cnnlab.core.errors import CnnlabError
+from cnnlab.train.finetune import stages
+from cnnlab.analysis.plotting import pyplot, save_png
+from cnnlab.runtime.checkpoint import atomic_write, read_json, safe_load
+
+MAX_FILTERS = 64       # the first layer's filters drawn (all of LeNet's 6, the first 64 of an MLP's)
+MAX_CHANNELS = 16      # feature maps drawn per stage
+RECORD = "record.pt"
+
+
+def first_layer_filters(model: nn.Module, channels: int, size: int) -> torch.Tensor | None:
+    """(N, C, k, k) weights of the first conv, or of a first linear layer seen as images (an MLP's templates)."""
+    for m in getattr(model, "_orig_mod", model).modules():
+        if isinstance(m, nn.Conv2d):
+            return m.weight.detach()[:MAX_FILTERS].float().cpu()
+        if isinstance(m, nn.Linear):
+            if m.in_features == channels * size * size:
+                return m.weight.detach()[:MAX_FILTERS].float().cpu().view(-1, channels, size, size)
+            return None  # the first layer does not see pixels (Fourier features)
+    return None
+
+
+def each_scaled(x: torch.Tensor) -> torch.Tensor:
+    """Every image of (N, C, H, W) stretched to [0, 1] on its own, so weak ones still show."""
+    flat = x.flatten(1)
+    low, high = flat.min(1).values.view(-1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1)
+    return (x - low) / (high - low).clamp_min(1e-12)
+
+
+def filter_grid(weights: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) image of the filters: RGB filters in colour, others as the mean over their channels."""
+    if weights.shape[1] not in (1, 3):
+        weights = weights.mean(1, keepdim=True)
+    nrow = 8 if len(weights) > 16 else len(weights)
+    return make_grid(each_scaled(weights), nrow=nrow, padding=1, pad_value=1.0)
+
+
+def feature_grid(maps: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) image of one image's feature maps (C, h, w), one tile per channel."""
+    return make_grid(each_scaled(maps[:MAX_CHANNELS].unsqueeze(1)), nrow=8, padding=1, pad_value=1.0)
+
+
+@torch.no_grad()
+def stage_outputs(model: nn.Module, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The spatial output (C, h, w) of each stage for one normalised image (1, C, H, W)."""
+    found: dict[str, torch.Tensor] = {}
+    hooks = []
+    for stage in stages(model):
+        def keep(module, inputs, output, name=stage.name):
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                found[name] = output[0, :MAX_CHANNELS].float().cpu()
+        hooks.append(stage.output.register_forward_hook(keep))
+    was_training = model.training
+    model.eval()
+    try:
+        model(image)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def log_spaced(epoch: int) -> bool:
+    """Epochs whose filters the record keeps: 0, 1, 2, 4, 8, ... (the lectures' figure is log-spaced)."""
+    return epoch == 0 or epoch & (epoch - 1) == 0
+
+
+@dataclass
+class Record:
+    """What the PNGs are drawn from; saved as <run dir>/viz/record.pt."""
+
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    filters: dict[int, torch.Tensor] = field(default_factory=dict)  # epoch -> first-layer weights
+    sample: torch.Tensor | None = None  # the fixed (validation) image, uint8
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # stage -> maps, at features_epoch
+    features_epoch: int | None = None
+    augmented: torch.Tensor | None = None  # uint8 (N, C, H, W)
+    misclassified: dict[str, Any] | None = None  # images (uint8), true, predicted, confidence
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / RECORD, lambda f: torch.save(self.__dict__, f))
+
+    @classmethod
+    def load(cls, folder: Path) -> Record | None:
+        path = folder / RECORD
+        if not path.is_file():
+            return None
+        state = safe_load(path, f"viz record {path}")
+        try:
+            return cls(**state)
+        except TypeError:
+            raise CnnlabError(f"viz record {path} is not a cnnlab viz record; delete it to start a new one") from None
+
+
+def to_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalised images back to uint8 pixels."""
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    return (x.float().cpu() * s + m).clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+class Visualizer:
+    """Training-time pictures for one run (rank 0): to TensorBoard and to the record."""
+
+    def __init__(self, settings, writer, folder: Path, model: nn.Module, record: Record,
+                 sample: torch.Tensor, channels: int, size: int):
+        self.settings, self.writer, self.folder, self.model = settings, writer, folder, model
+        self.record, self.sample, self.channels, self.size = record, sample, channels, size
+
+    def augmented(self, images: torch.Tensor) -> None:
+        """A grid of augmented training images (uint8), once per run."""
+        self.record.augmented = images
+        self.writer.add_image("viz/augmented_samples", make_grid(images, nrow=8, padding=1, pad_value=255), 0)
+        self.record.save(self.folder)
+
+    def epoch_end(self, epoch: int, step: int) -> None:
+        every = self.settings.every_n_epochs
+        if not every or epoch % every:
+            return
+        filters = first_layer_filters(self.model, self.channels, self.size)
+        if filters is not None and filters.isfinite().all():  # a diverged run's NaN weights draw nothing
+            self.writer.add_image("viz/first_layer_filters", filter_grid(filters), step)
+            if log_spaced(epoch):
+                self.record.filters[epoch] = filters.half()
+        try:
+            maps = {k: m for k, m in stage_outputs(self.model, self.sample).items() if m.isfinite().all()}
+        except CnnlabError:  # a model without a backbone/head split has no stages to show
+            maps = {}
+        for i, (name, m) in enumerate(maps.items()):
+            self.writer.add_image(f"viz/features/{i:02d}_{name}", feature_grid(m), step)
+        self.record.features, self.record.features_epoch = maps, epoch
+        self.record.save(self.folder)
+
+    def misclassified(self, images_at, probs: torch.Tensor, labels: torch.Tensor, step: int) -> None:
+        """The test images the selected model got wrong with the highest confidence; ``images_at(idx)``
+        reads the test images at idx (uint8)."""
+        n = self.settings.misclassified
+        confidence, predicted = probs.max(1)
+        wrong = (predicted != labels).nonzero().flatten()
+        chosen = wrong[confidence[wrong].argsort(descending=True)[:n]]
+        images = images_at(chosen) if len(chosen) else torch.zeros(0, dtype=torch.uint8)
+        self.record.misclassified = {"images": images, "true": labels[chosen], "predicted": predicted[chosen],
+                                     "confidence": confidence[chosen], "index": chosen}
+        if len(chosen):
+            self.writer.add_figure("test/misclassified", misclassified_figure(self.record), step)
+        self.record.save(self.folder)
+
+
+# --- figures: for TensorBoard and for `cnnlab viz` ---------------------------------------------------
+
+def show(ax, image: torch.Tensor, title: str = "") -> None:
+    """One (C, H, W) image, uint8 or in [0, 1], on ``ax``."""
+    image = image.float() / 255 if image.dtype == torch.uint8 else image
+    ax.imshow(image.permute(1, 2, 0).numpy().squeeze(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def misclassified_figure(record: Record):
+    m = record.misclassified
+    n = len(m["images"])
+    cols = min(n, 8)
+    rows = (n + cols - 1) // cols
+    fig, axes = pyplot().subplots(rows, cols, figsize=(1.7 * cols, 2.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, t, p, c in zip(axes.flat, m["images"], m["true"], m["predicted"], m["confidence"]):
+        show(ax, image, f"{record.classes[t]}\n→ {record.classes[p]} ({100 * c:.0f}%)")
+    fig.suptitle("most confidently misclassified (test): true → predicted (confidence)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def filters_figure(record: Record):
+    epochs = sorted(record.filters)
+    fig, axes = pyplot().subplots(len(epochs), 1, figsize=(8, 1.4 * len(epochs) + 0.6), squeeze=False)
+    for ax, epoch in zip(axes[:, 0], epochs):
+        show(ax, filter_grid(record.filters[epoch].float()), "initialisation" if epoch == 0 else f"after epoch {epoch}")
+    fig.suptitle("first-layer filters during training", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def features_figure(record: Record):
+    names = list(record.features)
+    fig, axes = pyplot().subplots(len(names) + 1, 1, figsize=(8, 1.6 * (len(names) + 1)), squeeze=False)
+    show(axes[0, 0], record.sample, "input")
+    for ax, name in zip(axes[1:, 0], names):
+        m = record.features[name]
+        show(ax, feature_grid(m), f"{name}: {m.shape[0]} of its maps, {m.shape[1]}x{m.shape[2]}")
+    fig.suptitle(f"feature maps of a fixed validation image, after epoch {record.features_epoch}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def augmented_figure(record: Record):
+    fig, ax = pyplot().subplots(figsize=(8, 8 * (len(record.augmented) // 8 or 1) / 8 + 0.5))
+    show(ax, make_grid(record.augmented, nrow=8, padding=1, pad_value=255), "augmented training images")
+    fig.tight_layout()
+    return fig
+
+
+def write_pngs(run_dir: Path) -> list[Path]:
+    """`cnnlab viz <run dir>`: the run's pictures as PNGs in <run dir>/viz/."""
+    from cnnlab.analysis.evaluation import confusion_figure
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CnnlabError(f"{run_dir} is not a directory; give a run directory (outputs/runs/<date>/<time>-<name>)")
+    folder = run_dir / "viz"
+    record = Record.load(folder)
+    if record is None:
+        raise CnnlabError(f"{run_dir} has no viz/{RECORD}: it is not a run directory, or it ran with viz off "
+                          "or before cnnlab had viz")
+    figures = {"filters.png": filters_figure if record.filters else None,
+               "features.png": features_figure if record.features else None,
+               "augmented.png": augmented_figure if record.augmented is not None else None,
+               "misclassified.png": misclassified_figure if record.misclassified and len(record.misclassified["images"]) else None}
+    confusion = (read_json(run_dir / "summary.json") or {}).get("confusion_matrix")
+    written = []
+    for name, draw in figures.items():
+        if draw is not None:
+            save_png(draw(record), folder / name)
+            written.append(folder / name)
+    if confusion:
+        save_png(confusion_figure(torch.tensor(confusion), record.classes), folder / "confusion.png")
+        written.append(folder / "confusion.png")
+    return written
+
+
+# --- wiring into a run ----------------------------------------------------------------------------------
+
+def images_of(setup, split: str, idx: torch.Tensor, *, train: bool) -> torch.Tensor:
+    """uint8 images of ``split`` at ``idx`` as the run's data path delivers them (on the per-image
+    path after its per-image transforms), without touching the training's random streams."""
+    if setup.in_memory:
+        return setup.data.tensors(split, idx.to(setup.data.train_labels.device))[0].cpu()
+    dataset = setup.data.per_image(split, idx, setup.per_image[train])
+    with torch.random.fork_rng(devices=[]):
+        return torch.stack([dataset[i][0] for i in range(len(idx))])
+
+
+def start_visualizer(setup, run_dir: Path, writer, fresh: bool) -> Visualizer | None:
+    """The run's Visualizer (None with viz off); on a fresh run, the augmented grid and the filters at init."""
+    settings, data = setup.run.viz, setup.data
+    if not (settings.every_n_epochs or settings.augment_samples or settings.misclassified):
+        return None
+    folder = run_dir / "viz"
+    record = (None if fresh else Record.load(folder)) or Record(list(data.classes), tuple(data.mean), tuple(data.std))
+    sample = images_of(setup, "train", setup.val_idx[:1], train=False)
+    record.sample = sample[0]
+    normalised = setup.eval_pipe(sample.to(setup.device))
+    model = getattr(setup.model, "module", setup.model)
+    viz = Visualizer(settings, writer, folder, model, record, normalised, data.channels, data.input_size)
+    if fresh:
+        if settings.augment_samples:
+            idx = setup.train_idx[:settings.augment_samples]
+            images = images_of(setup, "train", idx, train=True).to(setup.device)
+            pipe = setup.train_pipe
+            state = pipe.generator.get_state()  # the training's augmentation draws stay as they were
+            augmented, _ = pipe.apply(images, setup.data.train_labels[idx.to(setup.data.train_labels.device)].to(setup.device))
+            pipe.generator.set_state(state)
+            viz.augmented(to_uint8(augmented, data.mean, data.std))
+        viz.epoch_end(0, 0)
+    return viz

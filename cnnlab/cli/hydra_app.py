@@ -1,0 +1,157 @@
+"""The Hydra application behind ``cnnlab train``, and the translation of
+Hydra's composition errors into cnnlab's one-line messages."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from cnnlab.core.config import (CONF_DIR, GROUP_REGISTRIES, TOP_LEVEL_KEYS, DataSettings, TrainerSettings, check_settings,
+                           parse_run_config)
+from cnnlab.core.errors import CnnlabError, JobAborted, ProcessesFailed, suggestion
+from cnnlab.core.registry import load_components
+from cnnlab.sweep.trials import register_resolvers, run_trial
+from cnnlab.runtime.checkpoint import atomic_write
+from cnnlab.runtime.distributed import LOCK_HELD_ENV, launch_processes, launched_ranks
+from cnnlab.runtime.lock import RunDirLock
+
+
+register_resolvers()
+
+
+# Hydra's config search path while cnnlab runs (hydra_plugins/cnnlab_searchpath reads it): the user's
+# --config-dir folders, then cnnlab's own. A user's YAML adds entries to a group or replaces ours.
+SEARCH_PATH: list[str] = []
+
+
+def use_config_dirs(folders: list[str]) -> list[str]:
+    """Set the search path: ``folders`` (the user's, in order) before cnnlab's. Returns them as
+    absolute paths, for the processes a run starts (DDP ranks)."""
+    absolute = []
+    for folder in folders:
+        path = Path(folder).expanduser().resolve()
+        if not path.is_dir():
+            raise CnnlabError(f"--config-dir {folder}: no such folder")
+        absolute.append(str(path))
+    SEARCH_PATH[:] = [f"file://{p}" for p in absolute] + [f"file://{CONF_DIR}"]
+    return absolute
+
+
+@hydra.main(version_base="1.3", config_path=None, config_name="train")
+def hydra_train(cfg: DictConfig) -> float | None:
+    """Hydra's task: one run, or one trial of a sweep. Returns the best validation value, the sweepers' objective."""
+    from cnnlab.tasks import train
+
+    hydra_config = HydraConfig.get()
+    run_dir = Path(hydra_config.runtime.output_dir)
+    try:
+        with writer_of(run_dir, cfg):
+            if hydra_config.mode == RunMode.MULTIRUN:
+                return run_trial(cfg, run_dir)  # records failures instead of raising: the sweep goes on
+            devices = parse_run_config(cfg).trainer.devices
+            if devices > 1 and not launched_ranks().enabled:  # start the DDP processes; they train in run_dir
+                folders = [arg for path in SEARCH_PATH[:-1] for arg in ("--config-dir", path.removeprefix("file://"))]
+                code = launch_processes(devices, [*folders, *hydra_config.overrides.task, f"hydra.run.dir={run_dir}"],
+                                        run_dir)
+                if code:
+                    raise ProcessesFailed(code)
+                return None
+            summary = train(cfg, run_dir, resume=True)  # a run directory with a checkpoint continues (requeued jobs)
+    except CnnlabError as e:
+        raise JobAborted(e) from None
+    return summary["best_value"]
+
+
+@contextlib.contextmanager
+def writer_of(run_dir: Path, cfg: DictConfig) -> Iterator[None]:
+    """Be the one writer of ``run_dir`` for the block: take its lock, then record the run's config
+    in .hydra/ as Hydra would (conf/train.yaml turns Hydra's own early write off, so that a second
+    process refused here has written nothing). DDP ranks started for a run that holds the lock
+    (trainer.devices, or torchrun's ranks other than 0) share it."""
+    ranks = launched_ranks()
+    if ranks.enabled and (not ranks.is_main or os.environ.get(LOCK_HELD_ENV) == str(run_dir)):
+        yield
+        return
+    with RunDirLock(run_dir, warn=lambda message: print(f"warning: {message}", file=sys.stderr, flush=True)):
+        record = run_dir / ".hydra"
+        hydra_node = HydraConfig.get()
+        for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hydra_node})),
+                           ("overrides.yaml", OmegaConf.create(list(hydra_node.overrides.task)))):
+            text = OmegaConf.to_yaml(node).encode()
+            atomic_write(record / name, lambda f, text=text: f.write(text))
+        yield
+
+
+def lr_find_app(min_lr: float, max_lr: float, steps: int):
+    """The Hydra application of `cnnlab lr-find`: the same config as training, the range test instead."""
+
+    @hydra.main(version_base="1.3", config_path=None, config_name="train")
+    def hydra_lr_find(cfg: DictConfig) -> None:
+        from cnnlab.analysis.lr_find import lr_range_test
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            with writer_of(run_dir, cfg):
+                lr_range_test(cfg, run_dir, min_lr, max_lr, steps)
+        except CnnlabError as e:
+            raise JobAborted(e) from None
+
+    return hydra_lr_find
+
+
+def translate_hydra_error(e: BaseException) -> CnnlabError | None:
+    """A CnnlabError for a config mistake Hydra or OmegaConf caught; None for anything else."""
+    load_components()
+    cause: BaseException | None = e
+    while cause is not None:  # a resolver of ours (cnnlab_fresh_dir) raised it: its line as it is
+        if isinstance(cause, CnnlabError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(e, MissingConfigException):
+        group, _, choice = (e.missing_cfg_file or "").rpartition("/")
+        if group in GROUP_REGISTRIES:
+            try:
+                GROUP_REGISTRIES[group].get(choice)
+            except CnnlabError as err:
+                return err
+        if group and e.options:
+            return CnnlabError(f"unknown {group} {choice!r}{suggestion(choice, e.options)}; choose from: {', '.join(e.options)}")
+        return CnnlabError(_one_line(e))
+    cause = e.__cause__ or e
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
+        parent, _, key = str(cause.full_key).rpartition(".")
+        node = getattr(cause, "parent_node", None)
+        try:
+            if parent in GROUP_REGISTRIES and node is not None and "name" in node:
+                GROUP_REGISTRIES[parent].check_options(str(node["name"]), {key: None}, parent)
+            elif parent in ("trainer", "data"):
+                check_settings(TrainerSettings if parent == "trainer" else DataSettings, {key: None}, parent)
+            elif parent == "":
+                return CnnlabError(f"unknown config key {key!r}{suggestion(key, TOP_LEVEL_KEYS)}; top-level keys: {', '.join(sorted(TOP_LEVEL_KEYS))}")
+        except CnnlabError as err:
+            return err
+        keys = list(node.keys()) if node is not None and hasattr(node, "keys") else []
+        return CnnlabError(f"{parent or 'config'} has no key {key!r}{suggestion(key, map(str, keys))}" + (f"; it has: {', '.join(map(str, keys))}" if keys else ""))
+    if isinstance(e, OverrideParseException):
+        return CnnlabError(f"cannot parse override {e.override!r}: {_one_line(e)}")
+    if isinstance(e, (HydraException, OmegaConfBaseException)):
+        return CnnlabError(_one_line(e))
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    """Hydra's messages span lines; fold them into one, adding the cause's if it says more."""
+    text = " ".join(str(e).split())
+    if e.__cause__ is not None and str(e.__cause__).split():
+        text += ": " + str(e.__cause__).splitlines()[0].strip()
+    return text

@@ -1,0 +1,121 @@
+"""``cnnlab list <kind> [pattern]``: what a registry holds, as a rich table.
+
+Models also show parameters and forward FLOPs for the default dataset's input
+shape, or for ``--input CxHxW`` (and ``--classes N``). A pattern that matches one
+entry shows that entry's options.
+"""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+from rich.console import Console, Group
+from rich.markup import escape
+from rich.table import Table
+
+from cnnlab.train.console import make_console, titled
+from cnnlab.core.errors import CnnlabError, CommandLineParser, suggestion
+from cnnlab.core.plugins import load_plugins
+from cnnlab.core.registry import DATASETS, REGISTRIES, Registry, load_components
+from cnnlab.core.validation import describe_type
+
+ALIASES = {"model": "models", "dataset": "datasets", "optimizer": "optimizers", "scheduler": "schedulers",
+           "init": "inits", "augment": "augments", "augmentations": "augments", "augmentation": "augments",
+           "task": "tasks"}
+
+
+def default_dataset() -> str:
+    from cnnlab.core.config import CONF_DIR
+
+    defaults = yaml.safe_load((CONF_DIR / "train.yaml").read_text())["defaults"]
+    return next(d["dataset"] for d in defaults if isinstance(d, dict) and "dataset" in d)
+
+
+def parse_input(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)", text)
+    if not m or m.group(2) != m.group(3) or min(map(int, m.groups())) < 1:
+        raise CnnlabError(f"--input must be CxHxW with H == W, e.g. 3x224x224, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def list_command(args: list[str], console: Console | None = None) -> int:
+    load_components()
+    parser = CommandLineParser("cnnlab list", "what a registry holds, with each entry's options; models with "
+                               "parameters and FLOPs")
+    parser.add_argument("kind", nargs="?", help=f"one of: {', '.join(REGISTRIES)}")
+    parser.add_argument("pattern", nargs="?", default="*", help="shell-style wildcards, e.g. 'res*' (default: all)")
+    parser.add_argument("--input", default=None, metavar="CxHxW", help="models: count FLOPs at this input shape")
+    parser.add_argument("--classes", type=int, default=None, help="models: the number of classes to count with")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import this module first, as plugins=[MODULE] would (repeatable)")
+    ns = parser.parse_args(args)
+    load_plugins(ns.plugin)
+    if ns.kind is None:
+        raise CnnlabError(f"cnnlab list needs a kind: {', '.join(REGISTRIES)}")
+    kind = ALIASES.get(ns.kind, ns.kind)
+    if kind not in REGISTRIES:
+        raise CnnlabError(f"unknown kind {ns.kind!r}{suggestion(ns.kind, REGISTRIES)}; kinds: {', '.join(REGISTRIES)}")
+    registry = REGISTRIES[kind]
+    names = registry.names(ns.pattern)
+    if not names:
+        raise CnnlabError(f"no {registry.kind} matches {ns.pattern!r}; see all with: cnnlab list {kind}")
+    console = console or make_console()
+    if kind == "models":
+        console.print(_models_table(registry, names, ns.input, ns.classes))
+    else:
+        table = Table()
+        for column in ("name", "family", "from", "description"):
+            table.add_column(column, overflow="fold")
+        for name in names:
+            entry = registry.get(name)
+            table.add_row(name, entry.family, escape(entry.origin), escape(entry.description))
+        console.print(titled(f"{kind} ({len(names)} of {len(registry)})", table))
+    if len(names) == 1 or kind != "models":
+        console.print(_options_table(registry, names))
+    return 0
+
+
+def _models_table(registry: Registry, names: list[str], input_text: str | None, classes: int | None) -> Group:
+    from cnnlab.models.measure import measure
+
+    if input_text is None:
+        dataset = DATASETS.get(default_dataset())
+        (channels, size, _), source = dataset.meta["input_shape"], f"default dataset {dataset.name}"
+        classes = classes or dataset.meta["num_classes"]
+    else:
+        channels, size = parse_input(input_text)
+        source, classes = "--input", classes or 1000
+    title = (f"models ({len(names)} of {len(registry)}): {channels}x{size}x{size} input ({source}), "
+             f"{classes} classes; forward FLOPs per image")
+    table = Table()
+    for column, justify in (("name", "left"), ("family", "left"), ("from", "left"), ("parameters", "right"),
+                            ("FLOPs", "right"), ("description", "left")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for name in names:
+        entry = registry.get(name)
+        try:
+            params, flops = measure(name, channels, size, classes)
+            p, f = _count(params), _count(flops)
+        except CnnlabError as e:  # e.g. an input too small for this architecture
+            p, f = "-", str(e).split(": ")[-1][:40]
+        table.add_row(name, entry.family, escape(entry.origin), p, f, escape(entry.description))
+    return titled(title, table)
+
+
+def _options_table(registry: Registry, names: list[str]) -> Group:
+    table = Table()
+    for column in ("name", "option", "type", "default"):
+        table.add_column(column, overflow="fold")
+    for name in names:
+        for option in registry.get(name).options.values():
+            default = "required" if option.required else repr(option.default)
+            table.add_row(name, option.name, describe_type(option.annotation), default)
+    return titled("options (set with <group>.<option>=value)", table)

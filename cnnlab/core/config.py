@@ -1,0 +1,199 @@
+"""The composed Hydra config, checked as a whole before any work starts.
+
+Group sections (dataset, model, optimizer, scheduler, init) name a registry
+entry and its options; the builder's signature validates them. The plain
+sections (trainer, data) are validated against the dataclasses below, whose
+annotations give each key's type and range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cnnlab.core.errors import CnnlabError, suggestion
+from cnnlab.core.plugins import load_plugins
+from cnnlab.core.registry import AUGMENTS, DATASETS, INITS, MODELS, OPTIMIZERS, SCHEDULERS, TASKS, Registry, load_components
+from cnnlab.core.validation import NonNegativeInt, PositiveFloat, PositiveInt, Range, check_value
+
+# The config groups ship inside the package as ``cnnlab.conf`` (the checkout's conf/, mapped by
+# pyproject), so a wheel, a git install and an editable checkout all find them the same way.
+CONF_DIR = Path(str(importlib.resources.files("cnnlab.conf")))
+
+# Config group -> registry whose entry it selects (one YAML per entry).
+GROUP_REGISTRIES: dict[str, Registry] = {
+    "dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "init": INITS,
+    "task": TASKS,
+}
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    epochs: PositiveInt = 4
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool = True
+    compile: bool = False
+    label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    monitor: Literal["val/acc", "val/loss"] = "val/acc"  # selects the best checkpoint; never a test metric
+    log_every_n_steps: PositiveInt = 50
+    limit_train_batches: Optional[PositiveInt] = None  # debug: cut each epoch short
+    limit_eval_batches: Optional[PositiveInt] = None
+    eval_train_at_end: bool = True  # the homework's report: the selected model's train loss/error
+    accumulate_steps: PositiveInt = 1  # optimizer step every N batches (gradients summed, loss / N)
+    grad_clip: Optional[PositiveFloat] = None  # clip gradients before each step...
+    grad_clip_mode: Literal["norm", "value"] = "norm"  # ...by their total 2-norm, or each value
+    ema_decay: Optional[Annotated[float, Range(gt=0, lt=1)]] = None  # EMA of the weights: evaluated, kept, selected
+    early_stopping_patience: Optional[PositiveInt] = None  # stop after N epochs without a better monitor value
+    overfit_batches: NonNegativeInt = 0  # babysitting: train (and validate) on N fixed batches
+    divergence_factor: Optional[Annotated[float, Range(gt=1)]] = 3.0  # stop when loss > factor x initial, or NaN
+    initial_loss_check: bool = True  # warn when the first loss is far from ln(num_classes)
+    log_params_every_n_steps: Optional[PositiveInt] = None  # per-layer gradient norms, weight histograms
+    tta_flip: bool = False  # final evaluation: average over each image and its mirror image...
+    tta_shift: NonNegativeInt = 0  # ...and copies shifted by this many pixels (4 more views)
+    checkpoint_every_n_steps: Optional[PositiveInt] = None  # also checkpoint inside epochs (last.pt), for long epochs
+    deterministic: bool = False  # torch.use_deterministic_algorithms, cuDNN deterministic, a fixed cuBLAS workspace
+    sync_batchnorm: bool = False  # under torchrun on GPUs: batch-norm statistics over the global batch
+    devices: PositiveInt = 1  # >1: cnnlab starts this many DDP processes on this machine (one per GPU)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    batch_size: PositiveInt = 128
+    eval_batch_size: PositiveInt = 1024
+    val_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.1
+    split_seed: int = 0
+    # auto: tensor datasets live on the device, image folders are read per image;
+    # false: per-image Dataset + DataLoader with workers and torchvision.transforms.v2
+    in_memory: Literal["auto", True, False] = "auto"
+    num_workers: NonNegativeInt = 2
+    prefetch_factor: PositiveInt = 2  # batches each worker prepares ahead
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    mode: Literal["full", "last_k", "linear_probe"] = "full"  # what trains: everything, the last k stages + head, the head
+    k: PositiveInt = 1  # last_k: how many stages before the head train
+    head_lr: Optional[PositiveFloat] = None  # null: optimizer.lr
+    backbone_lr: Optional[PositiveFloat] = None  # null: optimizer.lr
+
+
+@dataclass(frozen=True)
+class VizSettings:
+    every_n_epochs: NonNegativeInt = 1  # first-layer filters and feature maps of a fixed image; 0: off
+    augment_samples: NonNegativeInt = 32  # a grid of augmented training images at the start; 0: off
+    misclassified: NonNegativeInt = 16  # the most confidently misclassified test images at the end; 0: off
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    resume: bool = False       # continue a sweep in the same directory: finished trials are skipped
+    test_trials: bool = False  # score every trial on test; the rule is one test, `cnnlab report --test-best`
+
+
+def check_settings(cls: type, section: Any, prefix: str):
+    """Build settings dataclass ``cls`` from a config section, naming any bad key."""
+    if not isinstance(section, Mapping):
+        raise CnnlabError(f"{prefix} must be a mapping of options, got {section!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for key in section:
+        if key not in fields:
+            raise CnnlabError(f"{prefix} has no option {key!r}{suggestion(key, fields)}; it takes: {', '.join(fields)}")
+    return cls(**{k: check_value(f"{prefix}.{k}", v, hints[k]) for k, v in section.items()})
+
+
+@dataclass
+class Component:
+    group: str
+    name: str
+    options: dict[str, Any]  # validated and converted
+
+    def build(self, **context: Any) -> Any:
+        return GROUP_REGISTRIES[self.group].build(self.name, self.options, prefix=self.group, **context)
+
+
+@dataclass
+class RunConfig:
+    name: str
+    seed: int
+    trainer: TrainerSettings
+    data: DataSettings
+    sweep: SweepSettings
+    finetune: FinetuneSettings
+    viz: VizSettings
+    pretrained: Optional[str]  # model.pretrained: weights to start from
+    components: dict[str, Component]
+    augment_name: str
+    augment_ops: dict[str, dict[str, Any]]
+    resolved: dict[str, Any]  # the whole config, interpolations resolved
+
+
+TOP_LEVEL_KEYS = {*GROUP_REGISTRIES, "augment", "trainer", "data", "sweep", "finetune", "viz", "seed", "name", "paths",
+                  "plugins"}
+CNNLAB_MODEL_KEYS = ("name", "pretrained")  # model.* keys cnnlab handles itself; the rest go to the builder
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise CnnlabError(f"config: {str(e).splitlines()[0]}") from None
+
+
+def parse_run_config(cfg: DictConfig | Mapping[str, Any]) -> RunConfig:
+    """Validate every section of the config; raises CnnlabError on the first bad value."""
+    load_components()
+    resolved = to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
+    load_plugins(resolved.get("plugins"))  # the user's components exist before anything is checked
+    for key in resolved:
+        if key not in TOP_LEVEL_KEYS:
+            raise CnnlabError(f"unknown config key {key!r}{suggestion(key, TOP_LEVEL_KEYS)}; top-level keys: {', '.join(sorted(TOP_LEVEL_KEYS))}")
+    components = {}
+    for group in GROUP_REGISTRIES:
+        section = resolved.get(group)
+        if not isinstance(section, Mapping) or "name" not in section:
+            raise CnnlabError(f"config has no {group} (choose one with {group}=<name>; see: cnnlab list {GROUP_REGISTRIES[group].plural})")
+        own = CNNLAB_MODEL_KEYS if group == "model" else ("name",)
+        options = {k: v for k, v in section.items() if k not in own}
+        name = section["name"]
+        components[group] = Component(group, name, GROUP_REGISTRIES[group].check_options(name, options, group))
+    augment = resolved.get("augment") or {}
+    ops = augment.get("ops") or {}
+    if not isinstance(ops, Mapping):
+        raise CnnlabError("augment.ops must be a mapping of op name to its options")
+    checked_ops = {op: AUGMENTS.check_options(op, opts or {}, f"augment.ops.{op}") for op, opts in ops.items()}
+    return RunConfig(
+        name=check_value("name", resolved.get("name", "run"), str),
+        seed=check_value("seed", resolved.get("seed", 0), int),
+        trainer=check_settings(TrainerSettings, resolved.get("trainer", {}), "trainer"),
+        data=check_settings(DataSettings, resolved.get("data", {}), "data"),
+        sweep=check_settings(SweepSettings, resolved.get("sweep") or {}, "sweep"),
+        finetune=check_settings(FinetuneSettings, resolved.get("finetune") or {}, "finetune"),
+        viz=check_settings(VizSettings, resolved.get("viz") or {}, "viz"),
+        pretrained=check_value("model.pretrained", resolved["model"].get("pretrained"), Optional[str]),
+        components=components,
+        augment_name=str(augment.get("name", "none")),
+        augment_ops=checked_ops,
+        resolved=resolved,
+    )
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{full}."))
+        else:
+            flat[full] = value
+    return flat
