@@ -61,7 +61,8 @@ def run_tiny(run_dir: Path, *overrides: str) -> dict:
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
     """The real `cnnlab` command in a subprocess, outputs under cwd."""
-    full_env = {**os.environ, "CNNLAB_OUTPUT_DIR": str(cwd / "outputs"), **(env or {})}
+    # A narrow COLUMNS: output that is not a terminal must never be wrapped to it.
+    full_env = {**os.environ, "CNNLAB_OUTPUT_DIR": str(cwd / "outputs"), "COLUMNS": "40", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "cnnlab", *args], cwd=cwd, env=full_env,
         capture_output=True, text=True, timeout=timeout,

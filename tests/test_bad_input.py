@@ -165,7 +165,7 @@ def build_corpus(root: Path) -> None:
 
 
 def run(args: list[str], root: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CNNLAB_OUTPUT_DIR": str(root / "outputs"), "COLUMNS": "400", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "CNNLAB_OUTPUT_DIR": str(root / "outputs"), "COLUMNS": "40", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "cnnlab", *(a.format(root=root) for a in args)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
 

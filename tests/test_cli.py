@@ -85,14 +85,14 @@ def test_cfg_job_prints_the_resolved_config(tmp_path):
 
 
 def test_list_shows_registry_entries_with_wildcards(tmp_path):
-    result = run_cli("list", "models", cwd=tmp_path, env={"COLUMNS": "200"})
+    result = run_cli("list", "models", cwd=tmp_path)
     assert result.returncode == 0
     for name in ("mlp", "lenet5", "small_resnet"):
         assert name in result.stdout
     assert "default dataset fashion_mnist" in result.stdout  # counted for 1x28x28
-    only = run_cli("list", "models", "l*", cwd=tmp_path, env={"COLUMNS": "200"})
+    only = run_cli("list", "models", "l*", cwd=tmp_path)
     assert "lenet5" in only.stdout and "small_resnet" not in only.stdout
-    one = run_cli("list", "models", "resnet18", "--input", "3x224x224", cwd=tmp_path, env={"COLUMNS": "200"})
+    one = run_cli("list", "models", "resnet18", "--input", "3x224x224", cwd=tmp_path)
     assert "11.69M" in one.stdout and "3.63G" in one.stdout  # 1.81 G multiply-adds
     assert "variant" in one.stdout and "zero_init_residual" in one.stdout  # a single match shows its options
     bad_input = run_cli("list", "models", "--input", "224", cwd=tmp_path)
@@ -107,3 +107,29 @@ def test_unknown_command_and_version(tmp_path):
     bad = run_cli("trian", cwd=tmp_path)
     assert bad.returncode == 2 and "did you mean: train?" in bad.stderr
     assert run_cli("--version", cwd=tmp_path).stdout.startswith("cnnlab ")
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    ("eval", "--tta-shift N"), ("report", "--test-best"), ("viz", "RUN_DIR"), ("list", "--plugin MODULE"),
+    ("lr-find", "--min-lr MIN_LR"),
+])
+def test_every_subcommand_has_its_own_help(command, expected, capsys):
+    from cnnlab.cli import main
+
+    for flag in ("--help", "-h"):
+        with pytest.raises(SystemExit) as stopped:
+            main([command, flag])
+        assert stopped.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: cnnlab {command}") and expected in out
+
+
+def test_records_are_one_line_each_off_a_terminal(tmp_path):
+    """COLUMNS=40 (run_cli): progress and epoch records still come one per line, however long."""
+    result = run_cli("train", *ONE_EPOCH, "trainer.log_every_n_steps=4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    steps = [line for line in result.stdout.splitlines() if line.startswith("epoch 1/1 step ")]
+    assert steps and all(" loss " in line and " lr " in line and line.endswith("s") and "img/s eta" in line
+                         for line in steps)
+    (record,) = [line for line in result.stdout.splitlines() if line.startswith("epoch 1/1  train loss")]
+    assert " val loss " in record and " lr " in record and record.rstrip().endswith("img/s  *best")

@@ -98,7 +98,7 @@ def test_ensemble_members_must_share_data(tmp_path):
 def test_eval_command_prints_the_report_and_writes_json(tmp_path):
     run_tiny(tmp_path / "run", "trainer.epochs=1")
     result = run_cli("eval", str(tmp_path / "run"), "--splits", "test", "--tta-shift", "1", "--json",
-                     str(tmp_path / "report.json"), cwd=tmp_path, env={"COLUMNS": "200"})
+                     str(tmp_path / "report.json"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "test" in result.stdout and "TTA, 5 views" in result.stdout
     assert json.loads((tmp_path / "report.json").read_text())["splits"]["test"]["count"] == 40

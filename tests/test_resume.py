@@ -24,7 +24,7 @@ from cnnlab.runtime.checkpoint import PREVIOUS, load_checkpoint, load_resumable,
 from cnnlab.runtime.signals import StopRequest
 from tests.conftest import TINY, run_cli as _run_cli, run_tiny
 
-WIDE = {"COLUMNS": "400"}  # rich wraps long paths at the terminal's width
+WIDE = {"COLUMNS": "40"}  # a narrow terminal width: output to a pipe is never wrapped to it
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
