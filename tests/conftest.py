@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import io
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -59,14 +66,76 @@ def run_tiny(run_dir: Path, *overrides: str) -> dict:
     return train(compose_config(*tiny_plus(*overrides)), run_dir, console=quiet_console())
 
 
+class WarmCli:
+    """Runs `cnnlab` commands as children forked from one warm process (tests/warm_cli.py): real
+    processes with their own cwd, environment, output and exit status, without re-importing torch
+    and Hydra for each. CNNLAB_TESTS_COLD=1 runs every command as `python -m cnnlab` instead."""
+
+    _instance: WarmCli | None = None
+
+    def __init__(self):
+        self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("warm_cli.py"))],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent)
+        self.slots: dict[str, dict] = {}
+        self.guard = threading.Lock()
+        self.outputs = Path(tempfile.mkdtemp(prefix="cnnlab-warm-"))
+        threading.Thread(target=self._read, daemon=True).start()
+        atexit.register(self.close)
+
+    @classmethod
+    def get(cls) -> WarmCli:
+        if cls._instance is None or cls._instance.server.poll() is not None:
+            cls._instance = cls()
+        return cls._instance
+
+    def _read(self) -> None:
+        for line in self.server.stdout:
+            message = json.loads(line)
+            slot = self.slots[message["id"]]
+            slot.update(message)
+            slot["done" if "code" in message else "started"].set()
+
+    def run(self, args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        key = uuid.uuid4().hex
+        out, err = self.outputs / f"{key}.out", self.outputs / f"{key}.err"
+        slot = {"started": threading.Event(), "done": threading.Event()}
+        request = {"id": key, "args": args, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+        with self.guard:
+            self.slots[key] = slot
+            self.server.stdin.write(json.dumps(request) + "\n")
+            self.server.stdin.flush()
+        command = [sys.executable, "-m", "cnnlab", *args]
+        if not slot["started"].wait(60):
+            raise RuntimeError("the warm cnnlab process did not answer")
+        if not slot["done"].wait(timeout):
+            os.kill(slot["pid"], signal.SIGKILL)
+            slot["done"].wait(30)
+            raise subprocess.TimeoutExpired(command, timeout)
+        result = subprocess.CompletedProcess(command, slot["code"], out.read_text(), err.read_text())
+        out.unlink()
+        err.unlink()
+        return result
+
+    def close(self) -> None:
+        if self.server.poll() is None:
+            self.server.kill()
+            self.server.wait()
+        shutil.rmtree(self.outputs, ignore_errors=True)
+
+
+def run_cnnlab(args: list[str], cwd: Path, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
+    """The real `cnnlab` command with ``args`` in ``cwd`` with exactly ``env``."""
+    if os.environ.get("CNNLAB_TESTS_COLD"):
+        return subprocess.run([sys.executable, "-m", "cnnlab", *args], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+    return WarmCli.get().run(list(args), cwd, env, timeout)
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
-    """The real `cnnlab` command in a subprocess, outputs under cwd."""
+    """The real `cnnlab` command, outputs under cwd."""
     # A narrow COLUMNS: output that is not a terminal must never be wrapped to it.
     full_env = {**os.environ, "CNNLAB_OUTPUT_DIR": str(cwd / "outputs"), "COLUMNS": "40", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "cnnlab", *args], cwd=cwd, env=full_env,
-        capture_output=True, text=True, timeout=timeout,
-    )
+    return run_cnnlab(list(args), cwd, full_env, timeout)
 
 
 def lr_values(optimizer, scheduler, steps: int) -> list[float]:

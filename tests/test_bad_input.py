@@ -19,7 +19,7 @@ import torch
 
 from cnnlab.data.formats import write_cifar_batch, write_idx
 from cnnlab.runtime.checkpoint import load_checkpoint, save_checkpoint
-from tests.conftest import TINY
+from tests.conftest import TINY, run_cnnlab
 
 RUN = ["train", *TINY, "trainer.epochs=1"]
 MNIST = ["train", *[o for o in TINY if not o.startswith(("dataset", "model"))], "model=mlp", "model.hidden=[8]",
@@ -166,8 +166,7 @@ def build_corpus(root: Path) -> None:
 
 def run(args: list[str], root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "CNNLAB_OUTPUT_DIR": str(root / "outputs"), "COLUMNS": "40", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "cnnlab", *(a.format(root=root) for a in args)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_cnnlab([a.format(root=root) for a in args], root, env, timeout=300)
 
 
 @pytest.fixture(scope="module")
