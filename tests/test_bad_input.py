@@ -150,8 +150,7 @@ def build_corpus(root: Path) -> None:
     (root / "a_file").write_text("a file where a folder is expected")
 
     env = {**os.environ, "CNNLAB_OUTPUT_DIR": str(root / "outputs")}
-    subprocess.run([sys.executable, "-m", "cnnlab", *RUN, f"hydra.run.dir={root / 'run_ok'}"], cwd=root, env=env,
-                   check=True, capture_output=True, timeout=300)
+    assert run_cnnlab([*RUN, f"hydra.run.dir={root / 'run_ok'}"], root, env, timeout=300).returncode == 0
     shutil.copytree(root / "run_ok", root / "run_corrupt")
     best = root / "run_corrupt" / "checkpoints" / "best.pt"
     data = bytearray(best.read_bytes())

@@ -16,7 +16,7 @@ import pytest
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.runtime import lock
-from tests.conftest import TINY
+from tests.conftest import TINY, run_cnnlab
 
 # Long enough to be caught alive: many steps of the tiny run, a checkpoint every 5 steps.
 LONG = [*[o for o in TINY if not o.startswith(("trainer.epochs", "dataset.train_size"))], "dataset.train_size=2000",
@@ -50,8 +50,7 @@ def test_a_second_start_is_refused_and_a_start_after_kill_9_resumes(tmp_path):
         before = {p: p.stat().st_mtime_ns for p in (run_dir / ".hydra").iterdir()}
         events = sorted((run_dir / "tensorboard").iterdir())
 
-        second = subprocess.run(command(run_dir, 1000), cwd=tmp_path, env=env(tmp_path), capture_output=True,
-                                text=True, timeout=120)
+        second = run_cnnlab(command(run_dir, 1000)[3:], tmp_path, env(tmp_path), timeout=120)
         lines = second.stderr.strip().splitlines()
         assert second.returncode == 2 and len(lines) == 1, second.stderr
         assert lines[0].startswith(f"error: run directory {run_dir} is in use by pid {first.pid} on host "
@@ -65,8 +64,7 @@ def test_a_second_start_is_refused_and_a_start_after_kill_9_resumes(tmp_path):
         first.wait()
 
     assert (run_dir / lock.LOCK_NAME).exists()  # a SIGKILLed holder cannot clean up: its lock is stale
-    third = subprocess.run(command(run_dir, 1), cwd=tmp_path, env=env(tmp_path), capture_output=True, text=True,
-                           timeout=300)  # the same run, cut short to the epoch it was killed in
+    third = run_cnnlab(command(run_dir, 1)[3:], tmp_path, env(tmp_path), timeout=300)  # cut short to the epoch it was killed in
     assert third.returncode == 0, third.stderr
     assert f"took over the lock of {run_dir} from pid {first.pid}" in third.stderr
     assert f"pid {first.pid} has exited" in third.stderr
