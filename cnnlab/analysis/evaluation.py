@@ -143,6 +143,7 @@ def evaluate_runs(targets: Sequence[str], *, splits: Sequence[str], tta_flip: bo
         probs, labels = predict(models, base.loader(*where[split], train=False), autocast_dtype=base.autocast_dtype,
                                 tta_flip=tta_flip, tta_shift=tta_shift)
         report[split] = metrics_from_probs(probs, labels).report()
+    base.close()
     views = tta_view_count(tta_flip, tta_shift)
     title = (f"{'ensemble of ' + str(len(models)) if len(models) > 1 else 'model'}: "
              f"{', '.join(str(p) for p, _ in checkpoints)}" + (f"; TTA, {views} views" if views > 1 else ""))

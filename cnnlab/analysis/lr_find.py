@@ -64,6 +64,7 @@ def lr_range_test(cfg, run_dir: Path, min_lr: float, max_lr: float, steps: int,
         best = min(best, smooth)
         if not math.isfinite(smooth) or smooth > 4 * best:
             break
+    s.close()
     suggestion = suggest(lrs, smoothed)
 
     tensorboard = TensorBoardLogger(run_dir / "tensorboard", {}, "")

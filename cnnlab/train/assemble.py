@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -92,6 +92,7 @@ class Setup:
     per_image: dict[bool, Any]  # train? -> the v2 transform DataLoader workers run per image (or None)
     ranks: Ranks
     transfer: str | None  # what model.pretrained and finetune.* did, for the run's header
+    streaming: list = field(default_factory=list)  # the per-image loaders made, closed by close()
 
     def loader(self, split: str, idx: torch.Tensor | None = None, *, train: bool, shuffle: bool | None = None,
                shard: bool = True):
@@ -106,8 +107,16 @@ class Setup:
                       rank=ranks.rank, world_size=ranks.world_size)
         if self.in_memory:
             return InMemoryLoader(*self.data.tensors(split, idx), batch_size, **common)
-        return StreamingLoader(self.data.per_image(split, idx, self.per_image[train]), batch_size,
-                               num_workers=d.num_workers, prefetch_factor=d.prefetch_factor, **common)
+        loader = StreamingLoader(self.data.per_image(split, idx, self.per_image[train]), batch_size,
+                                 num_workers=d.num_workers, prefetch_factor=d.prefetch_factor, **common)
+        self.streaming.append(loader)
+        return loader
+
+    def close(self) -> None:
+        """Stop the DataLoader workers of every loader made here (a sweep runs trial after trial)."""
+        for loader in self.streaming:
+            loader.close()
+        self.streaming.clear()
 
 
 def uses_channels_last(run: RunConfig, device: torch.device) -> bool:
