@@ -5,6 +5,7 @@ datasets and recipes through plugins=, the cnnlab.plugins entry point and Hydra'
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -60,8 +61,13 @@ def pip(*args: str, cwd: Path = REPO) -> None:
 def installed(tmp_path_factory):
     """The wheel of this checkout and a user's plugin package, installed into a folder of their own."""
     root = tmp_path_factory.mktemp("installed")
-    wheels, target = root / "wheels", root / "site"
-    pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO))
+    wheels, target, source = root / "wheels", root / "site", root / "source"
+    # The source as a fresh clone has it (a build writes build/ beside it, so not in this checkout).
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "cnnlab", "conf", "hydra_plugins"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
+        copy(REPO / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+    pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source))
     ext = root / "ext"
     (ext / "cnnlab_ext").mkdir(parents=True)
     (ext / "cnnlab_ext" / "__init__.py").write_text("")

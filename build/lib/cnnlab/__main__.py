@@ -1,3 +1,0 @@
-from cnnlab.cli.commands import main
-
-main()

@@ -1,2 +1,0 @@
-"""Looking at runs: evaluation (TTA, ensembles, `cnnlab eval`), pictures (`cnnlab viz`), the LR range
-test (`cnnlab lr-find`) and plotting."""

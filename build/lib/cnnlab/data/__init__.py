@@ -1,1 +1,0 @@
-"""Datasets, on-disk readers, validation split and batch loaders."""

@@ -1,1 +1,0 @@
-"""Sweeps: each trial's run with its failures recorded (trials.py) and `cnnlab report` (report.py)."""

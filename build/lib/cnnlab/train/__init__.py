@@ -1,1 +1,0 @@
-"""Training: the loop, checkpoints, and what a run reports (terminal, TensorBoard, summary.json)."""
