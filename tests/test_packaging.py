@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_cli
+
 REPO = Path(__file__).resolve().parent.parent
 
 PARTS = '''
@@ -177,9 +179,8 @@ def test_a_module_of_the_users_through_plugins_in_runs_and_sweeps(installed, tmp
      "num_classes: int, input_size: int):\n    pass\n",
      "error: plugin dup_mod: model 'resnet18' is already registered (by cnnlab)"),
 ])
-def test_a_plugin_that_fails_is_one_line_naming_the_module(installed, tmp_path, module, source, expected):
-    _, target, _ = installed
+def test_a_plugin_that_fails_is_one_line_naming_the_module(tmp_path, module, source, expected):
     if source is not None:
         (tmp_path / f"{module}.py").write_text(source)
-    result = cnnlab(target, tmp_path, "list", "models", "lenet5", "--plugin", module)
+    result = run_cli("train", f"plugins=[{module}]", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [expected.format(cwd=tmp_path)], result.stderr
