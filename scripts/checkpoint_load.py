@@ -1,5 +1,6 @@
-"""Checkpoint load time: cnnlab's safe load (SHA-256 check + torch.load(weights_only=True)) against
-plain torch.load(weights_only=False) of the same file, the way cnnlab loaded before issue #14.
+"""Checkpoint load time, before and after issue #14, on the same file: cnnlab's load_checkpoint now
+(SHA-256 check + torch.load(weights_only=True)) against the same steps with weights_only=False (the
+load before #14), and torch.load alone either way.
 
     python scripts/checkpoint_load.py [--model resnet18] [--repeats 5]
 
@@ -10,6 +11,7 @@ SGD momentum state (what a real run's last.pt holds).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import statistics
 import tempfile
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 
 from cnnlab.core.registry import MODELS, load_components
-from cnnlab.runtime.checkpoint import load_checkpoint, save_checkpoint
+from cnnlab.runtime.checkpoint import TRAILER, TRAILER_LEN, load_checkpoint, save_checkpoint
 from cnnlab.train.loop import numpy_rng_state
 
 
@@ -40,14 +42,19 @@ def main() -> None:
         save_checkpoint(path, state)
         size = path.stat().st_size
 
-        def unsafe() -> None:
-            torch.load(io.BytesIO(Path(path).read_bytes()), map_location="cpu", weights_only=False)
+        def before() -> None:  # load_checkpoint as it was: verify the trailer, then unpickle anything
+            data = path.read_bytes()
+            body, tail = data[:-TRAILER_LEN], data[-TRAILER_LEN:]
+            assert hashlib.sha256(body).hexdigest().encode() == tail[len(TRAILER):-1]
+            torch.load(io.BytesIO(body), map_location="cpu", weights_only=False)
 
-        def safe() -> None:
-            load_checkpoint(path)
+        def plain(weights_only: bool):
+            return lambda: torch.load(path, map_location="cpu", weights_only=weights_only)
 
         times = {}
-        for name, load in (("torch.load(weights_only=False)", unsafe), ("cnnlab load_checkpoint (safe)", safe)):
+        for name, load in (("load_checkpoint before #14", before), ("load_checkpoint now (safe)", lambda: load_checkpoint(path)),
+                           ("torch.load(weights_only=False)", plain(False)),
+                           ("torch.load(weights_only=True)", plain(True))):
             load()  # warm the page cache
             samples = []
             for _ in range(args.repeats):
@@ -58,8 +65,8 @@ def main() -> None:
     print(f"{args.model} checkpoint, {size / 2**20:.1f} MiB, median of {args.repeats}:")
     for name, seconds in times.items():
         print(f"  {name:34s} {1000 * seconds:8.1f} ms")
-    a, b = times.values()
-    print(f"  safe / unsafe: {b / a:.2f}x")
+    a, b, c, d = times.values()
+    print(f"  load_checkpoint now / before: {b / a:.2f}x;  torch.load weights_only True / False: {d / c:.2f}x")
 
 
 if __name__ == "__main__":
