@@ -40,7 +40,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cnnlab.data.datasets import find_mnist_files, mnist_candidates  # noqa: E402
-from cnnlab.core.registry import DATASETS, MODELS, load_components  # noqa: E402
+from cnnlab.core.plugins import load_components  # noqa: E402
+from cnnlab.core.registry import DATASETS, MODELS  # noqa: E402
 
 MEAN, STD = 0.2860, 0.3530
 

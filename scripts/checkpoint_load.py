@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from cnnlab.core.registry import MODELS, load_components
+from cnnlab.core.plugins import load_components
+from cnnlab.core.registry import MODELS
 from cnnlab.runtime.checkpoint import TRAILER, TRAILER_LEN, load_checkpoint, save_checkpoint
 from cnnlab.train.loop import numpy_rng_state
 

@@ -21,7 +21,7 @@ from hydra.core.global_hydra import GlobalHydra
 from rich.console import Console
 
 from cnnlab.core.config import CONF_DIR
-from cnnlab.core.registry import load_components
+from cnnlab.core.plugins import load_components
 
 load_components()
 

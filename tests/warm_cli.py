@@ -24,7 +24,7 @@ import torchvision  # noqa: F401
 import cnnlab.cli.hydra_app  # noqa: F401
 import cnnlab.tasks.classify  # noqa: F401
 from cnnlab.cli import main
-from cnnlab.core.registry import load_components
+from cnnlab.core.plugins import load_components
 
 load_components()
 

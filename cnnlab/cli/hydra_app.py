@@ -19,7 +19,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from cnnlab.core.config import (CONF_DIR, GROUP_REGISTRIES, TOP_LEVEL_KEYS, DataSettings, TrainerSettings, check_settings,
                            parse_run_config)
 from cnnlab.core.errors import CnnlabError, JobAborted, ProcessesFailed, suggestion
-from cnnlab.core.registry import load_components
+from cnnlab.core.plugins import load_components
 from cnnlab.sweep.trials import register_resolvers, run_trial
 from cnnlab.runtime.checkpoint import atomic_write
 from cnnlab.runtime.distributed import LOCK_HELD_ENV, launch_processes, launched_ranks

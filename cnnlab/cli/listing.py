@@ -17,7 +17,8 @@ from rich.table import Table
 from cnnlab.train.console import make_console, titled
 from cnnlab.core.errors import CnnlabError, CommandLineParser, suggestion
 from cnnlab.core.plugins import load_plugins
-from cnnlab.core.registry import DATASETS, REGISTRIES, Registry, load_components
+from cnnlab.core.plugins import load_components
+from cnnlab.core.registry import DATASETS, REGISTRIES, Registry
 from cnnlab.core.validation import describe_type
 
 ALIASES = {"model": "models", "dataset": "datasets", "optimizer": "optimizers", "scheduler": "schedulers",

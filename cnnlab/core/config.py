@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.core.errors import CnnlabError, suggestion
-from cnnlab.core.plugins import load_plugins
-from cnnlab.core.registry import AUGMENTS, DATASETS, INITS, MODELS, OPTIMIZERS, SCHEDULERS, TASKS, Registry, load_components
+from cnnlab.core.plugins import load_components, load_plugins
+from cnnlab.core.registry import AUGMENTS, DATASETS, INITS, MODELS, OPTIMIZERS, SCHEDULERS, TASKS, Registry
 from cnnlab.core.validation import NonNegativeInt, PositiveFloat, PositiveInt, Range, check_value
 
 # The config groups ship inside the package as ``cnnlab.conf`` (the checkout's conf/, mapped by

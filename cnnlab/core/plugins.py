@@ -1,4 +1,4 @@
-"""Components from outside cnnlab, without forking it.
+"""Loading components: cnnlab's own modules, then those from outside cnnlab, without forking it.
 
 - ``plugins=[my_pkg.models, my_module]`` in the config (or on the command line): modules imported
   before anything is validated; a module in the current directory is found too, as with
@@ -75,4 +75,23 @@ def load_entry_points() -> None:
         _import(module, origin=f"{dist} (entry point)", how=f"entry point {point.name} of {dist}")
 
 
-__all__ = ["ENTRY_POINT_GROUP", "load_entry_points", "load_plugins"]
+_COMPONENT_MODULES = (
+    "cnnlab.data.datasets",
+    "cnnlab.data.folder",
+    "cnnlab.models",
+    "cnnlab.optim.optimizers",
+    "cnnlab.optim.schedulers",
+    "cnnlab.models.init",
+    "cnnlab.augment.batched",
+    "cnnlab.augment.per_image",
+    "cnnlab.tasks.classify",
+    "cnnlab.tasks.image_fit",
+)
+
+
+def load_components() -> None:
+    """Import every module that registers components, cnnlab's and installed plugins' (idempotent)."""
+    for module in _COMPONENT_MODULES:
+        importlib.import_module(module)
+    load_entry_points()
+

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import importlib
 import inspect
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -164,25 +163,3 @@ AUGMENTS = Registry("augmentation", "augments")
 TASKS = Registry("task", "tasks", context=("cfg", "run_dir", "console", "test", "resume", "resume_hint"))
 
 REGISTRIES: dict[str, Registry] = {r.plural: r for r in (DATASETS, MODELS, OPTIMIZERS, SCHEDULERS, INITS, AUGMENTS, TASKS)}
-
-_COMPONENT_MODULES = (
-    "cnnlab.data.datasets",
-    "cnnlab.data.folder",
-    "cnnlab.models",
-    "cnnlab.optim.optimizers",
-    "cnnlab.optim.schedulers",
-    "cnnlab.models.init",
-    "cnnlab.augment.batched",
-    "cnnlab.augment.per_image",
-    "cnnlab.tasks.classify",
-    "cnnlab.tasks.image_fit",
-)
-
-
-def load_components() -> None:
-    """Import every module that registers components, cnnlab's and installed plugins' (idempotent)."""
-    for module in _COMPONENT_MODULES:
-        importlib.import_module(module)
-    from cnnlab.core.plugins import load_entry_points
-
-    load_entry_points()

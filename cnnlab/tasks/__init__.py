@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab.core.config import to_container
-from cnnlab.core.registry import TASKS, load_components
+from cnnlab.core.plugins import load_components
+from cnnlab.core.registry import TASKS
 
 
 def task_name(cfg) -> str:
