@@ -3,6 +3,7 @@ search, resume, the report's ranking and coarse-to-fine advice, and one test of 
 
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from cnnlab.sweep.report import Searched, refine, report, searched_parameters
+from cnnlab.core.validation import Range
+from cnnlab.sweep.report import Searched, option_range, refine, report, searched_parameters
 from cnnlab.sweep.trials import FAILED_EXIT_STATUS
 from cnnlab.runtime.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import TINY, quiet_console, run_cli
@@ -234,3 +236,63 @@ def test_a_resumed_optuna_sweep_runs_only_what_is_left_and_requeues_a_cut_off_tr
     assert states[:2] == ["COMPLETE", "COMPLETE"] and states[2] == "FAIL" and states.count("COMPLETE") == 4
     assert any(t.params == lost_params and t.state.name == "COMPLETE" for t in trials[3:])  # asked again
     assert sorted(p.name for p in folder.glob("[0-9]*")) == ["0", "1", "3", "4"]  # new jobs numbered after the old
+
+
+def _proposed(syntax: str) -> list[float]:
+    inner = syntax.removeprefix("tag(log, ").removesuffix(")")
+    inner = inner.removeprefix("interval(").removesuffix(")")
+    return [float(v) for v in inner.replace(" ", "").split(",")]
+
+
+@pytest.mark.parametrize(("key", "valid"), [
+    ("optimizer.lr", Range(gt=0)), ("model.dropout", Range(ge=0, lt=1)), ("optimizer.momentum", Range(ge=0, le=1)),
+    ("trainer.label_smoothing", Range(ge=0, lt=1)), ("augment.ops.cutout.size", Range(ge=1)),
+])
+def test_refine_never_proposes_a_value_outside_the_options_range(key, valid):
+    """Log-spaced, uneven and edge grids and intervals, with the best anywhere, in 2,000 draws."""
+    rng = random.Random(0)
+    low = valid.gt if valid.gt is not None else valid.ge
+    high = valid.lt if valid.lt is not None else (valid.le if valid.le is not None else 10.0)
+    proposals = 0
+    for _ in range(2000):
+        draw = sorted({round(rng.uniform(low, high), 4) for _ in range(rng.randint(2, 5))})
+        draw = [v for v in draw if valid.contains(v)]
+        if len(draw) < 2:
+            continue
+        log = draw[0] > 0 and rng.random() < 0.5
+        best = rng.choice(draw + [draw[0], draw[-1]])  # edges often
+        for item in (Searched(key, values=draw, log=log, valid=valid),
+                     Searched(key, low=draw[0], high=draw[-1], log=log, valid=valid)):
+            refined = refine(item, best if item.values else min(max(best, draw[0]), draw[-1]))
+            if refined is None:
+                continue
+            proposals += 1
+            assert all(valid.contains(v) for v in _proposed(refined[1])), (item, best, refined)
+    assert proposals > 2000
+
+
+def test_a_grid_over_decades_is_refined_in_log_space_and_stays_positive(tmp_path):
+    """The issue's case: after optimizer.lr=0.01,0.05,1e6 the report proposed -250000,0.05,250000."""
+    result = run_cli("train", "-m", *TINY, "trainer.epochs=1", "optimizer.lr=0.01,0.05,1e6",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert result.returncode == 3, result.stderr  # lr 1e6 diverges
+    report_run = run_cli("report", str(tmp_path / "sweep"), cwd=tmp_path)
+    assert report_run.returncode == 0, report_run.stderr
+    (advice,) = [line for line in report_run.stdout.splitlines() if line.strip().startswith("cnnlab train -m")]
+    value = advice.split("optimizer.lr=")[1].strip("'")
+    proposed = [float(v) for v in value.split(",")]
+    assert all(v > 0 for v in proposed) and len(proposed) == 3
+    ratios = [b / a for a, b in zip(proposed, proposed[1:])]
+    assert ratios[0] == pytest.approx(ratios[1], rel=1e-4) and ratios[0] > 1.5  # geometric
+
+
+def test_rates_and_decays_are_searched_in_log_space_and_ranges_come_from_annotations():
+    items = {s.key: s for s in searched_parameters({"task_overrides": [
+        "optimizer.lr=0.02,0.04,0.06", "optimizer.weight_decay=1e-4,2e-4,3e-4", "model.dropout=0.1,0.2,0.3"]})}
+    assert items["optimizer.lr"].log and items["optimizer.weight_decay"].log and not items["model.dropout"].log
+    config = {"optimizer": {"name": "sgd"}, "model": {"name": "mlp"}}
+    assert option_range(config, "optimizer.lr") == Range(gt=0)
+    assert option_range(config, "optimizer.momentum") == Range(ge=0, le=1)
+    assert option_range(config, "trainer.label_smoothing") == Range(ge=0, lt=1)
+    assert option_range(config, "augment.ops.cutout.size") == Range(ge=1)
+    assert option_range(config, "model.nonexistent") is None

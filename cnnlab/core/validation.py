@@ -56,6 +56,16 @@ PositiveInt = Annotated[int, Range(ge=1)]
 NonNegativeInt = Annotated[int, Range(ge=0)]
 
 
+def range_of(annotation: Any) -> Range | None:
+    """The Range an annotation carries (through Optional and Annotated), or None."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        found = [r for a in typing.get_args(annotation) if (r := range_of(a)) is not None]
+        return found[0] if found else None
+    if typing.get_origin(annotation) is Annotated:
+        return next((m for m in annotation.__metadata__ if isinstance(m, Range)), None)
+    return None
+
+
 def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from cnnlab.train.console import make_console, titled
 from cnnlab.core.errors import CnnlabError
+from cnnlab.core.validation import Range, range_of
 from cnnlab.sweep.trials import FAILED, SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, trial_dirs
 from cnnlab.runtime.checkpoint import read_json
 from cnnlab.runtime.checkpoint import write_json
@@ -51,6 +52,7 @@ class Searched:
     high: float | None = None
     log: bool = False
     sweep_syntax: str = ""
+    valid: Range | None = None  # the option's own range (from its annotation): a refinement stays inside it
 
 
 def _number(text: str) -> float | str:
@@ -115,9 +117,25 @@ def searched_parameters(record: dict[str, Any]) -> list[Searched]:
             if not all(isinstance(v, float) for v in numbers):
                 continue  # e.g. model=lenet5,mlp: no range to move
             item.values = sorted(numbers)
-            item.log = item.log or _geometric(item.values)
+            positive = item.values[0] > 0
+            item.log = item.log or _geometric(item.values) or (
+                positive and (item.values[-1] / item.values[0] > 10 or _is_rate(key)))
         found[key] = item
     return list(found.values())
+
+
+def _trial_config(trials: list[Trial]) -> dict[str, Any]:
+    """The composed config of a trial (its .hydra/config.yaml): which components the sweep used."""
+    import yaml
+
+    for trial in trials:
+        try:
+            config = yaml.safe_load((trial.folder / ".hydra" / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(config, dict):
+            return config
+    return {}
 
 
 def _geometric(values: list[float]) -> bool:
@@ -131,23 +149,62 @@ def _fmt(x: float) -> str:
     return f"{x:.6g}"
 
 
+def _in(valid: Range | None, x: float) -> bool:
+    return valid is None or valid.contains(x)
+
+
+def _clip_grid(values: list[float], valid: Range | None, n: int) -> list[float]:
+    """A proposed grid pulled inside the option's valid range: values past a closed bound become the
+    bound, values past an open one are dropped; then the grid is spread again over what is left."""
+    if valid is None:
+        return values
+    kept = []
+    for v in values:
+        if valid.ge is not None and v < valid.ge:
+            v = valid.ge
+        if valid.le is not None and v > valid.le:
+            v = valid.le
+        if _in(valid, v) and v not in kept:
+            kept.append(v)
+    if 1 < len(kept) < n:
+        lo, hi = min(kept), max(kept)
+        kept = [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+    return kept
+
+
+def _clip_interval(lo: float, hi: float, best: float, valid: Range | None) -> tuple[float, float]:
+    if valid is None:
+        return lo, hi
+    if valid.ge is not None:
+        lo = max(lo, valid.ge)
+    if valid.gt is not None and lo <= valid.gt:
+        lo = (valid.gt + best) / 2 if best > valid.gt else best
+    if valid.le is not None:
+        hi = min(hi, valid.le)
+    if valid.lt is not None and hi >= valid.lt:
+        hi = best + (valid.lt - best) / 2 if best < valid.lt else best
+    return lo, hi
+
+
 def refine(item: Searched, best: float) -> tuple[str, str] | None:
-    """(what, new sweep syntax): shifted when ``best`` is on the edge of the range, narrowed around it otherwise."""
+    """(what, new sweep syntax): shifted when ``best`` is on the edge of the range, narrowed around it
+    otherwise; in log space when the search was (or spans more than a decade, or is a rate or a
+    decay); never outside the option's valid range (``item.valid``)."""
     if item.values:  # a grid
         n, values = len(item.values), item.values
         on_edge = best in (values[0], values[-1])
-        if item.log:
+        if item.log and values[0] > 0:
             ratio = (values[-1] / values[0]) ** (1 / (n - 1)) if n > 1 else 10.0
-            if on_edge:
-                new = [best * ratio ** (i - n // 2) for i in range(n)]
-            else:
-                new = [best * math.sqrt(ratio) ** (i - n // 2) for i in range(n)]
+            step = ratio if on_edge else math.sqrt(ratio)
+            new = [best * step ** (i - n // 2) for i in range(n)]
         else:
             step = (values[-1] - values[0]) / (n - 1) if n > 1 else 1.0
             step = step if on_edge else step / 2
             new = [best + step * (i - n // 2) for i in range(n)]
-        syntax = ",".join(_fmt(v) for v in new)
-        return ("on the edge" if on_edge else "inside", syntax)
+        new = _clip_grid(new, item.valid, n)
+        if len(new) < 2:
+            return None
+        return ("on the edge" if on_edge else "inside", ",".join(_fmt(v) for v in new))
     if item.low is None or item.high is None:
         return None
     lo, hi = item.low, item.high
@@ -164,8 +221,50 @@ def refine(item: Searched, best: float) -> tuple[str, str] | None:
         new_lo, new_hi = best - half, best + half
         if lo >= 0:
             new_lo = max(new_lo, 0.0)
+    new_lo, new_hi = _clip_interval(new_lo, new_hi, best, item.valid)
+    if not new_lo < new_hi:
+        return None
     syntax = f"interval({_fmt(new_lo)}, {_fmt(new_hi)})"
     return ("on the edge" if on_edge else "inside", f"tag(log, {syntax})" if item.log else syntax)
+
+
+RATE_WORDS = ("lr", "rate", "decay")  # options searched in log space however their grid was typed
+
+
+def _is_rate(key: str) -> bool:
+    words = key.rpartition(".")[2].split("_")
+    return any(w in RATE_WORDS for w in words)
+
+
+def option_range(config: dict[str, Any], key: str) -> Range | None:
+    """The valid range of option ``key`` (optimizer.lr, trainer.label_smoothing, augment.ops.cutout.size)
+    for the components a trial's config chose, from their annotations."""
+    import dataclasses
+    import typing as t
+
+    from cnnlab.core import config as settings
+    from cnnlab.core.plugins import load_components, load_plugins
+    from cnnlab.core.registry import AUGMENTS
+
+    load_components()
+    try:
+        load_plugins(config.get("plugins"))
+    except CnnlabError:
+        return None
+    section, _, option = key.rpartition(".")
+    if section in settings.GROUP_REGISTRIES:
+        name, registry = (config.get(section) or {}).get("name"), settings.GROUP_REGISTRIES[section]
+        entry = registry.get(name) if name in registry else None
+        return range_of(entry.options[option].annotation) if entry and option in entry.options else None
+    if section.startswith("augment.ops."):
+        op = section.removeprefix("augment.ops.")
+        entry = AUGMENTS.get(op) if op in AUGMENTS else None
+        return range_of(entry.options[option].annotation) if entry and option in entry.options else None
+    classes = {"trainer": settings.TrainerSettings, "data": settings.DataSettings,
+               "finetune": settings.FinetuneSettings, "viz": settings.VizSettings}
+    if section in classes and option in {f.name for f in dataclasses.fields(classes[section])}:
+        return range_of(t.get_type_hints(classes[section], include_extras=True)[option])
+    return None
 
 
 def refined_command(record: dict[str, Any], item: Searched, syntax: str) -> str:
@@ -199,6 +298,9 @@ def report(sweep_dir: str, *, plot: bool = False, test_best: bool = False, devic
     ranked = done + rest
     best = done[0] if done else None
     searched = searched_parameters(record)
+    config = _trial_config(trials)
+    for item in searched:
+        item.valid = option_range(config, item.key)
     varied = [s.key for s in searched]
     for key in sorted({k for t in trials for k in t.params}):
         if key not in varied and len({str(t.params.get(key)) for t in trials}) > 1:
