@@ -30,21 +30,21 @@ register_resolvers()
 
 
 # Hydra's config search path while cnnlab runs (hydra_plugins/cnnlab_searchpath reads it): the user's
-# --config-dir folders, then cnnlab's own. A user's YAML adds entries to a group or replaces ours.
+# --config-dir folders (CONFIG_DIRS), then cnnlab's own. A user's YAML adds entries to a group or replaces ours.
+CONFIG_DIRS: list[str] = []
 SEARCH_PATH: list[str] = []
 
 
-def use_config_dirs(folders: list[str]) -> list[str]:
-    """Set the search path: ``folders`` (the user's, in order) before cnnlab's. Returns them as
-    absolute paths, for the processes a run starts (DDP ranks)."""
+def use_config_dirs(folders: list[str]) -> None:
+    """Search ``folders`` (the user's, in order) before cnnlab's own configs."""
     absolute = []
     for folder in folders:
         path = Path(folder).expanduser().resolve()
         if not path.is_dir():
             raise CnnlabError(f"--config-dir {folder}: no such folder")
         absolute.append(str(path))
+    CONFIG_DIRS[:] = absolute
     SEARCH_PATH[:] = [f"file://{p}" for p in absolute] + [f"file://{CONF_DIR}"]
-    return absolute
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name="train")
@@ -60,7 +60,7 @@ def hydra_train(cfg: DictConfig) -> float | None:
                 return run_trial(cfg, run_dir)  # records failures instead of raising: the sweep goes on
             devices = parse_run_config(cfg).trainer.devices
             if devices > 1 and not launched_ranks().enabled:  # start the DDP processes; they train in run_dir
-                folders = [arg for path in SEARCH_PATH[:-1] for arg in ("--config-dir", path.removeprefix("file://"))]
+                folders = [arg for path in CONFIG_DIRS for arg in ("--config-dir", path)]  # the ranks search the same
                 code = launch_processes(devices, [*folders, *hydra_config.overrides.task, f"hydra.run.dir={run_dir}"],
                                         run_dir)
                 if code:

@@ -187,6 +187,24 @@ def parse_run_config(cfg: DictConfig | Mapping[str, Any]) -> RunConfig:
     )
 
 
+SETTINGS = {"trainer": TrainerSettings, "data": DataSettings, "sweep": SweepSettings, "finetune": FinetuneSettings,
+            "viz": VizSettings}
+
+
+def option_annotation(config: Mapping[str, Any], key: str) -> Any | None:
+    """The annotation that checks option ``key`` (optimizer.lr, trainer.label_smoothing,
+    augment.ops.cutout.size) for the components ``config`` chose; None for an unknown key."""
+    section, _, option = key.rpartition(".")
+    if section in GROUP_REGISTRIES or section.startswith("augment.ops."):
+        registry = GROUP_REGISTRIES.get(section, AUGMENTS)
+        name = section.removeprefix("augment.ops.") if registry is AUGMENTS else (config.get(section) or {}).get("name")
+        options = registry.get(name).options if name in registry else {}
+        return options[option].annotation if option in options else None
+    if section in SETTINGS and option in {f.name for f in dataclasses.fields(SETTINGS[section])}:
+        return typing.get_type_hints(SETTINGS[section], include_extras=True)[option]
+    return None
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
     flat: dict[str, Any] = {}

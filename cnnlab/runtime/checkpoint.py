@@ -112,16 +112,15 @@ _LEGACY_NUMPY = [getattr(np, "_core", np).multiarray._reconstruct, np.ndarray, n
 def safe_load(source: Path | bytes, what: str) -> Any:
     """``torch.load(weights_only=True)`` of a file or its bytes: tensors and plain data only. A file
     whose pickle names anything else (code it would run) is one line naming ``what`` and those names."""
-    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    def opened():
+        return io.BytesIO(source) if isinstance(source, bytes) else source
+
     try:
         with torch.serialization.safe_globals(_LEGACY_NUMPY):
-            return torch.load(stream, map_location="cpu", weights_only=True)
+            return torch.load(opened(), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign files fail in many ways inside torch.load
         try:
-            if not isinstance(stream, io.BytesIO):
-                stream = io.BytesIO(Path(stream).read_bytes())
-            stream.seek(0)
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(stream)
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(opened())
         except Exception:  # noqa: BLE001 - not even a readable archive
             unsafe = []
         allowed = {f"{g.__module__}.{g.__qualname__}" for g in _LEGACY_NUMPY}

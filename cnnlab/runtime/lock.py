@@ -65,6 +65,11 @@ def _describe(holder: dict[str, Any]) -> str:
     return f"pid {holder.get('pid')} on host {holder.get('host')} since {since}"
 
 
+def _in_use(run_dir: Path, path: Path, holder: dict[str, Any]) -> CnnlabError:
+    return CnnlabError(f"run directory {run_dir} is in use by {_describe(holder)} (lock {path}); "
+                       "wait for it to end, or choose another directory")
+
+
 @dataclass
 class _Held:
     path: Path
@@ -171,8 +176,7 @@ def acquire(run_dir: Path, warn=None) -> None:
             continue  # released just now
         reason = stale_reason(path, holder)
         if reason is None:
-            raise CnnlabError(f"run directory {run_dir} is in use by {_describe(holder)} "
-                              f"(lock {path}); wait for it to end, or choose another directory")
+            raise _in_use(run_dir, path, holder)
         if _take_over(path, holder) and warn is not None:
             warn(f"took over the lock of {run_dir} from {_describe(holder)}: {reason}")
     else:
@@ -206,8 +210,7 @@ def check_free(run_dir: Path) -> None:
         return
     holder = _read(path)
     if holder and stale_reason(path, holder) is None:
-        raise CnnlabError(f"run directory {run_dir} is in use by {_describe(holder)} "
-                          f"(lock {path}); wait for it to end, or choose another directory")
+        raise _in_use(run_dir, path, holder)
 
 
 def claim_fresh_dir(path: str) -> str:

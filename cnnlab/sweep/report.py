@@ -237,34 +237,16 @@ def _is_rate(key: str) -> bool:
 
 
 def option_range(config: dict[str, Any], key: str) -> Range | None:
-    """The valid range of option ``key`` (optimizer.lr, trainer.label_smoothing, augment.ops.cutout.size)
-    for the components a trial's config chose, from their annotations."""
-    import dataclasses
-    import typing as t
-
-    from cnnlab.core import config as settings
+    """The valid range of option ``key`` for the components a trial's config chose, from its annotation."""
+    from cnnlab.core.config import option_annotation
     from cnnlab.core.plugins import load_components, load_plugins
-    from cnnlab.core.registry import AUGMENTS
 
     load_components()
     try:
         load_plugins(config.get("plugins"))
     except CnnlabError:
         return None
-    section, _, option = key.rpartition(".")
-    if section in settings.GROUP_REGISTRIES:
-        name, registry = (config.get(section) or {}).get("name"), settings.GROUP_REGISTRIES[section]
-        entry = registry.get(name) if name in registry else None
-        return range_of(entry.options[option].annotation) if entry and option in entry.options else None
-    if section.startswith("augment.ops."):
-        op = section.removeprefix("augment.ops.")
-        entry = AUGMENTS.get(op) if op in AUGMENTS else None
-        return range_of(entry.options[option].annotation) if entry and option in entry.options else None
-    classes = {"trainer": settings.TrainerSettings, "data": settings.DataSettings,
-               "finetune": settings.FinetuneSettings, "viz": settings.VizSettings}
-    if section in classes and option in {f.name for f in dataclasses.fields(classes[section])}:
-        return range_of(t.get_type_hints(classes[section], include_extras=True)[option])
-    return None
+    return range_of(option_annotation(config, key))
 
 
 def refined_command(record: dict[str, Any], item: Searched, syntax: str) -> str:

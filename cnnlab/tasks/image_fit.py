@@ -93,7 +93,8 @@ def image_fit(cfg, run_dir: Path, console: Console | None = None, *, test: bool 
     reconstruction.png, target.png, checkpoints/last.pt and summary.json. It has no mid-run resume
     and no test split (``test``, ``resume`` and ``resume_hint`` are the classify task's)."""
     wall_start = time.perf_counter()
-    console, image_file = console or make_console(), image
+    console = console or make_console()
+    image_file = image  # the task option; ``image`` below is the loaded picture
     model_name = cfg.get("model", {}).get("name")
     if model_name not in COORDINATE_MODELS:  # checked first: a CNN's options make no sense here
         raise CnnlabError(f"task=image_fit trains a coordinate MLP: model=fourier_mlp or model=mlp, not model={model_name}")
