@@ -48,8 +48,9 @@ def use_config_dirs(folders: list[str]) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name="train")
-def hydra_train(cfg: DictConfig) -> float | None:
-    """Hydra's task: one run, or one trial of a sweep. Returns the best validation value, the sweepers' objective."""
+def hydra_train(cfg: DictConfig) -> dict | float | None:
+    """Hydra's task: one run, or one trial of a sweep. Returns a trial's summary (for the sweeper), or
+    a run's best validation value."""
     from cnnlab.tasks import train
 
     hydra_config = HydraConfig.get()

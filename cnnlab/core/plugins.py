@@ -84,6 +84,7 @@ _COMPONENT_MODULES = (
     "cnnlab.models.init",
     "cnnlab.augment.batched",
     "cnnlab.augment.per_image",
+    "cnnlab.sweep.samplers",
     "cnnlab.tasks.classify",
     "cnnlab.tasks.image_fit",
 )

@@ -160,6 +160,11 @@ SCHEDULERS = Registry("scheduler", "schedulers", context=("optimizer", "steps_pe
 INITS = Registry("init scheme", "inits", context=("model",))
 AUGMENTS = Registry("augmentation", "augments")
 # What a run does with its parts: classify, image_fit. cnnlab hands each its config and run directory.
-TASKS = Registry("task", "tasks", context=("cfg", "run_dir", "console", "test", "resume", "resume_hint"))
+# on_epoch(epoch, record) -> True: a sweep's pruner stops the run at that epoch boundary.
+TASKS = Registry("task", "tasks", context=("cfg", "run_dir", "console", "test", "resume", "resume_hint", "on_epoch"))
+# A sweep's search: how the next trial's values are chosen, and when a trial is stopped early.
+SAMPLERS = Registry("sampler", "samplers", context=("trial_number", "search_space"))
+PRUNERS = Registry("pruner", "pruners", context=("max_epochs",))
 
-REGISTRIES: dict[str, Registry] = {r.plural: r for r in (DATASETS, MODELS, OPTIMIZERS, SCHEDULERS, INITS, AUGMENTS, TASKS)}
+REGISTRIES: dict[str, Registry] = {r.plural: r for r in (DATASETS, MODELS, OPTIMIZERS, SCHEDULERS, INITS, AUGMENTS, TASKS,
+                                                         SAMPLERS, PRUNERS)}

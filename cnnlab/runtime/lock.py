@@ -202,6 +202,12 @@ def release(run_dir: Path) -> None:
         held.path.unlink(missing_ok=True)
 
 
+def held() -> set[Path]:
+    """The run directories this process holds."""
+    with _guard:
+        return set(_held)
+
+
 def check_free(run_dir: Path) -> None:
     """Raise the 'in use' line when a live process holds ``run_dir`` (this process excepted)."""
     run_dir = Path(run_dir).resolve()

@@ -1,15 +1,18 @@
-"""Sweeps that survive failing trials and resume.
+"""What each trial of a sweep does, and the sweep's record and last line.
 
 - ``run_trial`` is each trial's task under ``cnnlab train -m``: it records the trial
   (``trial.json``, then ``summary.json``), turns any failure (an exception, a diverged
-  loss, CUDA out of memory) into a recorded status and the worst objective, so neither
-  Hydra's basic sweeper nor the Optuna study stops, and, with ``sweep.resume=true``,
-  skips trials that finished and continues unfinished ones from their last checkpoint.
-- ``hydra_plugins.cnnlab_sweeper.OptunaSweeper`` (there because Hydra loads plugins
-  only from that package) is Hydra's Optuna sweeper with a resume that counts the
-  trials already done in the study's SQLite file.
-- ``SweepSummary`` (a Hydra callback) prints the sweep's last line: how many trials
-  failed; ``cnnlab train -m`` then exits with status 3 when any did.
+  loss, CUDA out of memory) into a recorded status with its reason, so the sweep goes on,
+  and returns the summary (cnnlab's sweeper tells the study: COMPLETE, PRUNED or FAIL).
+  Under cnnlab's sweeper it reports the monitored metric to the study after every epoch
+  and stops at the epoch boundary when the pruner says so (status ``pruned``).
+  Under Hydra's basic sweeper (``hydra/sweeper=basic``), ``sweep.resume=true`` skips
+  trials that finished and continues unfinished ones from their last checkpoint.
+- A trial's TensorBoard folder is named by what the sweep varies
+  (``<sweep dir>/tensorboard/lr=0.01 wd=0.0001 #3``; ``<trial>/tensorboard`` links there).
+- ``SweepSummary`` (a Hydra callback) records what the sweep searches (``sweep.json``, the
+  HParams experiment) and prints the sweep's last line: how many trials failed;
+  ``cnnlab train -m`` then exits with status 3 when any did.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.tasks import monitor_of, train
@@ -40,15 +43,8 @@ FAILED_EXIT_STATUS = 3  # `cnnlab train -m` when some trials failed; 2 stays "yo
 
 # What the last sweep in this process ended with (set by SweepSummary, read by the CLI).
 last_sweep: dict[str, Any] = {}
-
-
-def objective(summary: dict[str, Any], monitor: str) -> float:
-    """The value a sweeper optimises: the trial's best ``monitor`` value; for a failed trial the
-    worst value there is (-inf for accuracy, +inf for loss), so it never wins and Optuna's samplers
-    learn that its region is bad (NaN would abort Hydra's Optuna sweeper)."""
-    if summary.get("status") in FAILED or summary.get("best_value") is None:
-        return math.inf if monitor.endswith("loss") else -math.inf
-    return float(summary["best_value"])
+TENSORBOARD_DIR = "tensorboard"  # <sweep dir>/tensorboard: one folder per trial, named by its values
+SHORT_NAMES = {"weight_decay": "wd", "learning_rate": "lr", "batch_size": "bs", "label_smoothing": "ls"}
 
 
 def _previous_attempt(sweep_dir: Path, overrides: list[str], here: Path) -> Path | None:
@@ -70,45 +66,93 @@ def _last_history(run_dir: Path) -> list[dict[str, Any]]:
 
 def _tensorboard_session(cfg: DictConfig, run_dir: Path) -> None:
     """A trial that failed before training began still gets its HParams session, marked failed."""
-    from cnnlab.train.tensorboard_log import TensorBoardLogger
+    from cnnlab.train.tensorboard_log import TensorBoardLogger, events_dir
 
-    if (run_dir / "tensorboard").exists():
-        return
     try:
         tree = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # noqa: BLE001 - the failure may be in the config itself
         tree = OmegaConf.to_container(cfg, resolve=False)
-    TensorBoardLogger(run_dir / "tensorboard", tree, OmegaConf.to_yaml(cfg)).close(status_ok=False)
+    folder = events_dir(tree, run_dir)
+    if folder.is_dir() and any(folder.iterdir()):
+        return
+    TensorBoardLogger(folder, tree, OmegaConf.to_yaml(cfg)).close("failed")
 
 
-def run_trial(cfg: DictConfig, run_dir: Path) -> float:
-    """One trial of a sweep; never raises for a failure of the trial itself."""
+def short_names(keys: list[str]) -> dict[str, str]:
+    """optimizer.lr -> lr, optimizer.weight_decay -> wd; the whole key where two would read the same."""
+    short = {k: SHORT_NAMES.get(k.rpartition(".")[2], k.rpartition(".")[2]) for k in keys}
+    clashing = {s for s in short.values() if list(short.values()).count(s) > 1}
+    return {k: (k if s in clashing else s) for k, s in short.items()}
+
+
+def _compact(text: str) -> str:
+    try:
+        value = float(text)
+    except ValueError:
+        return text.replace("/", "_")
+    return f"{value:.3g}" if not text.lstrip("-").isdigit() else text
+
+
+def trial_label(overrides: list[str], searched: list[str], job: str) -> str:
+    """What a trial varies, as its TensorBoard run is named: ``lr=0.01 wd=0.0001 #3``."""
+    values = {o.partition("=")[0].lstrip("+~"): o.partition("=")[2] for o in overrides}
+    names = short_names([k for k in searched if k in values])
+    return " ".join([*(f"{names[k]}={_compact(values[k])}" for k in names), f"#{job}"])
+
+
+def _name_tensorboard(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
+    """The trial's events go to <sweep dir>/tensorboard/<label> (paths.tensorboard), unless set otherwise."""
+    if cfg.paths.get("tensorboard"):
+        return
+    searched = (read_json(run_dir.parent / SWEEP_FILE) or {}).get("searched") or []
+    with open_dict(cfg):
+        cfg.paths.tensorboard = str(run_dir.parent / TENSORBOARD_DIR / trial_label(overrides, searched, run_dir.name))
+
+
+def _pruning(trial, monitor: str):
+    """Report the monitored metric to the study after each epoch; True when the pruner stops the trial."""
+    def on_epoch(epoch: int, record: dict[str, Any]) -> bool:
+        value = record.get(monitor)
+        if value is None or not math.isfinite(value):
+            return False
+        trial.report(float(value), epoch)
+        return trial.should_prune()
+    return on_epoch
+
+
+def run_trial(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """One trial of a sweep; returns its summary and never raises for a failure of the trial itself."""
+    from cnnlab.sweep.study import active_claim
 
     settings = cfg.get("sweep") or {}
     monitor = monitor_of(cfg)
     overrides = list(HydraConfig.get().overrides.task)
     overrides = [o for o in overrides if not o.startswith(("sweep.resume=", "hydra.sweep.dir="))]
+    claim = active_claim()
+    if claim is not None:  # cnnlab's sweeper: a fresh trial directory, or a cut-off trial's to continue
+        return _attempt(cfg, run_dir, overrides, settings, resume=True, on_epoch=_pruning(claim.trial, monitor))
     if settings.get("resume"):
         previous = _previous_attempt(run_dir.parent, overrides, run_dir)
         if previous is not None:
             done = read_json(previous / SUMMARY_FILE)
             if done and done.get("status") in FINISHED:
                 log.info("trial %s: %s already, skipped (resume)", previous.name, done["status"])
-                return objective(done, monitor)
-            if previous != run_dir:  # Optuna numbers a resumed sweep's jobs anew: continue in the old folder
+                return done
+            if previous != run_dir:  # a rerun numbers its jobs anew: continue in the old folder
                 with RunDirLock(previous):
                     write_json(run_dir / TRIAL_FILE, {"overrides": overrides, "continued_in": str(previous)})
-                    return _attempt(cfg, previous, overrides, settings, monitor)
-    return _attempt(cfg, run_dir, overrides, settings, monitor)
+                    return _attempt(cfg, previous, overrides, settings, resume=True)
+    return _attempt(cfg, run_dir, overrides, settings, resume=bool(settings.get("resume")))
 
 
-def _attempt(cfg: DictConfig, run_dir: Path, overrides: list[str], settings, monitor: str) -> float:
+def _attempt(cfg: DictConfig, run_dir: Path, overrides: list[str], settings, *, resume: bool,
+             on_epoch=None) -> dict[str, Any]:
     start = time.time()
     write_json(run_dir / TRIAL_FILE, {"overrides": overrides, "started": start, "pid": os.getpid()})
+    _name_tensorboard(cfg, run_dir, overrides)
     try:
-        summary = train(cfg, run_dir, test=bool(settings.get("test_trials", False)),
-                        resume=bool(settings.get("resume")),
-                        resume_hint=f"the same command with hydra.sweep.dir={run_dir.parent} sweep.resume=true")
+        summary = train(cfg, run_dir, test=bool(settings.get("test_trials", False)), resume=resume, on_epoch=on_epoch,
+                        resume_hint=f"the same command with hydra.sweep.dir={run_dir.parent}")
     except Exception as e:  # noqa: BLE001 - a trial's failure is data for the sweep, not the end of it
         first_line = (str(e).strip().splitlines() or [""])[0]
         error = first_line if isinstance(e, CnnlabError) else f"{type(e).__name__}: {first_line}"
@@ -120,11 +164,11 @@ def _attempt(cfg: DictConfig, run_dir: Path, overrides: list[str], settings, mon
         summary = {"status": "failed", "error": error, "run_dir": str(run_dir), "history": history,
                    "best_value": None, "wall_time_s": time.time() - start}
         write_json(run_dir / SUMMARY_FILE, summary)
-        return objective(summary, monitor)
+        return summary
     if summary["status"] == "diverged":
         summary["error"] = f"loss diverged at step {summary.get('diverged_at_step')}"
         write_json(run_dir / SUMMARY_FILE, summary)
-    return objective(summary, monitor)
+    return summary
 
 
 def trial_dirs(sweep_dir: Path) -> list[Path]:
@@ -154,18 +198,28 @@ class SweepSummary(Callback):
     its end prints one line with the trial count and failures."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from cnnlab.sweep.study import merged_overrides, search_space
+        from cnnlab.train.tensorboard_log import sweep_experiment
+
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        if (sweep_dir / SWEEP_FILE).is_file():  # a resumed sweep keeps its first record
+        if (sweep_dir / SWEEP_FILE).is_file():  # a resumed sweep, or another worker's: the first record stays
             return
         params = config.hydra.sweeper.get("params")
-        params = OmegaConf.to_container(params, resolve=True) if params is not None else {}
+        params = {str(k): str(v) for k, v in (OmegaConf.to_container(params, resolve=True) if params else {}).items()}
+        task_overrides = list(config.hydra.overrides.task)  # as typed, sweep syntax included
+        try:
+            searched = [k.lstrip("+~") for k in search_space(merged_overrides(params, task_overrides))[0]]
+        except Exception:  # noqa: BLE001 - the sweeper reports a bad search space itself
+            searched = []
+        monitor = monitor_of(config)
         write_json(sweep_dir / SWEEP_FILE, {
-            "task_overrides": list(config.hydra.overrides.task),  # as typed, sweep syntax included
-            "sweeper_params": {str(k): str(v) for k, v in params.items()},
-            "sweeper": str(config.hydra.sweeper.get("_target_", "")),
-            "monitor": monitor_of(config),
+            "task_overrides": task_overrides, "sweeper_params": params, "searched": searched,
+            "sweeper": str(config.hydra.sweeper.get("_target_", "")), "monitor": monitor,
         })
+        tree = OmegaConf.to_container(config, resolve=False)
+        tree.pop("hydra", None)
+        sweep_experiment(sweep_dir / TENSORBOARD_DIR, searched, tree, monitor)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -24,11 +24,12 @@ def monitor_of(cfg) -> str:
 
 
 def train(cfg, run_dir: Path, console=None, *, test: bool = True, resume: bool = False,
-          resume_hint: str | None = None) -> dict[str, Any]:
+          resume_hint: str | None = None, on_epoch=None) -> dict[str, Any]:
     """Run the configured task into ``run_dir``; returns its summary. ``test=False`` (a sweep's
     trials) leaves the test split unscored; ``resume``: continue from the run directory's newest
-    good checkpoint when there is one."""
+    good checkpoint when there is one; ``on_epoch(epoch, record)`` returning True stops the run
+    there with status ``pruned`` (a sweep's pruner)."""
     load_components()
     options = {k: v for k, v in (to_container(cfg).get("task") or {}).items() if k != "name"}
     return TASKS.build(task_name(cfg), options, prefix="task", cfg=cfg, run_dir=run_dir, console=console,
-                       test=test, resume=resume, resume_hint=resume_hint)
+                       test=test, resume=resume, resume_hint=resume_hint, on_epoch=on_epoch)

@@ -24,7 +24,7 @@ from cnnlab.train.assemble import Setup, setup
 from cnnlab.train.console import ConsoleReporter
 from cnnlab.train.loop import Trainer, selected_weights
 from cnnlab.train.resume import check_resumable
-from cnnlab.train.tensorboard_log import TensorBoardLogger
+from cnnlab.train.tensorboard_log import TensorBoardLogger, events_dir
 
 
 class RunReporter:
@@ -78,7 +78,7 @@ def load_resume_state(cfg, run_dir: Path, console: ConsoleReporter) -> dict[str,
 
 @TASKS.register
 def classify(cfg, run_dir: Path, console: Console | None = None, *, test: bool = True,
-             resume: bool = False, resume_hint: str | None = None) -> dict[str, Any]:
+             resume: bool = False, resume_hint: str | None = None, on_epoch=None) -> dict[str, Any]:
     """Train an image classifier: choose on validation, test once (the default task).
 
     ``test=False`` (a sweep's trials) leaves the test split unscored; ``resume``: continue from
@@ -91,13 +91,14 @@ def classify(cfg, run_dir: Path, console: Console | None = None, *, test: bool =
     s = setup(cfg, ranks)
     try:
         return _fit_select_test(s, run_dir, console_reporter, resume_state, test=test,
-                                resume_hint=resume_hint or f"cnnlab train resume={run_dir}", wall_start=wall_start)
+                                resume_hint=resume_hint or f"cnnlab train resume={run_dir}", wall_start=wall_start,
+                                on_epoch=on_epoch)
     finally:
         s.close()  # DataLoader workers stop now, not whenever the garbage collector gets to them
 
 
 def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter, resume_state: dict[str, Any] | None,
-                     *, test: bool, resume_hint: str, wall_start: float) -> dict[str, Any]:
+                     *, test: bool, resume_hint: str, wall_start: float, on_epoch=None) -> dict[str, Any]:
     """Train, select the best epoch on validation, test it once, and write the summary."""
     ranks = s.ranks
     run, device, autocast_dtype, data, model, optimizer = s.run, s.device, s.autocast_dtype, s.data, s.model, s.optimizer
@@ -117,7 +118,7 @@ def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter,
 
     tensorboard = visualizer = None
     if ranks.is_main:  # one writer: rank 0's
-        tensorboard = TensorBoardLogger(run_dir / "tensorboard", run.resolved, OmegaConf.to_yaml(run.resolved),
+        tensorboard = TensorBoardLogger(events_dir(run.resolved, run_dir), run.resolved, OmegaConf.to_yaml(run.resolved),
                                         purge_step=resume_state["step"] + 1 if resume_state else None)
         visualizer = start_visualizer(s, run_dir, tensorboard.writer, fresh=resume_state is None)
     n_params = sum(p.numel() for p in model.parameters())
@@ -143,7 +144,7 @@ def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter,
             autocast_dtype=autocast_dtype,
             generators={"data_order": train_loader.generator, "augment": train_pipe.generator},
             checkpoint_extra={"config": run.resolved, "version": __version__, "classes": data.classes},
-            ranks=ranks, stop=stop, resume_hint=resume_hint,
+            ranks=ranks, stop=stop, resume_hint=resume_hint, on_epoch=on_epoch,
         )
         if resume_state is not None:
             trainer.load_state(resume_state)
@@ -155,7 +156,7 @@ def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter,
             history = trainer.fit(train_loader, val_loader)
         except BaseException:
             if tensorboard is not None:
-                tensorboard.close(status_ok=False)
+                tensorboard.close("failed")
             raise
     if not ranks.is_main:  # rank 0 alone selects, tests and writes the summary; the others wait for it
         ranks.barrier()
@@ -163,6 +164,7 @@ def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter,
 
     summary = {
         "status": trainer.status, "name": run.name, "run_dir": str(run_dir), "version": __version__,
+        "tensorboard": str(events_dir(run.resolved, run_dir)),
         "dataset": data.name, "model": run.components["model"].name, "parameters": n_params,
         "device": str(device), "precision": str(autocast_dtype or torch.float32).replace("torch.", ""),
         "processes": ranks.world_size,
@@ -176,7 +178,7 @@ def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter,
         # A diverged run is recorded, not tested: the test set is for selected models only.
         summary.update({"diverged_at_step": trainer.diverged_at, "selected": {}, "history": history})
         write_json(run_dir / "summary.json", summary)
-        tensorboard.close(status_ok=False)
+        tensorboard.close(trainer.status)
         console_reporter.console.print(f"status: {trainer.status}; summary: {run_dir / 'summary.json'}", highlight=False)
         ranks.barrier()
         return summary
@@ -220,7 +222,7 @@ def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter,
                   "selected/train_loss": selected.get("train", {}).get("loss"),
                   "selected/val_loss": selected["val"]["loss"], "selected/val_acc": selected["val"]["acc"]})
     tensorboard.scalars(final, trainer.step)
-    tensorboard.close(status_ok=True)
+    tensorboard.close(trainer.status)
     console_reporter.finish(selected, trainer.best.epoch, trainer.best.monitor)
     console_reporter.console.print(f"summary: {run_dir / 'summary.json'}", highlight=False)
     ranks.barrier()  # nobody leaves (and tears down the process group) while another rank still works

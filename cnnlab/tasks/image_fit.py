@@ -24,7 +24,7 @@ from cnnlab.core.registry import TASKS
 from cnnlab.core.validation import PositiveInt
 from cnnlab.runtime.checkpoint import atomic_write, save_checkpoint, write_json
 from cnnlab.train.assemble import resolve_device, seed_everything
-from cnnlab.train.tensorboard_log import TensorBoardLogger
+from cnnlab.train.tensorboard_log import TensorBoardLogger, events_dir
 
 
 COORDINATE_MODELS = ("fourier_mlp", "mlp")
@@ -85,7 +85,8 @@ def write_png(image: torch.Tensor, path: Path) -> None:
 
 @TASKS.register(monitor="psnr")
 def image_fit(cfg, run_dir: Path, console: Console | None = None, *, test: bool = True, resume: bool = False,
-              resume_hint: str | None = None, image: Optional[str] = None, size: PositiveInt = 128) -> dict[str, Any]:
+              resume_hint: str | None = None, on_epoch=None, image: Optional[str] = None,
+              size: PositiveInt = 128) -> dict[str, Any]:
     """Fit one image as (x, y) -> RGB with a coordinate MLP; PSNR each epoch (the homework).
 
     ``image``: an image file, centre-cropped and resized to ``size`` x ``size``; None: the bundled
@@ -116,7 +117,7 @@ def image_fit(cfg, run_dir: Path, console: Console | None = None, *, test: bool 
     scheduler = run.components["scheduler"].build(optimizer=optimizer, steps_per_epoch=batches, epochs=settings.epochs)
     generator = torch.Generator(device=device).manual_seed(run.seed)
 
-    tensorboard = TensorBoardLogger(run_dir / "tensorboard", run.resolved, OmegaConf.to_yaml(run.resolved))
+    tensorboard = TensorBoardLogger(events_dir(run.resolved, run_dir), run.resolved, OmegaConf.to_yaml(run.resolved))
     tensorboard.writer.add_image("image_fit/target", image, 0)
     write_png(image, run_dir / "target.png")
     console.print(f"image_fit: {image_file or 'the bundled procedural image'} at {size}x{size}, "
@@ -130,7 +131,7 @@ def image_fit(cfg, run_dir: Path, console: Console | None = None, *, test: bool 
         out = torch.cat([torch.sigmoid(model(c)) for c in coords.split(65536)])
         return out.reshape(size, size, 3).permute(2, 0, 1)
 
-    history, train_time, step = [], 0.0, 0
+    history, train_time, step, status = [], 0.0, 0, "completed"
     report_every = max(1, settings.epochs // 20)
     for epoch in range(1, settings.epochs + 1):
         model.train()
@@ -154,19 +155,24 @@ def image_fit(cfg, run_dir: Path, console: Console | None = None, *, test: bool 
         if epoch % report_every == 0 or epoch == settings.epochs:
             console.print(f"epoch {epoch:>4}/{settings.epochs}  loss {record['loss']:.5f}  PSNR {record['psnr']:.2f} dB",
                           highlight=False)
+        if epoch < settings.epochs and on_epoch is not None and on_epoch(epoch, record):
+            status = "pruned"  # a sweep's pruner: this fit is behind the others at this epoch
+            console.print(f"pruned after epoch {epoch}", highlight=False)
+            break
 
     write_png(recon, run_dir / "reconstruction.png")
     save_checkpoint(run_dir / "checkpoints" / "last.pt", {"model": model.state_dict(), "config": run.resolved,
-                                                          "epoch": settings.epochs, "version": __version__})
+                                                          "epoch": epoch, "version": __version__})
     best = max(history, key=lambda r: r["psnr"])
-    summary = {"status": "completed", "task": "image_fit", "name": run.name, "run_dir": str(run_dir),
+    summary = {"status": status, "task": "image_fit", "name": run.name, "run_dir": str(run_dir),
+               "tensorboard": str(events_dir(run.resolved, run_dir)),
                "version": __version__, "model": run.components["model"].name, "image": image_file or "procedural",
                "size": size, "device": str(device), "monitor": "psnr", "best_epoch": best["epoch"],
                "best_value": best["psnr"], "final_psnr": history[-1]["psnr"], "train_time_s": train_time,
                "wall_time_s": time.perf_counter() - wall_start, "history": history}
     write_json(run_dir / "summary.json", summary)
     tensorboard.scalars({"best/psnr": best["psnr"]}, step)
-    tensorboard.close(status_ok=True)
+    tensorboard.close(summary["status"])
     console.print(f"final PSNR {summary['final_psnr']:.2f} dB (best {best['psnr']:.2f} at epoch {best['epoch']}); "
                   f"reconstruction: {run_dir / 'reconstruction.png'}", highlight=False)
     return summary

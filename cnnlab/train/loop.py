@@ -189,13 +189,14 @@ class Trainer:
         self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, settings, device: torch.device,
         num_classes: int, reporter: Reporter, checkpoint_dir: Path, autocast_dtype: torch.dtype | None,
         generators: dict[str, torch.Generator], checkpoint_extra: dict[str, Any], ranks: Ranks = SINGLE,
-        stop=None, resume_hint: str = "",
+        stop=None, resume_hint: str = "", on_epoch=None,
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.settings, self.device, self.num_classes, self.reporter = settings, device, num_classes, reporter
         self.checkpoint_dir, self.autocast_dtype = checkpoint_dir, autocast_dtype
         self.generators, self.checkpoint_extra = generators, checkpoint_extra
         self.ranks, self.stop, self.resume_hint = ranks, stop, resume_hint  # stop: a signals.StopRequest
+        self.on_epoch = on_epoch  # on_epoch(epoch, record) -> True: a sweep's pruner stops the run here
         self.scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
         # DDP averages gradients over the ranks in backward; the loop otherwise sees one model.
         self.ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -362,6 +363,9 @@ class Trainer:
             if s.early_stopping_patience and epochs_without_improvement >= s.early_stopping_patience:
                 self.status = "early_stopped"
                 self.reporter.warn(f"early stopping: no better {s.monitor} for {epochs_without_improvement} epochs")
+            elif self.epoch < s.epochs and self.on_epoch is not None and self.ranks.any(self.on_epoch(self.epoch, record)):
+                self.status = "pruned"  # checkpoints kept: the pruned trial is selected and reported like any
+                self.reporter.warn(f"pruned after epoch {self.epoch}: the sweep's pruner judged this trial hopeless")
             elif self.epoch < s.epochs and self.stop_requested():
                 self.preempt()
         if self.status == "running":

@@ -2,13 +2,16 @@
 
 Hyperparameters are written into the run's own event file as an HParams
 session (start and end info), not with SummaryWriter.add_hparams, which makes a
-separate timestamped sub-run per call. No experiment summary is written: the
-HParams plugin then builds the experiment from the sessions of all runs under
---logdir, so every run of a sweep appears in one table.
+separate timestamped sub-run per call. The session is written when the run ends,
+with its status as the hyperparameter ``status`` (completed, early_stopped,
+pruned, diverged, failed): TensorBoard keeps the first session record of a run,
+and only the end knows the status. A sweep also writes an experiment record
+(``sweep_experiment``) that opens the HParams dashboard on what it searched.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,12 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from cnnlab.core.config import flatten
+
+
+def events_dir(cfg: Mapping[str, Any], run_dir: Path) -> Path:
+    """Where a run writes its events: paths.tensorboard when set, else <run dir>/tensorboard."""
+    chosen = (cfg.get("paths") or {}).get("tensorboard")
+    return Path(chosen) if chosen else run_dir / "tensorboard"
 
 
 def hparam_value(value: Any) -> float | str | bool:
@@ -37,8 +46,6 @@ class TensorBoardLogger:
         hparams = flatten({k: v for k, v in config.items() if k != "paths"})
         self.hparams = {k: hparam_value(v) for k, v in hparams.items()}
         self.writer.add_text("config", f"```yaml\n{config_yaml}\n```", 0)
-        _, session_start, _ = hparams_summaries(self.hparams, {})
-        self.writer.file_writer.add_summary(session_start)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
@@ -52,14 +59,42 @@ class TensorBoardLogger:
                 self.writer.add_scalar(f"grad_norm/{name}", p.grad.detach().norm().item(), step)
             self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
 
-    def close(self, status_ok: bool = True) -> None:
-        self.writer.file_writer.add_summary(session_end(status_ok))
+    def close(self, status: str = "completed") -> None:
+        """End the run's HParams session with its ``status`` (a run's or trial's status)."""
+        _, session_start, _ = hparams_summaries({**self.hparams, "status": status}, {})
+        self.writer.file_writer.add_summary(session_start)
+        self.writer.file_writer.add_summary(session_end(status not in FAILED))
         self.writer.close()
+
+
+FAILED = ("failed", "diverged")
+SELECTION_METRICS = ("selected/val_acc", "selected/val_loss")  # logged when a run (or trial) ends
+
+
+def sweep_experiment(log_dir: Path, searched: list[str], config: Mapping[str, Any], monitor: str) -> None:
+    """The HParams experiment of a sweep's TensorBoard folder: the searched keys and the trial's
+    status first (marked as the ones that differ), the rest of the config after them; the
+    selection metrics only."""
+    rest = sorted(k for k in flatten({k: v for k, v in config.items() if k != "paths"}) if k not in searched)
+    infos = [api_pb2.HParamInfo(name=k, differs=True) for k in [*searched, "status"]]
+    infos += [api_pb2.HParamInfo(name=k, differs=False) for k in rest]
+    metrics = ["best/" + monitor.replace("/", "_"), *SELECTION_METRICS]
+    metric_infos = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=m), dataset_type=api_pb2.DATASET_VALIDATION)
+                    for m in dict.fromkeys(metrics)]
+    writer = SummaryWriter(log_dir=str(log_dir))
+    experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metric_infos, time_created_secs=time.time())
+    writer.file_writer.add_summary(_hparams_record("experiment", HParamsPluginData(experiment=experiment, version=0)))
+    writer.close()
 
 
 def session_end(status_ok: bool) -> Summary:
     """The HParams session-end record (torch's helper can only say success)."""
     info = SessionEndInfo(status=api_pb2.STATUS_SUCCESS if status_ok else api_pb2.STATUS_FAILURE)
-    content = HParamsPluginData(session_end_info=info, version=0).SerializeToString()
-    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="hparams", content=content))
-    return Summary(value=[Summary.Value(tag="_hparams_/session_end_info", metadata=metadata)])
+    return _hparams_record("session_end_info", HParamsPluginData(session_end_info=info, version=0))
+
+
+def _hparams_record(name: str, data: HParamsPluginData) -> Summary:
+    """An HParams plugin record as TensorBoard's own hparams summary writes it (which needs TensorFlow)."""
+    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="hparams",
+                                                                      content=data.SerializeToString()))
+    return Summary(value=[Summary.Value(tag=f"_hparams_/{name}", metadata=metadata)])

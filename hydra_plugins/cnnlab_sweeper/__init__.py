@@ -1,43 +1,117 @@
-"""cnnlab's Optuna sweeper. Hydra loads sweepers only from the ``hydra_plugins`` namespace package.
-
-Chosen in conf/sweep/*.yaml with ``hydra.sweeper._target_: hydra_plugins.cnnlab_sweeper.OptunaSweeper``.
+"""cnnlab's Hydra sweeper (``hydra/sweeper=cnnlab``, the default of ``cnnlab train -m``): each
+worker claims one trial at a time from an Optuna study, runs it as a Hydra job, tells the study
+how it ended (COMPLETE, PRUNED, or FAIL with its reason) and claims the next, never waiting for
+a batch. The loop and the study live in cnnlab.sweep.study; Hydra loads sweepers only from the
+``hydra_plugins`` package, so this is the adapter.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
-from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as HydraOptunaSweeper
+from hydra.core.utils import JobStatus
+from hydra.plugins.sweeper import Sweeper
+from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger("cnnlab.sweep.trials")
+log = logging.getLogger("cnnlab.sweep.study")
 
 
-class OptunaSweeper(HydraOptunaSweeper):
-    """Hydra's Optuna sweeper, resumable: with the study in SQLite in the sweep directory, a rerun
-    runs only the trials still to go, re-queues the parameters of trials that were cut off, and
-    numbers its jobs after the old ones (cnnlab.sweep.trials.run_trial then continues a cut-off trial
-    from its checkpoint). Failing trials return the worst value, so they never win."""
+class CnnlabSweeper(Sweeper):
+    def __init__(self, sampler: Any = "grid", pruner: str = "none", pruning: Any = None, n_trials: int | None = None,
+                 n_jobs: int = 1, storage: str = "sqlite", study_name: str = "cnnlab", direction: str = "maximize",
+                 max_failure_rate: float = 1.0, params: Any = None) -> None:
+        sampler = OmegaConf.to_container(sampler) if isinstance(sampler, DictConfig) else sampler
+        sampler = {"name": sampler} if isinstance(sampler, str) else dict(sampler or {})
+        self.sampler_name = str(sampler.pop("name", "grid"))
+        self.sampler_options = sampler
+        self.pruner = str(pruner)
+        self.pruning = OmegaConf.to_container(pruning) if isinstance(pruning, DictConfig) else dict(pruning or {})
+        self.n_trials, self.n_jobs, self.storage = n_trials, n_jobs, str(storage)
+        self.study_name, self.direction, self.max_failure_rate = str(study_name), str(direction), float(max_failure_rate)
+        self.params = {str(k): str(v) for k, v in (params or {}).items()}
 
-    def sweep(self, arguments: list[str]) -> None:
-        import optuna
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
 
-        impl = self.sweeper
-        Path(impl.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)  # the SQLite file lives there
-        if impl.storage:
+        self.config, self.hydra_context = config, hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
+                                                                task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        from cnnlab.core.errors import CnnlabError
+        from cnnlab.core.plugins import load_components
+        from cnnlab.sweep import study as sweep_study
+
+        load_components()
+        config = self.config
+        if OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir") != "${hydra.job.num}":
+            raise CnnlabError("the cnnlab sweeper names trial directories by trial number: "
+                              "leave hydra.sweep.subdir as ${hydra.job.num}")
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        helper = sweep_study.is_helper()
+        settings = sweep_study.SweepSettings(
+            sampler=self.sampler_name, sampler_options=self.sampler_options, pruner=self.pruner,
+            pruning=self.pruning, n_trials=self.n_trials, n_jobs=1 if helper else self.n_jobs, storage=self.storage,
+            study_name=self.study_name, direction=self.direction, max_failure_rate=self.max_failure_rate,
+            seed=self.sampler_options.pop("seed", None), max_epochs=int(config.trainer.epochs))
+        sweep_study.check_settings(settings)
+        space, fixed = sweep_study.search_space(sweep_study.merged_overrides(self.params, arguments))
+        if not space:
+            raise CnnlabError("nothing to search: give a list (optimizer.lr=0.01,0.1), a range, an interval, "
+                              "or a named sweep (sweep=random_lr_wd)")
+        study = sweep_study.Study(settings, sweep_dir, space, fixed)
+        helpers = []
+        if settings.n_jobs > 1:
+            import torch
+
+            threads = max(1, (os.cpu_count() or 1) // settings.n_jobs)
+            torch.set_num_threads(threads)
+            helpers = sweep_study.start_helpers(settings.n_jobs - 1, self._helper_args(sweep_dir), sweep_dir, threads)
+        if not helper:
+            print(f"study {settings.study_name!r}: {study.n_trials} trials, sampler {settings.sampler}, "
+                  f"pruner {settings.pruner}, {settings.n_jobs} at a time; live view: "
+                  f"optuna-dashboard {study.target}", flush=True)
+        try:
+            self._work(study)
+        finally:
+            for process, path in helpers:
+                code = process.wait()
+                if code not in (0, 3):
+                    print(f"a helper worker exited with status {code}; its log: {path}", file=sys.stderr, flush=True)
+        return None
+
+    def _helper_args(self, sweep_dir: Path) -> list[str]:
+        from cnnlab.cli.hydra_app import CONFIG_DIRS
+
+        overrides = self.config.hydra.overrides
+        hydra_args = [o for o in overrides.hydra if not o.startswith("hydra.sweep.dir=")]
+        folders = [arg for path in CONFIG_DIRS for arg in ("--config-dir", path)]
+        return [*folders, *hydra_args, *overrides.task, f"hydra.sweep.dir={sweep_dir.resolve()}"]
+
+    def _work(self, study) -> None:
+        from cnnlab.sweep import study as sweep_study
+
+        while (claim := study.claim()) is not None:
+            started = time.time()
+            sweep_study.active.append(claim)
+            summary, error = None, None
             try:
-                study = optuna.load_study(study_name=impl.study_name, storage=impl.storage)
-            except KeyError:  # no such study yet: a fresh sweep
-                study = None
-            if study is not None:
-                trials = study.get_trials(deepcopy=False)
-                cut_off = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-                for t in cut_off:  # their process is gone: fail them, and ask for the same parameters again
-                    study._storage.set_trial_state(t._trial_id, optuna.trial.TrialState.FAIL)
-                    study.enqueue_trial(t.params)
-                done = len(trials) - len(cut_off)
-                log.info("resuming study %s: %d trials done, %d re-queued", impl.study_name, done, len(cut_off))
-                impl.n_trials = max(impl.n_trials - done, 0)
-                impl.job_idx = len(trials)
-        if impl.n_trials > 0:
-            impl.sweep(arguments)
+                (result,) = self.launcher.launch([claim.overrides], initial_job_idx=claim.job)
+                if result.status == JobStatus.COMPLETED:
+                    summary = result.return_value
+                else:
+                    failure = result._return_value  # the job's exception
+                    error = (str(failure).strip().splitlines() or [type(failure).__name__])[0]
+            finally:
+                sweep_study.active.pop()
+                # Pre-empted (a BaseException): the trial stays RUNNING, its directory unlocked: a rerun continues it.
+                study.release(claim)
+            status = study.tell(claim, summary if isinstance(summary, dict) else None, error)
+            log.info("trial %d (%s): %s in %.1f s", claim.trial.number, " ".join(claim.overrides), status,
+                     time.time() - started)

@@ -1,0 +1,355 @@
+"""A sweep on an Optuna study: what hydra_plugins.cnnlab_sweeper runs.
+
+Every worker (the command itself, its ``n_jobs - 1`` helper processes, the same command started
+on other machines or as SLURM array tasks) runs the same loop on one study:
+
+    claim a trial  ->  run it as a Hydra job in <sweep dir>/<job>  ->  tell the study how it ended
+
+A claim happens under the sweep's claim lock (a lock file in the sweep directory, cnnlab.runtime.lock),
+so the count of trials and the ask that follows are one step: exactly ``n_trials`` trials run,
+each once. Trial k's directory is ``<sweep dir>/<k>``; the claiming worker locks it before the
+claim lock is let go, so a RUNNING trial whose directory is not locked by a live process was cut
+off (its worker was killed). The next claim fails it with that reason and queues its values
+again; the worker that takes the retry continues the cut-off trial in its directory, from its
+last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cnnlab.core.errors import CnnlabError, suggestion
+from cnnlab.core.registry import PRUNERS, SAMPLERS
+from cnnlab.runtime import lock
+
+log = logging.getLogger("cnnlab.sweep.study")
+
+STORAGE_FILES = {"sqlite": "optuna.db", "journal": "optuna.journal"}
+CLAIM_DIR = ".claims"           # <sweep dir>/.claims/.cnnlab.lock: held while a worker claims a trial
+WORKER_ENV = "CNNLAB_SWEEP_WORKER"  # set in the helper processes of n_jobs > 1: they start no helpers themselves
+RETRY_OF, JOB = "retry_of", "job"  # user attributes: the trial a retry continues; the trial's directory number
+
+
+@dataclass
+class SweepSettings:
+    """hydra.sweeper (conf/hydra/sweeper/cnnlab.yaml), checked."""
+
+    sampler: str = "grid"
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+    pruner: str = "none"
+    pruning: dict[str, Any] = field(default_factory=dict)
+    n_trials: int | None = None
+    n_jobs: int = 1
+    storage: str = "sqlite"
+    study_name: str = "cnnlab"
+    direction: str = "maximize"
+    max_failure_rate: float = 1.0
+    seed: int | None = None
+    max_epochs: int = 1
+
+
+def check_settings(s: SweepSettings) -> None:
+    SAMPLERS.get(s.sampler)
+    PRUNERS.get(s.pruner)
+    known = {name for entry in PRUNERS.names() for name in PRUNERS.get(entry).options}
+    for key in s.pruning:
+        if key not in known:
+            raise CnnlabError(f"hydra.sweeper.pruning has no setting {key!r}{suggestion(key, known)}; "
+                              f"settings: {', '.join(sorted(known))}")
+    chosen = PRUNERS.get(s.pruner).options
+    PRUNERS.check_options(s.pruner, {k: v for k, v in s.pruning.items() if k in chosen}, "hydra.sweeper.pruning")
+    SAMPLERS.check_options(s.sampler, s.sampler_options, "hydra.sweeper.sampler")
+    for key, value, low in (("n_jobs", s.n_jobs, 1), ("n_trials", s.n_trials, 1)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise CnnlabError(f"hydra.sweeper.{key} must be an integer >= {low}, got {value!r}")
+    if s.direction not in ("minimize", "maximize"):
+        raise CnnlabError(f"hydra.sweeper.direction must be minimize or maximize, got {s.direction!r}")
+    if not 0 <= s.max_failure_rate <= 1:
+        raise CnnlabError(f"hydra.sweeper.max_failure_rate must be in [0, 1], got {s.max_failure_rate!r}")
+
+
+# ---- the search space: Hydra's sweep grammar as Optuna distributions ----
+
+def search_space(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """(distributions by key, the overrides every trial gets) from Hydra overrides: ``a,b,c`` and
+    ``range(...)`` are lists of values, ``interval(lo, hi)`` a range, ``tag(log, interval(...))`` log-uniform."""
+    import optuna
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep, Transformer
+
+    space, fixed = {}, []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            fixed.append(override.input_line)
+            continue
+        sweep = override.value()
+        if isinstance(sweep, IntervalSweep):
+            log_scale = "log" in sweep.tags
+            low, high = sweep.start, sweep.end
+            if log_scale and low <= 0:
+                raise CnnlabError(f"{key}: a log-scale interval needs a lower end > 0, got {low}")
+            if "int" in sweep.tags or (isinstance(low, int) and isinstance(high, int)):
+                space[key] = optuna.distributions.IntDistribution(int(low), int(high), log=log_scale)
+            else:
+                space[key] = optuna.distributions.FloatDistribution(float(low), float(high), log=log_scale)
+            continue
+        values = list(override.sweep_iterator())
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            choices = values  # numbers stay numbers: the dashboard and the samplers see them as such
+        else:
+            choices = list(override.sweep_iterator(transformer=Transformer.encode))
+        space[key] = optuna.distributions.CategoricalDistribution(choices)
+    return space, fixed
+
+
+def merged_overrides(params: dict[str, Any], arguments: list[str]) -> list[str]:
+    """hydra.sweeper.params first, then the command line (which wins for the same key)."""
+    keys = {a.partition("=")[0].lstrip("+~") for a in arguments}
+    return [f"{k}={v}" for k, v in params.items() if str(k).lstrip("+~") not in keys] + list(arguments)
+
+
+def grid_size(space: dict[str, Any]) -> int:
+    return math.prod(len(d.choices) for d in space.values() if hasattr(d, "choices"))
+
+
+def override_value(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+# ---- storage ----
+
+def storage_target(spec: str, sweep_dir: Path) -> str:
+    """What names the study's storage for Optuna and optuna-dashboard: a URL or a journal file."""
+    if spec == "sqlite":
+        return f"sqlite:///{(sweep_dir / STORAGE_FILES['sqlite']).resolve()}"
+    if spec == "journal":
+        return str((sweep_dir / STORAGE_FILES["journal"]).resolve())
+    return spec
+
+
+def open_storage(spec: str, sweep_dir: Path):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    target = storage_target(spec, sweep_dir)
+    try:
+        if spec == "journal" or target.endswith(".journal"):
+            return JournalStorage(JournalFileBackend(target))
+        if "://" not in target:
+            raise CnnlabError(f"hydra.sweeper.storage={spec!r}: give sqlite, journal, or a database URL "
+                              "(postgresql://user@host/db, mysql://...)")
+        engine = {"connect_args": {"timeout": 120}} if target.startswith("sqlite") else {"pool_pre_ping": True}
+        return optuna.storages.RDBStorage(target, engine_kwargs=engine)
+    except CnnlabError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a driver's error, told in one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CnnlabError(f"cannot open the study's storage {target}: {first}") from None
+
+
+# ---- the claim lock ----
+
+@contextlib.contextmanager
+def claim_lock(sweep_dir: Path, timeout_s: float = 900.0) -> Iterator[None]:
+    """Held by one worker at a time while it counts trials and asks for the next."""
+    folder = sweep_dir / CLAIM_DIR
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            lock.acquire(folder)
+            break
+        except CnnlabError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    try:
+        yield
+    finally:
+        lock.release(folder)
+
+
+# ---- the trial a worker is running (read by cnnlab.sweep.trials.run_trial) ----
+
+@dataclass
+class Claim:
+    trial: Any        # optuna.Trial
+    job: int          # the trial's directory: <sweep dir>/<job>
+    overrides: list[str]
+    retry_of: int | None = None
+
+
+active: list[Claim] = []  # the claim whose Hydra job runs now in this process
+
+
+def active_claim() -> Claim | None:
+    return active[-1] if active else None
+
+
+class Study:
+    """One worker's view of the sweep's study."""
+
+    def __init__(self, settings: SweepSettings, sweep_dir: Path, space: dict[str, Any], fixed: list[str]):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.s, self.sweep_dir, self.space, self.fixed = settings, sweep_dir, space, fixed
+        self.n_trials = settings.n_trials
+        if settings.sampler == "grid":
+            size = grid_size(space)
+            self.build_sampler(0)  # refuses intervals in a grid
+            if self.n_trials is None or self.n_trials > size:
+                self.n_trials = size
+        elif self.n_trials is None:
+            raise CnnlabError(f"sampler {settings.sampler!r} needs hydra.sweeper.n_trials (how many trials to run)")
+        self.storage = open_storage(settings.storage, sweep_dir)
+        pruning = {k: v for k, v in settings.pruning.items() if k in PRUNERS.get(settings.pruner).options}
+        pruner = PRUNERS.build(settings.pruner, pruning, "hydra.sweeper.pruning", max_epochs=settings.max_epochs)
+        with claim_lock(sweep_dir):
+            try:
+                self.study = optuna.create_study(storage=self.storage, study_name=settings.study_name,
+                                                 direction=settings.direction, pruner=pruner, load_if_exists=True,
+                                                 sampler=optuna.samplers.RandomSampler())
+            except Exception as e:  # noqa: BLE001
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise CnnlabError(f"study {settings.study_name!r} in {self.target}: {first}") from None
+            self._check_or_record()
+
+    @property
+    def target(self) -> str:
+        return storage_target(self.s.storage, self.sweep_dir)
+
+    def _check_or_record(self) -> None:
+        """A study belongs to one sweep: the same directory and the same search space."""
+        mine = {"sweep_dir": str(self.sweep_dir.resolve()), "space": sorted(self.space)}
+        attrs = self.study.user_attrs
+        if "cnnlab" not in attrs:
+            self.study.set_user_attr("cnnlab", mine)
+            return
+        theirs = attrs["cnnlab"]
+        if theirs.get("space") != mine["space"]:
+            raise CnnlabError(f"study {self.s.study_name!r} in {self.target} searches {', '.join(theirs.get('space', []))}; "
+                              f"this sweep searches {', '.join(mine['space'])}: choose another hydra.sweeper.study_name")
+        if theirs.get("sweep_dir") != mine["sweep_dir"] and self.s.storage not in STORAGE_FILES:
+            raise CnnlabError(f"study {self.s.study_name!r} in {self.target} belongs to the sweep in {theirs.get('sweep_dir')}; "
+                              f"run with hydra.sweep.dir={theirs.get('sweep_dir')} to join it, or choose another "
+                              "hydra.sweeper.study_name")
+
+    def build_sampler(self, trial_number: int):
+        return SAMPLERS.build(self.s.sampler, {"seed": self.s.seed, **self.s.sampler_options}, "hydra.sweeper.sampler",
+                              trial_number=trial_number, search_space=self.space)
+
+    # -- claims --
+
+    def claim(self) -> Claim | None:
+        """The next trial for this worker, its directory locked; None when the sweep has nothing left to run."""
+        from optuna.trial import TrialState
+
+        with claim_lock(self.sweep_dir):
+            self._recover_cut_off()
+            trials = self.study.get_trials(deepcopy=False)
+            slots = [t for t in trials if RETRY_OF not in t.user_attrs]
+            waiting = [t for t in trials if t.state == TrialState.WAITING]
+            if self._too_many_failures(trials):
+                return None
+            if not waiting and len(slots) >= self.n_trials:
+                return None
+            self.study.sampler = self.build_sampler(len(trials))
+            trial = self.study.ask(fixed_distributions=self.space)
+            retry_of = trial.user_attrs.get(RETRY_OF)
+            job = int(trial.user_attrs.get(JOB, trial.number))
+            trial.set_user_attr(JOB, job)
+            lock.acquire(self.sweep_dir / str(job))  # before the claim lock goes: never taken for cut off
+        overrides = [*self.fixed, *(f"{k}={override_value(v)}" for k, v in trial.params.items())]
+        return Claim(trial, job, overrides, retry_of)
+
+    def _too_many_failures(self, trials) -> bool:
+        from optuna.trial import TrialState
+
+        if self.s.max_failure_rate >= 1:
+            return False
+        done = [t for t in trials if t.state.is_finished() and "cut_off" not in t.user_attrs]
+        failed = [t for t in done if t.state == TrialState.FAIL]
+        if done and len(failed) / len(done) > self.s.max_failure_rate:
+            log.warning("%d of %d trials failed (more than max_failure_rate=%s): no more trials start",
+                        len(failed), len(done), self.s.max_failure_rate)
+            return True
+        return False
+
+    def _recover_cut_off(self) -> None:
+        """Fail the RUNNING trials whose worker is gone, and queue their values again (claim lock held)."""
+        from optuna.trial import TrialState
+
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            job = t.user_attrs.get(JOB)
+            if job is not None:
+                try:
+                    lock.check_free(self.sweep_dir / str(job))
+                    if (self.sweep_dir / str(job)).resolve() in lock.held():
+                        continue  # this process runs it (an n_jobs helper never shares a process)
+                except CnnlabError:
+                    continue  # its worker is alive
+            reason = f"cut off: its worker stopped; trial {t.number} is queued again" + (
+                f" to continue in {self.sweep_dir / str(job)}" if job is not None else "")
+            self.storage.set_trial_user_attr(t._trial_id, "cut_off", reason)
+            self.study.tell(t.number, state=TrialState.FAIL)
+            attrs = {RETRY_OF: t.number, **({JOB: job} if job is not None else {})}
+            self.study.enqueue_trial(t.params, user_attrs=attrs)
+            log.warning("trial %d was %s", t.number, reason)
+
+    def tell(self, claim: Claim, summary: dict[str, Any] | None, error: str | None) -> str:
+        """Tell the study how ``claim``'s trial ended; returns its status."""
+        import optuna
+        from optuna.trial import TrialState
+
+        trial = claim.trial
+        status = (summary or {}).get("status", "failed") if error is None else "failed"
+        value = (summary or {}).get("best_value")
+        history = (summary or {}).get("history") or []
+        trial.set_user_attr("status", status)
+        trial.set_user_attr("epochs", len(history))
+        self.study.sampler = optuna.samplers.RandomSampler()  # after_trial hooks (the grid's stop) need Study.optimize
+        if status == "pruned":
+            self.study.tell(trial, state=TrialState.PRUNED)
+        elif status in ("completed", "early_stopped") and value is not None and math.isfinite(value):
+            self.study.tell(trial, float(value))
+        else:
+            reason = error or (summary or {}).get("error") or f"{status}: no value of the monitored metric"
+            trial.set_user_attr("fail_reason", reason)
+            self.study.tell(trial, state=TrialState.FAIL)
+            status = "failed" if status not in ("diverged", "failed") else status
+        return status
+
+    def release(self, claim: Claim) -> None:
+        lock.release(self.sweep_dir / str(claim.job))
+
+
+# ---- helper processes for n_jobs > 1 ----
+
+def start_helpers(n: int, args: list[str], sweep_dir: Path, threads: int) -> list[tuple[subprocess.Popen, Path]]:
+    """``n`` more workers on this machine: the same `cnnlab train -m` command, logging to <sweep dir>/workers/."""
+    logs = sweep_dir / "workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, WORKER_ENV: "1", "OMP_NUM_THREADS": str(threads)}
+    helpers = []
+    for k in range(1, n + 1):
+        path = logs / f"worker-{os.getpid()}-{k}.log"
+        with path.open("w") as out:
+            process = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "-m", *args], env=env,
+                                       stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        helpers.append((process, path))
+    return helpers
+
+
+def is_helper() -> bool:
+    return os.environ.get(WORKER_ENV) == "1"
