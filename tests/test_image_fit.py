@@ -82,9 +82,10 @@ def test_a_cnn_is_refused_in_one_line(tmp_path):
 
 
 def test_a_sweep_ranks_image_fits_by_psnr():
-    from cnnlab.sweep.trials import objective
+    from cnnlab.sweep.trials import direction_of
     from cnnlab.tasks import monitor_of
 
     assert monitor_of(compose_config("task=image_fit")) == "psnr"
     assert monitor_of(compose_config("trainer.monitor=val/loss")) == "val/loss"
-    assert objective({"status": "completed", "best_value": 31.5}, "psnr") == 31.5
+    assert direction_of(compose_config("task=image_fit", "trainer.monitor=val/loss")) == "maximize"  # PSNR
+    assert direction_of(compose_config("trainer.monitor=val/loss")) == "minimize"

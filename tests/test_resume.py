@@ -333,7 +333,7 @@ def test_sigterm_stops_a_whole_sweep_which_then_resumes(tmp_path):
     args = ["train", "-m", *[o for o in LONG if not o.startswith("trainer.checkpoint")],
             "optimizer.lr=0.05,0.1", f"hydra.sweep.dir={sweep_dir}"]
     process = start_cli(*args, cwd=tmp_path)
-    wait_for(sweep_dir / "0" / "tensorboard", process)
+    wait_for(sweep_dir / "tensorboard" / "lr=0.05 #0", process)  # the trial's TensorBoard folder
     time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)

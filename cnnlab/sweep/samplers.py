@@ -11,13 +11,12 @@ Optuna is imported when a sampler or pruner is built, not when cnnlab starts.
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import warnings
 from typing import Annotated, Literal
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import PRUNERS, SAMPLERS
-from cnnlab.core.validation import NonNegativeInt, PositiveFloat, PositiveInt, Range
+from cnnlab.core.validation import NonNegativeInt, PositiveInt, Range
 
 Percentile = Annotated[float, Range(ge=0, le=100)]
 Reduction = Annotated[int, Range(ge=2)]
@@ -44,16 +43,9 @@ def grid(*, trial_number: int, search_space: dict, seed: int | None = None):
             raise CnnlabError(f"the grid sampler takes lists of values, and {key} is an interval; choose another "
                               "sampler (hydra/sweeper/sampler=random, sobol, tpe or cmaes) or list values: a,b,c")
         choices[key] = list(distribution.choices)
-
-    class OrderedGrid(optuna.samplers.GridSampler):
-        """Optuna's grid, unshuffled: it shuffles so that workers rarely collide, which the claim lock
-        already rules out; in order, trial k is the k-th combination (keys sorted, values as listed)."""
-
-        def __init__(self) -> None:
-            super().__init__(choices, seed=seed)
-            self._all_grids = list(itertools.product(*self._search_space.values()))
-
-    return OrderedGrid()
+    # cnnlab.sweep.study queues the combinations in order (the first key outermost, as Hydra's basic
+    # sweeper runs them); the sampler records the grid in the study.
+    return optuna.samplers.GridSampler(choices, seed=seed)
 
 
 @SAMPLERS.register(family="random")
@@ -84,13 +76,11 @@ def tpe(*, trial_number: int, search_space: dict, seed: int | None = None, n_sta
 
     _quiet_experimental()
     return optuna.samplers.TPESampler(seed=_seed(seed, trial_number), n_startup_trials=n_startup_trials,
-                                      multivariate=multivariate, constant_liar=constant_liar,
-                                      warn_independent_sampling=False)
+                                      multivariate=multivariate, constant_liar=constant_liar)
 
 
 @SAMPLERS.register(family="evolutionary", needs="cmaes")
 def cmaes(*, trial_number: int, search_space: dict, seed: int | None = None, n_startup_trials: NonNegativeInt = 1,
-          sigma0: PositiveFloat | None = None, restart_strategy: Literal["none", "ipop", "bipop"] = "none",
           consider_pruned_trials: bool = False):
     """CMA-ES for continuous hyperparameters (needs the `cmaes` package: pip install cnnlab[cmaes])."""
     if importlib.util.find_spec("cmaes") is None:
@@ -99,9 +89,7 @@ def cmaes(*, trial_number: int, search_space: dict, seed: int | None = None, n_s
 
     _quiet_experimental()
     return optuna.samplers.CmaEsSampler(seed=_seed(seed, trial_number), n_startup_trials=n_startup_trials,
-                                        sigma0=sigma0, consider_pruned_trials=consider_pruned_trials,
-                                        restart_strategy=None if restart_strategy == "none" else restart_strategy,
-                                        warn_independent_sampling=False)
+                                        consider_pruned_trials=consider_pruned_trials, warn_independent_sampling=False)
 
 
 # Pruners. Their options live together under hydra.sweeper.pruning; each takes those it names.

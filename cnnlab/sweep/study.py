@@ -17,6 +17,7 @@ last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -68,7 +69,7 @@ def check_settings(s: SweepSettings) -> None:
                               f"settings: {', '.join(sorted(known))}")
     chosen = PRUNERS.get(s.pruner).options
     PRUNERS.check_options(s.pruner, {k: v for k, v in s.pruning.items() if k in chosen}, "hydra.sweeper.pruning")
-    SAMPLERS.check_options(s.sampler, s.sampler_options, "hydra.sweeper.sampler")
+    SAMPLERS.check_options(s.sampler, {"seed": s.seed, **s.sampler_options}, "hydra.sweeper.sampler")
     for key, value, low in (("n_jobs", s.n_jobs, 1), ("n_trials", s.n_trials, 1)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
             raise CnnlabError(f"hydra.sweeper.{key} must be an integer >= {low}, got {value!r}")
@@ -76,6 +77,17 @@ def check_settings(s: SweepSettings) -> None:
         raise CnnlabError(f"hydra.sweeper.direction must be minimize or maximize, got {s.direction!r}")
     if not 0 <= s.max_failure_rate <= 1:
         raise CnnlabError(f"hydra.sweeper.max_failure_rate must be in [0, 1], got {s.max_failure_rate!r}")
+
+
+def build_sampler(s: SweepSettings, space: dict[str, Any], trial_number: int):
+    return SAMPLERS.build(s.sampler, {"seed": s.seed, **s.sampler_options}, "hydra.sweeper.sampler",
+                          trial_number=trial_number, search_space=space)
+
+
+def build_pruner(s: SweepSettings):
+    chosen = PRUNERS.get(s.pruner).options
+    return PRUNERS.build(s.pruner, {k: v for k, v in s.pruning.items() if k in chosen}, "hydra.sweeper.pruning",
+                         max_epochs=s.max_epochs)
 
 
 # ---- the search space: Hydra's sweep grammar as Optuna distributions ----
@@ -119,8 +131,10 @@ def merged_overrides(params: dict[str, Any], arguments: list[str]) -> list[str]:
     return [f"{k}={v}" for k, v in params.items() if str(k).lstrip("+~") not in keys] + list(arguments)
 
 
-def grid_size(space: dict[str, Any]) -> int:
-    return math.prod(len(d.choices) for d in space.values() if hasattr(d, "choices"))
+def grid_points(space: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of the listed values, the first key outermost (as Hydra's basic sweeper)."""
+    keys = list(space)
+    return [dict(zip(keys, values)) for values in itertools.product(*(space[k].choices for k in keys))]
 
 
 def override_value(value: Any) -> str:
@@ -204,17 +218,16 @@ class Study:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.s, self.sweep_dir, self.space, self.fixed = settings, sweep_dir, space, fixed
-        self.n_trials = settings.n_trials
+        self.n_trials, self.grid = settings.n_trials, None
         if settings.sampler == "grid":
-            size = grid_size(space)
             self.build_sampler(0)  # refuses intervals in a grid
-            if self.n_trials is None or self.n_trials > size:
-                self.n_trials = size
+            self.grid = grid_points(space)
+            if self.n_trials is None or self.n_trials > len(self.grid):
+                self.n_trials = len(self.grid)
         elif self.n_trials is None:
             raise CnnlabError(f"sampler {settings.sampler!r} needs hydra.sweeper.n_trials (how many trials to run)")
         self.storage = open_storage(settings.storage, sweep_dir)
-        pruning = {k: v for k, v in settings.pruning.items() if k in PRUNERS.get(settings.pruner).options}
-        pruner = PRUNERS.build(settings.pruner, pruning, "hydra.sweeper.pruning", max_epochs=settings.max_epochs)
+        pruner = build_pruner(settings)
         with claim_lock(sweep_dir):
             try:
                 self.study = optuna.create_study(storage=self.storage, study_name=settings.study_name,
@@ -246,8 +259,7 @@ class Study:
                               "hydra.sweeper.study_name")
 
     def build_sampler(self, trial_number: int):
-        return SAMPLERS.build(self.s.sampler, {"seed": self.s.seed, **self.s.sampler_options}, "hydra.sweeper.sampler",
-                              trial_number=trial_number, search_space=self.space)
+        return build_sampler(self.s, self.space, trial_number)
 
     # -- claims --
 
@@ -264,10 +276,14 @@ class Study:
                 return None
             if not waiting and len(slots) >= self.n_trials:
                 return None
+            if not waiting and self.grid is not None:  # the grid in order: slot k is combination k
+                self.study.enqueue_trial(self.grid[len(slots)])
             self.study.sampler = self.build_sampler(len(trials))
             trial = self.study.ask(fixed_distributions=self.space)
             retry_of = trial.user_attrs.get(RETRY_OF)
-            job = int(trial.user_attrs.get(JOB, trial.number))
+            # Directories 0..n_trials-1: a trial's place among the trials that are not retries.
+            place = sum(1 for t in slots if t.number < (trial.number if retry_of is None else retry_of))
+            job = int(trial.user_attrs.get(JOB, place))
             trial.set_user_attr(JOB, job)
             lock.acquire(self.sweep_dir / str(job))  # before the claim lock goes: never taken for cut off
         overrides = [*self.fixed, *(f"{k}={override_value(v)}" for k, v in trial.params.items())]

@@ -152,7 +152,7 @@ def _attempt(cfg: DictConfig, run_dir: Path, overrides: list[str], settings, *, 
     _name_tensorboard(cfg, run_dir, overrides)
     try:
         summary = train(cfg, run_dir, test=bool(settings.get("test_trials", False)), resume=resume, on_epoch=on_epoch,
-                        resume_hint=f"the same command with hydra.sweep.dir={run_dir.parent}")
+                        resume_hint=f"the same command with hydra.sweep.dir={run_dir.parent} sweep.resume=true")
     except Exception as e:  # noqa: BLE001 - a trial's failure is data for the sweep, not the end of it
         first_line = (str(e).strip().splitlines() or [""])[0]
         error = first_line if isinstance(e, CnnlabError) else f"{type(e).__name__}: {first_line}"
@@ -234,11 +234,13 @@ class SweepSummary(Callback):
 
 
 def register_resolvers() -> None:
-    """${cnnlab_direction:val/acc} -> maximize: a sweep's direction follows trainer.monitor."""
-    if not OmegaConf.has_resolver("cnnlab_fresh_dir"):  # the default run directory, claimed once per run
+    """${cnnlab_fresh_dir:path}: the default run directory, claimed once per run."""
+    if not OmegaConf.has_resolver("cnnlab_fresh_dir"):
         from cnnlab.runtime.lock import claim_fresh_dir
 
         OmegaConf.register_new_resolver("cnnlab_fresh_dir", claim_fresh_dir, use_cache=True)
-    if not OmegaConf.has_resolver("cnnlab_direction"):
-        OmegaConf.register_new_resolver("cnnlab_direction",
-                                        lambda monitor: "minimize" if str(monitor).endswith("loss") else "maximize")
+
+
+def direction_of(cfg) -> str:
+    """A sweep's direction: minimize a loss, maximize the rest (val/acc, image_fit's PSNR)."""
+    return "minimize" if monitor_of(cfg).endswith("loss") else "maximize"

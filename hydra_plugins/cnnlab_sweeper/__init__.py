@@ -23,14 +23,14 @@ log = logging.getLogger("cnnlab.sweep.study")
 
 class CnnlabSweeper(Sweeper):
     def __init__(self, sampler: Any = "grid", pruner: str = "none", pruning: Any = None, n_trials: int | None = None,
-                 n_jobs: int = 1, storage: str = "sqlite", study_name: str = "cnnlab", direction: str = "maximize",
+                 n_jobs: int = 1, storage: str = "sqlite", study_name: str = "cnnlab", direction: str = "auto",
                  max_failure_rate: float = 1.0, params: Any = None) -> None:
-        sampler = OmegaConf.to_container(sampler) if isinstance(sampler, DictConfig) else sampler
+        sampler = OmegaConf.to_container(sampler, resolve=True) if isinstance(sampler, DictConfig) else sampler
         sampler = {"name": sampler} if isinstance(sampler, str) else dict(sampler or {})
         self.sampler_name = str(sampler.pop("name", "grid"))
         self.sampler_options = sampler
         self.pruner = str(pruner)
-        self.pruning = OmegaConf.to_container(pruning) if isinstance(pruning, DictConfig) else dict(pruning or {})
+        self.pruning = OmegaConf.to_container(pruning, resolve=True) if isinstance(pruning, DictConfig) else dict(pruning or {})
         self.n_trials, self.n_jobs, self.storage = n_trials, n_jobs, str(storage)
         self.study_name, self.direction, self.max_failure_rate = str(study_name), str(direction), float(max_failure_rate)
         self.params = {str(k): str(v) for k, v in (params or {}).items()}
@@ -55,11 +55,9 @@ class CnnlabSweeper(Sweeper):
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         helper = sweep_study.is_helper()
-        settings = sweep_study.SweepSettings(
-            sampler=self.sampler_name, sampler_options=self.sampler_options, pruner=self.pruner,
-            pruning=self.pruning, n_trials=self.n_trials, n_jobs=1 if helper else self.n_jobs, storage=self.storage,
-            study_name=self.study_name, direction=self.direction, max_failure_rate=self.max_failure_rate,
-            seed=self.sampler_options.pop("seed", None), max_epochs=int(config.trainer.epochs))
+        settings = self.settings(config)
+        if helper:
+            settings.n_jobs = 1
         sweep_study.check_settings(settings)
         space, fixed = sweep_study.search_space(sweep_study.merged_overrides(self.params, arguments))
         if not space:
@@ -85,6 +83,19 @@ class CnnlabSweeper(Sweeper):
                 if code not in (0, 3):
                     print(f"a helper worker exited with status {code}; its log: {path}", file=sys.stderr, flush=True)
         return None
+
+    def settings(self, config: DictConfig):
+        """hydra.sweeper as cnnlab.sweep.study.SweepSettings (not yet checked)."""
+        from cnnlab.sweep.study import SweepSettings
+        from cnnlab.sweep.trials import direction_of
+
+        options = dict(self.sampler_options)
+        return SweepSettings(
+            sampler=self.sampler_name, sampler_options={k: v for k, v in options.items() if k != "seed"},
+            seed=options.get("seed"), pruner=self.pruner, pruning=dict(self.pruning), n_trials=self.n_trials,
+            n_jobs=self.n_jobs, storage=self.storage, study_name=self.study_name,
+            direction=direction_of(config) if self.direction == "auto" else self.direction,
+            max_failure_rate=self.max_failure_rate, max_epochs=int(config.trainer.epochs))
 
     def _helper_args(self, sweep_dir: Path) -> list[str]:
         from cnnlab.cli.hydra_app import CONFIG_DIRS

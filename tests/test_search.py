@@ -1,0 +1,265 @@
+"""cnnlab's sweeper on Optuna: every sampler and pruner setting reaches Optuna, pruning stops a
+trial at an epoch boundary, failures are told as FAIL, a grid and a range run on the study, many
+workers share one study (journal file, SQLite), and a SIGKILLed worker's trial is continued."""
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from cnnlab.core.config import CONF_DIR
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.plugins import load_components
+from cnnlab.sweep.study import build_pruner, build_sampler, check_settings, grid_points, search_space
+from cnnlab.sweep.trials import FAILED_EXIT_STATUS, short_names, trial_label
+from hydra_plugins.cnnlab_sweeper import CnnlabSweeper
+from tests.conftest import TINY, run_cli
+
+SWEEP = [o for o in TINY if not o.startswith("model.hidden")] + ["model.hidden=[16]"]
+
+
+def sweeper_settings(*overrides: str):
+    """hydra.sweeper from the composed config, as the sweeper reads it."""
+    load_components()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    options = {k: v for k, v in cfg.hydra.sweeper.items() if k != "_target_"}
+    settings = CnnlabSweeper(**options).settings(cfg)
+    check_settings(settings)
+    return settings
+
+
+SPACE = search_space(["optimizer.lr=tag(log, interval(1e-4, 1))", "model.dropout=interval(0.0, 0.5)"])[0]
+
+
+def draw(settings, trial_number: int) -> float:
+    import optuna
+
+    study = optuna.create_study(sampler=build_sampler(settings, SPACE, trial_number))
+    return study.ask(SPACE).params["optimizer.lr"]
+
+
+# ---- settings reach Optuna --------------------------------------------------------------------
+
+def test_random_sampler_seeds_each_trial_from_the_runs_seed():
+    settings = sweeper_settings("hydra/sweeper/sampler=random", "seed=7")
+    assert type(build_sampler(settings, SPACE, 0)).__name__ == "RandomSampler" and settings.seed == 7
+    assert draw(settings, 3) == draw(settings, 3)  # trial 3's values: seed and number alone
+    assert draw(settings, 3) != draw(settings, 4)  # so parallel workers never draw the same
+    assert draw(sweeper_settings("hydra/sweeper/sampler=random", "seed=8"), 3) != draw(settings, 3)
+
+
+@pytest.mark.parametrize(("overrides", "kind", "expected"), [
+    (["hydra/sweeper/sampler=tpe", "hydra.sweeper.sampler.n_startup_trials=3", "hydra.sweeper.sampler.multivariate=false",
+      "hydra.sweeper.sampler.constant_liar=false"], "TPESampler",
+     {"_n_startup_trials": 3, "_multivariate": False, "_constant_liar": False}),
+    (["hydra/sweeper/sampler=tpe"], "TPESampler", {"_n_startup_trials": 10, "_multivariate": True, "_constant_liar": True}),
+    (["hydra/sweeper/sampler=sobol", "hydra.sweeper.sampler.scramble=false", "seed=5"], "QMCSampler",
+     {"_scramble": False, "_seed": 5, "_qmc_type": "sobol"}),
+    (["hydra/sweeper/sampler=cmaes", "hydra.sweeper.sampler.n_startup_trials=2",
+      "hydra.sweeper.sampler.consider_pruned_trials=true"], "CmaEsSampler",
+     {"_n_startup_trials": 2, "_consider_pruned_trials": True}),
+])
+def test_every_sampler_setting_reaches_optuna(overrides, kind, expected):
+    sampler = build_sampler(sweeper_settings(*overrides), SPACE, 0)
+    assert type(sampler).__name__ == kind
+    assert {k: getattr(sampler, k) for k in expected} == expected
+
+
+def test_the_grid_sampler_takes_lists_in_order_and_refuses_intervals():
+    space = search_space(["optimizer.lr=0.1,0.01", "trainer.epochs=range(1,3)", "model=mlp,lenet5"])[0]
+    assert [tuple(p.values()) for p in grid_points(space)][:3] == [(0.1, 1, "mlp"), (0.1, 1, "lenet5"), (0.1, 2, "mlp")]
+    sampler = build_sampler(sweeper_settings(), space, 0)
+    assert type(sampler).__name__ == "GridSampler" and sampler._search_space["trainer.epochs"] == [1, 2]
+    with pytest.raises(CnnlabError, match="the grid sampler takes lists of values, and optimizer.lr is an interval"):
+        build_sampler(sweeper_settings(), SPACE, 0)
+
+
+@pytest.mark.parametrize(("overrides", "kind", "expected"), [
+    ([], "NopPruner", {}),
+    (["hydra.sweeper.pruner=median", "hydra.sweeper.pruning.warmup_epochs=2", "hydra.sweeper.pruning.startup_trials=3",
+      "hydra.sweeper.pruning.interval_epochs=2"], "MedianPruner",
+     {"_n_warmup_steps": 2, "_n_startup_trials": 3, "_interval_steps": 2, "_percentile": 50.0}),
+    (["hydra.sweeper.pruner=percentile", "hydra.sweeper.pruning.percentile=40"], "PercentilePruner",
+     {"_percentile": 40.0, "_n_warmup_steps": 1, "_n_startup_trials": 5}),
+    (["hydra.sweeper.pruner=asha", "hydra.sweeper.pruning.min_resource=2", "hydra.sweeper.pruning.reduction_factor=4",
+      "hydra.sweeper.pruning.min_early_stopping_rate=1", "hydra.sweeper.pruning.bootstrap_count=1"],
+     "SuccessiveHalvingPruner",
+     {"_min_resource": 2, "_reduction_factor": 4, "_min_early_stopping_rate": 1, "_bootstrap_count": 1}),
+    (["hydra.sweeper.pruner=hyperband", "trainer.epochs=9"], "HyperbandPruner",
+     {"_min_resource": 1, "_max_resource": 9, "_reduction_factor": 3}),  # max_resource auto: trainer.epochs
+    (["hydra.sweeper.pruner=hyperband", "hydra.sweeper.pruning.max_resource=6", "hydra.sweeper.pruning.min_resource=2",
+      "hydra.sweeper.pruning.bootstrap_count=2"], "HyperbandPruner",
+     {"_min_resource": 2, "_max_resource": 6, "_bootstrap_count": 2}),
+])
+def test_every_pruner_setting_reaches_optuna(overrides, kind, expected):
+    pruner = build_pruner(sweeper_settings(*overrides))
+    assert type(pruner).__name__ == kind
+    assert {k: getattr(pruner, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["hydra.sweeper.pruner=ashaa"], "unknown pruner 'ashaa' (did you mean: asha?)"),
+    (["+hydra.sweeper.pruning.min_resorce=2"], "hydra.sweeper.pruning has no setting 'min_resorce' (did you mean: min_resource?)"),
+    (["hydra.sweeper.pruner=asha", "hydra.sweeper.pruning.reduction_factor=1"], "hydra.sweeper.pruning.reduction_factor"),
+    (["hydra/sweeper/sampler=tpe", "hydra.sweeper.sampler.n_startup_trials=-1"], "hydra.sweeper.sampler.n_startup_trials"),
+    (["hydra.sweeper.n_jobs=0"], "hydra.sweeper.n_jobs must be an integer >= 1, got 0"),
+])
+def test_bad_sweeper_settings_are_one_line(overrides, message):
+    with pytest.raises(CnnlabError, match=re.escape(message)):
+        sweeper_settings(*overrides)
+
+
+def test_the_search_grammar_maps_to_optuna_distributions():
+    import optuna.distributions as d
+
+    space = search_space(["a=tag(log, interval(1e-5, 0.1))", "b=interval(0, 4)", "c=interval(0.0, 0.5)",
+                          "d=tag(int, interval(1.0, 8.0))", "e=range(2, 8, 2)", "model=mlp,lenet5", "f=1e-3,1e-2"])[0]
+    assert space["a"] == d.FloatDistribution(1e-5, 0.1, log=True)
+    assert space["b"] == d.FloatDistribution(0, 4) and space["c"] == d.FloatDistribution(0.0, 0.5)  # Hydra: floats
+    assert space["d"] == d.IntDistribution(1, 8)
+    assert space["e"].choices == (2, 4, 6) and space["model"].choices == ("mlp", "lenet5")
+    assert space["f"].choices == (1e-3, 1e-2)  # numbers stay numbers
+    with pytest.raises(CnnlabError, match="a: a log-scale interval needs a lower end > 0"):
+        search_space(["a=tag(log, interval(0, 1))"])
+
+
+def test_trials_are_named_by_what_they_vary():
+    assert short_names(["optimizer.lr", "optimizer.weight_decay", "model.dropout"]) == {
+        "optimizer.lr": "lr", "optimizer.weight_decay": "wd", "model.dropout": "dropout"}
+    assert short_names(["model.lr", "optimizer.lr"]) == {"model.lr": "model.lr", "optimizer.lr": "optimizer.lr"}
+    label = trial_label(["trainer.epochs=2", "optimizer.lr=0.012345678", "optimizer.weight_decay=0.0001", "model=mlp"],
+                        ["optimizer.lr", "optimizer.weight_decay", "model"], "3")
+    assert label == "lr=0.0123 wd=0.0001 model=mlp #3"
+
+
+# ---- through the CLI ----------------------------------------------------------------------------
+
+def sweep_dir(cwd: Path) -> Path:
+    (found,) = (cwd / "outputs" / "sweeps").glob("*/*")
+    return found
+
+
+def load_study(folder: Path, storage: str = "sqlite"):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    target = (JournalStorage(JournalFileBackend(str(folder / "optuna.journal"))) if storage == "journal"
+              else f"sqlite:///{folder / 'optuna.db'}")
+    return optuna.load_study(study_name="synthetic-mlp", storage=target)
+
+
+def test_a_pruned_trial_stops_at_an_epoch_boundary_keeps_its_checkpoint_and_says_pruned(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from cnnlab.runtime.checkpoint import load_checkpoint
+
+    result = run_cli("train", "-m", "sweep=random_lr_wd", "hydra.sweeper.n_trials=6", "hydra.sweeper.pruner=asha",
+                     *SWEEP, "trainer.epochs=4", cwd=tmp_path)
+    assert result.returncode in (0, FAILED_EXIT_STATUS), result.stderr[-2000:]
+    folder = sweep_dir(tmp_path)
+    study = load_study(folder)
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert pruned and len(study.trials) == 6, [t.state.name for t in study.trials]
+    for t in pruned:
+        summary = json.loads((folder / str(t.number) / "summary.json").read_text())
+        epochs = len(summary["history"])
+        assert summary["status"] == "pruned" and 1 <= epochs < 4 and t.user_attrs["epochs"] == epochs
+        assert sorted(t.intermediate_values) == list(range(1, epochs + 1))  # reported after every epoch
+        assert t.intermediate_values[epochs] == summary["history"][-1]["val/acc"]
+        assert load_checkpoint(folder / str(t.number) / "checkpoints" / "last.pt")["epoch"] == epochs
+        events = EventAccumulator(summary["tensorboard"], size_guidance={"tensors": 0})
+        events.Reload()
+        content = events.summary_metadata["_hparams_/session_start_info"].plugin_data.content
+        assert plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams["status"].string_value == "pruned"
+    assert "pruned" in result.stdout.strip().splitlines()[-1]
+
+
+def test_a_grid_and_a_range_run_on_the_study_in_order(tmp_path):
+    result = run_cli("train", "-m", *SWEEP, "trainer.epochs=range(1,3)", "optimizer.lr=0.05,0.1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = sweep_dir(tmp_path)
+    study = load_study(folder)
+    assert [t.params for t in study.trials] == [{"trainer.epochs": e, "optimizer.lr": lr} for e in (1, 2) for lr in (0.05, 0.1)]
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    assert [len(json.loads((folder / str(k) / "summary.json").read_text())["history"]) for k in range(4)] == [1, 1, 2, 2]
+    # run again into the same folder: the study is complete, nothing runs twice
+    again = run_cli("train", "-m", *SWEEP, "trainer.epochs=range(1,3)", "optimizer.lr=0.05,0.1",
+                    f"hydra.sweep.dir={folder}", cwd=tmp_path)
+    assert again.returncode == 0 and len(load_study(folder).trials) == 4 and "Launching" not in again.stdout + again.stderr
+
+
+def start_worker(cwd: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "COLUMNS": "80", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "-m", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+WORKER = ["sweep=random_lr_wd", "hydra.sweeper.n_trials=12", *SWEEP, "dataset.train_size=800", "trainer.epochs=2"]
+
+
+def check_twelve_distinct_trials(folder: Path, storage: str) -> set[int]:
+    study = load_study(folder, storage)
+    assert len(study.trials) == 12 and all(t.state.is_finished() for t in study.trials)
+    assert sorted(t.user_attrs["job"] for t in study.trials) == list(range(12))
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 12
+    assert sorted(int(p.name) for p in folder.glob("[0-9]*")) == list(range(12))
+    pids = {json.loads((folder / str(k) / "trial.json").read_text())["pid"] for k in range(12)}
+    return pids
+
+
+def test_four_worker_commands_share_one_journal_study(tmp_path):
+    folder = tmp_path / "shared"
+    workers = [start_worker(tmp_path, *WORKER, "hydra.sweeper.storage=journal", f"hydra.sweep.dir={folder}")
+               for _ in range(4)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    assert all(w.returncode in (0, FAILED_EXIT_STATUS) for w in workers), [o[1][-1500:] for o in outputs]
+    pids = check_twelve_distinct_trials(folder, "journal")
+    assert pids <= {w.pid for w in workers} and len(pids) > 1  # they shared the work
+    assert all("Traceback" not in err for _, err in outputs)
+
+
+def test_n_jobs_workers_share_one_sqlite_study(tmp_path):
+    worker = start_worker(tmp_path, *WORKER, "hydra.sweeper.n_jobs=4", f"hydra.sweep.dir={tmp_path / 'sw'}")
+    out, err = worker.communicate(timeout=300)
+    assert worker.returncode in (0, FAILED_EXIT_STATUS), err[-2000:]
+    pids = check_twelve_distinct_trials(tmp_path / "sw", "sqlite")
+    assert len(list((tmp_path / "sw" / "workers").glob("*.log"))) == 3 and worker.pid in pids
+    assert out.strip().splitlines()[-1].startswith("sweep: 12 trials")
+
+
+def test_a_worker_killed_mid_trial_loses_nothing_and_its_trial_continues(tmp_path):
+    folder = tmp_path / "sw"
+    args = [*SWEEP, "dataset.train_size=8000", "trainer.epochs=3", "trainer.checkpoint_every_n_steps=20",
+            "optimizer.lr=0.05,0.1", f"hydra.sweep.dir={folder}"]
+    first = start_worker(tmp_path, *args)
+    deadline = time.monotonic() + 120
+    while not (folder / "0" / "checkpoints" / "last.pt").is_file():
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not (folder / "0" / "summary.json").exists()
+
+    result = run_cli("train", "-m", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    study = load_study(folder)
+    states = [(t.state.name, t.user_attrs.get("job"), t.user_attrs.get("retry_of")) for t in study.trials]
+    assert states[0] == ("FAIL", 0, None) and "cut off" in study.trials[0].user_attrs["cut_off"]
+    assert ("COMPLETE", 0, 0) in states and ("COMPLETE", 1, None) in states and len(states) == 3
+    assert "resumed from" in result.stdout  # the cut-off trial went on from its checkpoint, in its folder
+    assert sorted(p.name for p in folder.glob("[0-9]*")) == ["0", "1"]
+    summary = json.loads((folder / "0" / "summary.json").read_text())
+    assert summary["status"] == "completed" and [r["epoch"] for r in summary["history"]] == [1, 2, 3]
+    assert result.stdout.strip().splitlines()[-1].startswith("sweep: 2 trials (2 completed), 0 failed")
