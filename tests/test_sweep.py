@@ -4,6 +4,8 @@ search, resume, the report's ranking and coarse-to-fine advice, and one test of 
 import json
 import math
 import random
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -282,3 +284,101 @@ def test_rates_and_decays_are_searched_in_log_space_and_ranges_come_from_annotat
     assert option_range(config, "trainer.label_smoothing") == Range(ge=0, lt=1)
     assert option_range(config, "augment.ops.cutout.size") == Range(ge=1)
     assert option_range(config, "model.nonexistent") is None
+
+
+# --- live views: optuna-dashboard and TensorBoard, real servers on 127.0.0.1 -----------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(command: list[str], url: str, timeout: float = 90):
+    """Start a server, wait until ``url`` answers; returns the process (the caller stops it)."""
+    import subprocess
+    import time
+    import urllib.request
+
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return process
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise AssertionError(f"{command[0]} did not serve {url}: {process.stderr.read()[-2000:]}")
+            time.sleep(0.3)
+
+
+def _json(url: str, body: dict | None = None):
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=30).read())
+
+
+def test_the_study_is_told_failures_as_fail_with_their_reason(grid):
+    import optuna
+
+    folder = sweep_dir(grid[0])
+    study = optuna.load_study(study_name="synthetic-mlp", storage=f"sqlite:///{folder / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]
+    assert [t.value for t in study.trials[2:]] == [None, None]  # no fake ±inf for the samplers
+    assert study.trials[2].user_attrs["fail_reason"].startswith("loss diverged at step")
+    assert study.trials[3].user_attrs["fail_reason"] == "optimizer.lr must be a number > 0, got -1"
+    assert study.trials[0].value == json.loads((folder / "0" / "summary.json").read_text())["best_value"]
+
+
+def test_optuna_dashboard_serves_the_sweeps_study(grid):
+    import shutil
+
+    folder = sweep_dir(grid[0])
+    port = _free_port()
+    dashboard = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent))
+    process = _serve([dashboard, f"sqlite:///{folder / 'optuna.db'}", "--host", "127.0.0.1", "--port", str(port)],
+                     f"http://127.0.0.1:{port}/api/meta")
+    try:
+        (summary,) = _json(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]
+        assert summary["study_name"] == "synthetic-mlp" and summary["directions"] == ["maximize"]
+        study = _json(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}")
+        assert [t["state"] for t in study["trials"]] == ["Complete", "Complete", "Fail", "Fail"]
+        assert [t["params"][0]["param_external_value"] for t in study["trials"]] == ["0.01", "0.3", "50", "-1"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_tensorboard_opens_the_sweep_on_what_it_searched(grid):
+    folder = sweep_dir(grid[0])
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    process = _serve([sys.executable, "-m", "tensorboard.main", "--logdir", str(folder), "--host", "127.0.0.1",
+                      "--port", str(port)], f"{base}/data/runs")
+    try:
+        deadline = time.monotonic() + 60
+        while len(_json(f"{base}/data/runs")) < 5:  # the experiment record and 4 trials
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        experiment = _json(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
+        infos = experiment["hparamInfos"]
+        assert [(i["name"], i.get("differs")) for i in infos[:2]] == [("optimizer.lr", True), ("status", True)]
+        assert not any(i.get("differs") for i in infos[2:]) and any(i["name"] == "trainer.epochs" for i in infos)
+        assert [m["name"]["tag"] for m in experiment["metricInfos"]] == ["best/val_acc", "selected/val_acc",
+                                                                        "selected/val_loss"]
+        groups = _json(f"{base}/data/plugin/hparams/session_groups", {
+            "experimentName": "", "startIndex": 0, "sliceSize": 100, "colParams": [],
+            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]})["sessionGroups"]
+        seen = {g["name"]: (g["hparams"]["status"], g["sessions"][0]["status"]) for g in groups}
+        assert seen == {"tensorboard/lr=0.01 #0": ("completed", "STATUS_SUCCESS"),
+                        "tensorboard/lr=0.3 #1": ("completed", "STATUS_SUCCESS"),
+                        "tensorboard/lr=50 #2": ("diverged", "STATUS_FAILURE"),
+                        "tensorboard/lr=-1 #3": ("failed", "STATUS_FAILURE")}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
