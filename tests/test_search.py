@@ -185,6 +185,21 @@ def test_a_pruned_trial_stops_at_an_epoch_boundary_keeps_its_checkpoint_and_says
         assert plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams["status"].string_value == "pruned"
     assert "pruned" in result.stdout.strip().splitlines()[-1]
 
+    from cnnlab.sweep.report import report
+    from tests.conftest import quiet_console
+
+    console = quiet_console()
+    summary = report(str(folder), plot=True, console=console)
+    epochs = [len(json.loads((folder / str(k) / "summary.json").read_text())["history"]) for k in range(6)]
+    assert summary["pruned"] == len(pruned) and summary["epochs"] == sum(epochs) and summary["unpruned_epochs"] == 24
+    assert [e for e, _ in summary["best_so_far"]] == [sum(epochs[:k + 1]) for k in range(6)]
+    values = [b for _, b in summary["best_so_far"]]
+    assert values == sorted(values) and values[-1] == max(t.value for t in study.trials if t.value is not None)
+    text = console.file.getvalue()
+    assert f"epochs trained: {sum(epochs)} of the 24 an unpruned search would have spent" in text
+    assert f"study: optuna-dashboard sqlite:///{folder.resolve() / 'optuna.db'}" in text
+    assert (folder / "report.png").stat().st_size > 1000
+
 
 def test_a_grid_and_a_range_run_on_the_study_in_order(tmp_path):
     result = run_cli("train", "-m", *SWEEP, "trainer.epochs=range(1,3)", "optimizer.lr=0.05,0.1", cwd=tmp_path)

@@ -40,7 +40,7 @@ commands:
                             training, feature maps per stage, augmented samples, the most
                             confidently misclassified test images, the confusion matrix
   list <kind> [pattern]     what a registry holds; kinds: models, datasets, optimizers,
-                            schedulers, inits, augments; pattern is shell-style, e.g. 'res*'
+                            schedulers, inits, augments, tasks, samplers, pruners; pattern is shell-style, e.g. 'res*'
   --version                 print the version
 """
 

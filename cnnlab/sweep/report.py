@@ -21,6 +21,7 @@ from rich.table import Table
 from cnnlab.train.console import make_console, titled
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.validation import Range, range_of
+from cnnlab.sweep.study import STORAGE_FILES, storage_target
 from cnnlab.sweep.trials import FAILED, SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, trial_dirs
 from cnnlab.runtime.checkpoint import read_json
 from cnnlab.runtime.checkpoint import write_json
@@ -295,13 +296,24 @@ def report(sweep_dir: str, *, plot: bool = False, test_best: bool = False, devic
                      str(t.epochs), _cell(t.best_val_loss), _cell(t.best_val_acc, pct=True),
                      f"{t.wall_time_s:.1f}" if t.wall_time_s is not None else "-", t.error])
     failed = sum(t.status in FAILED for t in trials)
+    pruned = sum(t.status == "pruned" for t in trials)
+    spent = sum(t.epochs for t in trials)
+    planned = (config.get("trainer") or {}).get("epochs")
     table = Table()
     for column in header:
         table.add_column(column, overflow="ellipsis" if column == "error" else "fold",
                          max_width=48 if column == "error" else None)
     for row in rows:
         table.add_row(*(escape(c) for c in row), style="bold green" if row[0] else None)
-    console.print(titled(f"{folder}: {len(trials)} trials, {failed} failed; ranked by best {monitor}", table))
+    console.print(titled(f"{folder}: {len(trials)} trials, {pruned} pruned, {failed} failed; ranked by best {monitor}", table))
+    budget = f"epochs trained: {spent}"
+    if isinstance(planned, int) and planned > 0:
+        budget += f" of the {planned * len(trials)} an unpruned search would have spent ({spent / (planned * len(trials)):.0%})"
+    console.print(budget, highlight=False)
+    study = next((folder / name for name in (STORAGE_FILES["sqlite"], STORAGE_FILES["journal"]) if (folder / name).is_file()), None)
+    if study is not None:
+        target = storage_target("sqlite" if study.suffix == ".db" else "journal", folder)
+        console.print(f"study: optuna-dashboard {target}", highlight=False, soft_wrap=True)
 
     with (folder / "report.csv").open("w", newline="") as f:
         writer = csv.writer(f)
@@ -328,9 +340,12 @@ def report(sweep_dir: str, *, plot: bool = False, test_best: bool = False, devic
             advice.append({"key": item.key, "best": value, "where": where, "command": command})
             console.print(f"{line}\n  {command}", highlight=False, soft_wrap=True)
     (folder / "report.md").write_text("\n".join(
-        [f"# Sweep {folder}", "", f"{len(trials)} trials, {failed} failed; ranked by best {monitor}.", "", *md, ""]
+        [f"# Sweep {folder}", "", f"{len(trials)} trials, {pruned} pruned, {failed} failed; ranked by best {monitor}; "
+         f"{budget}.", "", *md, ""]
         + [f"- {a['key']} ({a['where']}): `{a['command']}`" for a in advice]) + "\n")
-    result: dict[str, Any] = {"trials": len(trials), "failed": failed, "monitor": monitor,
+    result: dict[str, Any] = {"trials": len(trials), "failed": failed, "pruned": pruned, "monitor": monitor,
+                              "epochs": spent, "unpruned_epochs": planned * len(trials) if isinstance(planned, int) else None,
+                              "best_so_far": best_so_far(trials, maximize),
                               "best": best.name if best else None, "ranking": [t.name for t in ranked],
                               "advice": advice}
     if plot:
@@ -350,12 +365,28 @@ def report(sweep_dir: str, *, plot: bool = False, test_best: bool = False, devic
     return result
 
 
+def best_so_far(trials: list[Trial], maximize: bool) -> list[tuple[int, float | None]]:
+    """(epochs spent, the best value so far) after each trial, in trial order: what the search bought."""
+    spent, best, points = 0, None, []
+    for t in trials:
+        spent += t.epochs
+        if t.value is not None and (best is None or (t.value > best if maximize else t.value < best)):
+            best = t.value
+        points.append((spent, best))
+    return points
+
+
 def _plot(folder: Path, trials: list[Trial], searched: list[Searched], monitor: str) -> Path:
     from cnnlab.analysis.plotting import pyplot, save_png
 
     plt = pyplot()
-    panels = max(len(searched), 1)
+    panels = len(searched) + 1
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
+    curve = [(e, b) for e, b in best_so_far(trials, not monitor.endswith("loss")) if b is not None]
+    ax = axes[0][-1]
+    ax.step([e for e, _ in curve], [b for _, b in curve], where="post", color="tab:green")
+    ax.set_xlabel("epochs spent (all trials)")
+    ax.set_ylabel(f"best {monitor} so far")
     for ax, item in zip(axes[0], searched):
         xs = [t.params.get(item.key) for t in trials if t.value is not None]
         ys = [t.value for t in trials if t.value is not None]
