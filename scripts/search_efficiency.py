@@ -40,9 +40,8 @@ def curve(trials: list[optuna.trial.FrozenTrial]) -> list[tuple[int, float]]:
     """(epochs spent so far, best validation accuracy so far) after each trial, in trial order."""
     spent, best, points = 0, float("-inf"), []
     for t in trials:
-        values = list(t.intermediate_values.values())
-        spent += len(values)
-        best = max([best, *values])
+        spent += t.user_attrs.get("epochs", 0)  # epochs the trial trained (its summary's history)
+        best = max([best, *t.intermediate_values.values()])
         points.append((spent, best))
     return points
 

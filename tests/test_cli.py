@@ -68,7 +68,7 @@ def test_multirun_makes_runs_with_distinct_hparams_under_one_parent(tmp_path):
     assert [j.name for j in jobs] == ["0", "1"]
     lrs, key_sets = [], []
     for job in jobs:
-        ea = EventAccumulator(str(job / "tensorboard"))
+        ea = EventAccumulator(json.loads((job / "summary.json").read_text())["tensorboard"])
         ea.Reload()
         content = ea.PluginTagToContent("hparams")["_hparams_/session_start_info"]
         hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams

@@ -92,7 +92,8 @@ def test_builders_must_annotate_every_option():
 
 
 def test_every_kind_has_a_registry_with_entries():
-    assert set(REGISTRIES) == {"datasets", "models", "optimizers", "schedulers", "inits", "augments", "tasks"}
+    assert set(REGISTRIES) == {"datasets", "models", "optimizers", "schedulers", "inits", "augments", "tasks",
+                               "samplers", "pruners"}
     for registry in REGISTRIES.values():
         assert len(registry) >= 2, registry.plural
     assert {"mlp", "lenet5", "small_resnet"} <= set(MODELS.names())

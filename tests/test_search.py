@@ -278,3 +278,59 @@ def test_a_worker_killed_mid_trial_loses_nothing_and_its_trial_continues(tmp_pat
     summary = json.loads((folder / "0" / "summary.json").read_text())
     assert summary["status"] == "completed" and [r["epoch"] for r in summary["history"]] == [1, 2, 3]
     assert result.stdout.strip().splitlines()[-1].startswith("sweep: 2 trials (2 completed), 0 failed")
+
+
+def test_max_failure_rate_stops_starting_trials_and_direction_reaches_the_study(tmp_path):
+    result = run_cli("train", "-m", *SWEEP, "optimizer.lr=-1,-2,0.1,0.2", "hydra.sweeper.max_failure_rate=0.5",
+                     "hydra.sweeper.direction=minimize", "hydra.sweeper.study_name=mine", cwd=tmp_path)
+    assert result.returncode == FAILED_EXIT_STATUS, result.stderr[-2000:]
+    import optuna
+
+    study = optuna.load_study(study_name="mine", storage=f"sqlite:///{sweep_dir(tmp_path) / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["FAIL"]  # 1 of 1 failed > 0.5: no second trial
+    assert study.direction.name == "MINIMIZE"
+
+
+def test_paths_tensorboard_reaches_the_runs_event_writer(tmp_path):
+    from cnnlab.train.tensorboard_log import events_dir
+
+    assert events_dir({"paths": {"tensorboard": str(tmp_path / "tb")}}, tmp_path / "run") == tmp_path / "tb"
+    assert events_dir({"paths": {"tensorboard": None}}, tmp_path / "run") == tmp_path / "run" / "tensorboard"
+    from tests.conftest import run_tiny
+
+    summary = run_tiny(tmp_path / "run", f"paths.tensorboard={tmp_path / 'tb'}")
+    assert summary["tensorboard"] == str(tmp_path / "tb") and list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")  # a zombie has stopped; its reaper may be slow in a container
+
+
+def test_helpers_stop_with_their_worker_and_a_rerun_continues_both_trials(tmp_path):
+    folder = tmp_path / "sw"
+    args = [*SWEEP, "dataset.train_size=8000", "trainer.epochs=3", "trainer.checkpoint_every_n_steps=20",
+            "optimizer.lr=0.05,0.1,0.2", "hydra.sweeper.n_jobs=2", f"hydra.sweep.dir={folder}"]
+    parent = start_worker(tmp_path, *args)
+    deadline = time.monotonic() + 180
+    while len(list(folder.glob("[0-9]/checkpoints/last.pt"))) < 2:  # both workers are inside a trial
+        assert parent.poll() is None and time.monotonic() < deadline, parent.stderr.read()[-2000:]
+        time.sleep(0.05)
+    pids = {json.loads(p.read_text())["pid"] for p in folder.glob("[0-9]/trial.json")}
+    (helper,) = pids - {parent.pid}
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 60
+    while not _gone(helper):  # told SIGTERM by the kernel as its parent died: it checkpoints and stops
+        assert time.monotonic() < deadline, "the helper outlived its worker"
+        time.sleep(0.1)
+
+    result = run_cli("train", "-m", *[a for a in args if a != "hydra.sweeper.n_jobs=2"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("resumed from") == 2
+    assert result.stdout.strip().splitlines()[-1].startswith("sweep: 3 trials (3 completed), 0 failed")
+    assert sorted(p.name for p in folder.glob("[0-9]*")) == ["0", "1", "2"]

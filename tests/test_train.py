@@ -68,7 +68,7 @@ def test_run_writes_summary_checkpoints_and_tensorboard(tmp_path):
     assert "_hparams_/experiment" not in tags  # the plugin builds the experiment from all runs' sessions
     assert status == api_pb2.STATUS_SUCCESS
     expected_keys = set(flatten({k: v for k, v in last["config"].items() if k != "paths"}))
-    assert set(values) == expected_keys
+    assert set(values) == expected_keys | {"status"} and values["status"] == "completed"
     assert values["optimizer.lr"] == 0.05 and values["model.name"] == "mlp" and values["model.hidden"] == "[16]"
     assert "config" in ea.Tags()["tensors"] or ea.PluginTagToContent("text")
 

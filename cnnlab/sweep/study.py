@@ -21,6 +21,7 @@ import itertools
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -362,9 +363,27 @@ def start_helpers(n: int, args: list[str], sweep_dir: Path, threads: int) -> lis
         path = logs / f"worker-{os.getpid()}-{k}.log"
         with path.open("w") as out:
             process = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "-m", *args], env=env,
-                                       stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                       stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       preexec_fn=_die_with_parent)
         helpers.append((process, path))
     return helpers
+
+
+def _die_with_parent() -> None:
+    """A helper is sent SIGTERM when the worker that started it dies (Linux): it checkpoints and stops."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def stop_helpers(helpers: list[tuple[subprocess.Popen, Path]]) -> None:
+    """Pass a stop on: the helpers still running checkpoint their trials and stop."""
+    for process, _ in helpers:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
 
 
 def is_helper() -> bool:

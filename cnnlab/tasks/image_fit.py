@@ -155,7 +155,7 @@ def image_fit(cfg, run_dir: Path, console: Console | None = None, *, test: bool 
         if epoch % report_every == 0 or epoch == settings.epochs:
             console.print(f"epoch {epoch:>4}/{settings.epochs}  loss {record['loss']:.5f}  PSNR {record['psnr']:.2f} dB",
                           highlight=False)
-        if epoch < settings.epochs and on_epoch is not None and on_epoch(epoch, record):
+        if on_epoch is not None and on_epoch(epoch, record) and epoch < settings.epochs:
             status = "pruned"  # a sweep's pruner: this fit is behind the others at this epoch
             console.print(f"pruned after epoch {epoch}", highlight=False)
             break

@@ -360,10 +360,12 @@ class Trainer:
                 self.scheduler.observe(record["val/loss"])
             self.save(None, best=improved)
             epochs_without_improvement = 0 if improved else epochs_without_improvement + 1
+            # A sweep hears of every epoch (its pruner's record), and may stop the run before the last.
+            judged = self.on_epoch is not None and self.ranks.any(self.on_epoch(self.epoch, record))
             if s.early_stopping_patience and epochs_without_improvement >= s.early_stopping_patience:
                 self.status = "early_stopped"
                 self.reporter.warn(f"early stopping: no better {s.monitor} for {epochs_without_improvement} epochs")
-            elif self.epoch < s.epochs and self.on_epoch is not None and self.ranks.any(self.on_epoch(self.epoch, record)):
+            elif judged and self.epoch < s.epochs:
                 self.status = "pruned"  # checkpoints kept: the pruned trial is selected and reported like any
                 self.reporter.warn(f"pruned after epoch {self.epoch}: the sweep's pruner judged this trial hopeless")
             elif self.epoch < s.epochs and self.stop_requested():

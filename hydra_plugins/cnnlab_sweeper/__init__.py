@@ -60,9 +60,6 @@ class CnnlabSweeper(Sweeper):
             settings.n_jobs = 1
         sweep_study.check_settings(settings)
         space, fixed = sweep_study.search_space(sweep_study.merged_overrides(self.params, arguments))
-        if not space:
-            raise CnnlabError("nothing to search: give a list (optimizer.lr=0.01,0.1), a range, an interval, "
-                              "or a named sweep (sweep=random_lr_wd)")
         study = sweep_study.Study(settings, sweep_dir, space, fixed)
         helpers = []
         if settings.n_jobs > 1:
@@ -77,6 +74,9 @@ class CnnlabSweeper(Sweeper):
                   f"optuna-dashboard {study.target}", flush=True)
         try:
             self._work(study)
+        except BaseException:  # pre-empted, Ctrl-C, a bug: the helpers stop too, after a checkpoint
+            sweep_study.stop_helpers(helpers)
+            raise
         finally:
             for process, path in helpers:
                 code = process.wait()
