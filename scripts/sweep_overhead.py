@@ -17,6 +17,8 @@ import argparse
 import json
 import os
 import platform
+import re
+import statistics
 import subprocess
 import sys
 import time
@@ -30,13 +32,13 @@ TINY = ["dataset=synthetic", "dataset.channels=1", "dataset.size=8", "dataset.cl
 SHORT = ["dataset=fashion_mnist", "model=lenet5", "trainer.epochs=2", "trainer.limit_train_batches=60"]
 
 
-def sweep(out: Path, args: list[str]) -> float:
+def sweep(out: Path, args: list[str]) -> tuple[float, str]:
     cmd = [sys.executable, "-m", "cnnlab", "train", "-m", "sweep=random_lr_wd", f"hydra.sweep.dir={out}", *args]
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode not in (0, 3):
         sys.exit(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, result.stdout + result.stderr
 
 
 def main() -> None:
@@ -47,20 +49,24 @@ def main() -> None:
     out = Path(args.out) / time.strftime("%Y-%m-%d_%H-%M-%S")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
 
-    wall = sweep(out / "overhead", [*TINY, "hydra.sweeper.n_trials=50", f"hydra.sweeper.storage={args.storage}"])
+    wall, log = sweep(out / "overhead", [*TINY, "hydra.sweeper.n_trials=50", f"hydra.sweeper.storage={args.storage}"])
     starts, walls = [], []
     for folder in (out / "overhead").glob("[0-9]*"):
         starts.append(json.loads((folder / "trial.json").read_text())["started"])
         walls.append(json.loads((folder / "summary.json").read_text())["wall_time_s"])
     span = max(s + w for s, w in zip(starts, walls)) - min(starts)  # first trial's start to last trial's end
-    print(f"50 one-step trials ({args.storage}): command {wall:.1f} s (start-up and first trial's set-up included), "
-          f"trials' own time {sum(walls):.1f} s; between trials: {1000 * (span - sum(walls)) / (len(walls) - 1):.0f} ms "
-          "each (claim: lock, ask, storage; Hydra job set-up; tell)")
+    costs = [(float(c), float(t)) for c, t in re.findall(r"claim ([0-9.]+) ms, tell ([0-9.]+) ms", log)]
+    claim, tell = (statistics.median(x) for x in zip(*costs))
+    print(f"50 one-step trials ({args.storage}): command {wall:.1f} s, the trials' own time {sum(walls):.1f} s")
+    print(f"  between two trials: {1000 * (span - sum(walls)) / (len(walls) - 1):.0f} ms, of which the study's part "
+          f"(median): claim {claim:.1f} ms (claim lock, cut-off check, ask, trial lock), tell {tell:.1f} ms; the rest is "
+          "Hydra composing the trial's config and setting up its job, and the trial's own records")
 
-    one = sweep(out / "n_jobs_1", [*SHORT, "hydra.sweeper.n_trials=12", "hydra.sweeper.n_jobs=1"])
-    two = sweep(out / "n_jobs_2", [*SHORT, "hydra.sweeper.n_trials=12", "hydra.sweeper.n_jobs=2"])
-    print(f"12 trials ({' '.join(SHORT)}): n_jobs=1 {one:.1f} s, n_jobs=2 {two:.1f} s (1 torch thread each); "
-          f"speed-up {one / two:.2f}x")
+    one, _ = sweep(out / "n_jobs_1", [*SHORT, "hydra.sweeper.n_trials=12", "hydra.sweeper.n_jobs=1"])
+    two, _ = sweep(out / "n_jobs_2", [*SHORT, "hydra.sweeper.n_trials=12", "hydra.sweeper.n_jobs=2"])
+    print(f"12 trials ({' '.join(SHORT)}): n_jobs=1 {one:.1f} s ({torch.get_num_threads()} torch threads), "
+          f"n_jobs=2 {two:.1f} s (2 workers, {max(1, (os.cpu_count() or 1) // 2)} thread each; the helper's start-up "
+          f"included); speed-up {one / two:.2f}x")
 
 
 if __name__ == "__main__":
