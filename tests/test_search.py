@@ -334,3 +334,14 @@ def test_helpers_stop_with_their_worker_and_a_rerun_continues_both_trials(tmp_pa
     assert result.stdout.count("resumed from") == 2
     assert result.stdout.strip().splitlines()[-1].startswith("sweep: 3 trials (3 completed), 0 failed")
     assert sorted(p.name for p in folder.glob("[0-9]*")) == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["hydra.sweeper.pruner=ashaa", "optimizer.lr=0.1,0.2"], "error: unknown pruner 'ashaa' (did you mean: asha?)"),
+    (["optimizer.lr=interval(0.01, 0.1)"], "error: the grid sampler takes lists of values, and optimizer.lr is an interval"),
+    (["hydra/sweeper/sampler=tpee", "optimizer.lr=0.1"], "error: unknown hydra/sweeper/sampler 'tpee' (did you mean: tpe?)"),
+])
+def test_a_bad_sweep_is_one_line_and_writes_nothing(tmp_path, args, message):
+    result = run_cli("train", "-m", *SWEEP, *args, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()

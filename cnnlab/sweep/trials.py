@@ -193,33 +193,40 @@ def sweep_status(sweep_dir: Path) -> dict[str, Any]:
 SWEEP_FILE = "sweep.json"
 
 
+def record_sweep(config: DictConfig) -> None:
+    """What a multirun searches: sweep.json (for `cnnlab report` and the trials' TensorBoard names) and the
+    HParams experiment of <sweep dir>/tensorboard. The first record stays (a rerun, another worker)."""
+    from cnnlab.sweep.study import merged_overrides, search_space
+    from cnnlab.train.tensorboard_log import sweep_experiment
+
+    sweep_dir = Path(config.hydra.sweep.dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if (sweep_dir / SWEEP_FILE).is_file():
+        return
+    params = config.hydra.sweeper.get("params")
+    params = {str(k): str(v) for k, v in (OmegaConf.to_container(params, resolve=True) if params else {}).items()}
+    task_overrides = list(config.hydra.overrides.task)  # as typed, sweep syntax included
+    try:
+        searched = [k.lstrip("+~") for k in search_space(merged_overrides(params, task_overrides))[0]]
+    except CnnlabError:  # the basic sweeper's grammar is not all ours (e.g. glob): named by nothing then
+        searched = []
+    monitor = monitor_of(config)
+    write_json(sweep_dir / SWEEP_FILE, {
+        "task_overrides": task_overrides, "sweeper_params": params, "searched": searched,
+        "sweeper": str(config.hydra.sweeper.get("_target_", "")), "monitor": monitor,
+    })
+    tree = OmegaConf.to_container(config, resolve=False)
+    tree.pop("hydra", None)
+    sweep_experiment(sweep_dir / TENSORBOARD_DIR, searched, tree, monitor)
+
+
 class SweepSummary(Callback):
     """Hydra callback: records what a multirun searches (sweep.json, for `cnnlab report`), and at
     its end prints one line with the trial count and failures."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from cnnlab.sweep.study import merged_overrides, search_space
-        from cnnlab.train.tensorboard_log import sweep_experiment
-
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        if (sweep_dir / SWEEP_FILE).is_file():  # a resumed sweep, or another worker's: the first record stays
-            return
-        params = config.hydra.sweeper.get("params")
-        params = {str(k): str(v) for k, v in (OmegaConf.to_container(params, resolve=True) if params else {}).items()}
-        task_overrides = list(config.hydra.overrides.task)  # as typed, sweep syntax included
-        try:
-            searched = [k.lstrip("+~") for k in search_space(merged_overrides(params, task_overrides))[0]]
-        except Exception:  # noqa: BLE001 - the sweeper reports a bad search space itself
-            searched = []
-        monitor = monitor_of(config)
-        write_json(sweep_dir / SWEEP_FILE, {
-            "task_overrides": task_overrides, "sweeper_params": params, "searched": searched,
-            "sweeper": str(config.hydra.sweeper.get("_target_", "")), "monitor": monitor,
-        })
-        tree = OmegaConf.to_container(config, resolve=False)
-        tree.pop("hydra", None)
-        sweep_experiment(sweep_dir / TENSORBOARD_DIR, searched, tree, monitor)
+        if not str(config.hydra.sweeper.get("_target_", "")).startswith("hydra_plugins.cnnlab_sweeper"):
+            record_sweep(config)  # cnnlab's sweeper records the sweep itself, once its settings are checked
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -46,6 +46,7 @@ class CnnlabSweeper(Sweeper):
         from cnnlab.core.errors import CnnlabError
         from cnnlab.core.plugins import load_components
         from cnnlab.sweep import study as sweep_study
+        from cnnlab.sweep.trials import record_sweep
 
         load_components()
         config = self.config
@@ -53,13 +54,15 @@ class CnnlabSweeper(Sweeper):
             raise CnnlabError("the cnnlab sweeper names trial directories by trial number: "
                               "leave hydra.sweep.subdir as ${hydra.job.num}")
         sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         helper = sweep_study.is_helper()
         settings = self.settings(config)
         if helper:
             settings.n_jobs = 1
         sweep_study.check_settings(settings)
         space, fixed = sweep_study.search_space(sweep_study.merged_overrides(self.params, arguments))
+        if settings.sampler == "grid":
+            sweep_study.build_sampler(settings, space, 0)  # a grid of intervals is refused before anything is written
+        record_sweep(config)
         study = sweep_study.Study(settings, sweep_dir, space, fixed)
         helpers = []
         if settings.n_jobs > 1:
