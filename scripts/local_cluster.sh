@@ -124,7 +124,9 @@ pg_up() {
     mkdir -p "$PG_DIR"
     chown postgres: "$PG_DIR"
     if [ ! -f "$PG_DIR/data/PG_VERSION" ]; then
-        runuser -u postgres -- "$bin/initdb" -D "$PG_DIR/data" -A trust -U postgres >/dev/null \
+        # the superuser over this folder's socket only; the cnnlab role logs in over TCP with its password
+        runuser -u postgres -- "$bin/initdb" -D "$PG_DIR/data" --auth-local=trust --auth-host=scram-sha-256 \
+            -U postgres >/dev/null \
             || fail "initdb failed in $PG_DIR/data"
     fi
     if ! runuser -u postgres -- "$bin/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; then
@@ -132,7 +134,7 @@ pg_up() {
             -o "-p $PG_PORT -k $PG_DIR -c listen_addresses=127.0.0.1" start >/dev/null \
             || fail "PostgreSQL did not start; see $PG_DIR/postgres.log"
     fi
-    local psql=("$bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -qtA)
+    local psql=("$bin/psql" -h "$PG_DIR" -p "$PG_PORT" -U postgres -d postgres -qtA)
     if [ "$(runuser -u postgres -- "${psql[@]}" -c "SELECT 1 FROM pg_roles WHERE rolname='$PG_USER'")" != 1 ]; then
         runuser -u postgres -- "${psql[@]}" -c "CREATE ROLE $PG_USER LOGIN PASSWORD '$PG_USER'" >/dev/null
     fi

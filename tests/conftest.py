@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,28 @@ def tiny_run(tmp_path):
         return run_tiny(tmp_path / "run", *overrides)
 
     return run
+
+
+@dataclass
+class Cluster:
+    partition: str
+    database: str
+    env: dict[str, str]  # os.environ with SLURM_CONF: what a SLURM command of this cluster needs
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """The one-node SLURM cluster and PostgreSQL server of scripts/local_cluster.sh, up for the session.
+    Where they cannot start, the tests that need them are skipped with the reason, except in CI
+    (CI=true), where that is a failure: a cluster test never passes by not running."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "local_cluster.sh"
+    up = subprocess.run(["bash", str(script), "up"], capture_output=True, text=True, timeout=900)
+    if up.returncode != 0:
+        reason = f"no local cluster: {(up.stderr.strip().splitlines() or ['scripts/local_cluster.sh up failed'])[-1]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    facts = dict(line.split(": ", 1) for line in up.stdout.splitlines() if ": " in line)
+    conf = next(line.split("=", 1)[1] for line in up.stdout.splitlines() if line.startswith("export SLURM_CONF="))
+    yield Cluster(partition=facts["partition"], database=facts["database"], env={**os.environ, "SLURM_CONF": conf})
+    subprocess.run(["bash", str(script), "down"], capture_output=True, text=True, timeout=300)

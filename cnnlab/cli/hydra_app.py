@@ -78,9 +78,11 @@ def writer_of(run_dir: Path, cfg: DictConfig) -> Iterator[None]:
     """Be the one writer of ``run_dir`` for the block: take its lock, then record the run's config
     in .hydra/ as Hydra would (conf/train.yaml turns Hydra's own early write off, so that a second
     process refused here has written nothing). DDP ranks started for a run that holds the lock
-    (trainer.devices, or torchrun's ranks other than 0) share it."""
+    (trainer.devices, or torchrun's ranks other than 0) share it, and so does a sweep's trial that
+    another launcher runs (a SLURM job): the sweeper holds its directory's lock for it."""
     ranks = launched_ranks()
-    if ranks.enabled and (not ranks.is_main or os.environ.get(LOCK_HELD_ENV) == str(run_dir)):
+    held_for_us = os.environ.get(LOCK_HELD_ENV)  # a sweeper or `trainer.devices` holds it for this process
+    if (ranks.enabled and not ranks.is_main) or (held_for_us and Path(held_for_us).resolve() == run_dir.resolve()):
         yield
         return
     with RunDirLock(run_dir, warn=lambda message: print(f"warning: {message}", file=sys.stderr, flush=True)):

@@ -33,6 +33,7 @@ from typing import Any
 from cnnlab.core.errors import CnnlabError, suggestion
 from cnnlab.core.registry import PRUNERS, SAMPLERS
 from cnnlab.runtime import lock
+from cnnlab.runtime.distributed import LOCK_HELD_ENV
 
 log = logging.getLogger("cnnlab.sweep.study")
 
@@ -153,24 +154,52 @@ def storage_target(spec: str, sweep_dir: Path) -> str:
     return spec
 
 
+def shown(target: str) -> str:
+    """A storage target fit to print: a database URL without its password."""
+    if "://" not in target or target.startswith("sqlite"):
+        return target
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(target).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: say it as given
+        return target
+
+
+def database_url(target: str) -> str:
+    """postgresql://... with the driver that is installed: psycopg 3 (cnnlab[postgres]) unless psycopg2 is."""
+    import importlib.util
+
+    if target.startswith("postgresql://") and importlib.util.find_spec("psycopg2") is None \
+            and importlib.util.find_spec("psycopg") is not None:
+        return "postgresql+psycopg://" + target.removeprefix("postgresql://")
+    return target
+
+
 def open_storage(spec: str, sweep_dir: Path):
+    """The study's storage, reached now: a wrong URL, a server that cannot be reached or refuses the
+    login, or a journal file that cannot be written is one line naming hydra.sweeper.storage."""
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     target = storage_target(spec, sweep_dir)
     try:
         if spec == "journal" or target.endswith(".journal"):
+            if spec == "journal":
+                sweep_dir.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(target))
         if "://" not in target:
-            raise CnnlabError(f"hydra.sweeper.storage={spec!r}: give sqlite, journal, or a database URL "
-                              "(postgresql://user@host/db, mysql://...)")
+            raise CnnlabError(f"hydra.sweeper.storage={spec!r}: give sqlite, journal, a journal file (*.journal) "
+                              "or a database URL (postgresql://user@host/db, mysql://...)")
         engine = {"connect_args": {"timeout": 120}} if target.startswith("sqlite") else {"pool_pre_ping": True}
-        return optuna.storages.RDBStorage(target, engine_kwargs=engine)
+        if spec == "sqlite":
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.RDBStorage(database_url(target), engine_kwargs=engine)
     except CnnlabError:
         raise
     except Exception as e:  # noqa: BLE001 - a driver's error, told in one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CnnlabError(f"cannot open the study's storage {target}: {first}") from None
+        first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
+        raise CnnlabError(f"hydra.sweeper.storage={shown(target)}: cannot open the study there: {first}") from None
 
 
 # ---- the claim lock ----
@@ -205,16 +234,35 @@ class Claim:
 
 
 active: list[Claim] = []  # the claim whose Hydra job runs now in this process
+# A trial launched in another process (a SLURM job) finds its study through these (hydra.job.env_set).
+TRIAL_ENV, STUDY_ENV, STORAGE_ENV = "CNNLAB_TRIAL_ID", "CNNLAB_STUDY", "CNNLAB_STUDY_STORAGE"
+
+
+def quoted(value: str) -> str:
+    """A value in Hydra's override grammar, quoted."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def active_claim() -> Claim | None:
-    return active[-1] if active else None
+    """The trial this process runs now: the sweeper's own, or one it launched elsewhere (from the environment)."""
+    if active:
+        return active[-1]
+    trial_id = os.environ.get(TRIAL_ENV)
+    if trial_id is None:
+        return None
+    import optuna
+
+    target = os.environ[STORAGE_ENV]
+    storage = open_storage("journal" if target.endswith(".journal") else target, Path(target).parent)
+    study = optuna.load_study(study_name=os.environ[STUDY_ENV], storage=storage,
+                              sampler=optuna.samplers.RandomSampler())
+    return Claim(optuna.Trial(study, int(trial_id)), job=-1, overrides=[])
 
 
 class Study:
     """One worker's view of the sweep's study."""
 
-    def __init__(self, settings: SweepSettings, sweep_dir: Path, space: dict[str, Any], fixed: list[str]):
+    def __init__(self, settings: SweepSettings, sweep_dir: Path, space: dict[str, Any], fixed: list[str], storage):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -227,7 +275,7 @@ class Study:
                 self.n_trials = len(self.grid)
         elif self.n_trials is None:
             raise CnnlabError(f"sampler {settings.sampler!r} needs hydra.sweeper.n_trials (how many trials to run)")
-        self.storage = open_storage(settings.storage, sweep_dir)
+        self.storage = storage
         pruner = build_pruner(settings)
         with claim_lock(sweep_dir):
             try:
@@ -236,7 +284,7 @@ class Study:
                                                  sampler=optuna.samplers.RandomSampler())
             except Exception as e:  # noqa: BLE001
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise CnnlabError(f"study {settings.study_name!r} in {self.target}: {first}") from None
+                raise CnnlabError(f"study {settings.study_name!r} in {shown(self.target)}: {first}") from None
             self._check_or_record()
 
     @property
@@ -252,10 +300,10 @@ class Study:
             return
         theirs = attrs["cnnlab"]
         if theirs.get("space") != mine["space"]:
-            raise CnnlabError(f"study {self.s.study_name!r} in {self.target} searches {', '.join(theirs.get('space', []))}; "
+            raise CnnlabError(f"study {self.s.study_name!r} in {shown(self.target)} searches {', '.join(theirs.get('space', []))}; "
                               f"this sweep searches {', '.join(mine['space'])}: choose another hydra.sweeper.study_name")
         if theirs.get("sweep_dir") != mine["sweep_dir"] and self.s.storage not in STORAGE_FILES:
-            raise CnnlabError(f"study {self.s.study_name!r} in {self.target} belongs to the sweep in {theirs.get('sweep_dir')}; "
+            raise CnnlabError(f"study {self.s.study_name!r} in {shown(self.target)} belongs to the sweep in {theirs.get('sweep_dir')}; "
                               f"run with hydra.sweep.dir={theirs.get('sweep_dir')} to join it, or choose another "
                               "hydra.sweeper.study_name")
 
@@ -265,7 +313,9 @@ class Study:
     # -- claims --
 
     def claim(self) -> Claim | None:
-        """The next trial for this worker, its directory locked; None when the sweep has nothing left to run."""
+        """The next trial for this worker, its directory locked; None when the sweep has nothing left to run.
+        Its overrides also carry, through hydra.job.env_set, what a trial run by another launcher's process
+        needs: its trial in the study (for pruning) and that its directory is locked for it."""
         from optuna.trial import TrialState
 
         with claim_lock(self.sweep_dir):
@@ -287,7 +337,12 @@ class Study:
             job = int(trial.user_attrs.get(JOB, place))
             trial.set_user_attr(JOB, job)
             lock.acquire(self.sweep_dir / str(job))  # before the claim lock goes: never taken for cut off
-        overrides = [*self.fixed, *(f"{k}={override_value(v)}" for k, v in trial.params.items())]
+        trial_dir = (self.sweep_dir / str(job)).resolve()
+        overrides = [*self.fixed, *(f"{k}={override_value(v)}" for k, v in trial.params.items()),
+                     f"hydra.sweep.subdir={job}",
+                     *(f"+hydra.job.env_set.{k}={quoted(v)}" for k, v in (
+                         (TRIAL_ENV, str(trial._trial_id)), (STUDY_ENV, self.s.study_name), (STORAGE_ENV, self.target),
+                         (LOCK_HELD_ENV, str(trial_dir))))]
         return Claim(trial, job, overrides, retry_of)
 
     def _too_many_failures(self, trials) -> bool:

@@ -148,7 +148,11 @@ def run_trial(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 def _attempt(cfg: DictConfig, run_dir: Path, overrides: list[str], settings, *, resume: bool,
              on_epoch=None) -> dict[str, Any]:
     start = time.time()
-    write_json(run_dir / TRIAL_FILE, {"overrides": overrides, "started": start, "pid": os.getpid()})
+    record = {"overrides": overrides, "started": start, "pid": os.getpid()}
+    if os.environ.get("SLURM_JOB_ID"):  # where it ran, when SLURM ran it
+        record["slurm"] = {"job": os.environ["SLURM_JOB_ID"], "array_job": os.environ.get("SLURM_ARRAY_JOB_ID"),
+                           "array_task": os.environ.get("SLURM_ARRAY_TASK_ID")}
+    write_json(run_dir / TRIAL_FILE, record)
     _name_tensorboard(cfg, run_dir, overrides)
     try:
         summary = train(cfg, run_dir, test=bool(settings.get("test_trials", False)), resume=resume, on_epoch=on_epoch,

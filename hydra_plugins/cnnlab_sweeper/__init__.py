@@ -62,10 +62,14 @@ class CnnlabSweeper(Sweeper):
         space, fixed = sweep_study.search_space(sweep_study.merged_overrides(self.params, arguments))
         if settings.sampler == "grid":
             sweep_study.build_sampler(settings, space, 0)  # a grid of intervals is refused before anything is written
+        in_process = type(self.launcher).__name__ == "BasicLauncher"
+        if not in_process:
+            check_launcher(config)
+        storage = sweep_study.open_storage(settings.storage, sweep_dir)  # reachable, before anything is written
         record_sweep(config)
-        study = sweep_study.Study(settings, sweep_dir, space, fixed)
+        study = sweep_study.Study(settings, sweep_dir, space, fixed, storage)
         helpers = []
-        if settings.n_jobs > 1:
+        if settings.n_jobs > 1 and in_process:
             import torch
 
             threads = max(1, (os.cpu_count() or 1) // settings.n_jobs)
@@ -76,7 +80,7 @@ class CnnlabSweeper(Sweeper):
                   f"pruner {settings.pruner}, {settings.n_jobs} at a time; live view: "
                   f"optuna-dashboard {study.target}", flush=True)
         try:
-            self._work(study)
+            self._work(study, batch=1 if in_process else settings.n_jobs)
         except BaseException:  # pre-empted, Ctrl-C, a bug: the helpers stop too, after a checkpoint
             sweep_study.stop_helpers(helpers)
             raise
@@ -108,31 +112,61 @@ class CnnlabSweeper(Sweeper):
         folders = [arg for path in CONFIG_DIRS for arg in ("--config-dir", path)]
         return [*folders, *hydra_args, *overrides.task, f"hydra.sweep.dir={sweep_dir.resolve()}"]
 
-    def _work(self, study) -> None:
+    def _work(self, study, batch: int) -> None:
+        """Claim, run, tell, until the study has nothing left. In this process (Hydra's basic launcher)
+        one trial at a time; through another launcher (SLURM) ``batch`` trials at a time, one job array."""
         from cnnlab.sweep import study as sweep_study
 
         while True:
             asked = time.perf_counter()
-            claim = study.claim()
-            if claim is None:
+            claims = []
+            while len(claims) < batch and (claim := study.claim()) is not None:
+                claims.append(claim)
+            if not claims:
                 return
             started = time.perf_counter()
-            sweep_study.active.append(claim)
-            summary, error = None, None
+            sweep_study.active.extend(claims if batch == 1 else [])
+            outcomes = []
             try:
-                (result,) = self.launcher.launch([claim.overrides], initial_job_idx=claim.job)
-                if result.status == JobStatus.COMPLETED:
-                    summary = result.return_value
-                else:
-                    failure = result._return_value  # the job's exception
-                    error = (str(failure).strip().splitlines() or [type(failure).__name__])[0]
+                results = self.launcher.launch([c.overrides for c in claims], initial_job_idx=claims[0].job)
+                for result in results:
+                    if result.status == JobStatus.COMPLETED:
+                        outcomes.append((result.return_value, None))
+                    else:
+                        failure = result._return_value  # the job's exception
+                        outcomes.append((None, (str(failure).strip().splitlines() or [type(failure).__name__])[0]))
             finally:
-                sweep_study.active.pop()
-                # Pre-empted (a BaseException): the trial stays RUNNING, its directory unlocked: a rerun continues it.
-                study.release(claim)
+                del sweep_study.active[:]
+                # Pre-empted (a BaseException): the trials stay RUNNING, their directories unlocked: a rerun continues them.
+                for claim in claims:
+                    study.release(claim)
             ran = time.perf_counter()
-            status = study.tell(claim, summary if isinstance(summary, dict) else None, error)
-            # The sweeper's own cost per trial (scripts/sweep_overhead.py reads this line).
-            log.info("trial %d (%s): %s in %.1f s; claim %.1f ms, tell %.1f ms", claim.trial.number,
-                     " ".join(claim.overrides), status, ran - started, 1000 * (started - asked),
-                     1000 * (time.perf_counter() - ran))
+            for claim, (summary, error) in zip(claims, outcomes):
+                status = study.tell(claim, summary if isinstance(summary, dict) else None, error)
+                # The sweeper's own cost per trial (scripts/sweep_overhead.py reads this line).
+                log.info("trial %d (%s): %s in %.1f s; claim %.1f ms, tell %.1f ms", claim.trial.number,
+                         " ".join(o for o in claim.overrides if not o.startswith(("hydra.", "+hydra."))), status,
+                         ran - started, 1000 * (started - asked) / len(claims),
+                         1000 * (time.perf_counter() - ran) / len(claims))
+
+
+def check_launcher(config: DictConfig) -> None:
+    """A SLURM partition that does not exist is one line before any trial is claimed."""
+    import shutil
+    import subprocess
+
+    from cnnlab.core.errors import CnnlabError
+
+    launcher = config.hydra.launcher
+    if "slurm" not in str(launcher.get("_target_", "")).lower():
+        return
+    if shutil.which("sinfo") is None:
+        raise CnnlabError("hydra/launcher=slurm: SLURM's commands (sinfo, sbatch) are not on this machine's PATH")
+    found = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True)
+    if found.returncode != 0:
+        raise CnnlabError(f"hydra/launcher=slurm: sinfo failed: {(found.stderr.strip().splitlines() or [''])[0]}")
+    partitions = sorted(set(found.stdout.split()))
+    partition = launcher.get("partition")
+    if partition is not None and str(partition) not in partitions:
+        raise CnnlabError(f"hydra.launcher.partition={partition}: no such SLURM partition here; "
+                          f"partitions: {', '.join(partitions)}")

@@ -1,0 +1,123 @@
+"""cnnlab on a real SLURM cluster and a real PostgreSQL server (scripts/local_cluster.sh, one node,
+this machine): a sweep through the SLURM launcher, SLURM array tasks sharing one PostgreSQL study,
+a lost worker, and the one-line errors for a wrong partition, database or journal path."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cnnlab.sweep.study import database_url
+from tests.conftest import TINY, run_cli
+
+pytestmark = pytest.mark.cluster
+
+SWEEP = [o for o in TINY if not o.startswith("model.hidden")] + ["model.hidden=[16]"]
+
+
+def cnnlab_command(*args: str) -> str:
+    return shlex.join([sys.executable, "-m", "cnnlab", "train", "-m", *args])
+
+
+def sbatch(cluster, tmp_path: Path, *options: str, command: str, wait: bool = True) -> subprocess.CompletedProcess:
+    args = ["sbatch", "--parsable", f"--partition={cluster.partition}", "--cpus-per-task=1", "--mem=1G",
+            f"--chdir={tmp_path}", *(["--wait"] if wait else []), *options, "--wrap", command]
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=cluster.env)
+
+
+def load_study(cluster, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=database_url(cluster.database))
+
+
+def test_array_tasks_are_workers_of_one_postgresql_study(cluster, tmp_path):
+    name, folder = f"array-{uuid.uuid4().hex[:8]}", tmp_path / "sw"
+    command = cnnlab_command("sweep=random_lr_wd", "hydra.sweeper.n_trials=6", *SWEEP, "trainer.epochs=1",
+                             f"hydra.sweeper.storage={cluster.database}", f"hydra.sweeper.study_name={name}",
+                             f"hydra.sweep.dir={folder}")
+    result = sbatch(cluster, tmp_path, "--array=0-2", f"--output={tmp_path}/task-%a.out", command=command)
+    assert result.returncode == 0, result.stderr + "".join(p.read_text()[-1500:] for p in tmp_path.glob("task-*.out"))
+    study = load_study(cluster, name)
+    assert len(study.trials) == 6 and all(t.state.is_finished() for t in study.trials)
+    assert sorted(t.user_attrs["job"] for t in study.trials) == list(range(6))
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 6  # none twice
+    assert sorted(p.name for p in folder.glob("[0-9]*")) == [str(k) for k in range(6)]  # one sweep directory
+    array = result.stdout.strip().split(";")[0]
+    records = [json.loads((folder / str(k) / "trial.json").read_text()) for k in range(6)]
+    assert all(r["slurm"]["array_job"] == array for r in records)  # every trial ran inside an array task
+    for task in range(3):
+        assert (tmp_path / f"task-{task}.out").read_text().strip().splitlines()[-1].startswith("sweep: 6 trials")
+
+
+def test_a_sweep_through_the_slurm_launcher_runs_its_trials_as_job_arrays(cluster, tmp_path):
+    result = run_cli("train", "-m", "sweep=random_lr_wd", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
+                     "hydra.sweeper.pruner=median", *SWEEP, "trainer.epochs=2", "hydra/launcher=slurm",
+                     f"hydra.launcher.partition={cluster.partition}", "hydra.launcher.gpus_per_node=0",
+                     "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10",
+                     cwd=tmp_path, env=cluster.env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("sweep: 4 trials")
+    (folder,) = (tmp_path / "outputs" / "sweeps").glob("*/*")
+    records = [json.loads((folder / str(k) / "trial.json").read_text()) for k in range(4)]
+    assert all(r["slurm"]["job"] for r in records)  # each trial ran inside a SLURM job
+    arrays = {r["slurm"]["array_job"] for r in records}
+    assert len(arrays) == 2  # 2 trials at a time: two arrays of two
+    import optuna
+
+    study = optuna.load_study(study_name="synthetic-mlp", storage=f"sqlite:///{folder / 'optuna.db'}")
+    assert all(sorted(t.intermediate_values) == [1, 2] for t in study.trials)  # reported from inside the SLURM jobs
+    report = run_cli("report", str(folder), cwd=tmp_path)
+    assert report.returncode == 0 and "4 trials" in report.stdout
+
+
+def test_a_lost_worker_loses_nothing_and_a_resubmitted_sweep_finishes(cluster, tmp_path):
+    name, folder = f"lost-{uuid.uuid4().hex[:8]}", tmp_path / "sw"
+    command = cnnlab_command(*SWEEP, "dataset.train_size=8000", "trainer.epochs=3", "trainer.checkpoint_every_n_steps=20",
+                             "optimizer.lr=0.05,0.1,0.2", f"hydra.sweeper.storage={cluster.database}",
+                             f"hydra.sweeper.study_name={name}", f"hydra.sweep.dir={folder}")
+    job = sbatch(cluster, tmp_path, f"--output={tmp_path}/first.out", command=command, wait=False).stdout.strip()
+    deadline = time.monotonic() + 240
+    while not (folder / "1" / "checkpoints" / "last.pt").is_file():  # trial 0 done, trial 1 under way
+        assert time.monotonic() < deadline, (tmp_path / "first.out").read_text()[-2000:]
+        time.sleep(0.2)
+    finished = (folder / "0" / "summary.json").read_text()
+    subprocess.run(["scancel", "--signal=KILL", "--full", job], check=True, env=cluster.env)
+    deadline = time.monotonic() + 60
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True, env=cluster.env).stdout.strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    again = sbatch(cluster, tmp_path, f"--output={tmp_path}/again.out", command=command)
+    assert again.returncode == 0, (tmp_path / "again.out").read_text()[-3000:]
+    out = (tmp_path / "again.out").read_text()
+    assert out.strip().splitlines()[-1].startswith("sweep: 3 trials (3 completed), 0 failed")
+    assert "resumed from" in out and (folder / "0" / "summary.json").read_text() == finished  # not run again
+    study = load_study(cluster, name)
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert sorted(t.user_attrs["job"] for t in done) == [0, 1, 2] and len(study.trials) == 4  # + the cut-off one
+    assert [t.user_attrs["job"] for t in study.trials if t.state.name == "FAIL"] == [1]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["hydra/launcher=slurm", "hydra.launcher.partition=nosuch"],
+     "error: hydra.launcher.partition=nosuch: no such SLURM partition here; partitions: cnnlab"),
+    (["hydra.sweeper.storage=postgresql://cnnlab:wrong@127.0.0.1:{port}/cnnlab"],
+     "error: hydra.sweeper.storage=postgresql://cnnlab:***@127.0.0.1:{port}/cnnlab: cannot open the study there: connection failed"),
+    (["hydra.sweeper.storage=postgresql://cnnlab:cnnlab@127.0.0.1:9/cnnlab"],
+     "error: hydra.sweeper.storage=postgresql://cnnlab:***@127.0.0.1:9/cnnlab: cannot open the study there: connection failed"),
+    (["hydra.sweeper.storage=/proc/cnnlab/optuna.journal"],
+     "error: hydra.sweeper.storage=/proc/cnnlab/optuna.journal: cannot open the study there:"),
+])
+def test_a_wrong_partition_database_or_journal_is_one_line_before_any_trial(cluster, tmp_path, args, message):
+    port = database_url(cluster.database).rsplit(":", 1)[1].split("/")[0]
+    args = [a.replace("{port}", port) for a in args]
+    result = run_cli("train", "-m", *SWEEP, "optimizer.lr=0.1,0.2", *args, cwd=tmp_path, env=cluster.env)
+    assert result.returncode == 2 and result.stderr.startswith(message.replace("{port}", port)), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
