@@ -82,10 +82,12 @@ def writer_of(run_dir: Path, cfg: DictConfig) -> Iterator[None]:
     another launcher runs (a SLURM job): the sweeper holds its directory's lock for it."""
     ranks = launched_ranks()
     held_for_us = os.environ.get(LOCK_HELD_ENV)  # a sweeper or `trainer.devices` holds it for this process
-    if (ranks.enabled and not ranks.is_main) or (held_for_us and Path(held_for_us).resolve() == run_dir.resolve()):
+    held_for_us = bool(held_for_us) and Path(held_for_us).resolve() == run_dir.resolve()
+    if ranks.enabled and (not ranks.is_main or held_for_us):  # the DDP ranks' parent wrote the records
         yield
         return
-    with RunDirLock(run_dir, warn=lambda message: print(f"warning: {message}", file=sys.stderr, flush=True)):
+    warn = lambda message: print(f"warning: {message}", file=sys.stderr, flush=True)  # noqa: E731
+    with contextlib.nullcontext() if held_for_us else RunDirLock(run_dir, warn=warn):
         record = run_dir / ".hydra"
         hydra_node = HydraConfig.get()
         for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hydra_node})),

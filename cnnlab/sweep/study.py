@@ -360,6 +360,7 @@ class Study:
 
     def _recover_cut_off(self) -> None:
         """Fail the RUNNING trials whose worker is gone, and queue their values again (claim lock held)."""
+        import optuna
         from optuna.trial import TrialState
 
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -373,8 +374,13 @@ class Study:
                     continue  # its worker is alive
             reason = f"cut off: its worker stopped; trial {t.number} is queued again" + (
                 f" to continue in {self.sweep_dir / str(job)}" if job is not None else "")
-            self.storage.set_trial_user_attr(t._trial_id, "cut_off", reason)
-            self.study.tell(t.number, state=TrialState.FAIL)
+            try:
+                self.storage.set_trial_user_attr(t._trial_id, "cut_off", reason)
+                self.study.tell(t.number, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # told by its worker after all: it was not cut off
+            except ValueError:  # Optuna's word for "already finished" in tell
+                continue
             attrs = {RETRY_OF: t.number, **({JOB: job} if job is not None else {})}
             self.study.enqueue_trial(t.params, user_attrs=attrs)
             log.warning("trial %d was %s", t.number, reason)

@@ -78,7 +78,7 @@ class CnnlabSweeper(Sweeper):
         if not helper:
             print(f"study {settings.study_name!r}: {study.n_trials} trials, sampler {settings.sampler}, "
                   f"pruner {settings.pruner}, {settings.n_jobs} at a time; live view: "
-                  f"optuna-dashboard {study.target}", flush=True)
+                  f"optuna-dashboard {sweep_study.shown(study.target)}", flush=True)
         try:
             self._work(study, batch=1 if in_process else settings.n_jobs)
         except BaseException:  # pre-empted, Ctrl-C, a bug: the helpers stop too, after a checkpoint
@@ -126,8 +126,8 @@ class CnnlabSweeper(Sweeper):
                 return
             started = time.perf_counter()
             sweep_study.active.extend(claims if batch == 1 else [])
-            outcomes = []
             try:
+                outcomes = []
                 results = self.launcher.launch([c.overrides for c in claims], initial_job_idx=claims[0].job)
                 for result in results:
                     if result.status == JobStatus.COMPLETED:
@@ -135,19 +135,20 @@ class CnnlabSweeper(Sweeper):
                     else:
                         failure = result._return_value  # the job's exception
                         outcomes.append((None, (str(failure).strip().splitlines() or [type(failure).__name__])[0]))
+                ran = time.perf_counter()
+                for claim, (summary, error) in zip(claims, outcomes):
+                    # Told before its directory is unlocked: an unlocked RUNNING trial is a cut-off one.
+                    status = study.tell(claim, summary if isinstance(summary, dict) else None, error)
+                    # The sweeper's own cost per trial (scripts/sweep_overhead.py reads this line).
+                    log.info("trial %d (%s): %s in %.1f s; claim %.1f ms, tell %.1f ms", claim.trial.number,
+                             " ".join(o for o in claim.overrides if not o.startswith(("hydra.", "+hydra."))), status,
+                             ran - started, 1000 * (started - asked) / len(claims),
+                             1000 * (time.perf_counter() - ran) / len(claims))
             finally:
                 del sweep_study.active[:]
                 # Pre-empted (a BaseException): the trials stay RUNNING, their directories unlocked: a rerun continues them.
                 for claim in claims:
                     study.release(claim)
-            ran = time.perf_counter()
-            for claim, (summary, error) in zip(claims, outcomes):
-                status = study.tell(claim, summary if isinstance(summary, dict) else None, error)
-                # The sweeper's own cost per trial (scripts/sweep_overhead.py reads this line).
-                log.info("trial %d (%s): %s in %.1f s; claim %.1f ms, tell %.1f ms", claim.trial.number,
-                         " ".join(o for o in claim.overrides if not o.startswith(("hydra.", "+hydra."))), status,
-                         ran - started, 1000 * (started - asked) / len(claims),
-                         1000 * (time.perf_counter() - ran) / len(claims))
 
 
 def check_launcher(config: DictConfig) -> None:
