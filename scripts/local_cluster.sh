@@ -172,7 +172,7 @@ down() {
         runuser -u postgres -- "$(pg_bin)/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null 2>&1 || true
     fi
     # slurmstepd processes of cancelled jobs end on their own; wait for them so nothing is left running
-    wait_until 20 bash -c "! pgrep -f 'slurmstepd.*$SLURM_DIR' >/dev/null" || pkill -9 -f "slurmstepd" 2>/dev/null || true
+    wait_until 20 bash -c "! pgrep -x slurmstepd" || pkill -9 -x slurmstepd 2>/dev/null || true
     echo "local_cluster: down"
 }
 
