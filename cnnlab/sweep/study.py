@@ -268,8 +268,7 @@ class Study:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.s, self.sweep_dir, self.space, self.fixed = settings, sweep_dir, space, fixed
         self.n_trials, self.grid = settings.n_trials, None
-        if settings.sampler == "grid":
-            self.build_sampler(0)  # refuses intervals in a grid
+        if settings.sampler == "grid":  # intervals were refused before (the sweeper builds the grid sampler first)
             self.grid = grid_points(space)
             if self.n_trials is None or self.n_trials > len(self.grid):
                 self.n_trials = len(self.grid)
