@@ -69,8 +69,7 @@ def check_settings(s: SweepSettings) -> None:
         if key not in known:
             raise CnnlabError(f"hydra.sweeper.pruning has no setting {key!r}{suggestion(key, known)}; "
                               f"settings: {', '.join(sorted(known))}")
-    chosen = PRUNERS.get(s.pruner).options
-    PRUNERS.check_options(s.pruner, {k: v for k, v in s.pruning.items() if k in chosen}, "hydra.sweeper.pruning")
+    PRUNERS.check_options(s.pruner, pruner_options(s), "hydra.sweeper.pruning")
     SAMPLERS.check_options(s.sampler, {"seed": s.seed, **s.sampler_options}, "hydra.sweeper.sampler")
     for key, value, low in (("n_jobs", s.n_jobs, 1), ("n_trials", s.n_trials, 1)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
@@ -86,9 +85,14 @@ def build_sampler(s: SweepSettings, space: dict[str, Any], trial_number: int):
                           trial_number=trial_number, search_space=space)
 
 
-def build_pruner(s: SweepSettings):
+def pruner_options(s: SweepSettings) -> dict[str, Any]:
+    """The settings under hydra.sweeper.pruning that the chosen pruner takes."""
     chosen = PRUNERS.get(s.pruner).options
-    return PRUNERS.build(s.pruner, {k: v for k, v in s.pruning.items() if k in chosen}, "hydra.sweeper.pruning",
+    return {k: v for k, v in s.pruning.items() if k in chosen}
+
+
+def build_pruner(s: SweepSettings):
+    return PRUNERS.build(s.pruner, pruner_options(s), "hydra.sweeper.pruning",
                          max_epochs=s.max_epochs)
 
 
@@ -230,7 +234,6 @@ class Claim:
     trial: Any        # optuna.Trial
     job: int          # the trial's directory: <sweep dir>/<job>
     overrides: list[str]
-    retry_of: int | None = None
 
 
 active: list[Claim] = []  # the claim whose Hydra job runs now in this process
@@ -342,7 +345,7 @@ class Study:
                      *(f"+hydra.job.env_set.{k}={quoted(v)}" for k, v in (
                          (TRIAL_ENV, str(trial._trial_id)), (STUDY_ENV, self.s.study_name), (STORAGE_ENV, self.target),
                          (LOCK_HELD_ENV, str(trial_dir))))]
-        return Claim(trial, job, overrides, retry_of)
+        return Claim(trial, job, overrides)
 
     def _too_many_failures(self, trials) -> bool:
         from optuna.trial import TrialState

@@ -33,12 +33,12 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.tasks import monitor_of, train
 from cnnlab.runtime.lock import RunDirLock
 from cnnlab.runtime.checkpoint import LAST, load_checkpoint, read_json, write_json
+from cnnlab.train.loop import FAILED
 
 log = logging.getLogger("cnnlab.sweep.trials")
 
 TRIAL_FILE, SUMMARY_FILE = "trial.json", "summary.json"
 FINISHED = ("completed", "early_stopped", "diverged")  # a resume does not run these again
-FAILED = ("diverged", "failed")
 FAILED_EXIT_STATUS = 3  # `cnnlab train -m` when some trials failed; 2 stays "your input is wrong"
 
 # What the last sweep in this process ended with (set by SweepSummary, read by the CLI).

@@ -23,6 +23,7 @@ from cnnlab.runtime.checkpoint import LAST, encode_checkpoint, load_weights, sav
 from cnnlab.runtime.distributed import Ranks
 
 SINGLE = Ranks()
+FAILED = ("diverged", "failed")  # the statuses of a run that ended without a model worth selecting
 
 
 @dataclass

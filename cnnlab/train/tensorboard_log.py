@@ -23,6 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from cnnlab.core.config import flatten
+from cnnlab.train.loop import FAILED
 
 
 def events_dir(cfg: Mapping[str, Any], run_dir: Path) -> Path:
@@ -67,7 +68,6 @@ class TensorBoardLogger:
         self.writer.close()
 
 
-FAILED = ("failed", "diverged")
 SELECTION_METRICS = ("selected/val_acc", "selected/val_loss")  # logged when a run (or trial) ends
 
 
