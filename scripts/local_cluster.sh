@@ -88,6 +88,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# a job that waits for a free core starts as soon as one is (the defaults look every 30 s and 60 s)
+SchedulerParameters=bf_interval=1,sched_interval=1
 ReturnToService=2
 JobRequeue=1
 KillWait=10

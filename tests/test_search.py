@@ -221,16 +221,17 @@ def start_worker(cwd: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-WORKER = ["sweep=random_lr_wd", "hydra.sweeper.n_trials=12", *SWEEP, "dataset.train_size=480", "trainer.epochs=2"]
+TRIALS = 8
+WORKER = ["sweep=random_lr_wd", f"hydra.sweeper.n_trials={TRIALS}", *SWEEP, "dataset.train_size=480", "trainer.epochs=1"]
 
 
-def check_twelve_distinct_trials(folder: Path, storage: str) -> set[int]:
+def check_distinct_trials(folder: Path, storage: str) -> set[int]:
     study = load_study(folder, storage)
-    assert len(study.trials) == 12 and all(t.state.is_finished() for t in study.trials)
-    assert sorted(t.user_attrs["job"] for t in study.trials) == list(range(12))
-    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 12
-    assert sorted(int(p.name) for p in folder.glob("[0-9]*")) == list(range(12))
-    pids = {json.loads((folder / str(k) / "trial.json").read_text())["pid"] for k in range(12)}
+    assert len(study.trials) == TRIALS and all(t.state.is_finished() for t in study.trials)
+    assert sorted(t.user_attrs["job"] for t in study.trials) == list(range(TRIALS))
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == TRIALS
+    assert sorted(int(p.name) for p in folder.glob("[0-9]*")) == list(range(TRIALS))
+    pids = {json.loads((folder / str(k) / "trial.json").read_text())["pid"] for k in range(TRIALS)}
     return pids
 
 
@@ -240,7 +241,7 @@ def test_four_worker_commands_share_one_journal_study(tmp_path):
                for _ in range(4)]
     outputs = [w.communicate(timeout=300) for w in workers]
     assert all(w.returncode in (0, FAILED_EXIT_STATUS) for w in workers), [o[1][-1500:] for o in outputs]
-    pids = check_twelve_distinct_trials(folder, "journal")
+    pids = check_distinct_trials(folder, "journal")
     assert pids <= {w.pid for w in workers} and len(pids) > 1  # they shared the work
     assert all("Traceback" not in err for _, err in outputs)
 
@@ -249,9 +250,9 @@ def test_n_jobs_workers_share_one_sqlite_study(tmp_path):
     worker = start_worker(tmp_path, *WORKER, "hydra.sweeper.n_jobs=4", f"hydra.sweep.dir={tmp_path / 'sw'}")
     out, err = worker.communicate(timeout=300)
     assert worker.returncode in (0, FAILED_EXIT_STATUS), err[-2000:]
-    pids = check_twelve_distinct_trials(tmp_path / "sw", "sqlite")
+    pids = check_distinct_trials(tmp_path / "sw", "sqlite")
     assert len(list((tmp_path / "sw" / "workers").glob("*.log"))) == 3 and worker.pid in pids
-    assert out.strip().splitlines()[-1].startswith("sweep: 12 trials")
+    assert out.strip().splitlines()[-1].startswith(f"sweep: {TRIALS} trials")
 
 
 def test_max_failure_rate_stops_starting_trials_and_direction_reaches_the_study(tmp_path):
