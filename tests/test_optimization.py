@@ -95,7 +95,7 @@ def train_weights(opt_name, steps=20, **options):
         opt.zero_grad()
         loss = ((model(x) - y) ** 2).mean()
         if opt.l2_weight_decay:
-            loss = loss + 0.5 * opt.l2_weight_decay * sum(p.pow(2).sum() for p in opt.l2_params)
+            loss = loss + 0.5 * opt.l2_weight_decay * sum(p.pow(2).sum() for p in opt.penalised_params)
         loss.backward()
         opt.step()
     return torch.cat([p.detach().flatten() for p in model.parameters()])

@@ -27,6 +27,7 @@ DecayMode = Literal["optimizer", "l2"]
 
 def _common(
     weight_decay_mode: DecayMode = "optimizer",
+    l1_decay: NonNegativeFloat = 0.0,
     no_decay_norm_bias: bool = False,
     lookahead_steps: NonNegativeInt = 0,
     lookahead_alpha: UnitInterval = 0.5,
@@ -35,6 +36,8 @@ def _common(
 
     weight_decay_mode: "optimizer" passes weight_decay to the optimizer (decoupled for AdamW; SGD and
       Adam add it to the gradient); "l2" adds weight_decay/2 * ||w||^2 to the loss instead.
+    l1_decay: adds l1_decay * ||w||_1 to the loss (the lectures' L1 penalty); with weight_decay as well,
+      the elastic net. It spares what weight decay spares.
     no_decay_norm_bias: normalisation weights and biases get no weight decay (their own parameter group).
     lookahead_steps: k > 0 wraps the optimizer in Lookahead (Zhang et al. 2019): every k steps the slow
       weights move lookahead_alpha of the way to the fast ones, and the fast ones restart from there.
@@ -102,8 +105,8 @@ def optimizer_entry(family: str) -> Callable:
     """Register ``build(params, **own)`` with the common options added to its signature.
 
     The registered function takes the model, makes the parameter groups, builds the optimizer,
-    and records ``l2_weight_decay`` on it (non-zero only for weight_decay_mode=l2), which the
-    trainer adds to the loss.
+    and records the penalties the trainer adds to the loss: ``l2_weight_decay`` (non-zero only for
+    weight_decay_mode=l2, or L-BFGS) and ``l1_decay``, over ``penalised_params``.
     """
 
     def register(build: Callable) -> Callable:
@@ -123,8 +126,8 @@ def optimizer_entry(family: str) -> Callable:
                 l2 = weight_decay  # L-BFGS has no weight decay of its own: it goes into the loss
             if common["lookahead_steps"] > 0:
                 optimizer = Lookahead(optimizer, common["lookahead_steps"], common["lookahead_alpha"])
-            optimizer.l2_weight_decay = l2
-            optimizer.l2_params = groups[0]["params"]  # the decayed group (all parameters unless spared)
+            optimizer.l2_weight_decay, optimizer.l1_decay = l2, common["l1_decay"]
+            optimizer.penalised_params = groups[0]["params"]  # the decayed group (all parameters unless spared)
             return optimizer
 
         params = [inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY)]

@@ -23,6 +23,7 @@ from cnnlab.runtime.signals import StopRequest
 from cnnlab.train.assemble import Setup, setup
 from cnnlab.train.console import ConsoleReporter
 from cnnlab.train.loop import Trainer, selected_weights
+from cnnlab.train.losses import expected_initial_loss
 from cnnlab.train.resume import check_resumable
 from cnnlab.train.tensorboard_log import TensorBoardLogger, events_dir
 
@@ -169,7 +170,7 @@ def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter,
         "device": str(device), "precision": str(autocast_dtype or torch.float32).replace("torch.", ""),
         "processes": ranks.world_size,
         "sizes": {"train": len(train_idx), "val": len(val_idx), "test": len(data.test_labels)},
-        "initial_loss": trainer.initial_loss, "expected_initial_loss": math.log(data.num_classes),
+        "initial_loss": trainer.initial_loss, "expected_initial_loss": expected_initial_loss(run.trainer.loss, data.num_classes),
         "monitor": trainer.best.monitor, "best_epoch": trainer.best.epoch, "best_value": trainer.best.value,
         "selected_weights": "ema" if trainer.ema is not None else "model",
         "compile_time_s": trainer.compile_time_s,  # with trainer.compile; not in train_time_s

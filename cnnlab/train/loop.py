@@ -21,6 +21,7 @@ from cnnlab.core.errors import Preempted
 from cnnlab.models.blocks import WithAux
 from cnnlab.runtime.checkpoint import LAST, encode_checkpoint, load_weights, save_checkpoint
 from cnnlab.runtime.distributed import Ranks
+from cnnlab.train.losses import LossFn, build_loss, expected_initial_loss
 
 SINGLE = Ranks()
 FAILED = ("diverged", "failed")  # the statuses of a run that ended without a model worth selecting
@@ -92,7 +93,7 @@ def autocast_for(device: torch.device, dtype: torch.dtype | None):
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, *, num_classes: int, autocast_dtype: torch.dtype | None = None,
-             limit: int | None = None, ranks: Ranks = SINGLE) -> Metrics:
+             limit: int | None = None, ranks: Ranks = SINGLE, loss_fn: LossFn = F.cross_entropy) -> Metrics:
     was_training = model.training
     model.eval()
     sums = MetricSums(next(model.parameters()).device, top5=num_classes > 5)
@@ -103,7 +104,7 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, autocast_dtype: torc
             continue
         with autocast_for(x.device, autocast_dtype):
             logits = model(x).float()
-        sums.add(logits, y, F.cross_entropy(logits, y))
+        sums.add(logits, y, loss_fn(logits, y))
     model.train(was_training)
     return sums.result(ranks)
 
@@ -204,9 +205,10 @@ class Trainer:
                     if ranks.enabled else None)
         wrapped = self.ddp if self.ddp is not None else model
         self.forward = torch.compile(wrapped) if settings.compile else wrapped
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+        self.loss_fn = build_loss(settings.loss, settings.label_smoothing)
         self.l2 = getattr(optimizer, "l2_weight_decay", 0.0)  # weight_decay_mode=l2, or L-BFGS
-        self.l2_params = getattr(optimizer, "l2_params", [])
+        self.l1 = getattr(optimizer, "l1_decay", 0.0)  # L1 (with l2: elastic net)
+        self.penalised = getattr(optimizer, "penalised_params", [])
         self.needs_closure = isinstance(getattr(optimizer, "inner", optimizer), torch.optim.LBFGS)
         self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
                     if settings.ema_decay else None)
@@ -233,7 +235,9 @@ class Trainer:
         with autocast_for(self.device, self.autocast_dtype):
             logits, loss = self.loss(self.forward(x), y)
         if self.l2:  # weight decay as an L2 term of the loss: lambda/2 * ||w||^2
-            loss = loss + 0.5 * self.l2 * sum(p.pow(2).sum() for p in self.l2_params)
+            loss = loss + 0.5 * self.l2 * sum(p.pow(2).sum() for p in self.penalised)
+        if self.l1:  # lambda * ||w||_1
+            loss = loss + self.l1 * sum(p.abs().sum() for p in self.penalised)
         return logits, loss
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, first: bool, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,10 +284,12 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     def check_initial_loss(self, loss: float) -> None:
-        """The lectures' first check: with small random weights the loss is about ln(classes)."""
-        self.initial_loss, expected = loss, math.log(self.num_classes)
+        """The lectures' first check: with small random weights the loss is about ln(classes) (softmax)
+        or classes - 1 (SVM)."""
+        self.initial_loss, expected = loss, expected_initial_loss(self.settings.loss, self.num_classes)
+        formula = f"ln({self.num_classes})" if self.settings.loss == "cross_entropy" else f"{self.num_classes} - 1"
         if self.settings.initial_loss_check and not (0.5 * expected <= loss <= 1.5 * expected):
-            self.reporter.warn(f"initial loss {loss:.3f} is far from ln({self.num_classes}) = {expected:.3f}: "
+            self.reporter.warn(f"initial loss {loss:.3f} is far from {formula} = {expected:.3f}: "
                                "check the initialisation, the labels and the loss")
 
     def fit(self, train_loader, val_loader) -> list[dict[str, Any]]:
@@ -349,7 +355,7 @@ class Trainer:
                 break
             train_time = timer.stop()
             train = sums.result(self.ranks)
-            val = evaluate(self.eval_model, val_loader, num_classes=self.num_classes,
+            val = evaluate(self.eval_model, val_loader, num_classes=self.num_classes, loss_fn=self.loss_fn,
                            autocast_dtype=self.autocast_dtype, limit=s.limit_eval_batches, ranks=self.ranks)
             record = {"epoch": self.epoch, "step": self.step, **train.named("train"), **val.named("val"),
                       "lr": self.optimizer.param_groups[0]["lr"], "train_time_s": train_time,
