@@ -78,3 +78,102 @@ def test_l1_and_elastic_net_penalties_are_added_to_the_data_loss():
 def test_l1_decay_reaches_a_run(tmp_path, captured):
     run_tiny(tmp_path / "run", "optimizer.l1_decay=0.001", "trainer.epochs=1")
     assert captured["trainer"].l1 == 0.001 and captured["trainer"].penalised
+
+
+# --- activation functions, for every family -------------------------------------------------------
+
+from cnnlab.core.registry import MODELS  # noqa: E402
+from cnnlab.models.blocks import DropConnectLinear, Maxout, activation_name  # noqa: E402
+
+ACTIVATIONS = ["relu", "leaky_relu", "prelu", "elu", "gelu", "tanh", "sigmoid", "maxout"]
+FEED_FORWARD = ["mlp", "lenet5", "alexnet", "vgg11_bn", "nin", "googlenet"]
+RESIDUAL = ["small_resnet", "resnet18", "se_resnet18", "resnext29", "wrn16_4", "tv"]
+
+
+def build_model(name: str, **options):
+    return MODELS.build(name, options, prefix="model", in_channels=3, num_classes=10, input_size=32)
+
+
+def activations_in(model: nn.Module) -> set[str]:
+    return {activation_name(m) for m in model.modules()} - {None}
+
+
+@pytest.mark.parametrize("name", FEED_FORWARD + RESIDUAL)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_model_activation_reaches_every_activation_of_every_family(name, act):
+    if act == "maxout" and name in RESIDUAL:
+        with pytest.raises(CnnlabError, match="model.activation=maxout does not fit this model"):
+            build_model(name, activation=act)
+        return
+    model = build_model(name, activation=act).eval()
+    found = activations_in(model)
+    assert act in found and found <= {act, "sigmoid"}  # sigmoid: squeeze-excitation gates stay gates
+    assert not any(isinstance(m, nn.ReLU) for m in model.modules()) or act == "relu"
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+
+
+def test_maxout_takes_the_max_of_k_pieces_from_a_widened_layer():
+    model = build_model("mlp", hidden=[8], activation="maxout")
+    linear, maxout = model[1], model[2]
+    assert (linear.out_features, model[3].in_features) == (16, 8) and isinstance(maxout, Maxout)
+    x = torch.randn(4, 16)
+    assert torch.equal(maxout(x), torch.maximum(x[:, 0::2], x[:, 1::2]))  # channel c: max(2c, 2c + 1)
+    vgg = build_model("vgg11_bn", activation="maxout")
+    conv, bn = vgg.features[0][0], vgg.features[0][1]
+    assert (conv.out_channels, bn.num_features, vgg.features[2][0].in_channels) == (128, 128, 64)
+
+
+def test_the_lenet_classic_tanh_and_the_default_stay_unless_asked():
+    assert activations_in(build_model("lenet5", variant="classic")) == {"tanh"}
+    assert activations_in(build_model("lenet5", variant="classic", activation="elu")) == {"elu"}
+    assert activations_in(build_model("resnet18")) == {"relu"}
+
+
+@pytest.mark.parametrize(("act", "gain"), [("relu", math.sqrt(2)), ("tanh", 5 / 3), ("maxout", 1.0), ("sigmoid", 1.0),
+                                           ("leaky_relu", math.sqrt(2 / (1 + 0.01 ** 2))),
+                                           ("prelu", math.sqrt(2 / (1 + 0.25 ** 2))), ("elu", math.sqrt(2))])
+def test_kaiming_init_keeps_the_gain_of_the_models_activation(act, gain):
+    from cnnlab.core.registry import INITS
+
+    torch.manual_seed(0)
+    model = build_model("mlp", hidden=[2048, 2048], activation=act)
+    INITS.build("kaiming_normal", {}, prefix="init", model=model)
+    hidden = [m for m in model.modules() if isinstance(m, nn.Linear)][1]  # fan_in 2048 (or 2048 after maxout)
+    assert hidden.weight.std().item() == pytest.approx(gain / math.sqrt(hidden.in_features), rel=0.01)
+    INITS.build("kaiming_normal", {"nonlinearity": "relu"}, prefix="init", model=model)  # an explicit choice wins
+    assert hidden.weight.std().item() == pytest.approx(math.sqrt(2 / hidden.in_features), rel=0.01)
+
+
+def test_activation_reaches_a_run_and_maxout_on_a_resnet_is_one_line(tmp_path, captured):
+    run_tiny(tmp_path / "run", "model=lenet5", "model.activation=prelu", "trainer.epochs=1")
+    assert activations_in(captured["trainer"].model) == {"prelu"}
+    from tests.conftest import TINY, run_cli
+
+    result = run_cli("train", *[o for o in TINY if not o.startswith("model")], "model=small_resnet",
+                     "model.activation=maxout", cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "model.activation=maxout does not fit this model" in result.stderr
+
+
+# --- DropConnect -----------------------------------------------------------------------------------
+
+def test_drop_connect_drops_weights_while_training_and_keeps_their_expectation():
+    torch.manual_seed(0)
+    layer = DropConnectLinear(64, 8, p=0.5)
+    x = torch.randn(16, 64)
+    plain = nn.functional.linear(x, layer.weight, layer.bias)
+    layer.eval()
+    assert torch.equal(layer(x), plain)  # evaluation: the weights as they are
+    layer.train()
+    layer(x).sum().backward()  # d/dW of sum(x W'^T): zero where a weight was dropped
+    dropped = (layer.weight.grad == 0).float().mean().item()
+    assert dropped == pytest.approx(0.5, abs=0.03)
+    mean = torch.stack([layer(x) for _ in range(2000)]).mean(0)
+    assert torch.allclose(mean, plain, atol=0.15)  # inverted scaling: unbiased
+
+
+def test_drop_connect_reaches_every_fully_connected_layer_of_a_run(tmp_path, captured):
+    run_tiny(tmp_path / "run", "model.drop_connect=0.3", "trainer.epochs=1")
+    linears = [m for m in captured["trainer"].model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 2 and all(isinstance(m, DropConnectLinear) and m.p == 0.3 for m in linears)

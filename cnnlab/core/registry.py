@@ -12,6 +12,10 @@ The builder's keyword-only parameters are the options a user may set; their
 annotations give types and ranges (cnnlab.core.validation). Parameters listed in the
 registry's ``context`` are supplied by cnnlab (e.g. a model's ``in_channels``
 comes from the dataset) and may not be set in the config.
+
+A registry may also have shared options (``Registry.share``): every entry takes them on
+top of its own, and one function applies them to what the entry built. Every model,
+a plugin's too, takes ``activation`` and ``drop_connect`` this way.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import fnmatch
 import inspect
 import typing
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cnnlab.core.errors import CnnlabError, suggestion
@@ -77,6 +81,14 @@ class Registry:
         self.plural = plural      # "models", as in `cnnlab list models`
         self.context = context    # parameters cnnlab supplies itself
         self._entries: dict[str, Entry] = {}
+        self._shared: dict[str, Option] = {}
+        self._finish: Callable[..., Any] | None = None
+
+    def share(self, finish: Callable[..., Any]) -> Callable[..., Any]:
+        """Decorator: ``finish(built, /, **options)``'s keyword options are taken by every entry (an entry's
+        own option of the same name wins), and ``finish`` applies them to what the entry built."""
+        self._shared, self._finish = self._options_of(finish), finish
+        return finish
 
     def register(self, fn: Callable | None = None, *, name: str | None = None, family: str = "", **meta: Any):
         """Decorator: ``@REG.register`` or ``@REG.register(name=..., family=..., **meta)``."""
@@ -103,7 +115,7 @@ class Registry:
         hints = typing.get_type_hints(fn, include_extras=True)
         options = {}
         for p in inspect.signature(fn).parameters.values():
-            if p.name in self.context or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            if p.name in self.context or p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
             if p.name not in hints:
                 raise TypeError(f"{fn.__qualname__}: option {p.name!r} needs a type annotation")
@@ -125,7 +137,10 @@ class Registry:
                 f"unknown {self.kind} {name!r}{suggestion(str(name), self._entries)}; "
                 f"see all with: cnnlab list {self.plural}"
             )
-        return self._entries[name]
+        entry = self._entries[name]
+        if not self._shared:
+            return entry
+        return replace(entry, options={**entry.options, **{k: o for k, o in self._shared.items() if k not in entry.options}})
 
     def check_options(self, name: str, options: Mapping[str, Any], prefix: str) -> dict[str, Any]:
         """Validate ``options`` against entry ``name``'s signature; return converted kwargs."""
@@ -150,7 +165,11 @@ class Registry:
 
     def build(self, name: str, options: Mapping[str, Any], prefix: str, **context: Any) -> Any:
         kwargs = self.check_options(name, options, prefix)
-        return self.get(name).fn(**context, **kwargs)
+        own = self._entries[name].options
+        built = self._entries[name].fn(**context, **{k: v for k, v in kwargs.items() if k in own})
+        if self._finish is None:
+            return built
+        return self._finish(built, **{k: v for k, v in kwargs.items() if k not in own})
 
 
 DATASETS = Registry("dataset", "datasets")

@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.core.errors import CnnlabError
 
-Activation = Literal["relu", "tanh", "lecun_tanh", "sigmoid", "gelu", "leaky_relu"]
+# The lectures' list: "Use ReLU. Try out Leaky ReLU / Maxout / ELU. Try out tanh but don't expect much.
+# Don't use sigmoid." PReLU (He et al. 2015) and GELU besides; lecun_tanh for LeNet-era nets.
+Activation = Literal["relu", "leaky_relu", "prelu", "elu", "gelu", "tanh", "lecun_tanh", "sigmoid", "maxout"]
 Stem = Literal["auto", "small", "large"]  # small: 28x28 / 32x32 inputs (CIFAR stem); large: ImageNet-style
 
 class LeCunTanh(nn.Module):
@@ -19,14 +22,47 @@ class LeCunTanh(nn.Module):
         return 1.7159 * torch.tanh(2 * x / 3)
 
 
+class Maxout(nn.Module):
+    """max over k linear pieces (Goodfellow et al. 2013): the layer before gives k x the channels, and
+    output channel c is the largest of input channels c*k .. c*k + k - 1."""
+
+    def __init__(self, pieces: int = 2):
+        super().__init__()
+        self.pieces = pieces
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(1, (x.shape[1] // self.pieces, self.pieces)).amax(2)
+
+
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU, "tanh": nn.Tanh, "lecun_tanh": LeCunTanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
-    "leaky_relu": nn.LeakyReLU,
+    "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "prelu": nn.PReLU, "elu": nn.ELU, "gelu": nn.GELU,
+    "tanh": nn.Tanh, "lecun_tanh": LeCunTanh, "sigmoid": nn.Sigmoid, "maxout": Maxout,
 }
 
 
 def activation(name: str) -> nn.Module:
     return _ACTIVATIONS[name]()
+
+
+def activation_name(module: nn.Module) -> str | None:
+    """The Activation that ``module`` is, or None."""
+    return next((name for name, cls in _ACTIVATIONS.items() if type(module) is cls), None)
+
+
+class DropConnectLinear(nn.Linear):
+    """A fully connected layer whose weights, not its outputs, are dropped with probability p while
+    training (Wan et al. 2013), one mask per batch; kept weights are scaled by 1 / (1 - p), so
+    evaluation uses the weights as they are."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, p: float = 0.5):
+        super().__init__(in_features, out_features, bias)
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return F.linear(x, self.weight, self.bias)
+        keep = torch.empty_like(self.weight).bernoulli_(1 - self.p)
+        return F.linear(x, self.weight * keep / (1 - self.p), self.bias)
 
 
 def resolve_stem(stem: str, input_size: int) -> str:

@@ -7,6 +7,7 @@ Normalisation layers keep weight 1 and bias 0.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Literal
 
@@ -15,8 +16,32 @@ from torch import nn
 
 from cnnlab.core.registry import INITS
 from cnnlab.core.validation import PositiveFloat
+from cnnlab.models.blocks import activation_name
 
-Nonlinearity = Literal["relu", "leaky_relu", "linear", "tanh", "sigmoid"]
+Nonlinearity = Literal["auto", "relu", "leaky_relu", "linear", "tanh", "sigmoid"]
+
+# The gain each activation needs (torch.nn.init.calculate_gain's name and parameter). ELU and GELU
+# are ReLU-like for the variance; maxout of two zero-mean pieces keeps it (E[max(a, b)^2] = E[a^2]);
+# LeCun's scaled tanh was made for unit gain; PReLU starts at slope 0.25.
+_GAINS: dict[str, tuple[str, float | None]] = {
+    "relu": ("relu", None), "elu": ("relu", None), "gelu": ("relu", None), "leaky_relu": ("leaky_relu", 0.01),
+    "prelu": ("leaky_relu", 0.25), "tanh": ("tanh", None), "sigmoid": ("sigmoid", None),
+    "lecun_tanh": ("linear", None), "maxout": ("linear", None),
+}
+
+
+def model_activation(model: nn.Module) -> str:
+    """The activation most of ``model``'s activation modules are (relu when it has none)."""
+    found = Counter(name for m in model.modules() if (name := activation_name(m)) is not None)
+    return found.most_common(1)[0][0] if found else "relu"
+
+
+def kaiming_gain(model: nn.Module, nonlinearity: str) -> tuple[str, float]:
+    """(nonlinearity, a) for torch's kaiming init; "auto" reads the model's own activation."""
+    if nonlinearity != "auto":
+        return nonlinearity, 0.0
+    name, a = _GAINS[model_activation(model)]
+    return name, a or 0.0
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -43,20 +68,22 @@ def xavier_uniform(*, model: nn.Module, gain: PositiveFloat = 1.0, zero_bias: bo
 @INITS.register(family="kaiming")
 def kaiming_normal(
     *, model: nn.Module, mode: Literal["fan_in", "fan_out"] = "fan_in",
-    nonlinearity: Nonlinearity = "relu",
+    nonlinearity: Nonlinearity = "auto",
     zero_bias: bool = True,
 ) -> None:
-    """Kaiming/He normal: Var(w) = gain^2 / fan (gain^2 = 2 for ReLU)."""
-    _apply(model, lambda w: nn.init.kaiming_normal_(w, mode=mode, nonlinearity=nonlinearity), zero_bias)
+    """Kaiming/He normal: Var(w) = gain^2 / fan (gain^2 = 2 for ReLU); auto: the gain of the model's activation."""
+    name, a = kaiming_gain(model, nonlinearity)
+    _apply(model, lambda w: nn.init.kaiming_normal_(w, a=a, mode=mode, nonlinearity=name), zero_bias)
 
 
 @INITS.register(family="kaiming")
 def kaiming_uniform(
-    *, model: nn.Module, mode: Literal["fan_in", "fan_out"] = "fan_in", nonlinearity: Nonlinearity = "relu",
+    *, model: nn.Module, mode: Literal["fan_in", "fan_out"] = "fan_in", nonlinearity: Nonlinearity = "auto",
     zero_bias: bool = True,
 ) -> None:
-    """Kaiming/He uniform: U(-b, b) with Var(w) = b^2 / 3 = gain^2 / fan."""
-    _apply(model, lambda w: nn.init.kaiming_uniform_(w, mode=mode, nonlinearity=nonlinearity), zero_bias)
+    """Kaiming/He uniform: U(-b, b) with Var(w) = b^2 / 3 = gain^2 / fan; auto: the gain of the model's activation."""
+    name, a = kaiming_gain(model, nonlinearity)
+    _apply(model, lambda w: nn.init.kaiming_uniform_(w, a=a, mode=mode, nonlinearity=name), zero_bias)
 
 
 @INITS.register(family="xavier")

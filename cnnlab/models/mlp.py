@@ -11,16 +11,18 @@ from torch import nn
 from cnnlab.models import blocks
 from cnnlab.core.registry import MODELS
 from cnnlab.core.validation import PositiveFloat, PositiveInt, Probability
+from cnnlab.models.shared import use_activation
 
 
-def hidden_layers(width: int, hidden: list[int], activation: str, dropout: float, batch_norm: bool) -> tuple[list[nn.Module], int]:
-    """[Linear -> (BN) -> activation -> (dropout)] per hidden size; returns the layers and the last width."""
+def hidden_layers(width: int, hidden: list[int], dropout: float, batch_norm: bool) -> tuple[list[nn.Module], int]:
+    """[Linear -> (BN) -> ReLU -> (dropout)] per hidden size; returns the layers and the last width.
+    The builders then swap in their activation (shared.use_activation: maxout widens each Linear)."""
     layers: list[nn.Module] = []
     for h in hidden:
         layers.append(nn.Linear(width, h, bias=not batch_norm))
         if batch_norm:
             layers.append(nn.BatchNorm1d(h))
-        layers.append(blocks.activation(activation))
+        layers.append(nn.ReLU())
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         width = h
@@ -36,8 +38,8 @@ def mlp(
     batch_norm: bool = False,
 ) -> nn.Sequential:
     """Flatten -> [Linear -> (BN) -> activation -> (dropout)] per hidden size -> Linear. `hidden=[64]` is the homework's MLP."""
-    layers, width = hidden_layers(in_channels * input_size * input_size, hidden, activation, dropout, batch_norm)
-    return nn.Sequential(nn.Flatten(), *layers, nn.Linear(width, num_classes))
+    layers, width = hidden_layers(in_channels * input_size * input_size, hidden, dropout, batch_norm)
+    return use_activation(nn.Sequential(nn.Flatten(), *layers, nn.Linear(width, num_classes)), activation)
 
 
 class FourierFeatures(nn.Module):
@@ -63,5 +65,5 @@ def fourier_mlp(
 ) -> nn.Sequential:
     """MLP on Fourier features of its input, for coordinates: (x, y) -> gamma -> hidden layers -> outputs."""
     features = FourierFeatures(in_channels * input_size * input_size, num_frequencies, sigma)
-    layers, width = hidden_layers(2 * num_frequencies, hidden, activation, dropout, batch_norm)
-    return nn.Sequential(nn.Flatten(), features, *layers, nn.Linear(width, num_classes))
+    layers, width = hidden_layers(2 * num_frequencies, hidden, dropout, batch_norm)
+    return use_activation(nn.Sequential(nn.Flatten(), features, *layers, nn.Linear(width, num_classes)), activation)
