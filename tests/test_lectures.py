@@ -177,3 +177,43 @@ def test_drop_connect_reaches_every_fully_connected_layer_of_a_run(tmp_path, cap
     run_tiny(tmp_path / "run", "model.drop_connect=0.3", "trainer.epochs=1")
     linears = [m for m in captured["trainer"].model.modules() if isinstance(m, nn.Linear)]
     assert len(linears) == 2 and all(isinstance(m, DropConnectLinear) and m.p == 0.3 for m in linears)
+
+
+# --- stochastic depth ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "se_resnet18", "resnext29", "wrn16_4", "small_resnet"])
+def test_stochastic_depth_rises_linearly_to_the_final_rate(name):
+    from cnnlab.models.resnet import _Residual
+
+    model = build_model(name, stochastic_depth=0.5)
+    blocks = [m for m in model.modules() if isinstance(m, _Residual)]
+    rates = [b.drop_path.p for b in blocks]
+    assert rates == pytest.approx([0.5 * (l + 1) / len(blocks) for l in range(len(blocks))])  # p_l = l / L x p_L
+    assert all(isinstance(b.drop_path, nn.Identity) for b in build_model(name).modules() if isinstance(b, _Residual))
+
+
+def test_a_dropped_residual_branch_leaves_the_shortcut_and_evaluation_keeps_every_block():
+    from cnnlab.models.resnet import BasicBlock, use_stochastic_depth
+
+    torch.manual_seed(0)
+    block = BasicBlock(4, 4)
+    holder = use_stochastic_depth(nn.Sequential(block), 0.5)  # one block: p = 0.5
+    x = torch.randn(4000, 4, 3, 3)
+    shortcut_only = torch.relu(x)
+    block.eval()
+    full = block(x)
+    assert torch.equal(holder(x), full)  # evaluation: every block, unscaled
+    block.train()
+    block.body.eval()  # fixed batch-norm statistics: the branch is the same function in both modes
+    out = block(x)
+    dropped = torch.isclose(out, shortcut_only).flatten(1).all(1).float().mean().item()
+    assert dropped == pytest.approx(0.5, abs=0.03)  # per sample, with probability p
+
+
+def test_stochastic_depth_reaches_a_run(tmp_path, captured):
+    run_tiny(tmp_path / "run", "model=small_resnet", "model.widths=[4]", "model.blocks=[2]",
+             "model.stochastic_depth=0.2", "trainer.epochs=1")
+    from cnnlab.models.resnet import _Residual
+
+    rates = [m.drop_path.p for m in captured["trainer"].model.modules() if isinstance(m, _Residual)]
+    assert rates == pytest.approx([0.1, 0.2])

@@ -17,9 +17,11 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 from cnnlab.models.blocks import SqueezeExcite, Stem, norm2d, resolve_stem
 from cnnlab.core.registry import MODELS
+from cnnlab.core.validation import Probability
 
 Variant = Literal["v1", "v1_5", "v2"]
 
@@ -36,6 +38,7 @@ class _Residual(nn.Module):
 
     def _finish(self, in_ch: int, out_ch: int, stride: int, batch_norm: bool, se_reduction: int | None) -> None:
         self.se = SqueezeExcite(out_ch, se_reduction) if se_reduction else nn.Identity()
+        self.drop_path: nn.Module = nn.Identity()  # stochastic depth (use_stochastic_depth)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out_ch:
             projection = _conv(in_ch, out_ch, 1, stride, bias=not batch_norm)
@@ -45,7 +48,7 @@ class _Residual(nn.Module):
             self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.shortcut(x) + self.se(self.body(x)))
+        return self.relu(self.shortcut(x) + self.drop_path(self.se(self.body(x))))
 
     def last_norm(self) -> nn.Module:
         """The body's last layer (BN, or the last conv in v2): zero-init makes the block an identity."""
@@ -106,7 +109,7 @@ class PreActBasicBlock(_Residual):
         out = self.pre(x)
         # The projection sees the pre-activated input; an identity shortcut carries x itself.
         shortcut = x if isinstance(self.shortcut, nn.Identity) else self.shortcut(out)
-        return shortcut + self.se(self.body(out))
+        return shortcut + self.drop_path(self.se(self.body(out)))
 
 
 class PreActBottleneck(_Residual):
@@ -178,6 +181,17 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+def use_stochastic_depth(model: nn.Module, final_rate: float) -> nn.Module:
+    """Stochastic depth (Huang et al. 2016): block l of L drops its residual branch with probability
+    l / L x final_rate while training (the linear decay rule), per sample, scaled by 1 / (1 - p) when
+    kept (torchvision.ops.StochasticDepth), so evaluation runs every block as it is."""
+    blocks = [m for m in model.modules() if isinstance(m, _Residual)]
+    for depth, block in enumerate(blocks, start=1):
+        if final_rate > 0:
+            block.drop_path = StochasticDepth(final_rate * depth / len(blocks), mode="row")
+    return model
+
+
 def block_for(kind: str, variant: str) -> type[_Residual]:
     if variant == "v2":
         return PreActBasicBlock if kind == "basic" else PreActBottleneck
@@ -200,10 +214,12 @@ def _register_resnet(name: str, kind: str, layers: list[int]) -> None:
     def build(
         *, in_channels: int, num_classes: int, input_size: int,
         variant: Variant = "v1_5", stem: Stem = "auto", zero_init_residual: bool = False, batch_norm: bool = True,
+        stochastic_depth: Probability = 0.0,
     ) -> ResNet:
-        return ResNet(block_for(kind, variant), layers, in_channels=in_channels, num_classes=num_classes,
-                      stem=resolve_stem(stem, input_size), zero_init_residual=zero_init_residual,
-                      batch_norm=batch_norm, variant=variant)
+        return use_stochastic_depth(ResNet(
+            block_for(kind, variant), layers, in_channels=in_channels, num_classes=num_classes,
+            stem=resolve_stem(stem, input_size), zero_init_residual=zero_init_residual, batch_norm=batch_norm,
+            variant=variant), stochastic_depth)
 
     build.__doc__ = f"ResNet-{depth} ({kind} blocks {layers}); variant v1, v1_5 (stride in the 3x3) or v2 (pre-activation)."
     MODELS.register(build, name=name, family="resnet")

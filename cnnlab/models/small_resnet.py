@@ -6,7 +6,7 @@ from torch import nn
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.models.blocks import conv_bn_act, flat_features
-from cnnlab.models.resnet import BasicBlock
+from cnnlab.models.resnet import BasicBlock, use_stochastic_depth
 from cnnlab.core.registry import MODELS
 from cnnlab.core.validation import NonNegativeInt, PositiveInt, Probability
 
@@ -39,10 +39,12 @@ def small_resnet(
     blocks: list[NonNegativeInt] = [0, 1],  # noqa: B006
     batch_norm: bool = True,
     dropout: Probability = 0.0,
+    stochastic_depth: Probability = 0.0,
 ) -> SmallResNet:
     """Small residual CNN: per stage conv-BN-ReLU, 2x2 max-pool, residual blocks; linear head. The default model."""
     if len(widths) != len(blocks):
         raise CnnlabError(f"model.widths ({len(widths)} stages) and model.blocks ({len(blocks)} stages) must have the same length")
     if input_size >> len(widths) < 1:
         raise CnnlabError(f"model.widths has {len(widths)} stages, which halve {input_size}x{input_size} inputs to nothing")
-    return SmallResNet(in_channels, num_classes, input_size, widths, blocks, batch_norm, dropout)
+    return use_stochastic_depth(SmallResNet(in_channels, num_classes, input_size, widths, blocks, batch_norm, dropout),
+                                stochastic_depth)
