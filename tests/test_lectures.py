@@ -217,3 +217,68 @@ def test_stochastic_depth_reaches_a_run(tmp_path, captured):
 
     rates = [m.drop_path.p for m in captured["trainer"].model.modules() if isinstance(m, _Residual)]
     assert rates == pytest.approx([0.1, 0.2])
+
+
+# --- babysitting: update/weight ratios and dead units ----------------------------------------------
+
+from cnnlab.train.babysit import UpdateRatio, dead_unit_fractions  # noqa: E402
+from tests.test_train import read_events  # noqa: E402
+
+
+def test_update_ratio_is_the_norm_of_the_update_over_the_norm_of_the_weights():
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
+    watch = UpdateRatio(model)
+    assert list(watch.weights) == ["0.weight", "2.weight"]  # weight matrices; biases aside
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]]))  # ||W|| = 5
+        model[2].weight.fill_(1.0)
+    watch.snapshot()
+    with torch.no_grad():
+        model[0].weight[0, 0] += 0.005  # ||dW|| = 0.005: ratio 1e-3
+    assert watch.ratios() == pytest.approx({"0.weight": 1e-3, "2.weight": 0.0}, rel=1e-4)  # float32
+
+
+def test_an_epoch_far_from_1e_3_warns_once_per_direction():
+    watch = UpdateRatio(nn.Linear(2, 2))
+    watch.medians = [1e-3, 2e-3, 5e-4]
+    assert watch.judge(1) is None
+    watch.medians = [0.5, 0.2, 1e-3]  # median 0.2
+    assert watch.judge(2) == ("update/weight ratio 2.0e-01 in epoch 2 (median over the logged steps and layers) is "
+                              "far from the lectures' ~1e-3: the learning rate is probably too high")
+    watch.medians = [0.5]
+    assert watch.judge(3) is None  # said once
+    watch.medians = [1e-6]
+    assert "probably too low" in watch.judge(4)
+
+
+def test_dead_units_are_the_relus_never_positive_on_the_batch():
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Unflatten(1, (4, 1, 1)), nn.Conv2d(4, 2, 1), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.copy_(torch.tensor([-1.0, -1.0, -1.0, 1.0]))  # 3 of 4 units never fire
+        model[3].weight.fill_(1.0)
+        model[3].bias.copy_(torch.tensor([0.0, -5.0]))  # channel 1 never fires
+    assert dead_unit_fractions(model, torch.randn(16, 2)) == {"1": 0.75, "4": 0.5}
+    assert model.training  # the mode is given back
+
+
+def test_babysitting_reaches_tensorboard_and_the_console(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from cnnlab.tasks import train
+    from tests.conftest import compose_config, tiny_plus
+
+    out = io.StringIO()
+    train(compose_config(*tiny_plus("trainer.epochs=2", "trainer.log_every_n_steps=2", "optimizer.lr=1e-9",
+                                    "scheduler=constant")), tmp_path / "run", console=Console(file=out, width=300))
+    ea = read_events(tmp_path / "run")
+    ratio = ea.Scalars("update_ratio/1.weight")
+    assert [e.step for e in ratio] == list(range(2, 19, 2)) and all(e.value < 1e-4 for e in ratio)  # 9 steps an epoch
+    assert [e.step for e in ea.Scalars("dead_units/2")] == [9, 18]  # the mlp's ReLU, once an epoch
+    assert out.getvalue().count("learning rate is probably too low") == 1
+    train(compose_config(*tiny_plus("trainer.epochs=1", "trainer.log_update_ratio=false", "trainer.log_dead_units=false")),
+          tmp_path / "off", console=Console(file=io.StringIO()))
+    tags = read_events(tmp_path / "off").Tags()["scalars"]
+    assert not [t for t in tags if t.startswith(("update_ratio/", "dead_units/"))]

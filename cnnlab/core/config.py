@@ -58,6 +58,8 @@ class TrainerSettings:
     divergence_factor: Optional[Annotated[float, Range(gt=1)]] = 3.0  # stop when loss > factor x initial, or NaN
     initial_loss_check: bool = True  # warn when the first loss is far from ln(num_classes)
     log_params_every_n_steps: Optional[PositiveInt] = None  # per-layer gradient norms, weight histograms
+    log_update_ratio: bool = True  # babysitting: each layer's update/weight ratio every log_every_n_steps; an epoch far from 1e-3 warns
+    log_dead_units: bool = True  # babysitting: each ReLU's fraction of units never active on a fixed validation batch
     tta_flip: bool = False  # final evaluation: average over each image and its mirror image...
     tta_shift: NonNegativeInt = 0  # ...and copies shifted by this many pixels (4 more views)
     checkpoint_every_n_steps: Optional[PositiveInt] = None  # also checkpoint inside epochs (last.pt), for long epochs

@@ -40,6 +40,10 @@ class RunReporter:
         if self.tensorboard is not None:
             self.tensorboard.scalars({"train/step_loss": loss, "train/lr": lr}, step)
 
+    def log_scalars(self, values: dict[str, float], step: int) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(values, step)
+
     def log_parameters(self, model, step: int) -> None:
         if self.tensorboard is not None:
             self.tensorboard.parameters(model, step)

@@ -21,6 +21,7 @@ from cnnlab.core.errors import Preempted
 from cnnlab.models.blocks import WithAux
 from cnnlab.runtime.checkpoint import LAST, encode_checkpoint, load_weights, save_checkpoint
 from cnnlab.runtime.distributed import Ranks
+from cnnlab.train.babysit import UpdateRatio, dead_unit_fractions
 from cnnlab.train.losses import LossFn, build_loss, expected_initial_loss
 
 SINGLE = Ranks()
@@ -82,6 +83,7 @@ class Reporter(Protocol):
     def advance(self, images: int) -> None: ...
     def log_step(self, step: int, loss: float, lr: float) -> None: ...
     def log_parameters(self, model: nn.Module, step: int) -> None: ...
+    def log_scalars(self, values: dict[str, float], step: int) -> None: ...
     def warn(self, message: str) -> None: ...
     def epoch_end(self, record: dict[str, Any], improved: bool) -> None: ...
     def flush(self) -> None: ...
@@ -213,6 +215,8 @@ class Trainer:
         self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
                     if settings.ema_decay else None)
         self.guard = DivergenceGuard(settings.divergence_factor, device)
+        self.update_ratio = UpdateRatio(model) if settings.log_update_ratio else None
+        self.probe: torch.Tensor | None = None  # the fixed validation batch dead units are counted on
         self.best = BestTracker(settings.monitor)
         self.epoch, self.step, self.history = 0, 0, []
         self.partial: dict[str, Any] | None = None  # where a resumed run picks up inside an epoch
@@ -320,7 +324,12 @@ class Trainer:
                 if compiling:
                     self._sync()
                     compile_start = time.perf_counter()
+                watching = self.update_ratio is not None and update and (self.step + 1) % s.log_every_n_steps == 0
+                if watching:
+                    self.update_ratio.snapshot()
                 logits, loss = self.train_step(x, y, first=i % s.accumulate_steps == 0, update=update)
+                if watching:
+                    self.watch_updates()
                 if compiling:  # torch.compile compiles on the first call: keep it out of the throughput
                     self._sync()
                     self.compile_time_s = time.perf_counter() - compile_start
@@ -360,6 +369,11 @@ class Trainer:
             record = {"epoch": self.epoch, "step": self.step, **train.named("train"), **val.named("val"),
                       "lr": self.optimizer.param_groups[0]["lr"], "train_time_s": train_time,
                       "images_per_s": train.count / train_time}
+            if self.update_ratio is not None and self.ranks.is_main:
+                if (warning := self.update_ratio.judge(self.epoch)) is not None:
+                    self.reporter.warn(warning)
+            if s.log_dead_units and self.ranks.is_main:
+                self.count_dead_units(val_loader)
             improved = self.best.update(record, self.epoch)
             self.history.append(record)
             self.reporter.epoch_end(record, improved)  # logged before the checkpoint: a resume purges after it
@@ -380,6 +394,19 @@ class Trainer:
         if self.status == "running":
             self.status = "completed"
         return self.history
+
+    def watch_updates(self) -> None:
+        """Babysitting: each layer's update/weight ratio at this step (judged at the epoch's end)."""
+        ratios = self.update_ratio.ratios()
+        if self.ranks.is_main:
+            self.reporter.log_scalars({f"update_ratio/{k}": v for k, v in ratios.items()}, self.step + 1)
+
+    def count_dead_units(self, val_loader) -> None:
+        """Babysitting: per ReLU, the fraction of units never active on the first validation batch."""
+        if self.probe is None:
+            self.probe = next(iter(val_loader))[0]
+        fractions = dead_unit_fractions(self.model, self.probe)
+        self.reporter.log_scalars({f"dead_units/{k}": v for k, v in fractions.items()}, self.step)
 
     def stop_requested(self) -> bool:
         requested = self.stop is not None and self.stop.signal is not None

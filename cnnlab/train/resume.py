@@ -14,6 +14,7 @@ from cnnlab.core.errors import CnnlabError
 # Keys that change how long, where or how verbosely a run trains, not what it computes.
 ALLOWED_ON_RESUME = (
     "trainer.epochs", "trainer.device", "trainer.devices", "trainer.log_every_n_steps", "trainer.log_params_every_n_steps",
+    "trainer.log_update_ratio", "trainer.log_dead_units",
     "trainer.checkpoint_every_n_steps", "trainer.limit_eval_batches", "trainer.eval_train_at_end",
     "trainer.tta_flip", "trainer.tta_shift", "trainer.early_stopping_patience", "trainer.initial_loss_check",
     "data.num_workers", "data.prefetch_factor", "data.eval_batch_size", "paths.*", "sweep.*", "viz.*", "name",
