@@ -16,7 +16,7 @@ BATCHED = [n for n in AUGMENTS.names() if not AUGMENTS.get(n).meta.get("per_imag
 IMAGE_OPS = [n for n in BATCHED if n not in ("mixup", "cutmix")]
 ALWAYS = {"hflip": {"p": 1.0}, "vflip": {"p": 1.0}, "random_crop": {"padding": 3}, "random_affine": {},
           "random_resized_crop": {"scale_min": 0.2, "scale_max": 0.6},
-          "color_jitter": {}, "cutout": {"size": 4}, "random_erasing": {"p": 1.0}, "mixup": {}, "cutmix": {}}
+          "color_jitter": {}, "pca_lighting": {"alphastd": 0.1}, "cutout": {"size": 4}, "random_erasing": {"p": 1.0}, "mixup": {}, "cutmix": {}}
 
 
 def pipeline(ops: dict, seed=0, num_classes=10):

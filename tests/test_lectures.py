@@ -282,3 +282,109 @@ def test_babysitting_reaches_tensorboard_and_the_console(tmp_path):
           tmp_path / "off", console=Console(file=io.StringIO()))
     tags = read_events(tmp_path / "off").Tags()["scalars"]
     assert not [t for t in tags if t.startswith(("update_ratio/", "dead_units/"))]
+
+
+# --- data preprocessing and PCA colour augmentation ------------------------------------------------
+
+from cnnlab.data.statistics import Preprocessing, color_pca  # noqa: E402
+
+
+def correlated_images(n: int = 4000, seed: int = 0) -> torch.Tensor:
+    """uint8 (n, 3, 4, 4) images whose 48 values are strongly correlated."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(n, 1, 4, 4, generator=g)
+    mix = torch.rand(n, 3, 4, 4, generator=g) * 0.3
+    return ((0.6 * base + mix) * 255).round().to(torch.uint8)
+
+
+@pytest.mark.parametrize("kind", ["pca_whiten", "zca_whiten"])
+def test_whitened_training_data_has_identity_covariance(kind):
+    images = correlated_images()
+    pre = Preprocessing.fit(kind, images, [0.5] * 3, [0.25] * 3, eps=1e-6)
+    out = pre(images.float() / 255).flatten(1).double()
+    assert out.mean(0).abs().max() < 1e-4  # centred on the training mean
+    covariance = out.T @ out / len(out)
+    assert torch.allclose(covariance, torch.eye(48, dtype=torch.float64), atol=2e-3)
+    if kind == "zca_whiten":  # ZCA's matrix is symmetric: the whitened image closest to the input
+        assert torch.allclose(pre.matrix, pre.matrix.T, atol=1e-5)
+    else:  # PCA's columns are the components, largest variance last (eigh's order), scaled to unit variance
+        assert not torch.allclose(pre.matrix, pre.matrix.T, atol=1e-3)
+
+
+def test_pixel_preprocessing_subtracts_the_mean_image_and_channel_keeps_the_datasets_statistics():
+    images = correlated_images()
+    pre = Preprocessing.fit("pixel", images, [0.5] * 3, [0.25] * 3)
+    assert pre.mean.shape == (3, 4, 4) and pre.matrix is None
+    assert pre(images.float() / 255).mean(0).abs().max() < 1e-5  # every pixel centred over the training images
+    channel = Preprocessing.fit("channel", images, [0.1, 0.2, 0.3], [0.5] * 3)
+    assert channel(torch.full((1, 3, 1, 1), 0.6)).flatten().tolist() == pytest.approx([1.0, 0.8, 0.6])
+
+
+def test_preprocessing_is_fitted_on_the_training_split_only_and_recorded_in_the_checkpoint(tmp_path, captured):
+    from cnnlab.analysis.evaluation import evaluate_runs
+    from cnnlab.runtime.checkpoint import load_checkpoint
+    from tests.conftest import quiet_console
+
+    run_tiny(tmp_path / "run", "data.preprocess=zca_whiten", "trainer.epochs=1")
+    recorded = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["preprocess"]
+    assert recorded["kind"] == "zca_whiten" and recorded["matrix"].shape == (64, 64)
+    from cnnlab.core.registry import DATASETS
+
+    data = DATASETS.build("synthetic", {"channels": 1, "size": 8, "classes": 4, "train_size": 160, "test_size": 40},
+                          prefix="dataset")
+    from cnnlab.data.split import stratified_split
+
+    train_idx, _ = stratified_split(data.train_labels, 0.1, 0)
+    refit = Preprocessing.fit("zca_whiten", data.train_images[train_idx], data.mean, data.std, 0.01)
+    assert torch.allclose(recorded["matrix"], refit.matrix) and torch.allclose(recorded["mean"], refit.mean)
+    run_tiny(tmp_path / "eps", "data.preprocess=zca_whiten", "data.whiten_eps=0.5", "trainer.epochs=1")
+    eps = load_checkpoint(tmp_path / "eps" / "checkpoints" / "best.pt")["preprocess"]["matrix"]
+    assert torch.allclose(eps, Preprocessing.fit("zca_whiten", data.train_images[train_idx], data.mean, data.std, 0.5).matrix)
+    everything = Preprocessing.fit("zca_whiten", data.train_images, data.mean, data.std, 0.01)
+    assert not torch.allclose(recorded["mean"], everything.mean)  # the validation images were left out
+    report = evaluate_runs([str(tmp_path / "run")], splits=["test"], tta_flip=False, tta_shift=0, device="cpu",
+                           data_dir=None, console=quiet_console())
+    summary = __import__("json").loads((tmp_path / "run" / "summary.json").read_text())
+    assert report["splits"]["test"]["acc"] == pytest.approx(summary["selected"]["test"]["acc"])  # evaluation repeats it
+
+
+def test_whitening_a_folder_dataset_or_large_images_is_one_line():
+    with pytest.raises(CnnlabError, match="data.preprocess=zca_whiten whitens images of at most 4096 values"):
+        Preprocessing.fit("zca_whiten", torch.zeros(2, 3, 64, 64, dtype=torch.uint8), [0.5] * 3, [0.25] * 3)
+
+
+def test_pca_colour_eigenvectors_and_the_lighting_op():
+    from cnnlab.augment.batched import build_ops
+
+    g = torch.Generator().manual_seed(0)
+    gray = torch.rand(500, 1, 4, 4, generator=g).expand(500, 3, 4, 4)  # colours along (1, 1, 1) only
+    values, vectors = color_pca((gray * 255).round().to(torch.uint8))
+    assert values[:2].max() < 1e-6 and values[2] == pytest.approx(3 * (gray[:, 0].var(unbiased=False)).item(), rel=0.01)
+    assert vectors[:, 2].abs().tolist() == pytest.approx([3 ** -0.5] * 3, abs=1e-4)  # the gray axis
+    (op,) = build_ops({"pca_lighting": {"alphastd": 0.1}})
+    op.fit_colours(values, vectors)
+    x = torch.full((20000, 3, 2, 2), 0.5)
+    shift = (op(x, torch.Generator().manual_seed(1)) - x)[:, :, 0, 0]
+    assert torch.allclose(shift[:, 0], shift[:, 1], atol=1e-6) and torch.allclose(shift[:, 1], shift[:, 2], atol=1e-6)
+    # a ~ N(0, 0.1^2) per image: the shift along p3 is a * lambda3, so each channel's std is 0.1 * lambda3 / sqrt(3)
+    assert shift[:, 0].std().item() == pytest.approx(0.1 * values[2].item() / 3 ** 0.5, rel=0.03)
+    assert op(x[:4], torch.Generator().manual_seed(2))[:, 0, 0, 0].unique().numel() == 4  # a draw per image
+
+
+def test_the_lighting_pipeline_reaches_a_run(tmp_path, captured):
+    from cnnlab.core.registry import DATASETS
+    from cnnlab.data.split import stratified_split
+
+    run_tiny(tmp_path / "run", "augment=lighting", "dataset.channels=3", "trainer.epochs=1")
+    train_pipe = captured["loaders"][0].transform
+    (lighting,) = [op for op in train_pipe.ops if hasattr(op, "fit_colours")]
+    data = DATASETS.build("synthetic", {"channels": 3, "size": 8, "classes": 4, "train_size": 160, "test_size": 40},
+                          prefix="dataset")
+    train_idx, _ = stratified_split(data.train_labels, 0.1, 0)
+    values, _ = color_pca(data.train_images[train_idx])  # the training split's, not all 160 images'
+    x = torch.full((3, 3, 1, 1), 0.5)
+    g = torch.Generator().manual_seed(0)
+    alpha = torch.randn(3, 3, generator=torch.Generator().manual_seed(0)) * 0.1
+    shifted = lighting(x, g) - x
+    _, vectors = color_pca(data.train_images[train_idx])
+    assert torch.allclose(shifted[:, :, 0, 0], (alpha * values) @ vectors.T, atol=1e-6)

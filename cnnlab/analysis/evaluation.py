@@ -18,6 +18,7 @@ from torch import nn
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.analysis.plotting import pyplot
+from cnnlab.data.statistics import Preprocessing
 from cnnlab.runtime.checkpoint import load_checkpoint, load_weights
 from cnnlab.train.console import make_console, report_table
 from cnnlab.train.loop import Metrics, MetricSums, autocast_for, selected_weights
@@ -128,12 +129,14 @@ def evaluate_runs(targets: Sequence[str], *, splits: Sequence[str], tta_flip: bo
     first = runs[0]
     for (path, _), other in zip(checkpoints[1:], runs[1:]):
         if (other.components["dataset"].options, other.components["dataset"].name, other.data.val_fraction,
-                other.data.split_seed) != (first.components["dataset"].options, first.components["dataset"].name,
-                                           first.data.val_fraction, first.data.split_seed):
-            raise CnnlabError(f"{path} was trained on other data or another validation split than {checkpoints[0][0]}; "
-                              "an ensemble must share both")
+                other.data.split_seed, other.data.preprocess) != (
+                first.components["dataset"].options, first.components["dataset"].name, first.data.val_fraction,
+                first.data.split_seed, first.data.preprocess):
+            raise CnnlabError(f"{path} was trained on other data, another validation split or another data.preprocess "
+                              f"than {checkpoints[0][0]}; an ensemble must share them")
     resolve_device(device)
-    base = setup(configs[0])  # data, split and pipelines: shared by every member
+    recorded = checkpoints[0][1].get("preprocess")  # what training applied, statistics and all
+    base = setup(configs[0], preprocessing=None if recorded is None else Preprocessing.from_state(recorded))
     models = [base.model, *(build_model(run, base.data, base.device, init=False) for run in runs[1:])]
     for (path, ckpt), model in zip(checkpoints, models):
         load_weights(model, selected_weights(ckpt), path)

@@ -233,6 +233,33 @@ def color_jitter(
     return op
 
 
+# ImageNet's RGB eigenvalues and eigenvectors (columns) for pixels in [0, 1], as fb.resnet.torch publishes them.
+IMAGENET_COLOURS = {
+    "values": torch.tensor([0.2175, 0.0188, 0.0045]),
+    "vectors": torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]]),
+}
+
+
+@AUGMENTS.register(family="color")
+def pca_lighting(*, alphastd: NonNegativeFloat = 0.1) -> BatchOp:
+    """AlexNet's PCA colour augmentation: add [p1..pC] [a1 l1 .. aC lC]^T to every pixel of an image, a_i ~ N(0, alphastd^2)
+    per image, with p_i and l_i the eigenvectors and eigenvalues of the training split's RGB covariance (cnnlab fits
+    them before training; ImageNet's until then)."""
+    colours = dict(IMAGENET_COLOURS)
+
+    def op(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        values, vectors = colours["values"].to(x.device), colours["vectors"].to(x.device)
+        alpha = torch.randn(x.shape[0], values.numel(), device=x.device, generator=g) * alphastd
+        return x + ((alpha * values) @ vectors.T)[:, :, None, None]
+
+    def fit_colours(values: torch.Tensor, vectors: torch.Tensor) -> None:
+        """The training split's colour eigenvalues (C,) and eigenvectors (C, C, one per column): set by cnnlab."""
+        colours.update(values=values, vectors=vectors)
+
+    op.fit_colours = fit_colours
+    return op
+
+
 def _boxes_mask(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, height: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
     """(N, 1, H, W) True inside each image's box (rows top..top+height, cols left..left+width)."""
     _, _, h, w = x.shape
@@ -333,11 +360,13 @@ def build_ops(ops: Mapping[str, Mapping[str, Any] | None]) -> list[Callable]:
 
 
 class BatchPipeline:
-    """uint8 batch -> float in [0, 1] -> augmentation ops -> normalisation; targets become soft when an op mixes."""
+    """uint8 batch -> float in [0, 1] -> augmentation ops -> normalisation; targets become soft when an op mixes.
+    ``normalise``, when given, replaces (x - mean) / std (data.preprocess: the mean image, whitening)."""
 
     def __init__(
         self, ops: Sequence[Callable], mean: Sequence[float], std: Sequence[float],
         device: torch.device, seed: int, channels_last: bool = False, num_classes: int | None = None,
+        normalise: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.ops = list(ops)
         self.num_classes = num_classes
@@ -347,6 +376,7 @@ class BatchPipeline:
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.normalise = normalise or (lambda x: (x - self.mean) / self.std)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.float().div_(255)
@@ -357,7 +387,7 @@ class BatchPipeline:
                 x, y = op(x, y, self.generator)
             else:
                 x = op(x, self.generator)
-        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format), y
+        return self.normalise(x).contiguous(memory_format=self.memory_format), y
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Images only (no label-mixing ops)."""

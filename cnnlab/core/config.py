@@ -79,6 +79,10 @@ class DataSettings:
     in_memory: Literal["auto", True, False] = "auto"
     num_workers: NonNegativeInt = 2
     prefetch_factor: PositiveInt = 2  # batches each worker prepares ahead
+    # channel: (x - mean) / std per channel; pixel: minus the mean image; pca_whiten / zca_whiten:
+    # decorrelated, unit-variance pixels. Statistics from the training split only, kept in checkpoints.
+    preprocess: Literal["channel", "pixel", "pca_whiten", "zca_whiten"] = "channel"
+    whiten_eps: PositiveFloat = 0.01  # added to each eigenvalue before whitening (pixel values in [0, 1])
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,8 @@ def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter,
             reporter=RunReporter(console_reporter, tensorboard, visualizer), checkpoint_dir=run_dir / "checkpoints",
             autocast_dtype=autocast_dtype,
             generators={"data_order": train_loader.generator, "augment": train_pipe.generator},
-            checkpoint_extra={"config": run.resolved, "version": __version__, "classes": data.classes},
+            checkpoint_extra={"config": run.resolved, "version": __version__, "classes": data.classes,
+                              "preprocess": s.preprocessing.state_dict()},
             ranks=ranks, stop=stop, resume_hint=resume_hint, on_epoch=on_epoch,
         )
         if resume_state is not None:

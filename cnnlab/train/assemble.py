@@ -22,6 +22,7 @@ from cnnlab.data.datasets import ImageData
 from cnnlab.data.folder import FolderData
 from cnnlab.data.loaders import InMemoryLoader, StreamingLoader
 from cnnlab.data.split import stratified_split
+from cnnlab.data.statistics import Preprocessing, color_pca
 from cnnlab.runtime.distributed import Ranks, check_global_batch, init_process_group
 from cnnlab.train.finetune import set_learning_rates, transfer_learning
 
@@ -92,6 +93,7 @@ class Setup:
     per_image: dict[bool, Any]  # train? -> the v2 transform DataLoader workers run per image (or None)
     ranks: Ranks
     transfer: str | None  # what model.pretrained and finetune.* did, for the run's header
+    preprocessing: Preprocessing  # data.preprocess with its training-split statistics; checkpoints keep it
     streaming: list = field(default_factory=list)  # the per-image loaders made, closed by close()
 
     def loader(self, split: str, idx: torch.Tensor | None = None, *, train: bool, shuffle: bool | None = None,
@@ -131,7 +133,29 @@ def build_model(run: RunConfig, data: ImageData, device: torch.device, *, init: 
     return model.to(device, memory_format=torch.channels_last if uses_channels_last(run, device) else torch.contiguous_format)
 
 
-def setup(cfg, ranks: Ranks = Ranks()) -> Setup:
+def fit_statistics(run: RunConfig, data: ImageData | FolderData, train_idx: torch.Tensor, batch_ops: list,
+                   recorded: Preprocessing | None) -> Preprocessing:
+    """What needs the training split's statistics: data.preprocess (unless a checkpoint recorded it)
+    and pca_lighting's colour eigenvectors. Never the validation or test images."""
+    fitting = [op for op in batch_ops if hasattr(op, "fit_colours")]
+    kind = run.data.preprocess
+    if (fitting or (kind != "channel" and recorded is None)) and not isinstance(data, ImageData):
+        what = "augment op pca_lighting" if fitting else f"data.preprocess={kind}"
+        raise CnnlabError(f"{what} needs the training split's pixels in memory; dataset "
+                          f"{run.components['dataset'].name} reads its images per file")
+    if fitting:
+        values, vectors = color_pca(data.train_images[train_idx])
+        for op in fitting:
+            op.fit_colours(values, vectors)
+    if recorded is not None:
+        return recorded
+    if kind == "channel":
+        return Preprocessing.fit(kind, torch.zeros(0, data.channels, 1, 1, dtype=torch.uint8), data.mean, data.std)
+    return Preprocessing.fit(kind, data.train_images[train_idx], data.mean, data.std, run.data.whiten_eps)
+
+
+def setup(cfg, ranks: Ranks = Ranks(), preprocessing: Preprocessing | None = None) -> Setup:
+    """``preprocessing``: what a checkpoint recorded (evaluation repeats it); None: fitted on the training split."""
     run = parse_run_config(cfg)  # every name, option, type and range: nothing has been loaded yet
     device = resolve_device(run.trainer.device, ranks)
     autocast_dtype = resolve_precision(run.trainer.precision, device)
@@ -159,6 +183,7 @@ def setup(cfg, ranks: Ranks = Ranks()) -> Setup:
         train_idx, val_idx = data.validation_idx
     else:
         train_idx, val_idx = stratified_split(data.train_labels, run.data.val_fraction, run.data.split_seed)
+    preprocessing = fit_statistics(run, data, train_idx, batch_ops, preprocessing)
     geometry = Geometry(data.input_size, data.resize or data.input_size)
     per_image = {train: per_image_transform(per_image_ops, geometry, train=train, resized=data.resize is not None)
                  for train in (True, False)}
@@ -175,8 +200,9 @@ def setup(cfg, ranks: Ranks = Ranks()) -> Setup:
         if run.trainer.accumulate_steps > 1 or run.trainer.grad_clip is not None:
             raise CnnlabError("optimizer=lbfgs takes whole steps through its closure: "
                               "trainer.accumulate_steps must be 1 and trainer.grad_clip null")
+    normalise = preprocessing.to(device)
     train_pipe = BatchPipeline(batch_ops, data.mean, data.std, device, run.seed + 1 + 7919 * ranks.rank, channels_last,
-                               num_classes=data.num_classes)  # each rank its own augmentation draws
-    eval_pipe = BatchPipeline([], data.mean, data.std, device, run.seed, channels_last)
+                               num_classes=data.num_classes, normalise=normalise)  # each rank its own augmentation draws
+    eval_pipe = BatchPipeline([], data.mean, data.std, device, run.seed, channels_last, normalise=normalise)
     return Setup(run, device, autocast_dtype, data, train_idx, val_idx, model, optimizer, train_pipe, eval_pipe,
-                 in_memory, per_image, ranks, transfer.describe(model))
+                 in_memory, per_image, ranks, transfer.describe(model), preprocessing)
