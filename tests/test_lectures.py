@@ -388,3 +388,33 @@ def test_the_lighting_pipeline_reaches_a_run(tmp_path, captured):
     shifted = lighting(x, g) - x
     _, vectors = color_pca(data.train_images[train_idx])
     assert torch.allclose(shifted[:, :, 0, 0], (alpha * values) @ vectors.T, atol=1e-6)
+
+
+# --- fractional max-pooling ------------------------------------------------------------------------
+
+from cnnlab.models.blocks import FractionalMaxPool  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["lenet5", "small_resnet", "vgg11_bn"])
+def test_fractional_pool_replaces_every_2x2_max_pool(name):
+    plain, fractional = build_model(name), build_model(name, fractional_pool=True)
+    pools = [m for m in plain.modules() if isinstance(m, nn.MaxPool2d)]
+    assert pools and len([m for m in fractional.modules() if isinstance(m, FractionalMaxPool)]) == len(pools)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in fractional.modules())
+    assert fractional.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_fractional_pooling_shrinks_by_one_over_root_two_randomly_in_training_only():
+    pool = FractionalMaxPool()
+    x = torch.randn(2, 3, 32, 32)
+    assert pool(x).shape == (2, 3, 22, 22)  # floor(32 / sqrt(2)): Graham's alpha = sqrt(2), not 2
+    assert not torch.equal(pool(x), pool(x))  # random pooling regions while training
+    pool.eval()
+    assert torch.equal(pool(x), pool(x))  # fixed regions when evaluating
+    # each output is the max of one of the input's regions
+    assert set(pool(x).flatten().tolist()) <= set(x.flatten().tolist())
+
+
+def test_fractional_pool_reaches_a_run(tmp_path, captured):
+    run_tiny(tmp_path / "run", "model=lenet5", "model.fractional_pool=true", "trainer.epochs=1")
+    assert sum(isinstance(m, FractionalMaxPool) for m in captured["trainer"].model.modules()) == 2  # S2, S4

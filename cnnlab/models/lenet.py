@@ -6,7 +6,7 @@ from typing import Literal
 
 from torch import nn
 
-from cnnlab.models.blocks import flat_features
+from cnnlab.models.blocks import FractionalMaxPool, flat_features
 from cnnlab.core.registry import MODELS
 from cnnlab.core.validation import Probability
 
@@ -21,10 +21,13 @@ class LeNet5(nn.Module):
     # F6     | fully connected   | 84   |
     # output | fully connected   | classes
     def __init__(self, in_channels: int, num_classes: int, input_size: int,
-                 variant: str = "modern", dropout: float = 0.0):
+                 variant: str = "modern", dropout: float = 0.0, fractional_pool: bool = False):
         super().__init__()
         act = nn.Tanh if variant == "classic" else nn.ReLU
-        pool = nn.AvgPool2d if variant == "classic" else nn.MaxPool2d
+        if fractional_pool:
+            pool = lambda _size: FractionalMaxPool()  # noqa: E731
+        else:
+            pool = nn.AvgPool2d if variant == "classic" else nn.MaxPool2d
         pad = max(0, (32 - input_size) // 2)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 6, 5, padding=pad), act(), pool(2),  # C1, S2
@@ -47,6 +50,8 @@ def lenet5(
     *, in_channels: int, num_classes: int, input_size: int,
     variant: Literal["classic", "modern"] = "modern",
     dropout: Probability = 0.0,
+    fractional_pool: bool = False,
 ) -> LeNet5:
-    """LeNet-5: classic (tanh, average pooling) or modern (ReLU, max pooling); dropout on the fully connected layers."""
-    return LeNet5(in_channels, num_classes, input_size, variant, dropout)
+    """LeNet-5: classic (tanh, average pooling) or modern (ReLU, max pooling); dropout on the fully connected
+    layers; fractional_pool: fractional max-pooling in S2 and S4."""
+    return LeNet5(in_channels, num_classes, input_size, variant, dropout, fractional_pool)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from cnnlab.core.errors import CnnlabError
-from cnnlab.models.blocks import conv_bn_act, flat_features
+from cnnlab.models.blocks import conv_bn_act, flat_features, pool2x2
 from cnnlab.models.resnet import BasicBlock, use_stochastic_depth
 from cnnlab.core.registry import MODELS
 from cnnlab.core.validation import NonNegativeInt, PositiveInt, Probability
@@ -16,12 +16,12 @@ class SmallResNet(nn.Module):
     # head:    flatten -> dropout -> linear
     # Defaults (widths [32, 64], blocks [0, 1]) on 28x28: 28->14 (32 maps) -> 7 (64 maps, one residual block).
     def __init__(self, in_channels: int, num_classes: int, input_size: int,
-                 widths: list[int], blocks: list[int], batch_norm: bool, dropout: float):
+                 widths: list[int], blocks: list[int], batch_norm: bool, dropout: float, fractional_pool: bool = False):
         super().__init__()
         layers: list[nn.Module] = []
         prev = in_channels
         for width, n_blocks in zip(widths, blocks):
-            layers += [conv_bn_act(prev, width, batch_norm=batch_norm), nn.MaxPool2d(2)]
+            layers += [conv_bn_act(prev, width, batch_norm=batch_norm), pool2x2(fractional_pool)]
             layers += [BasicBlock(width, width, batch_norm=batch_norm) for _ in range(n_blocks)]
             prev = width
         self.features = nn.Sequential(*layers)
@@ -40,11 +40,12 @@ def small_resnet(
     batch_norm: bool = True,
     dropout: Probability = 0.0,
     stochastic_depth: Probability = 0.0,
+    fractional_pool: bool = False,
 ) -> SmallResNet:
     """Small residual CNN: per stage conv-BN-ReLU, 2x2 max-pool, residual blocks; linear head. The default model."""
     if len(widths) != len(blocks):
         raise CnnlabError(f"model.widths ({len(widths)} stages) and model.blocks ({len(blocks)} stages) must have the same length")
     if input_size >> len(widths) < 1:
         raise CnnlabError(f"model.widths has {len(widths)} stages, which halve {input_size}x{input_size} inputs to nothing")
-    return use_stochastic_depth(SmallResNet(in_channels, num_classes, input_size, widths, blocks, batch_norm, dropout),
-                                stochastic_depth)
+    return use_stochastic_depth(SmallResNet(in_channels, num_classes, input_size, widths, blocks, batch_norm, dropout,
+                                            fractional_pool), stochastic_depth)

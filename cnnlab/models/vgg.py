@@ -6,7 +6,7 @@ from typing import Literal
 
 from torch import nn
 
-from cnnlab.models.blocks import Stem, conv_bn_act, resolve_stem
+from cnnlab.models.blocks import Stem, conv_bn_act, pool2x2, resolve_stem
 from cnnlab.core.registry import MODELS
 from cnnlab.core.validation import Probability
 
@@ -29,13 +29,13 @@ class VGG(nn.Module):
     """
 
     def __init__(self, config: list, in_channels: int, num_classes: int, stem: str, batch_norm: bool,
-                 classifier: str, dropout: float):
+                 classifier: str, dropout: float, fractional_pool: bool = False):
         super().__init__()
         layers: list[nn.Module] = []
         prev = in_channels
         for v in config:
             if v == "M":  # ceil_mode lets 28x28 inputs survive five halvings (28-14-7-4-2-1)
-                layers.append(nn.MaxPool2d(2, 2, ceil_mode=stem == "small"))
+                layers.append(pool2x2(fractional_pool, ceil_mode=stem == "small"))
             else:
                 layers.append(conv_bn_act(prev, v, batch_norm=batch_norm))
                 prev = v
@@ -59,8 +59,10 @@ def _register(name: str, batch_norm: bool) -> None:
     def build(
         *, in_channels: int, num_classes: int, input_size: int,
         classifier: Literal["linear", "gap"] = "linear", dropout: Probability = 0.5, stem: Stem = "auto",
+        fractional_pool: bool = False,
     ) -> VGG:
-        return VGG(CONFIGS[name], in_channels, num_classes, resolve_stem(stem, input_size), batch_norm, classifier, dropout)
+        return VGG(CONFIGS[name], in_channels, num_classes, resolve_stem(stem, input_size), batch_norm, classifier, dropout,
+                   fractional_pool)
 
     convs = sum(1 for v in CONFIGS[name] if v != "M")
     build.__doc__ = (f"VGG-{convs + 3}: {convs} 3x3 convs in 5 blocks, 3 fc layers"
