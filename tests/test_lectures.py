@@ -418,3 +418,63 @@ def test_fractional_pooling_shrinks_by_one_over_root_two_randomly_in_training_on
 def test_fractional_pool_reaches_a_run(tmp_path, captured):
     run_tiny(tmp_path / "run", "model=lenet5", "model.fractional_pool=true", "trainer.epochs=1")
     assert sum(isinstance(m, FractionalMaxPool) for m in captured["trainer"].model.modules()) == 2  # S2, S4
+
+
+# --- any timm model --------------------------------------------------------------------------------
+
+TIMM_ARCHS = ["resnet18", "convnext_atto", "efficientnet_b0", "vit_tiny_patch16_224"]
+
+
+@pytest.mark.parametrize("arch", TIMM_ARCHS)
+def test_a_timm_architecture_takes_the_datasets_shape_and_trains_a_step(arch):
+    torch.manual_seed(0)
+    model = build_model("timm", arch=arch)  # 3x32x32, 10 classes
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    assert model(x).shape == (4, 10) and math.isfinite(loss.item())
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the step changed weights
+
+
+def test_timm_options_reach_the_model_and_its_stages():
+    import timm
+
+    from cnnlab.train.finetune import stages
+
+    model = build_model("timm", arch="convnext_atto", drop_rate=0.3, drop_path_rate=0.2)
+    assert isinstance(model, timm.models.ConvNeXt) and model.drop_rate == 0.3
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.2)  # timm's own linear rule up to drop_path_rate
+    assert model.stem[0].in_channels == 3 and model.get_classifier().out_features == 10
+    assert [s.name for s in stages(model)] == ["stem", "stages.0.blocks", "stages.1", "stages.2", "stages.3", "head"]
+    grey = MODELS.build("timm", {"arch": "resnet18"}, prefix="model", in_channels=1, num_classes=7, input_size=28)
+    assert grey.conv1.in_channels == 1 and grey.fc.out_features == 7
+    assert [s.name for s in stages(grey)] == ["conv1+bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
+
+
+def test_an_unknown_timm_arch_or_no_timm_is_one_line(monkeypatch):
+    with pytest.raises(CnnlabError, match=r"unknown timm architecture 'convnxt_atto' \(did you mean: convnext_atto"):
+        build_model("timm", arch="convnxt_atto")
+    monkeypatch.setitem(__import__("sys").modules, "timm", None)  # as if not installed
+    with pytest.raises(CnnlabError, match=r"model=timm needs timm: pip install 'cnnlab\[timm\]'"):
+        build_model("timm")
+
+
+def test_a_timm_model_fine_tunes_from_a_local_file_and_lists_its_flops(tmp_path, captured):
+    from cnnlab.cli.listing import list_command
+    from tests.conftest import quiet_console
+
+    source = MODELS.build("timm", {"arch": "resnet18"}, prefix="model", in_channels=1, num_classes=4, input_size=8)
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+    run_tiny(tmp_path / "run", "model=timm", "model.arch=resnet18", f"model.pretrained={tmp_path / 'weights.pt'}",
+             "finetune.mode=linear_probe", "trainer.epochs=1")
+    model = captured["trainer"].model
+    assert torch.equal(model.layer1[0].conv1.weight, source.layer1[0].conv1.weight)  # frozen, as loaded
+    assert not model.layer1[0].conv1.weight.requires_grad and model.fc.weight.requires_grad
+    console = quiet_console()
+    assert list_command(["models", "timm", "--arch", "convnext_atto", "--input", "3x32x32", "--classes", "10"],
+                        console=console) == 0
+    assert "3.38M" in console.file.getvalue()  # ConvNeXt-atto's parameters with a 10-class head

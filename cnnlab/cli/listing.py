@@ -55,6 +55,8 @@ def list_command(args: list[str], console: Console | None = None) -> int:
     parser.add_argument("pattern", nargs="?", default="*", help="shell-style wildcards, e.g. 'res*' (default: all)")
     parser.add_argument("--input", default=None, metavar="CxHxW", help="models: count FLOPs at this input shape")
     parser.add_argument("--classes", type=int, default=None, help="models: the number of classes to count with")
+    parser.add_argument("--arch", default=None, help="models: the architecture model=timm or model=tv counts, "
+                                                     "e.g. convnext_atto (default: their model.arch default)")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="import this module first, as plugins=[MODULE] would (repeatable)")
     ns = parser.parse_args(args)
@@ -70,7 +72,7 @@ def list_command(args: list[str], console: Console | None = None) -> int:
         raise CnnlabError(f"no {registry.kind} matches {ns.pattern!r}; see all with: cnnlab list {kind}")
     console = console or make_console()
     if kind == "models":
-        console.print(_models_table(registry, names, ns.input, ns.classes))
+        console.print(_models_table(registry, names, ns.input, ns.classes, ns.arch))
     else:
         table = Table()
         for column in ("name", "family", "from", "description"):
@@ -84,7 +86,8 @@ def list_command(args: list[str], console: Console | None = None) -> int:
     return 0
 
 
-def _models_table(registry: Registry, names: list[str], input_text: str | None, classes: int | None) -> Group:
+def _models_table(registry: Registry, names: list[str], input_text: str | None, classes: int | None,
+                  arch: str | None = None) -> Group:
     from cnnlab.models.measure import measure
 
     if input_text is None:
@@ -103,11 +106,13 @@ def _models_table(registry: Registry, names: list[str], input_text: str | None, 
     for name in names:
         entry = registry.get(name)
         try:
-            params, flops = measure(name, channels, size, classes)
+            options = {"arch": arch} if arch is not None and "arch" in entry.options else {}
+            params, flops = measure(name, channels, size, classes, options)
             p, f = _count(params), _count(flops)
         except CnnlabError as e:  # e.g. an input too small for this architecture
             p, f = "-", str(e).split(": ")[-1][:40]
-        table.add_row(name, entry.family, escape(entry.origin), p, f, escape(entry.description))
+        shown = f"{name} ({arch})" if arch is not None and "arch" in entry.options else name
+        table.add_row(shown, entry.family, escape(entry.origin), p, f, escape(entry.description))
     return titled(title, table)
 
 

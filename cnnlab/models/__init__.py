@@ -1,5 +1,6 @@
 """The model zoo: one file per family; importing this package registers them all."""
 
 from cnnlab.models import (  # noqa: F401  (registration)
-    alexnet, googlenet, lenet, mlp, nin, resnet, resnext, senet, shared, small_resnet, torchvision_models, vgg, wrn,
+    alexnet, googlenet, lenet, mlp, nin, resnet, resnext, senet, shared, small_resnet, timm_models, torchvision_models,
+    vgg, wrn,
 )

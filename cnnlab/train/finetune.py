@@ -42,9 +42,31 @@ def _is_run_of_blocks(sequence: nn.Sequential) -> bool:
     return all(not type(m).__module__.startswith("torch.nn") for m in sequence)
 
 
+def timm_stages(model: nn.Module) -> list[Stage]:
+    """A timm model's stages as timm itself groups them (its coarse group_matcher, the head last): each
+    group is the module its members share (layer1, stages.0, head), or the members themselves (a stem)."""
+    from timm.models import group_modules
+
+    found = []
+    for names in group_modules(model, model.group_matcher(coarse=True)).values():
+        prefix = names[0].split(".")
+        for name in names[1:]:
+            parts = name.split(".")
+            while prefix != parts[:len(prefix)]:
+                prefix = prefix[:-1]
+        if prefix:
+            found.append(Stage(".".join(prefix), [model.get_submodule(".".join(prefix))]))
+        else:
+            label = "+".join(names) if len(names) <= 3 else f"{names[0]}..{names[-1]}"
+            found.append(Stage(label, [model.get_submodule(n) for n in names]))
+    return found
+
+
 def stages(model: nn.Module) -> list[Stage]:
     """The model's stages (see the module's docstring); the last one is the head."""
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if type(model).__module__.startswith("timm.") and hasattr(model, "group_matcher"):
+        return timm_stages(model)
     parts: list[tuple[str, nn.Module]] = []
     for name, child in model.named_children():
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)) or (isinstance(child, nn.Sequential) and not _is_run_of_blocks(child)):
