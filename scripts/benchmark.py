@@ -16,6 +16,14 @@ On CUDA (--device auto finds it) all loops run on the GPU with bf16 autocast; cn
 
     python scripts/benchmark.py                          # LeNet-5, crop_flip, 2 epochs, 3 rounds
     python scripts/benchmark.py --model small_resnet --repeats 1
+
+--overhead compares cnnlab, with every feature that is on by default left on, against the leanest
+loop there is: the whole training set as pre-normalised float tensors on the device, randperm
+batches, Adam at batch 128, the training part only. Two models: LeNet-5 (cnnlab with crop_flip)
+and the lightning-hydra-template's 784-64-128-64 batch-norm MLP (cnnlab with augment=none), where
+the per-step work of the loop itself shows most.
+
+    python scripts/benchmark.py --overhead --repeats 5
 """
 
 from __future__ import annotations
@@ -114,8 +122,73 @@ def hand_written(model_name: str, images: torch.Tensor, labels: torch.Tensor, ba
     return rate
 
 
+# The two models of --overhead: (cnnlab model options, augmentation cnnlab runs with)
+OVERHEAD_MODELS = {
+    "lenet5": ({}, "crop_flip"),
+    "mlp 784-64-128-64 BN": ({"hidden": [64, 128, 64], "batch_norm": True}, "none"),
+}
+
+
+def hand_written_float(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int, epochs: int,
+                       device: torch.device) -> float:
+    """The leanest loop: pre-normalised float images already on the device, randperm batches, Adam."""
+    x_all = ((images.float() / 255 - MEAN) / STD).to(device)
+    y_all = labels.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    rate = 0.0
+    for _ in range(epochs):
+        sync(device)
+        start, n = time.perf_counter(), 0
+        perm = torch.randperm(len(y_all), device=device)
+        for i in range(len(y_all) // batch):
+            idx = perm[i * batch:(i + 1) * batch]
+            with autocast(device):
+                loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            n += batch
+        sync(device)
+        rate = n / (time.perf_counter() - start)
+    return rate
+
+
+def compare_overhead(args, data, device: torch.device) -> None:
+    """cnnlab with its defaults against hand_written_float, per model, the loops taking turns."""
+    rates: dict[tuple[str, str], list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.repeats):
+            for label, (options, aug) in OVERHEAD_MODELS.items():
+                name = label.split()[0]
+                torch.manual_seed(args.seed)
+                model = MODELS.build(name, options, prefix="model", in_channels=1, num_classes=10,
+                                     input_size=28).to(device)
+                rates.setdefault((label, "hand"), []).append(
+                    hand_written_float(model, data.train_images, data.train_labels, args.batch_size, args.epochs,
+                                       device))
+                extra = [f"augment={aug}", "optimizer=adam"]
+                extra += [f"model.{k}={v}".replace(" ", "") for k, v in options.items()]
+                rates.setdefault((label, "cnnlab"), []).append(cnnlab_loop(
+                    name, args.batch_size, args.epochs, args.seed, device, extra, Path(tmp) / f"{name}{round_}",
+                    defaults=True))
+    table = Table(title=f"cnnlab (defaults on) against a pre-normalised float loop with Adam, batch {args.batch_size}, "
+                        f"{device.type}, last of {args.epochs} epochs, median of {args.repeats} rounds")
+    for col in ("model", "cnnlab aug.", "hand loop images/s", "cnnlab images/s", "cnnlab / hand", "ratio range"):
+        table.add_column(col, justify="left" if col in ("model", "cnnlab aug.") else "right")
+    for label, (_, aug) in OVERHEAD_MODELS.items():
+        hand, ours = rates[(label, "hand")], rates[(label, "cnnlab")]
+        ratios = [o / h for o, h in zip(ours, hand)]
+        table.add_row(label, aug, f"{statistics.median(hand):,.0f}", f"{statistics.median(ours):,.0f}",
+                      f"{statistics.median(ratios):.3f}x", f"{min(ratios):.3f}-{max(ratios):.3f}")
+    console = Console(width=150)
+    console.print(table)
+    console.print(f"python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                  f"{platform.machine()}; command: {' '.join(sys.argv)}")
+
+
 def cnnlab_loop(model_name: str, batch: int, epochs: int, seed: int, device: torch.device, extra: list[str],
-                run_dir: Path) -> float:
+                run_dir: Path, defaults: bool = False) -> float:
+    """cnnlab's train(); ``defaults``: only the model, batch, epochs and ``extra`` set, everything else as shipped."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -123,8 +196,11 @@ def cnnlab_loop(model_name: str, batch: int, epochs: int, seed: int, device: tor
     from cnnlab.tasks import train
 
     overrides = [f"model={model_name}", f"data.batch_size={batch}", f"trainer.epochs={epochs}", f"seed={seed}",
-                 "optimizer=sgd", "optimizer.lr=0.01", "optimizer.nesterov=false", "optimizer.weight_decay=0",
-                 "scheduler=constant", "trainer.eval_train_at_end=false", f"trainer.device={device}", *extra]
+                 f"trainer.device={device}"]
+    if not defaults:
+        overrides += ["optimizer=sgd", "optimizer.lr=0.01", "optimizer.nesterov=false", "optimizer.weight_decay=0",
+                      "scheduler=constant", "trainer.eval_train_at_end=false"]
+    overrides += extra
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
@@ -144,12 +220,16 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", default="data", help="where cnnlab looks for Fashion-MNIST first")
+    parser.add_argument("--overhead", action="store_true", help="cnnlab (defaults on) against the leanest hand loop, "
+                                                                "LeNet-5 and an MLP")
     args = parser.parse_args()
     load_components()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
 
     data = DATASETS.build("fashion_mnist", {"root": args.data_root, "download": False}, prefix="dataset")
+    if args.overhead:
+        return compare_overhead(args, data, device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         raw = tmp / "FashionMNIST" / "raw"  # torchvision's FashionMNIST reads uncompressed files from here

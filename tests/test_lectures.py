@@ -478,3 +478,61 @@ def test_a_timm_model_fine_tunes_from_a_local_file_and_lists_its_flops(tmp_path,
     assert list_command(["models", "timm", "--arch", "convnext_atto", "--input", "3x32x32", "--classes", "10"],
                         console=console) == 0
     assert "3.38M" in console.file.getvalue()  # ConvNeXt-atto's parameters with a 10-class head
+
+
+# --- the image-classification lecture's baselines --------------------------------------------------
+
+from cnnlab.models.baselines import NearestNeighbours  # noqa: E402
+
+
+def pairs(*rows):
+    return torch.tensor(rows, dtype=torch.float32).view(len(rows), 1, 1, 2)  # 2-pixel "images"
+
+
+@pytest.mark.parametrize("distance", ["l1", "l2"])
+def test_knn_follows_the_lectures_distances(distance):
+    knn = MODELS.build("knn", {"k": 1, "distance": distance}, prefix="model", in_channels=1, num_classes=2,
+                       input_size=1)
+    knn.memorise(pairs([0.0, 0.0], [1.0, 2.0]), torch.tensor([0, 1]))
+    # (2.2, 0.3): L1 distances 2.5 and 1.2 + 1.7 = 2.9 -> label 0; L2 2.220 and sqrt(1.44 + 2.89) = 2.081 -> label 1
+    assert knn(pairs([2.2, 0.3])).argmax(1).item() == (0 if distance == "l1" else 1)
+    assert knn(pairs([1.5, 0.9])).argmax(1).item() == 1  # nearer the second in both
+
+
+def test_knn_majority_vote_and_its_scores():
+    knn = MODELS.build("knn", {"k": 3, "distance": "l2"}, prefix="model", in_channels=1, num_classes=3, input_size=1)
+    knn.memorise(pairs([0, 0], [0, 1], [5, 5], [9, 9]), torch.tensor([2, 1, 1, 0]))
+    scores = knn(pairs([0, 0]))  # nearest three: labels 2, 1, 1 -> class 1 by 2 votes to 1
+    assert scores.argmax(1).item() == 1
+    assert scores.softmax(1)[0].tolist() == pytest.approx([0.0, 2 / 3, 1 / 3], abs=1e-3)  # the vote shares
+    knn = MODELS.build("knn", {"k": 2, "distance": "l2"}, prefix="model", in_channels=1, num_classes=3, input_size=1)
+    knn.memorise(pairs([0, 0], [0, 1]), torch.tensor([2, 1]))
+    assert knn(pairs([0, 0.4])).argmax(1).item() == 2  # a 1-1 tie goes to the nearest
+
+
+def test_a_knn_sweep_over_k_and_the_linear_classifier_run_through_cnnlab_train(tmp_path, captured):
+    from tests.conftest import TINY, run_cli
+
+    summary = run_tiny(tmp_path / "knn", "model=knn", "model.k=3")
+    knn = captured["trainer"].model
+    assert isinstance(knn, NearestNeighbours) and knn.k == 3 and knn.p == 1.0
+    assert len(knn.labels) == summary["sizes"]["train"] == 144  # every training image, once (no drop_last)
+    assert summary["history"][0]["train/loss"] is None and summary["selected"]["test"]["acc"] > 0.5
+    from cnnlab.runtime.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "knn" / "checkpoints" / "best.pt")["model"]["labels"].shape == (144,)
+    from cnnlab.analysis.evaluation import evaluate_runs
+    from tests.conftest import quiet_console
+
+    again = evaluate_runs([str(tmp_path / "knn")], splits=["test"], tta_flip=False, tta_shift=0, device="cpu",
+                          data_dir=None, console=quiet_console())  # a fresh k-NN takes the checkpoint's memory
+    assert again["splits"]["test"]["acc"] == pytest.approx(summary["selected"]["test"]["acc"])
+    summary = run_tiny(tmp_path / "linear", "model=linear", "trainer.loss=multi_margin")
+    model = captured["trainer"].model
+    assert [type(m) for m in model] == [nn.Flatten, nn.Linear] and model[1].weight.shape == (4, 64)
+    result = run_cli("train", "-m", *[o for o in TINY if not o.startswith("model")], "model=knn", "model.k=1,3",
+                     "hydra.sweeper.sampler=grid", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("sweep: 2 trials (2 completed)")
+    report = run_cli("report", str(next((tmp_path / "outputs" / "sweeps").glob("*/*"))), cwd=tmp_path)
+    assert report.returncode == 0 and "model.k" in report.stdout

@@ -379,6 +379,8 @@ class BatchPipeline:
         self.normalise = normalise or (lambda x: (x - self.mean) / self.std)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.ops and hasattr(self.normalise, "from_uint8"):  # nothing between: one op from uint8
+            return self.normalise.from_uint8(x).contiguous(memory_format=self.memory_format), y
         x = x.float().div_(255)
         for op in self.ops:
             if getattr(op, "mixes_labels", False):

@@ -60,6 +60,8 @@ class Preprocessing:
 
     def __init__(self, kind: str, mean: torch.Tensor, std: torch.Tensor, matrix: torch.Tensor | None = None):
         self.kind, self.mean, self.std, self.matrix = kind, mean, std, matrix
+        # uint8 straight to the model's input in one op: x * scale + shift
+        self.scale, self.shift = 1 / (255 * std), -mean / std
 
     @classmethod
     def fit(cls, kind: str, train_images: torch.Tensor, channel_mean: Sequence[float], channel_std: Sequence[float],
@@ -92,6 +94,12 @@ class Preprocessing:
         if self.matrix is None:
             return x
         return (x.flatten(1) @ self.matrix).view(x.shape)
+
+    def from_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """The same as calling it on x / 255, with uint8 ``x`` read once (no augmentation in between)."""
+        if self.matrix is not None:
+            return self(x.float().div_(255))
+        return torch.addcmul(self.shift, x, self.scale)
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "mean": self.mean.cpu(), "std": self.std.cpu(),

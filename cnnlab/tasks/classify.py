@@ -113,6 +113,9 @@ def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter,
         fixed = train_idx[:run.trainer.overfit_batches * run.data.batch_size]
         train_loader = s.loader("train", fixed, train=True, shuffle=False)  # fixed batches, augmented as configured
         val_rows = fixed
+    elif getattr(model, "memorises", False):  # k-NN remembers every training image once, as it is
+        train_loader = s.loader("train", train_idx, train=False, shuffle=False)
+        val_rows = val_idx
     else:
         train_loader = s.loader("train", train_idx, train=True)
         val_rows = val_idx

@@ -103,8 +103,10 @@ class ConsoleReporter:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+        trained = record["train/loss"] is not None  # None: a k-NN remembered, it took no steps
+        train = f"loss {record['train/loss']:.4f} acc {_pct(record['train/acc'])}" if trained else "remembered"
         line = (
-            f"epoch {record['epoch']}/{self.epochs}  train loss {record['train/loss']:.4f} acc {_pct(record['train/acc'])}  "
+            f"epoch {record['epoch']}/{self.epochs}  train {train}  "
             f"val loss {record['val/loss']:.4f} acc {_pct(record['val/acc'])}  lr {record['lr']:.3g}  "
             f"{record['train_time_s']:.1f}s {record['images_per_s']:,.0f} img/s" + ("  *best" if improved else "")
         )

@@ -3,7 +3,7 @@ babysitting the lectures teach (initial loss, divergence guard, early stopping).
 
 from __future__ import annotations
 
-import math
+import itertools
 import random
 import time
 from contextlib import nullcontext
@@ -47,11 +47,15 @@ class Metrics:
 
 
 class MetricSums:
-    """Loss and hit counts summed on the device: read once per epoch, since a read syncs with the GPU."""
+    """Loss and hit counts summed on the device, read once per epoch (a read syncs with the GPU).
+
+    A step only keeps its loss and its hit count (argmax, compare, sum: no sums of its own); they
+    are added up when read, so the loop's per-step work stays that of a hand-written loop."""
 
     def __init__(self, device: torch.device, top5: bool):
         self.sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, top-1 hits, top-5 hits
         self.count, self.top5 = 0, top5
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]] = []
 
     @torch.no_grad()
     def add(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
@@ -59,18 +63,33 @@ class MetricSums:
             return
         if labels.ndim == 2:  # soft targets (mixup, cutmix): the dominant class
             labels = labels.argmax(1)
-        k = 5 if self.top5 else 1
-        hits = logits.topk(k, dim=1).indices == labels[:, None]
-        self.sums += torch.stack([loss.detach().double() * len(labels), hits[:, 0].sum().double(), hits.any(1).sum().double()])
+        if self.top5:
+            hits = logits.topk(5, dim=1).indices == labels[:, None]
+            top1, top5 = hits[:, 0].sum(), hits.any(1).sum()
+        else:
+            top1, top5 = (logits.argmax(1) == labels).sum(), None
+        self.pending.append((loss.detach(), top1, top5, len(labels)))
         self.count += len(labels)
+
+    def _fold(self) -> None:
+        """Add the pending steps into ``sums``."""
+        if not self.pending:
+            return
+        losses, top1, top5, sizes = zip(*self.pending)
+        n = torch.tensor(sizes, device=self.sums.device, dtype=torch.float64)
+        folded = [(torch.stack(losses).double() * n).sum(), torch.stack(top1).double().sum()]
+        folded.append(torch.stack(top5).double().sum() if self.top5 else folded[1])
+        self.sums += torch.stack(folded)
+        self.pending = []
 
     def total(self, ranks: Ranks = SINGLE) -> torch.Tensor:
         """(loss * n, top-1 hits, top-5 hits, n), summed over every rank."""
+        self._fold()
         return ranks.sum_(torch.cat([self.sums, self.sums.new_tensor([self.count])]))
 
     def load(self, total: torch.Tensor) -> None:
         self.sums.copy_(total[:3])
-        self.count = int(total[3])
+        self.count, self.pending = int(total[3]), []
 
     def result(self, ranks: Ranks = SINGLE) -> Metrics:
         loss, top1, top5, count = self.total(ranks).tolist()
@@ -98,7 +117,7 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, autocast_dtype: torc
              limit: int | None = None, ranks: Ranks = SINGLE, loss_fn: LossFn = F.cross_entropy) -> Metrics:
     was_training = model.training
     model.eval()
-    sums = MetricSums(next(model.parameters()).device, top5=num_classes > 5)
+    sums = MetricSums(next(itertools.chain(model.parameters(), model.buffers())).device, top5=num_classes > 5)
     for i, (x, y) in enumerate(loader):
         if limit is not None and i == limit:
             break
@@ -165,25 +184,35 @@ class BestTracker:
 class DivergenceGuard:
     """Flags the first step whose loss is NaN/inf or above factor x the first loss.
 
-    The check runs on the device every step; reading the flag (a sync) happens only at
-    log steps and epoch ends.
-    """
+    A step only hands over its loss; the losses are judged together when the flag is read (a
+    sync): at log steps and epoch ends."""
 
     def __init__(self, factor: float | None, device: torch.device):
         self.factor = factor
         self.reference: torch.Tensor | None = None
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.pending: list[tuple[int, torch.Tensor]] = []
 
     def watch(self, loss: torch.Tensor, step: int) -> None:
         if self.factor is None:
             return
-        loss = loss.detach().float()
         if self.reference is None:
-            self.reference = loss.clone()
-        bad = ~torch.isfinite(loss) | (loss > self.factor * self.reference)
-        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+            self.reference = loss.detach().float().clone()
+        self.pending.append((step, loss.detach()))
+
+    def _judge(self) -> None:
+        if not self.pending:
+            return
+        steps, losses = zip(*self.pending)
+        self.pending = []
+        losses = torch.stack(losses).float()
+        bad = ~torch.isfinite(losses) | (losses > self.factor * self.reference)
+        steps = torch.tensor(steps, device=losses.device)
+        first = torch.where(bad, steps, torch.iinfo(torch.long).max).min()
+        self.first_bad = torch.where((self.first_bad < 0) & bad.any(), first, self.first_bad)
 
     def tripped_at(self, ranks: Ranks = SINGLE) -> int | None:
+        self._judge()
         step = ranks.min_step(int(self.first_bad), self.first_bad.device)
         return step if step >= 0 else None
 
@@ -264,7 +293,7 @@ class Trainer:
         # Under DDP, micro-batches before the last of an accumulation keep their gradients local.
         with self.ddp.no_sync() if self.ddp is not None and not update else nullcontext():
             logits, loss = self.objective(x, y)
-            self.scaler.scale(loss / s.accumulate_steps).backward()
+            self.scaler.scale(loss / s.accumulate_steps if s.accumulate_steps > 1 else loss).backward()
         if update:
             if s.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -297,6 +326,8 @@ class Trainer:
                                "check the initialisation, the labels and the loss")
 
     def fit(self, train_loader, val_loader) -> list[dict[str, Any]]:
+        if getattr(self.model, "memorises", False):
+            return self.fit_by_memory(train_loader, val_loader)
         s = self.settings
         batches = min(len(train_loader), s.limit_train_batches or len(train_loader))
         # after a resume, count from the best epoch so far
@@ -393,6 +424,31 @@ class Trainer:
                 self.preempt()
         if self.status == "running":
             self.status = "completed"
+        return self.history
+
+    def fit_by_memory(self, train_loader, val_loader) -> list[dict[str, Any]]:
+        """A model that learns by remembering (k-NN): one pass hands it the training split, as the train
+        pipeline delivers it; no gradient steps. Its one epoch is validated, recorded and checkpointed
+        like any, so selection, testing and sweeps treat it as they treat a network."""
+        self.epoch, self.model.training = 1, True
+        self.reporter.epoch_start(1, 1, len(train_loader))
+        timer = EpochTimer(self.device)
+        timer.start()
+        count = 0
+        for x, y in train_loader.iterate(0):
+            self.model.memorise(x, y)
+            count += len(y)
+            self.reporter.advance(len(y))
+        train_time = timer.stop()
+        val = evaluate(self.model, val_loader, num_classes=self.num_classes, loss_fn=self.loss_fn,
+                       autocast_dtype=self.autocast_dtype, limit=self.settings.limit_eval_batches, ranks=self.ranks)
+        record = {"epoch": 1, "step": 0, "train/loss": None, "train/acc": None, **val.named("val"),
+                  "lr": 0.0, "train_time_s": train_time, "images_per_s": count / train_time}
+        improved = self.best.update(record, 1)
+        self.history.append(record)
+        self.reporter.epoch_end(record, improved)
+        self.save(None, best=improved)
+        self.status = "completed"
         return self.history
 
     def watch_updates(self) -> None:
