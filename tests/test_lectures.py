@@ -536,3 +536,61 @@ def test_a_knn_sweep_over_k_and_the_linear_classifier_run_through_cnnlab_train(t
     assert result.stdout.strip().splitlines()[-1].startswith("sweep: 2 trials (2 completed)")
     report = run_cli("report", str(next((tmp_path / "outputs" / "sweeps").glob("*/*"))), cwd=tmp_path)
     assert report.returncode == 0 and "model.k" in report.stdout
+
+
+# --- cross-validation ------------------------------------------------------------------------------
+
+def test_stratified_folds_validate_every_image_once_in_class_proportion():
+    from cnnlab.data.split import stratified_folds
+
+    labels = torch.tensor([0] * 30 + [1] * 12 + [2] * 7)
+    folds = stratified_folds(labels, 3, seed=0)
+    vals = torch.cat([v for _, v in folds])
+    assert sorted(vals.tolist()) == list(range(len(labels)))  # each image validates exactly once
+    for train_idx, val_idx in folds:
+        assert set(train_idx.tolist()).isdisjoint(val_idx.tolist()) and len(train_idx) + len(val_idx) == len(labels)
+        assert torch.bincount(labels[val_idx], minlength=3).tolist()[:2] == [10, 4]  # 30/3 and 12/3
+    assert sorted(len(v) for _, v in folds) == [16, 16, 17]
+    with pytest.raises(CnnlabError, match="data.folds=5 leaves a fold without images"):
+        stratified_folds(torch.tensor([0, 1, 0]), 5, seed=0)
+
+
+def test_cross_validation_reports_the_folds_mean_and_tests_the_best_fold_once(tmp_path):
+    import json
+    import statistics
+
+    from cnnlab.analysis.evaluation import evaluate_runs
+    from tests.conftest import quiet_console
+
+    summary = run_tiny(tmp_path / "cv", "data.folds=3", "trainer.epochs=2")
+    folds = [json.loads((tmp_path / "cv" / f"fold{i}" / "summary.json").read_text()) for i in range(3)]
+    values = [f["best_value"] for f in folds]
+    assert summary["cv"] == {"k": 3, "mean": pytest.approx(statistics.fmean(values)),
+                             "std": pytest.approx(statistics.stdev(values)), "values": values}
+    assert summary["best_value"] == pytest.approx(statistics.fmean(values))  # what a sweep selects on
+    assert [f["sizes"]["val"] for f in folds] == [54, 53, 53] and sum(f["sizes"]["val"] for f in folds) == 160
+    assert all("test" not in f["selected"] for f in folds)  # the folds never see the test split
+    chosen = summary["chosen_fold"]
+    assert values[chosen] == max(values)
+    again = evaluate_runs([str(tmp_path / "cv" / f"fold{chosen}")], splits=["test"], tta_flip=False, tta_shift=0,
+                          device="cpu", data_dir=None, console=quiet_console())
+    assert summary["selected"]["test"]["acc"] == pytest.approx(again["splits"]["test"]["acc"])
+
+
+def test_a_sweep_selects_on_the_cross_validated_mean(tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+    from tests.test_search import SWEEP
+
+    result = run_cli("train", "-m", *SWEEP, "data.folds=2", "trainer.epochs=1", "optimizer.lr=0.05,0.2",
+                     "hydra.sweeper.sampler=grid", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (sweep,) = (tmp_path / "outputs" / "sweeps").glob("*/*")
+    import optuna
+
+    study = optuna.load_study(study_name="synthetic-mlp", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    for trial in study.trials:
+        summary = json.loads((sweep / str(trial.user_attrs["job"]) / "summary.json").read_text())
+        assert trial.value == pytest.approx(summary["cv"]["mean"]) and len(summary["folds"]) == 2
+        assert "test" not in summary["selected"]  # a trial leaves the test split alone

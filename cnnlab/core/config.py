@@ -73,6 +73,7 @@ class DataSettings:
     batch_size: PositiveInt = 128
     eval_batch_size: PositiveInt = 1024
     val_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.1
+    folds: PositiveInt = 1  # k >= 2: k-fold cross-validation of the training images (val_fraction unused)
     split_seed: int = 0
     # auto: tensor datasets live on the device, image folders are read per image;
     # false: per-image Dataset + DataLoader with workers and torchvision.transforms.v2

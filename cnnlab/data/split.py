@@ -1,4 +1,4 @@
-"""The held-out validation split, carved from the training set."""
+"""The held-out validation split, carved from the training set, and the folds of cross-validation."""
 
 from __future__ import annotations
 
@@ -30,3 +30,28 @@ def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int,
             f"on the two sides of the split, out of {len(labels)}"
         )
     return train_idx, val_idx
+
+
+def stratified_folds(labels: torch.Tensor, k: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """k (train, val) index pairs: each image is in exactly one fold's validation part, and each
+    class is spread over the folds in its training proportion (the seed fixes them, as above)."""
+    g = torch.Generator().manual_seed(seed)
+    parts: list[list[torch.Tensor]] = [[] for _ in range(k)]
+    offset = 0
+    for c in torch.unique(labels):
+        idx = torch.nonzero(labels == c).squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        # rotate which fold gets a class's remainder, so fold sizes differ by one at most
+        for i, chunk in enumerate(torch.tensor_split(idx, k)):
+            parts[(i + offset) % k].append(chunk)
+        offset += len(idx) % k
+    everything = torch.arange(len(labels))
+    folds = []
+    for chunks in parts:
+        val_idx = torch.cat(chunks).sort().values
+        if len(val_idx) == 0:
+            raise CnnlabError(f"data.folds={k} leaves a fold without images: only {len(labels)} training images")
+        keep = torch.ones(len(labels), dtype=torch.bool)
+        keep[val_idx] = False
+        folds.append((everything[keep], val_idx))
+    return folds

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -12,13 +14,15 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from cnnlab import __version__
-from cnnlab.analysis.evaluation import confusion_figure, confusion_matrix, metrics_from_probs, predict, tta_view_count
+from cnnlab.analysis.evaluation import (confusion_figure, confusion_matrix, evaluate_runs, metrics_from_probs, predict,
+                                        tta_view_count)
 from cnnlab.analysis.viz import Visualizer, images_of, start_visualizer
-from cnnlab.core.config import to_container
+from cnnlab.core.config import parse_run_config, to_container
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import TASKS
 from cnnlab.runtime.checkpoint import load_checkpoint, load_resumable, load_weights, read_json, write_json
 from cnnlab.runtime.distributed import launched_ranks
+from cnnlab.data.split import stratified_folds
 from cnnlab.runtime.signals import StopRequest
 from cnnlab.train.assemble import Setup, setup
 from cnnlab.train.console import ConsoleReporter
@@ -92,6 +96,11 @@ def classify(cfg, run_dir: Path, console: Console | None = None, *, test: bool =
     wall_start = time.perf_counter()
     ranks = launched_ranks()
     console_reporter = ConsoleReporter(console if ranks.is_main else Console(quiet=True))
+    if (folds := parse_run_config(cfg).data.folds) > 1:
+        if ranks.enabled:
+            raise CnnlabError(f"data.folds={folds} trains its folds one after the other in one process; "
+                              "run it without torchrun or trainer.devices")
+        return cross_validate(cfg, run_dir, console_reporter, folds, test=test, resume=resume, wall_start=wall_start)
     resume_state = load_resume_state(cfg, run_dir, console_reporter) if resume else None
     s = setup(cfg, ranks)
     try:
@@ -100,6 +109,68 @@ def classify(cfg, run_dir: Path, console: Console | None = None, *, test: bool =
                                 on_epoch=on_epoch)
     finally:
         s.close()  # DataLoader workers stop now, not whenever the garbage collector gets to them
+
+
+def cross_validate(cfg, run_dir: Path, console_reporter: ConsoleReporter, k: int, *, test: bool, resume: bool,
+                   wall_start: float) -> dict[str, Any]:
+    """k-fold cross-validation: fold i trains on the other folds and validates on fold i, in
+    <run dir>/fold<i>, with its own TensorBoard run. The run's ``best_value`` is the folds' mean, so
+    sweeps select on it; the test split is scored once, by the best fold's selected model, which
+    becomes the run's checkpoints/best.pt."""
+    run = parse_run_config(cfg)
+    labels = run.components["dataset"].build().train_labels
+    summaries = []
+    for i, (train_idx, val_idx) in enumerate(stratified_folds(labels, k, run.data.split_seed)):
+        fold_dir = run_dir / f"fold{i}"
+        done = read_json(fold_dir / "summary.json") if resume else None
+        if done is not None and done.get("status") in ("completed", "early_stopped", "diverged"):
+            summaries.append(done)
+            continue
+        console_reporter.console.print(f"fold {i + 1}/{k}: {len(train_idx):,} train / {len(val_idx):,} val", highlight=False)
+        fold_cfg = OmegaConf.to_container(cfg, resolve=True)
+        if (fold_cfg.get("paths") or {}).get("tensorboard"):  # a sweep's trial: one TensorBoard run per fold
+            fold_cfg["paths"]["tensorboard"] = f"{fold_cfg['paths']['tensorboard']}/fold{i}"
+        fold_cfg = OmegaConf.create(fold_cfg)
+        resume_state = load_resume_state(fold_cfg, fold_dir, console_reporter) if resume else None
+        s = setup(fold_cfg, split=(train_idx, val_idx))
+        try:
+            summaries.append(_fit_select_test(s, fold_dir, console_reporter, resume_state, test=False,
+                                              resume_hint=f"cnnlab train resume={run_dir}", wall_start=time.perf_counter()))
+        finally:
+            s.close()
+    values = [f.get("best_value") for f in summaries]
+    monitor = summaries[0]["monitor"]
+    summary: dict[str, Any] = {
+        "status": "completed" if all(v is not None for v in values) else "diverged",
+        "name": run.name, "run_dir": str(run_dir), "version": __version__, "dataset": summaries[0]["dataset"],
+        "model": summaries[0]["model"], "parameters": summaries[0]["parameters"], "monitor": monitor,
+        "folds": [{"fold": i, "run_dir": f["run_dir"], "status": f["status"], "best_epoch": f.get("best_epoch"),
+                   "best_value": f.get("best_value"), "val": (f.get("selected") or {}).get("val")}
+                  for i, f in enumerate(summaries)],
+        "best_value": None, "selected": {}, "wall_time_s": time.perf_counter() - wall_start,
+    }
+    if summary["status"] != "completed":
+        write_json(run_dir / "summary.json", summary)
+        console_reporter.console.print(f"status: diverged in a fold; summary: {run_dir / 'summary.json'}", highlight=False)
+        return summary
+    spread = statistics.stdev(values) if k > 1 else 0.0
+    summary["cv"] = {"k": k, "mean": statistics.fmean(values), "std": spread, "values": values}
+    summary["best_value"] = summary["cv"]["mean"]
+    summary["selected"]["val"] = {key: statistics.fmean(f["selected"]["val"][key] for f in summaries)
+                                  for key in ("loss", "acc", "error")}
+    console_reporter.console.print(f"cross-validation: {monitor} {summary['cv']['mean']:.4f} ± {spread:.4f} over "
+                                   f"{k} folds ({', '.join(f'{v:.4f}' for v in values)})", highlight=False)
+    if test:  # the test split, once: the best fold's selected model
+        chosen = (max if monitor.endswith("acc") else min)(range(k), key=lambda i: values[i])
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(summaries[chosen]["run_dir"]) / "checkpoints" / "best.pt", run_dir / "checkpoints" / "best.pt")
+        report = evaluate_runs([str(run_dir)], splits=["test"], tta_flip=run.trainer.tta_flip,
+                               tta_shift=run.trainer.tta_shift, device=run.trainer.device, data_dir=None,
+                               console=console_reporter.console)
+        summary["chosen_fold"], summary["selected"]["test"] = chosen, report["splits"]["test"]
+    write_json(run_dir / "summary.json", summary)
+    console_reporter.console.print(f"summary: {run_dir / 'summary.json'}", highlight=False)
+    return summary
 
 
 def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter, resume_state: dict[str, Any] | None,

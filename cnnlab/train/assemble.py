@@ -154,8 +154,10 @@ def fit_statistics(run: RunConfig, data: ImageData | FolderData, train_idx: torc
     return Preprocessing.fit(kind, data.train_images[train_idx], data.mean, data.std, run.data.whiten_eps)
 
 
-def setup(cfg, ranks: Ranks = Ranks(), preprocessing: Preprocessing | None = None) -> Setup:
-    """``preprocessing``: what a checkpoint recorded (evaluation repeats it); None: fitted on the training split."""
+def setup(cfg, ranks: Ranks = Ranks(), preprocessing: Preprocessing | None = None,
+          split: tuple[torch.Tensor, torch.Tensor] | None = None) -> Setup:
+    """``preprocessing``: what a checkpoint recorded (evaluation repeats it); None: fitted on the training split.
+    ``split``: (train, val) indices of the training images to use (a cross-validation fold)."""
     run = parse_run_config(cfg)  # every name, option, type and range: nothing has been loaded yet
     device = resolve_device(run.trainer.device, ranks)
     autocast_dtype = resolve_precision(run.trainer.precision, device)
@@ -179,7 +181,12 @@ def setup(cfg, ranks: Ranks = Ranks(), preprocessing: Preprocessing | None = Non
     batch_ops = build_ops(batched_ops)  # every op's options are checked before any data is read
 
     data: ImageData | FolderData = run.components["dataset"].build()
-    if data.validation_idx is not None:  # the dataset brings its own validation set
+    if split is not None:
+        if data.validation_idx is not None:
+            raise CnnlabError(f"data.folds splits the training images itself; dataset "
+                              f"{run.components['dataset'].name} brings a fixed validation set")
+        train_idx, val_idx = split
+    elif data.validation_idx is not None:  # the dataset brings its own validation set
         train_idx, val_idx = data.validation_idx
     else:
         train_idx, val_idx = stratified_split(data.train_labels, run.data.val_fraction, run.data.split_seed)
