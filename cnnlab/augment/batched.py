@@ -380,7 +380,7 @@ class BatchPipeline:
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.ops and hasattr(self.normalise, "from_uint8"):  # nothing between: one op from uint8
-            return self.normalise.from_uint8(x).contiguous(memory_format=self.memory_format), y
+            return self._laid_out(self.normalise.from_uint8(x)), y
         x = x.float().div_(255)
         for op in self.ops:
             if getattr(op, "mixes_labels", False):
@@ -389,7 +389,11 @@ class BatchPipeline:
                 x, y = op(x, y, self.generator)
             else:
                 x = op(x, self.generator)
-        return self.normalise(x).contiguous(memory_format=self.memory_format), y
+        return self._laid_out(self.normalise(x)), y
+
+    def _laid_out(self, x: torch.Tensor) -> torch.Tensor:
+        """In the model's memory format; a batch already laid out so costs no op at all."""
+        return x if x.is_contiguous(memory_format=self.memory_format) else x.contiguous(memory_format=self.memory_format)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Images only (no label-mixing ops)."""

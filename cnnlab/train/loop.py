@@ -68,7 +68,7 @@ class MetricSums:
             top1, top5 = hits[:, 0].sum(), hits.any(1).sum()
         else:
             top1, top5 = (logits.argmax(1) == labels).sum(), None
-        self.pending.append((loss.detach(), top1, top5, len(labels)))
+        self.pending.append((loss, top1, top5, len(labels)))  # a loss without a graph (the trainer detaches it)
         self.count += len(labels)
 
     def _fold(self) -> None:
@@ -198,7 +198,7 @@ class DivergenceGuard:
             return
         if self.reference is None:
             self.reference = loss.detach().float().clone()
-        self.pending.append((step, loss.detach()))
+        self.pending.append((step, loss))  # detached by the trainer
 
     def _judge(self) -> None:
         if not self.pending:
@@ -365,7 +365,8 @@ class Trainer:
                     self._sync()
                     self.compile_time_s = time.perf_counter() - compile_start
                     timer.exclude(self.compile_time_s)
-                sums.add(logits.float(), y, loss.detach())
+                loss = loss.detach()  # once, for the sums and the guard below
+                sums.add(logits, y, loss)  # only argmax of the logits: their precision does not matter
                 self.step += 1
                 since_checkpoint += 1
                 self.guard.watch(loss, self.step)
