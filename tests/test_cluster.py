@@ -4,6 +4,7 @@ a lost worker, and the one-line errors for a wrong partition, database or journa
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -27,8 +28,21 @@ def cnnlab_command(*args: str) -> str:
 
 def sbatch(cluster, tmp_path: Path, *options: str, command: str, wait: bool = True) -> subprocess.CompletedProcess:
     args = ["sbatch", "--parsable", f"--partition={cluster.partition}", "--cpus-per-task=1", "--mem=1G",
-            f"--chdir={tmp_path}", *(["--wait"] if wait else []), *options, "--wrap", command]
-    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=cluster.env)
+            f"--chdir={tmp_path}", *options, "--wrap", command]
+    return submit(cluster, args, wait=wait, env=cluster.env)
+
+
+def submit(cluster, args: list[str], *, wait: bool, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """sbatch ``args``; with ``wait``, returns when the job (every task of an array) has ended, with its
+    largest exit code. Polled here: `sbatch --wait` polls slowly (its job then seemed to take 30 s more)."""
+    submitted = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+    if not wait or submitted.returncode != 0:
+        return submitted
+    job = submitted.stdout.strip().split(";")[0]
+    wait_for_job(cluster, job, 600)
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=cluster.env).stdout
+    codes = [int(code) or int(signal) for code, signal in re.findall(r"\bExitCode=(\d+):(\d+)", shown)]
+    return subprocess.CompletedProcess(args, max(codes) if codes else 1, submitted.stdout, submitted.stderr)
 
 
 def load_study(cluster, name: str):
@@ -204,11 +218,10 @@ def test_the_readme_ddp_script_runs_two_tasks_as_one_process(cluster, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    result = subprocess.run(["sbatch", "--parsable", "--wait", f"--partition={cluster.partition}", "--nodes=1",
-                             "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1", f"--chdir={tmp_path}",
-                             f"--output={tmp_path}/ddp-%j.out", str(script), *TINY],
-                            capture_output=True, text=True, timeout=300,
-                            env=job_env(cluster, CNNLAB_PROCS_PER_NODE="1", CNNLAB_RDZV_PORT=port))
+    result = submit(cluster, ["sbatch", "--parsable", f"--partition={cluster.partition}", "--nodes=1", "--ntasks=2",
+                              "--ntasks-per-node=2", "--cpus-per-task=1", f"--chdir={tmp_path}",
+                              f"--output={tmp_path}/ddp-%j.out", str(script), *TINY],
+                    wait=True, env=job_env(cluster, CNNLAB_PROCS_PER_NODE="1", CNNLAB_RDZV_PORT=port))
     job = result.stdout.strip().split(";")[0]
     assert result.returncode == 0, "".join(p.read_text()[-3000:] for p in tmp_path.glob("ddp-*.out"))
     two = tmp_path / "outputs" / "runs" / job

@@ -65,6 +65,8 @@ def test_every_entry_composes_and_builds(group, entry):
             assert data.train_images.dtype == torch.uint8
         return
     if group == "model":
+        if getattr(model, "memorises", False):  # k-NN answers from what it remembers
+            model.memorise(torch.rand(4, 1, 28, 28), torch.arange(4))
         assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 4)
     run.components["init"].build(model=model)
     optimizer = run.components["optimizer"].build(model=model)
