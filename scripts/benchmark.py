@@ -100,26 +100,40 @@ def textbook(model_name: str, data_dir: Path, batch: int, epochs: int, workers: 
 
 def hand_written(model_name: str, images: torch.Tensor, labels: torch.Tensor, batch: int, epochs: int, seed: int,
                  device: torch.device) -> float:
-    model = build_model(model_name, seed, device)
-    images, labels = images.to(device), labels.to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    rate = 0.0
-    for _ in range(epochs):
+    """SGD, each batch normalised from uint8 as it is drawn: the last epoch's images/s."""
+    return hand_loop(build_model(model_name, seed, device), images, labels, batch, epochs, device,
+                     adam=False, prenormalised=False)[0]
+
+
+def hand_loop(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int, epochs: int,
+              device: torch.device, *, adam: bool, prenormalised: bool) -> tuple[float, float]:
+    """A bare loop over in-memory tensors with randperm batches: SGD (lr 0.01, momentum 0.9) or Adam (lr 1e-3);
+    images normalised per batch, or all at once beforehand (``prenormalised``, float tensors on the device).
+    Returns (the last epoch's images/s, images/s over every epoch after the first)."""
+    y_all = labels.to(device)
+    x_all = ((images.float() / 255 - MEAN) / STD).to(device) if prenormalised else images.to(device)
+    opt = (torch.optim.Adam(model.parameters(), lr=1e-3) if adam
+           else torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    last, timed_n, timed_s = 0.0, 0, 0.0
+    for epoch in range(epochs):
         sync(device)
         start, n = time.perf_counter(), 0
-        perm = torch.randperm(len(labels), device=device)
-        for i in range(len(labels) // batch):
+        perm = torch.randperm(len(y_all), device=device)
+        for i in range(len(y_all) // batch):
             idx = perm[i * batch:(i + 1) * batch]
-            x = (images[idx].float() / 255 - MEAN) / STD
+            x = x_all[idx] if prenormalised else (x_all[idx].float() / 255 - MEAN) / STD
             with autocast(device):
-                loss = F.cross_entropy(model(x), labels[idx])
+                loss = F.cross_entropy(model(x), y_all[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             n += batch
         sync(device)
-        rate = n / (time.perf_counter() - start)
-    return rate
+        seconds = time.perf_counter() - start
+        last = n / seconds
+        if epoch > 0:  # the first epoch warms up
+            timed_n, timed_s = timed_n + n, timed_s + seconds
+    return last, timed_n / timed_s if timed_s else last
 
 
 # The two models of --overhead: (cnnlab model options, augmentation cnnlab runs with)
@@ -129,33 +143,8 @@ OVERHEAD_MODELS = {
 }
 
 
-def hand_written_float(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int, epochs: int,
-                       device: torch.device) -> float:
-    """The leanest loop: pre-normalised float images already on the device, randperm batches, Adam."""
-    x_all = ((images.float() / 255 - MEAN) / STD).to(device)
-    y_all = labels.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    timed_n, timed_s = 0, 0.0
-    for epoch in range(epochs):
-        sync(device)
-        start, n = time.perf_counter(), 0
-        perm = torch.randperm(len(y_all), device=device)
-        for i in range(len(y_all) // batch):
-            idx = perm[i * batch:(i + 1) * batch]
-            with autocast(device):
-                loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            n += batch
-        sync(device)
-        if epoch > 0:  # the first epoch warms up
-            timed_n, timed_s = timed_n + n, timed_s + time.perf_counter() - start
-    return timed_n / timed_s
-
-
 def compare_overhead(args, data, device: torch.device) -> None:
-    """cnnlab with its defaults against hand_written_float, per model, the loops taking turns."""
+    """cnnlab with its defaults against the leanest hand_loop (Adam, prenormalised), per model, the loops taking turns."""
     rates: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.repeats):
@@ -167,8 +156,8 @@ def compare_overhead(args, data, device: torch.device) -> None:
                 extra = [f"augment={aug}", "optimizer=adam"]
                 extra += [f"model.{k}={v}".replace(" ", "") for k, v in options.items()]
                 loops = {
-                    "hand": lambda: hand_written_float(model, data.train_images, data.train_labels, args.batch_size,
-                                                       args.epochs, device),
+                    "hand": lambda: hand_loop(model, data.train_images, data.train_labels, args.batch_size, args.epochs,
+                                              device, adam=True, prenormalised=True)[1],
                     "cnnlab": lambda: cnnlab_loop(name, args.batch_size, args.epochs, args.seed, device, extra,
                                                   Path(tmp) / f"{name}{round_}", defaults=True),
                 }
@@ -211,7 +200,7 @@ def cnnlab_loop(model_name: str, batch: int, epochs: int, seed: int, device: tor
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     summary = train(cfg, run_dir, console=Console(file=io.StringIO()))
-    if defaults:  # every epoch after the first, as hand_written_float times them
+    if defaults:  # every epoch after the first, as hand_loop times them
         timed = summary["history"][1:]
         return sum(r["images_per_s"] * r["train_time_s"] for r in timed) / sum(r["train_time_s"] for r in timed)
     return summary["history"][-1]["images_per_s"]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torchvision.utils import make_grid
 
+from cnnlab.models.inspect_model import forward_with_hooks
 from cnnlab.core.errors import CnnlabError
 from cnnlab.train.finetune import stages
 from cnnlab.analysis.plotting import pyplot, save_png
@@ -63,20 +64,14 @@ def feature_grid(maps: torch.Tensor) -> torch.Tensor:
 def stage_outputs(model: nn.Module, image: torch.Tensor) -> dict[str, torch.Tensor]:
     """The spatial output (C, h, w) of each stage for one normalised image (1, C, H, W)."""
     found: dict[str, torch.Tensor] = {}
-    hooks = []
-    for stage in stages(model):
-        def keep(module, inputs, output, name=stage.name):
+
+    def keeper(name: str):
+        def keep(module, inputs, output) -> None:
             if isinstance(output, torch.Tensor) and output.dim() == 4:
                 found[name] = output[0, :MAX_CHANNELS].float().cpu()
-        hooks.append(stage.output.register_forward_hook(keep))
-    was_training = model.training
-    model.eval()
-    try:
-        model(image)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+        return keep
+
+    forward_with_hooks(model, image, [(stage.output, keeper(stage.name)) for stage in stages(model)])
     return found
 
 

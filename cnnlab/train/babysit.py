@@ -8,6 +8,8 @@ from statistics import median
 import torch
 from torch import nn
 
+from cnnlab.models.inspect_model import forward_with_hooks
+
 # Far off the lectures' rule of thumb of about 1e-3: a median ratio outside this band gets a warning.
 UPDATE_RATIO_BAND = (1e-4, 1e-2)
 
@@ -49,7 +51,6 @@ class UpdateRatio:
                 f"from the lectures' ~1e-3: the learning rate is probably too {direction}")
 
 
-@torch.no_grad()
 def dead_unit_fractions(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     """For each ReLU, the fraction of its units (channels of a conv map, features of a vector) that are
     not positive for any image of ``x``, with the model in evaluation mode."""
@@ -63,13 +64,5 @@ def dead_unit_fractions(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
             fractions[name if calls == 1 else f"{name}#{calls}"] = 1.0 - alive.float().mean().item()
         return record
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if isinstance(m, nn.ReLU)]
-    was_training = model.training
-    model.eval()
-    try:
-        model(x)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, x, [(m, hook(name)) for name, m in model.named_modules() if isinstance(m, nn.ReLU)])
     return fractions
