@@ -7,13 +7,10 @@ checkpoints, so evaluation applies exactly what training did.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
-
 import torch
 
 from cnnlab.core.errors import CnnlabError
 
-PreprocessKind = Literal["channel", "pixel", "pca_whiten", "zca_whiten"]
 MAX_WHITENED_VALUES = 4096  # C*H*W; the covariance is (C*H*W)^2
 _CHUNK = 4096
 
@@ -64,13 +61,19 @@ class Preprocessing:
         self.scale, self.shift = 1 / (255 * std), -mean / std
 
     @classmethod
+    def per_channel(cls, channel_mean: Sequence[float], channel_std: Sequence[float]) -> Preprocessing:
+        """data.preprocess=channel: the dataset's own per-channel statistics; nothing to fit."""
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.float32).view(-1, 1, 1)  # noqa: E731
+        return cls("channel", as_tensor(channel_mean), as_tensor(channel_std))
+
+    @classmethod
     def fit(cls, kind: str, train_images: torch.Tensor, channel_mean: Sequence[float], channel_std: Sequence[float],
             eps: float = 1e-2) -> Preprocessing:
         """``train_images``: the training split's uint8 images; channel_mean/std: the dataset's own."""
         c = train_images.shape[1]
         std = torch.tensor(channel_std, dtype=torch.float32).view(c, 1, 1)
         if kind == "channel":
-            return cls(kind, torch.tensor(channel_mean, dtype=torch.float32).view(c, 1, 1), std)
+            return cls.per_channel(channel_mean, channel_std)
         if kind == "pixel":  # the mean image; scaled by the channel std as before, so learning rates carry over
             return cls(kind, pixel_moments(train_images, covariance=False)[0].float(), std)
         values = train_images[0].numel()

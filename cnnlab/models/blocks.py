@@ -101,6 +101,12 @@ def norm2d(channels: int, batch_norm: bool) -> nn.Module:
     return nn.BatchNorm2d(channels) if batch_norm else nn.Identity()
 
 
+def conv_like(conv: nn.Conv2d, *, in_channels: int | None = None, out_channels: int | None = None) -> nn.Conv2d:
+    """A fresh conv with ``conv``'s geometry (kernel, stride, padding, dilation, groups, bias) and other channel counts."""
+    return nn.Conv2d(in_channels or conv.in_channels, out_channels or conv.out_channels, conv.kernel_size, conv.stride,
+                     conv.padding, conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+
+
 def conv_bn_act(
     in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, *,
     batch_norm: bool = True, act: str | None = "relu", groups: int = 1, padding: int | None = None,

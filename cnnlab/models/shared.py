@@ -11,7 +11,7 @@ from torch import nn
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import MODELS
 from cnnlab.core.validation import Probability
-from cnnlab.models.blocks import Activation, DropConnectLinear, Maxout, activation, activation_name
+from cnnlab.models.blocks import Activation, DropConnectLinear, Maxout, activation, activation_name, conv_like
 
 MAXOUT_PIECES = 2
 # What model.activation replaces: every activation module but gates (sigmoid stays a gate).
@@ -66,11 +66,9 @@ def _widen_layer_before(parent: nn.Module, key: str, pieces: int) -> None:
 
 
 def _wider(layer: nn.Conv2d | nn.Linear, pieces: int) -> nn.Module:
-    bias = layer.bias is not None
     if isinstance(layer, nn.Linear):
-        return nn.Linear(layer.in_features, layer.out_features * pieces, bias=bias)
-    return nn.Conv2d(layer.in_channels, layer.out_channels * pieces, layer.kernel_size, layer.stride, layer.padding,
-                     layer.dilation, layer.groups, bias, layer.padding_mode)
+        return nn.Linear(layer.in_features, layer.out_features * pieces, bias=layer.bias is not None)
+    return conv_like(layer, out_channels=layer.out_channels * pieces)
 
 
 def use_drop_connect(model: nn.Module, p: float) -> nn.Module:

@@ -6,6 +6,7 @@ from torch import nn
 
 from cnnlab.core.errors import CnnlabError, suggestion
 from cnnlab.core.registry import MODELS
+from cnnlab.models.blocks import conv_like
 
 
 def _first_conv_for(model: nn.Module, in_channels: int) -> None:
@@ -14,9 +15,7 @@ def _first_conv_for(model: nn.Module, in_channels: int) -> None:
         for name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
                 if child.in_channels != in_channels:
-                    setattr(parent, name, nn.Conv2d(
-                        in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
-                        child.dilation, child.groups, child.bias is not None))
+                    setattr(parent, name, conv_like(child, in_channels=in_channels))
                 return
 
 

@@ -150,7 +150,7 @@ def fit_statistics(run: RunConfig, data: ImageData | FolderData, train_idx: torc
     if recorded is not None:
         return recorded
     if kind == "channel":
-        return Preprocessing.fit(kind, torch.zeros(0, data.channels, 1, 1, dtype=torch.uint8), data.mean, data.std)
+        return Preprocessing.per_channel(data.mean, data.std)
     return Preprocessing.fit(kind, data.train_images[train_idx], data.mean, data.std, run.data.whiten_eps)
 
 

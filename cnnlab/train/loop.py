@@ -428,10 +428,11 @@ class Trainer:
         return self.history
 
     def fit_by_memory(self, train_loader, val_loader) -> list[dict[str, Any]]:
-        """A model that learns by remembering (k-NN): one pass hands it the training split, as the train
-        pipeline delivers it; no gradient steps. Its one epoch is validated, recorded and checkpointed
-        like any, so selection, testing and sweeps treat it as they treat a network."""
-        self.epoch, self.model.training = 1, True
+        """A model that learns by remembering (k-NN): one pass over ``train_loader`` (the classify task
+        gives it every training image once, unaugmented) and no gradient steps. Its one epoch is validated,
+        recorded and checkpointed like any, so selection, testing and sweeps treat it as they treat a network."""
+        self.epoch = 1
+        self.model.train()
         self.reporter.epoch_start(1, 1, len(train_loader))
         timer = EpochTimer(self.device)
         timer.start()
