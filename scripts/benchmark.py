@@ -24,6 +24,13 @@ and the lightning-hydra-template's 784-64-128-64 batch-norm MLP (cnnlab with aug
 the per-step work of the loop itself shows most.
 
     python scripts/benchmark.py --overhead --epochs 4 --repeats 7
+
+On a shared VM the machine's speed drifts between rounds by more than the difference measured.
+--side-by-side runs each round's two loops at the same time instead, each in its own process on one
+CPU core with one thread (cores swapped every round), so the drift hits both alike. Each table row
+also counts the aten ops each loop dispatches per training step (torch.profiler), which do not drift.
+
+    python scripts/benchmark.py --overhead --side-by-side --epochs 8 --repeats 8
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
+import multiprocessing
+import os
 import platform
 import shutil
 import statistics
@@ -52,6 +61,10 @@ from cnnlab.core.plugins import load_components  # noqa: E402
 from cnnlab.core.registry import DATASETS, MODELS  # noqa: E402
 
 MEAN, STD = 0.2860, 0.3530
+
+
+def load_fashion_mnist(args):
+    return DATASETS.build("fashion_mnist", {"root": args.data_root, "download": False}, prefix="dataset")
 
 
 def build_model(name: str, seed: int, device: torch.device) -> torch.nn.Module:
@@ -143,47 +156,120 @@ OVERHEAD_MODELS = {
 }
 
 
+def overhead_loop(key: str, label: str, args, data, device: torch.device, run_dir: Path,
+                  steps: int | None = None) -> float:
+    """One run of --overhead: ``key`` "hand" (the leanest hand_loop: Adam, pre-normalised) or "cnnlab"
+    (every default on), for the model labelled ``label``; images/s over every epoch after the first.
+    ``steps``: one epoch of that many steps instead (for counting ops), returning 0."""
+    options, aug = OVERHEAD_MODELS[label]
+    name = label.split()[0]
+    if key == "hand":
+        torch.manual_seed(args.seed)
+        model = MODELS.build(name, options, prefix="model", in_channels=1, num_classes=10, input_size=28).to(device)
+        n = steps * args.batch_size if steps else len(data.train_labels)
+        rate = hand_loop(model, data.train_images[:n], data.train_labels[:n], args.batch_size,
+                         1 if steps else args.epochs, device, adam=True, prenormalised=True)[1]
+        return 0.0 if steps else rate
+    extra = [f"augment={aug}", "optimizer=adam"] + [f"model.{k}={v}".replace(" ", "") for k, v in options.items()]
+    if steps:
+        extra.append(f"trainer.limit_train_batches={steps}")
+    history = cnnlab_loop(name, args.batch_size, 1 if steps else args.epochs, args.seed, device, extra, run_dir,
+                          defaults=True)
+    timed = history[1:]  # every epoch after the first, as hand_loop times them
+    return sum(r["images_per_s"] * r["train_time_s"] for r in timed) / sum(r["train_time_s"] for r in timed) if timed else 0.0
+
+
+def ops_per_step(run) -> float:
+    """aten ops dispatched per training step by ``run(steps)``: torch.profiler's count at 120 steps minus
+    that at 60, over 60 (what runs once per run cancels). Counted: ops called by the loop itself, not
+    those inside another aten op, the optimizer's step or backward (the same for both loops)."""
+    counts = []
+    for steps in (60, 120):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run(steps)
+        counts.append(sum(1 for e in prof.events() if e.name.startswith("aten::") and loop_level(e)))
+    return (counts[1] - counts[0]) / 60
+
+
+def loop_level(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(("aten::", "Optimizer.", "autograd::")):
+            return False
+        parent = parent.cpu_parent
+    return True
+
+
+def pinned_loop(key: str, label: str, core: int, args, barrier, results, run_dir: Path) -> None:
+    """--side-by-side: one loop in its own process on one core with one thread, started with its rival."""
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    load_components()
+    data = load_fashion_mnist(args)
+    barrier.wait()
+    results.put((key, overhead_loop(key, label, args, data, torch.device("cpu"), run_dir)))
+
+
+def overhead_round(label: str, round_: int, args, data, device: torch.device, tmp: Path) -> dict[str, float]:
+    """One round of --overhead for one model: {"hand": images/s, "cnnlab": images/s}."""
+    run_dir = tmp / f"{label.split()[0]}{round_}"
+    if not args.side_by_side:  # one after the other, who goes first alternating by round
+        order = ("hand", "cnnlab") if round_ % 2 == 0 else ("cnnlab", "hand")
+        return {key: overhead_loop(key, label, args, data, device, run_dir) for key in order}
+    # Both at once, one core each (swapped every round): a change in the machine's speed hits both alike.
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    if round_ % 2:
+        cores.reverse()
+    workers = [ctx.Process(target=pinned_loop, args=(key, label, core, args, barrier, results, run_dir))
+               for key, core in zip(("hand", "cnnlab"), cores)]
+    for worker in workers:
+        worker.start()
+    rates = dict(results.get() for _ in workers)
+    for worker in workers:
+        worker.join()
+    return rates
+
+
 def compare_overhead(args, data, device: torch.device) -> None:
-    """cnnlab with its defaults against the leanest hand_loop (Adam, prenormalised), per model, the loops taking turns."""
+    """cnnlab with its defaults against the leanest hand loop, per model, for --repeats rounds."""
+    if args.side_by_side and (device.type != "cpu" or len(os.sched_getaffinity(0)) < 2):
+        raise SystemExit("--side-by-side runs the two loops on two CPU cores at once: it needs the CPU and 2 cores")
     rates: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        ops = {(label, key): ops_per_step(lambda steps, label=label, key=key: overhead_loop(
+                   key, label, args, data, device, Path(tmp) / f"ops-{key}-{steps}", steps=steps))
+               for label in OVERHEAD_MODELS for key in ("hand", "cnnlab")}
         for round_ in range(args.repeats):
-            for label, (options, aug) in OVERHEAD_MODELS.items():
-                name = label.split()[0]
-                torch.manual_seed(args.seed)
-                model = MODELS.build(name, options, prefix="model", in_channels=1, num_classes=10,
-                                     input_size=28).to(device)
-                extra = [f"augment={aug}", "optimizer=adam"]
-                extra += [f"model.{k}={v}".replace(" ", "") for k, v in options.items()]
-                loops = {
-                    "hand": lambda: hand_loop(model, data.train_images, data.train_labels, args.batch_size, args.epochs,
-                                              device, adam=True, prenormalised=True)[1],
-                    "cnnlab": lambda: cnnlab_loop(name, args.batch_size, args.epochs, args.seed, device, extra,
-                                                  Path(tmp) / f"{name}{round_}", defaults=True),
-                }
-                for key in (("hand", "cnnlab") if round_ % 2 == 0 else ("cnnlab", "hand")):  # who goes first alternates
-                    rates.setdefault((label, key), []).append(loops[key]())
+            for label in OVERHEAD_MODELS:
+                for key, rate in overhead_round(label, round_, args, data, device, Path(tmp)).items():
+                    rates.setdefault((label, key), []).append(rate)
+    how = ("side by side, one core and one thread each, cores swapped every round" if args.side_by_side
+           else f"one after the other, {torch.get_num_threads()} threads")
     table = Table(title=f"cnnlab (defaults on) against a pre-normalised float loop with Adam, batch {args.batch_size}, "
-                        f"{device.type}, epochs 2-{args.epochs} timed, median of {args.repeats} rounds")
+                        f"{device.type}, {how}; epochs 2-{args.epochs} timed, {args.repeats} rounds")
     # On a shared machine the speed drifts between rounds; the best round of each loop is what it can do.
-    for col in ("model", "cnnlab aug.", "hand loop images/s", "cnnlab images/s", "median of round ratios",
-                "ratio range", "best / best"):
+    for col in ("model", "cnnlab aug.", "ops/step hand", "ops/step cnnlab", "hand loop images/s", "cnnlab images/s",
+                "median of round ratios", "ratio range", "best / best"):
         table.add_column(col, justify="left" if col in ("model", "cnnlab aug.") else "right")
     for label, (_, aug) in OVERHEAD_MODELS.items():
         hand, ours = rates[(label, "hand")], rates[(label, "cnnlab")]
         ratios = [o / h for o, h in zip(ours, hand)]
-        table.add_row(label, aug, f"{statistics.median(hand):,.0f}", f"{statistics.median(ours):,.0f}",
+        table.add_row(label, aug, f"{ops[(label, 'hand')]:.1f}", f"{ops[(label, 'cnnlab')]:.1f}",
+                      f"{statistics.median(hand):,.0f}", f"{statistics.median(ours):,.0f}",
                       f"{statistics.median(ratios):.3f}x", f"{min(ratios):.3f}-{max(ratios):.3f}",
                       f"{max(ours) / max(hand):.3f}x")
-    console = Console(width=150)
+    console = Console(width=170)
     console.print(table)
-    console.print(f"python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-                  f"{platform.machine()}; command: {' '.join(sys.argv)}")
+    console.print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}; "
+                  f"command: {' '.join(sys.argv)}")
 
 
 def cnnlab_loop(model_name: str, batch: int, epochs: int, seed: int, device: torch.device, extra: list[str],
-                run_dir: Path, defaults: bool = False) -> float:
-    """cnnlab's train(); ``defaults``: only the model, batch, epochs and ``extra`` set, everything else as shipped."""
+                run_dir: Path, defaults: bool = False):
+    """cnnlab's train(): the last epoch's images/s; ``defaults``: only the model, batch, epochs and ``extra``
+    set, everything else as shipped, and every epoch's record returned."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -199,11 +285,8 @@ def cnnlab_loop(model_name: str, batch: int, epochs: int, seed: int, device: tor
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    summary = train(cfg, run_dir, console=Console(file=io.StringIO()))
-    if defaults:  # every epoch after the first, as hand_loop times them
-        timed = summary["history"][1:]
-        return sum(r["images_per_s"] * r["train_time_s"] for r in timed) / sum(r["train_time_s"] for r in timed)
-    return summary["history"][-1]["images_per_s"]
+    history = train(cfg, run_dir, console=Console(file=io.StringIO()))["history"]
+    return history if defaults else history[-1]["images_per_s"]
 
 
 def main() -> None:
@@ -220,12 +303,14 @@ def main() -> None:
     parser.add_argument("--data-root", default="data", help="where cnnlab looks for Fashion-MNIST first")
     parser.add_argument("--overhead", action="store_true", help="cnnlab (defaults on) against the leanest hand loop, "
                                                                 "LeNet-5 and an MLP")
+    parser.add_argument("--side-by-side", action="store_true", help="--overhead: run the two loops at once, one "
+                                                                    "CPU core and one thread each")
     args = parser.parse_args()
     load_components()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
 
-    data = DATASETS.build("fashion_mnist", {"root": args.data_root, "download": False}, prefix="dataset")
+    data = load_fashion_mnist(args)
     if args.overhead:
         return compare_overhead(args, data, device)
     with tempfile.TemporaryDirectory() as tmp:

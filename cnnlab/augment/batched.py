@@ -379,7 +379,7 @@ class BatchPipeline:
         self.normalise = normalise or (lambda x: (x - self.mean) / self.std)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.ops and hasattr(self.normalise, "from_uint8"):  # nothing between: one op from uint8
+        if not self.ops and hasattr(self.normalise, "from_uint8"):  # nothing between: uint8 read once
             return self._laid_out(self.normalise.from_uint8(x)), y
         x = x.float().div_(255)
         for op in self.ops:

@@ -111,7 +111,10 @@ class InMemoryLoader(OrderedLoader):
         if order is not None:
             order = order.to(self.images.device)
         for idx in self.order.batches(order, start):
-            yield self.transform.apply(self.images[idx], self.labels[idx])
+            if isinstance(idx, slice):
+                yield self.transform.apply(self.images[idx], self.labels[idx])
+            else:  # index_select: half the time of advanced indexing (x[idx]) for a batch of small images
+                yield self.transform.apply(self.images.index_select(0, idx), self.labels.index_select(0, idx))
 
 
 class TensorImageDataset(Dataset):

@@ -57,7 +57,7 @@ class Preprocessing:
 
     def __init__(self, kind: str, mean: torch.Tensor, std: torch.Tensor, matrix: torch.Tensor | None = None):
         self.kind, self.mean, self.std, self.matrix = kind, mean, std, matrix
-        # uint8 straight to the model's input in one op: x * scale + shift
+        # uint8 straight to the model's input: x * scale + shift
         self.scale, self.shift = 1 / (255 * std), -mean / std
 
     @classmethod
@@ -102,7 +102,8 @@ class Preprocessing:
         """The same as calling it on x / 255, with uint8 ``x`` read once (no augmentation in between)."""
         if self.matrix is not None:
             return self(x.float().div_(255))
-        return torch.addcmul(self.shift, x, self.scale)
+        # Three ops, in place after the first: 3-4x faster on the CPU than one broadcast addcmul(shift, x, scale)
+        return x.float().mul_(self.scale).add_(self.shift)
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "mean": self.mean.cpu(), "std": self.std.cpu(),

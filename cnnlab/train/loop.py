@@ -49,38 +49,44 @@ class Metrics:
 class MetricSums:
     """Loss and hit counts summed on the device, read once per epoch (a read syncs with the GPU).
 
-    A step only keeps its loss and its hit count (argmax, compare, sum: no sums of its own); they
-    are added up when read, so the loop's per-step work stays that of a hand-written loop."""
+    A step only keeps its detached logits, labels and loss; the hits (argmax, compare, sum) are
+    counted for many steps at once when read, or when the kept logits reach ``FOLD_ELEMENTS``, so the
+    loop's per-step work stays that of a hand-written loop."""
+
+    FOLD_ELEMENTS = 1 << 20  # logits kept before they are counted: 4 MiB of float32
 
     def __init__(self, device: torch.device, top5: bool):
         self.sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, top-1 hits, top-5 hits
-        self.count, self.top5 = 0, top5
-        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]] = []
+        self.count, self.top5, self.held = 0, top5, 0
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    @torch.no_grad()
     def add(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
+        """``loss``: the batch's mean loss, without a graph (the trainer detaches it)."""
         if len(labels) == 0:  # a rank's empty share of a last, short batch
             return
         if labels.ndim == 2:  # soft targets (mixup, cutmix): the dominant class
             labels = labels.argmax(1)
-        if self.top5:
-            hits = logits.topk(5, dim=1).indices == labels[:, None]
-            top1, top5 = hits[:, 0].sum(), hits.any(1).sum()
-        else:
-            top1, top5 = (logits.argmax(1) == labels).sum(), None
-        self.pending.append((loss, top1, top5, len(labels)))  # a loss without a graph (the trainer detaches it)
+        self.pending.append((logits.detach(), labels, loss))
         self.count += len(labels)
+        self.held += logits.numel()
+        if self.held >= self.FOLD_ELEMENTS:
+            self._fold()
 
+    @torch.no_grad()
     def _fold(self) -> None:
         """Add the pending steps into ``sums``."""
         if not self.pending:
             return
-        losses, top1, top5, sizes = zip(*self.pending)
-        n = torch.tensor(sizes, device=self.sums.device, dtype=torch.float64)
-        folded = [(torch.stack(losses).double() * n).sum(), torch.stack(top1).double().sum()]
-        folded.append(torch.stack(top5).double().sum() if self.top5 else folded[1])
-        self.sums += torch.stack(folded)
-        self.pending = []
+        logits, labels, losses = zip(*self.pending)
+        n = torch.tensor([len(y) for y in labels], device=self.sums.device, dtype=torch.float64)
+        logits, labels = torch.cat(logits), torch.cat(labels)
+        if self.top5:
+            hits = logits.topk(5, dim=1).indices == labels[:, None]
+            top1, top5 = hits[:, 0].sum(), hits.any(1).sum()
+        else:
+            top1 = top5 = (logits.argmax(1) == labels).sum()
+        self.sums += torch.stack([(torch.stack(losses).double() * n).sum(), top1.double(), top5.double()])
+        self.pending, self.held = [], 0
 
     def total(self, ranks: Ranks = SINGLE) -> torch.Tensor:
         """(loss * n, top-1 hits, top-5 hits, n), summed over every rank."""
@@ -89,7 +95,7 @@ class MetricSums:
 
     def load(self, total: torch.Tensor) -> None:
         self.sums.copy_(total[:3])
-        self.count, self.pending = int(total[3]), []
+        self.count, self.pending, self.held = int(total[3]), [], 0
 
     def result(self, ranks: Ranks = SINGLE) -> Metrics:
         loss, top1, top5, count = self.total(ranks).tolist()
