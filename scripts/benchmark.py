@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
+import logging
 import multiprocessing
 import os
 import platform
@@ -119,10 +120,11 @@ def hand_written(model_name: str, images: torch.Tensor, labels: torch.Tensor, ba
 
 
 def hand_loop(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int, epochs: int,
-              device: torch.device, *, adam: bool, prenormalised: bool) -> tuple[float, float]:
+              device: torch.device, *, adam: bool, prenormalised: bool, warmed=None) -> tuple[float, float]:
     """A bare loop over in-memory tensors with randperm batches: SGD (lr 0.01, momentum 0.9) or Adam (lr 1e-3);
     images normalised per batch, or all at once beforehand (``prenormalised``, float tensors on the device).
-    Returns (the last epoch's images/s, images/s over every epoch after the first)."""
+    ``warmed()`` is called after the first epoch. Returns (the last epoch's images/s, images/s over every
+    epoch after the first)."""
     y_all = labels.to(device)
     x_all = ((images.float() / 255 - MEAN) / STD).to(device) if prenormalised else images.to(device)
     opt = (torch.optim.Adam(model.parameters(), lr=1e-3) if adam
@@ -146,6 +148,8 @@ def hand_loop(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
         last = n / seconds
         if epoch > 0:  # the first epoch warms up
             timed_n, timed_s = timed_n + n, timed_s + seconds
+        elif warmed is not None:
+            warmed()
     return last, timed_n / timed_s if timed_s else last
 
 
@@ -157,10 +161,11 @@ OVERHEAD_MODELS = {
 
 
 def overhead_loop(key: str, label: str, args, data, device: torch.device, run_dir: Path,
-                  steps: int | None = None) -> float:
+                  steps: int | None = None, warmed=None) -> float:
     """One run of --overhead: ``key`` "hand" (the leanest hand_loop: Adam, pre-normalised) or "cnnlab"
     (every default on), for the model labelled ``label``; images/s over every epoch after the first.
-    ``steps``: one epoch of that many steps instead (for counting ops), returning 0."""
+    ``steps``: one epoch of that many steps instead (for counting ops), returning 0. ``warmed()`` is
+    called after the first epoch, before the timed ones."""
     options, aug = OVERHEAD_MODELS[label]
     name = label.split()[0]
     if key == "hand":
@@ -168,13 +173,19 @@ def overhead_loop(key: str, label: str, args, data, device: torch.device, run_di
         model = MODELS.build(name, options, prefix="model", in_channels=1, num_classes=10, input_size=28).to(device)
         n = steps * args.batch_size if steps else len(data.train_labels)
         rate = hand_loop(model, data.train_images[:n], data.train_labels[:n], args.batch_size,
-                         1 if steps else args.epochs, device, adam=True, prenormalised=True)[1]
+                         1 if steps else args.epochs, device, adam=True, prenormalised=True, warmed=warmed)[1]
         return 0.0 if steps else rate
     extra = [f"augment={aug}", "optimizer=adam"] + [f"model.{k}={v}".replace(" ", "") for k, v in options.items()]
     if steps:
         extra.append(f"trainer.limit_train_batches={steps}")
+
+    def on_epoch(epoch: int, record: dict) -> bool:
+        if epoch == 1 and warmed is not None:
+            warmed()
+        return False  # never stop the run
+
     history = cnnlab_loop(name, args.batch_size, 1 if steps else args.epochs, args.seed, device, extra, run_dir,
-                          defaults=True)
+                          defaults=True, on_epoch=on_epoch)
     timed = history[1:]  # every epoch after the first, as hand_loop times them
     return sum(r["images_per_s"] * r["train_time_s"] for r in timed) / sum(r["train_time_s"] for r in timed) if timed else 0.0
 
@@ -201,13 +212,14 @@ def loop_level(event) -> bool:
 
 
 def pinned_loop(key: str, label: str, core: int, args, barrier, results, run_dir: Path) -> None:
-    """--side-by-side: one loop in its own process on one core with one thread, started with its rival."""
+    """--side-by-side: one loop in its own process on one core with one thread. It starts with its rival,
+    and their timed epochs start together too (``barrier`` again after the first epoch)."""
     os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
     load_components()
     data = load_fashion_mnist(args)
     barrier.wait()
-    results.put((key, overhead_loop(key, label, args, data, torch.device("cpu"), run_dir)))
+    results.put((key, overhead_loop(key, label, args, data, torch.device("cpu"), run_dir, warmed=barrier.wait)))
 
 
 def overhead_round(label: str, round_: int, args, data, device: torch.device, tmp: Path) -> dict[str, float]:
@@ -237,12 +249,13 @@ def compare_overhead(args, data, device: torch.device) -> None:
     if args.side_by_side and (device.type != "cpu" or len(os.sched_getaffinity(0)) < 2):
         raise SystemExit("--side-by-side runs the two loops on two CPU cores at once: it needs the CPU and 2 cores")
     rates: dict[tuple[str, str], list[float]] = {}
+    models = [label for label in OVERHEAD_MODELS if args.only in (None, label.split()[0])]
     with tempfile.TemporaryDirectory() as tmp:
         ops = {(label, key): ops_per_step(lambda steps, label=label, key=key: overhead_loop(
                    key, label, args, data, device, Path(tmp) / f"ops-{key}-{steps}", steps=steps))
-               for label in OVERHEAD_MODELS for key in ("hand", "cnnlab")}
+               for label in models for key in ("hand", "cnnlab")}
         for round_ in range(args.repeats):
-            for label in OVERHEAD_MODELS:
+            for label in models:
                 for key, rate in overhead_round(label, round_, args, data, device, Path(tmp)).items():
                     rates.setdefault((label, key), []).append(rate)
     how = ("side by side, one core and one thread each, cores swapped every round" if args.side_by_side
@@ -253,7 +266,8 @@ def compare_overhead(args, data, device: torch.device) -> None:
     for col in ("model", "cnnlab aug.", "ops/step hand", "ops/step cnnlab", "hand loop images/s", "cnnlab images/s",
                 "median of round ratios", "ratio range", "best / best"):
         table.add_column(col, justify="left" if col in ("model", "cnnlab aug.") else "right")
-    for label, (_, aug) in OVERHEAD_MODELS.items():
+    for label in models:
+        aug = OVERHEAD_MODELS[label][1]
         hand, ours = rates[(label, "hand")], rates[(label, "cnnlab")]
         ratios = [o / h for o, h in zip(ours, hand)]
         table.add_row(label, aug, f"{ops[(label, 'hand')]:.1f}", f"{ops[(label, 'cnnlab')]:.1f}",
@@ -267,7 +281,7 @@ def compare_overhead(args, data, device: torch.device) -> None:
 
 
 def cnnlab_loop(model_name: str, batch: int, epochs: int, seed: int, device: torch.device, extra: list[str],
-                run_dir: Path, defaults: bool = False):
+                run_dir: Path, defaults: bool = False, on_epoch=None):
     """cnnlab's train(): the last epoch's images/s; ``defaults``: only the model, batch, epochs and ``extra``
     set, everything else as shipped, and every epoch's record returned."""
     from hydra import compose, initialize_config_dir
@@ -285,7 +299,8 @@ def cnnlab_loop(model_name: str, batch: int, epochs: int, seed: int, device: tor
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    history = train(cfg, run_dir, console=Console(file=io.StringIO()))["history"]
+    logging.getLogger("cnnlab").setLevel(logging.ERROR)  # its warnings (babysitting) would break up the table
+    history = train(cfg, run_dir, console=Console(file=io.StringIO()), on_epoch=on_epoch)["history"]
     return history if defaults else history[-1]["images_per_s"]
 
 
@@ -303,6 +318,8 @@ def main() -> None:
     parser.add_argument("--data-root", default="data", help="where cnnlab looks for Fashion-MNIST first")
     parser.add_argument("--overhead", action="store_true", help="cnnlab (defaults on) against the leanest hand loop, "
                                                                 "LeNet-5 and an MLP")
+    parser.add_argument("--only", choices=[label.split()[0] for label in OVERHEAD_MODELS],
+                        help="--overhead: this model alone")
     parser.add_argument("--side-by-side", action="store_true", help="--overhead: run the two loops at once, one "
                                                                     "CPU core and one thread each")
     args = parser.parse_args()
