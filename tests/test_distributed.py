@@ -72,10 +72,11 @@ def test_devices_in_a_sweep_or_against_torchrun_is_one_line(tmp_path):
         "`cnnlab train`, but 2 were started by torchrun" in result.stderr
 
 
-def test_a_global_batch_that_does_not_split_and_cpu_sync_batchnorm_are_one_line(tmp_path):
+def test_a_global_batch_that_does_not_split_and_cpu_sync_batchnorm_are_one_line_before_any_process_starts(tmp_path):
     result = run_cli("train", *TINY, "trainer.devices=2", "data.batch_size=15", "trainer.sync_batchnorm=true",
                      cwd=tmp_path)
-    assert result.returncode == 2
-    assert "error: data.batch_size=15 is the global batch and must divide evenly over 2 processes" in result.stderr
-    result = torchrun("train", *TINY, "trainer.sync_batchnorm=true", cwd=tmp_path)
-    assert "error: trainer.sync_batchnorm=true needs CUDA devices" in result.stderr
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: data.batch_size=15 is the global batch and must divide evenly over 2 processes"]
+    result = run_cli("train", *TINY, "trainer.devices=2", "trainer.sync_batchnorm=true", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: trainer.sync_batchnorm=true needs CUDA devices (torch's SyncBatchNorm runs on GPUs only)"]

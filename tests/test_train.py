@@ -119,6 +119,37 @@ def test_best_tracker_directions():
     assert (up.epoch, down.epoch) == (2, 3)
 
 
+@pytest.mark.parametrize("fold_elements", [1, 7 * 10, 1 << 20])  # every step, every 7 steps, at the read
+@pytest.mark.parametrize("top5", [False, True])
+def test_metric_sums_counted_in_folds_equal_the_per_batch_arithmetic(monkeypatch, fold_elements, top5):
+    """A step keeps its logits; the hits are counted many steps at once. The totals are those of
+    counting each batch as it comes, with soft targets (mixup) counted by their dominant class."""
+    monkeypatch.setattr(loop_module.MetricSums, "FOLD_ELEMENTS", fold_elements)
+    g = torch.Generator().manual_seed(0)
+    sums = loop_module.MetricSums(torch.device("cpu"), top5=top5)
+    loss_n = top1 = top5_hits = count = 0.0
+    for step in range(23):
+        n = 10 if step < 22 else 3  # a short last batch
+        logits = torch.randn(n, 10, generator=g, requires_grad=True)
+        labels = torch.randint(0, 10, (n,), generator=g)
+        if step % 4 == 0:  # soft targets
+            labels = torch.nn.functional.one_hot(labels, 10).float() * 0.7 + 0.03
+        loss = torch.rand((), generator=g)
+        sums.add(logits * 1, labels, loss)
+        hard = labels.argmax(1) if labels.ndim == 2 else labels
+        ranked = logits.detach().argsort(1, descending=True)
+        top1 += (ranked[:, 0] == hard).sum().item()
+        top5_hits += (ranked[:, :5] == hard[:, None]).any(1).sum().item()
+        loss_n, count = loss_n + loss.item() * n, count + n
+        assert len(sums.pending) * 10 < max(fold_elements, 10) + 10  # never more than a fold's worth kept
+    sums.add(torch.randn(0, 10), torch.zeros(0, dtype=torch.long), torch.tensor(0.0))  # an empty share: nothing
+    result = sums.result()
+    assert result.count == count == 223
+    assert result.loss == pytest.approx(loss_n / count, rel=1e-12)
+    assert result.acc == top1 / count
+    assert result.top5 == (top5_hits / count if top5 else None)
+
+
 def test_trainer_options_reach_the_trainer(tmp_path, captured):
     summary = run_tiny(tmp_path / "run", "trainer.epochs=3", "trainer.label_smoothing=0.2", "trainer.limit_train_batches=2",
                        "trainer.log_every_n_steps=2", "trainer.eval_train_at_end=false", "trainer.channels_last=true")

@@ -22,7 +22,7 @@ from cnnlab.core.errors import CnnlabError, JobAborted, ProcessesFailed, suggest
 from cnnlab.core.plugins import load_components
 from cnnlab.sweep.trials import register_resolvers, run_trial
 from cnnlab.runtime.checkpoint import atomic_write
-from cnnlab.runtime.distributed import LOCK_HELD_ENV, launch_processes, launched_ranks
+from cnnlab.runtime.distributed import LOCK_HELD_ENV, Ranks, launch_processes, launched_ranks
 from cnnlab.runtime.lock import RunDirLock
 
 
@@ -59,8 +59,12 @@ def hydra_train(cfg: DictConfig) -> dict | float | None:
         with writer_of(run_dir, cfg):
             if hydra_config.mode == RunMode.MULTIRUN:
                 return run_trial(cfg, run_dir)  # records failures instead of raising: the sweep goes on
-            devices = parse_run_config(cfg).trainer.devices
+            run = parse_run_config(cfg)
+            devices = run.trainer.devices
             if devices > 1 and not launched_ranks().enabled:  # start the DDP processes; they train in run_dir
+                from cnnlab.train.assemble import check_processes, resolve_device
+
+                check_processes(run, Ranks(world_size=devices), resolve_device(run.trainer.device, Ranks()))
                 folders = [arg for path in CONFIG_DIRS for arg in ("--config-dir", path)]  # the ranks search the same
                 code = launch_processes(devices, [*folders, *hydra_config.overrides.task, f"hydra.run.dir={run_dir}"],
                                         run_dir)

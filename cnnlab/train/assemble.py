@@ -154,6 +154,14 @@ def fit_statistics(run: RunConfig, data: ImageData | FolderData, train_idx: torc
     return Preprocessing.fit(kind, data.train_images[train_idx], data.mean, data.std, run.data.whiten_eps)
 
 
+def check_processes(run, ranks: Ranks, device: torch.device) -> None:
+    """What DDP over ``ranks.world_size`` processes asks of a run's config: trainer.devices' parent checks
+    it before it starts any process, and every rank again (torchrun starts them itself)."""
+    check_global_batch(run.data.batch_size, ranks)
+    if run.trainer.sync_batchnorm and device.type != "cuda":
+        raise CnnlabError("trainer.sync_batchnorm=true needs CUDA devices (torch's SyncBatchNorm runs on GPUs only)")
+
+
 def setup(cfg, ranks: Ranks = Ranks(), preprocessing: Preprocessing | None = None,
           split: tuple[torch.Tensor, torch.Tensor] | None = None) -> Setup:
     """``preprocessing``: what a checkpoint recorded (evaluation repeats it); None: fitted on the training split.
@@ -167,9 +175,7 @@ def setup(cfg, ranks: Ranks = Ranks(), preprocessing: Preprocessing | None = Non
                           + (f", but {ranks.world_size} were started by torchrun" if ranks.enabled else
                              "; a sweep's trials run one process each (use hydra/launcher to run trials side by side)"))
     if ranks.enabled:
-        check_global_batch(run.data.batch_size, ranks)
-        if run.trainer.sync_batchnorm and device.type != "cuda":
-            raise CnnlabError("trainer.sync_batchnorm=true needs CUDA devices (torch's SyncBatchNorm runs on GPUs only)")
+        check_processes(run, ranks, device)
         init_process_group(ranks)
     set_deterministic(run.trainer.deterministic, device)
     seed_everything(run.seed)
