@@ -150,8 +150,9 @@ def test_an_installed_plugin_package_trains_with_its_own_configs(installed, tmp_
     assert "stripes: 58 train / 6 val / 32 test" in result.stdout
 
     searchpath = cnnlab(target, tmp_path, "train", f"hydra.searchpath=[file://{conf}]", "model=ext_net",
-                        "dataset=stripes", *QUICK, "hydra.run.dir=run2")
+                        "dataset=stripes", *QUICK, "--cfg", "job")  # composed from the user's YAMLs, not run
     assert searchpath.returncode == 0, searchpath.stderr
+    assert "name: ext_net" in searchpath.stdout and "width: 4" in searchpath.stdout and "name: stripes" in searchpath.stdout
 
     unknown = cnnlab(target, tmp_path, "train", "--config-dir", str(conf), "model=ext_nte", *QUICK)
     assert unknown.returncode == 2 and unknown.stderr.strip().splitlines() == [
