@@ -113,7 +113,7 @@ class InMemoryLoader(OrderedLoader):
         for idx in self.order.batches(order, start):
             if isinstance(idx, slice):
                 yield self.transform.apply(self.images[idx], self.labels[idx])
-            else:  # index_select: half the time of advanced indexing (x[idx]) for a batch of small images
+            else:  # index_select: a fifth of the time of advanced indexing (x[idx]) for a batch of small images
                 yield self.transform.apply(self.images.index_select(0, idx), self.labels.index_select(0, idx))
 
 
