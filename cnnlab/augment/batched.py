@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import AUGMENTS
 from cnnlab.core.validation import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, UnitInterval
+from cnnlab.data.statistics import Preprocessing
 from typing import Annotated
 
 BatchOp = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -361,7 +362,7 @@ def build_ops(ops: Mapping[str, Mapping[str, Any] | None]) -> list[Callable]:
 
 class BatchPipeline:
     """uint8 batch -> float in [0, 1] -> augmentation ops -> normalisation; targets become soft when an op mixes.
-    ``normalise``, when given, replaces (x - mean) / std (data.preprocess: the mean image, whitening)."""
+    ``normalise``: the run's data.preprocess (the mean image, whitening); by default (x - mean) / std per channel."""
 
     def __init__(
         self, ops: Sequence[Callable], mean: Sequence[float], std: Sequence[float],
@@ -372,11 +373,9 @@ class BatchPipeline:
         self.num_classes = num_classes
         if any(getattr(op, "mixes_labels", False) for op in self.ops) and not num_classes:
             raise ValueError("a pipeline with mixup/cutmix needs num_classes")
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.normalise = normalise or (lambda x: (x - self.mean) / self.std)
+        self.normalise = normalise or Preprocessing.per_channel(mean, std).to(device)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.ops and hasattr(self.normalise, "from_uint8"):  # nothing between: uint8 read once
