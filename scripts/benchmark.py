@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import importlib.util
 import io
+import json
 import logging
 import multiprocessing
 import os
@@ -55,7 +57,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if importlib.util.find_spec("cnnlab") is None:  # not installed: this checkout's (installed: the installed one, as
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/gpu_acceptance.sh runs a bundle's)
 
 from cnnlab.data.datasets import find_mnist_files, mnist_candidates  # noqa: E402
 from cnnlab.core.plugins import load_components  # noqa: E402
@@ -322,6 +325,7 @@ def main() -> None:
                         help="--overhead: this model alone")
     parser.add_argument("--side-by-side", action="store_true", help="--overhead: run the two loops at once, one "
                                                                     "CPU core and one thread each")
+    parser.add_argument("--json", help="also write the table's rows to this file (scripts/gpu_acceptance.py reads it)")
     args = parser.parse_args()
     load_components()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -362,10 +366,14 @@ def main() -> None:
                         f"median of {args.repeats} rounds")
     for col in ("loop", "augmentation", "images/s", "range", "vs textbook (same aug.)", "vs hand-written"):
         table.add_column(col, justify="left" if col in ("loop", "augmentation") else "right")
+    rows = []
     for (name, augmentation), rate in med.items():
         textbook_rate = med[("(a) textbook", augmentation)]
-        spread = f"{min(rates[(name, augmentation)]):,.0f}-{max(rates[(name, augmentation)]):,.0f}"
-        table.add_row(name, augmentation, f"{rate:,.0f}", spread, f"{rate / textbook_rate:.2f}x", f"{rate / hand:.2f}x")
+        low, high = min(rates[(name, augmentation)]), max(rates[(name, augmentation)])
+        table.add_row(name, augmentation, f"{rate:,.0f}", f"{low:,.0f}-{high:,.0f}", f"{rate / textbook_rate:.2f}x",
+                      f"{rate / hand:.2f}x")
+        rows.append({"loop": name, "augmentation": augmentation, "images_per_s": rate, "range": [low, high],
+                     "vs_textbook": rate / textbook_rate, "vs_hand_written": rate / hand})
     console = Console(width=130)
     console.print(table)
     overhead = med[("(c) cnnlab", "none")] / med[("(c) cnnlab", aug)] - 1
@@ -374,6 +382,9 @@ def main() -> None:
     gpu = f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""
     console.print(f"python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                   f"{platform.machine()}{gpu}; command: {' '.join(sys.argv)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(device), "model": args.model, "batch_size": b,
+                                               "epochs": e, "repeats": args.repeats, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ RECIPES = {
     "preact_resnet18": ("resnet18", "standard_cifar", "sgd"),
     "wrn28_10_erasing": ("wrn28_10", "erasing", "sgd"),
     "fmnist_fast": ("small_resnet", "crop_flip", "sgd"),
+    "fmnist_best": ("resnet18", "erasing", "sgd"),
 }
 ONE_STEP = ["dataset=synthetic", "dataset.train_size=200", "dataset.test_size=8", "trainer.device=cpu",
             "trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_eval_batches=1",
@@ -49,3 +50,7 @@ def test_recipes_set_what_their_papers_say():
     assert wrn.components["scheduler"].options["milestones"] == [60, 120, 160] and wrn.trainer.epochs == 200
     fast = parse_run_config(compose_config("experiment=fmnist_fast"))
     assert fast.trainer.ema_decay == 0.99 and fast.trainer.tta_flip and fast.data.batch_size == 512
+    best = parse_run_config(compose_config("experiment=fmnist_best"))
+    assert best.components["dataset"].name == "fashion_mnist" and best.components["model"].options["stem"] == "small"
+    assert "random_erasing" in best.augment_ops and best.augment_ops["random_crop"]["padding"] == 2
+    assert (best.trainer.epochs, best.data.batch_size, best.trainer.ema_decay, best.trainer.tta_flip) == (40, 512, 0.995, True)
