@@ -5,6 +5,8 @@
 #   bash scripts/local_cluster.sh up       # idempotent; prints what to export and the database URL
 #   bash scripts/local_cluster.sh status
 #   bash scripts/local_cluster.sh down     # stops everything it started
+#   bash scripts/local_cluster.sh createdb NAME      # a fresh, empty database; prints its URL
+#   bash scripts/local_cluster.sh pg-restart [SECONDS]  # PostgreSQL down for SECONDS (10), then up again
 #
 # Every config, state, spool, log and database file lives under one folder,
 # $CNNLAB_CLUSTER_DIR (default /tmp/cnnlab-cluster). Needs root and apt-get (Debian's slurm-wlm,
@@ -195,9 +197,29 @@ status() {
     fi
 }
 
+createdb() {  # a fresh, empty database owned by the cnnlab role: what workers meet on a new server
+    local name=$1
+    [[ "$name" =~ ^[a-z_][a-z0-9_]*$ ]] || fail "createdb: $name: lower-case letters, digits and _ only"
+    runuser -u postgres -- "$(pg_bin)/psql" -h "$PG_DIR" -p "$PG_PORT" -U postgres -d postgres -qtA \
+        -c "CREATE DATABASE $name OWNER $PG_USER" >/dev/null || fail "createdb: could not create $name"
+    echo "database: postgresql+psycopg://$PG_USER:$PG_USER@127.0.0.1:$PG_PORT/$name"
+}
+
+pg_restart() {  # an outage: the server stopped (connections cut), down for SECONDS, then started again
+    local bin seconds=${1:-10}
+    bin=$(pg_bin)
+    runuser -u postgres -- "$bin/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null || fail "pg-restart: stop failed"
+    sleep "$seconds"
+    runuser -u postgres -- "$bin/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w \
+        -o "-p $PG_PORT -k $PG_DIR -c listen_addresses=127.0.0.1" start >/dev/null || fail "pg-restart: start failed"
+    echo "local_cluster: postgresql restarted after ${seconds} s down"
+}
+
 case "${1:-}" in
     up) up ;;
     down) down ;;
     status) status ;;
-    *) echo "usage: bash scripts/local_cluster.sh up|down|status" >&2; exit 2 ;;
+    createdb) createdb "${2:?createdb NAME}" ;;
+    pg-restart) pg_restart "${2:-10}" ;;
+    *) echo "usage: bash scripts/local_cluster.sh up|down|status|createdb NAME|pg-restart [SECONDS]" >&2; exit 2 ;;
 esac

@@ -18,6 +18,7 @@ from cnnlab.sweep.study import database_url
 from tests.conftest import TINY, run_cli
 
 pytestmark = pytest.mark.cluster
+LOCAL_CLUSTER = Path(__file__).resolve().parent.parent / "scripts" / "local_cluster.sh"
 
 SWEEP = [o for o in TINY if not o.startswith("model.hidden")] + ["model.hidden=[16]"]
 
@@ -45,21 +46,38 @@ def submit(cluster, args: list[str], *, wait: bool, env: dict[str, str]) -> subp
     return subprocess.CompletedProcess(args, max(codes) if codes else 1, submitted.stdout, submitted.stderr)
 
 
-def load_study(cluster, name: str):
+def at_instant(when: float) -> str:
+    """A shell command that waits until the time ``when`` (seconds since the epoch)."""
+    return shlex.join([sys.executable, "-c", f"import time; time.sleep(max(0.0, {when} - time.time()))"])
+
+
+def load_study(database, name: str):
+    """``database``: a URL, or the cluster (its database)."""
     import optuna
 
-    return optuna.load_study(study_name=name, storage=database_url(cluster.database))
+    url = database if isinstance(database, str) else database.database
+    return optuna.load_study(study_name=name, storage=database_url(url))
+
+
+def fresh_database(cluster) -> str:
+    """The URL of a new, empty database on the cluster's PostgreSQL server."""
+    made = subprocess.run(["bash", str(LOCAL_CLUSTER), "createdb", f"t{uuid.uuid4().hex[:10]}"], capture_output=True,
+                          text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    return made.stdout.strip().split("database: ", 1)[1]
 
 
 def test_array_tasks_are_workers_of_one_postgresql_study(cluster, tmp_path):
     name, folder = f"array-{uuid.uuid4().hex[:8]}", tmp_path / "sw"
+    database = fresh_database(cluster)
     command = cnnlab_command("sweep=random_lr_wd", "hydra.sweeper.n_trials=6", *SWEEP, "trainer.epochs=1",
-                             f"hydra.sweeper.storage={cluster.database}", f"hydra.sweeper.study_name={name}",
+                             f"hydra.sweeper.storage={database}", f"hydra.sweeper.study_name={name}",
                              f"hydra.sweep.dir={folder}")
+    # The three start at one instant and meet the empty database together: they must not race to create it.
     result = sbatch(cluster, tmp_path, "--array=0-2", "--oversubscribe", f"--output={tmp_path}/task-%a.out",
-                    command=command)  # all three at once, two cores or not
+                    command=f"{at_instant(time.time() + 5)} && {command}")  # all three at once, two cores or not
     assert result.returncode == 0, result.stderr + "".join(p.read_text()[-1500:] for p in tmp_path.glob("task-*.out"))
-    study = load_study(cluster, name)
+    study = load_study(database, name)
     assert len(study.trials) == 6 and all(t.state.is_finished() for t in study.trials)
     assert sorted(t.user_attrs["job"] for t in study.trials) == list(range(6))
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 6  # none twice

@@ -12,7 +12,8 @@ from torch import nn
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import OPTIMIZERS
 from cnnlab.train.losses import MulticlassSVMLoss, build_loss, expected_initial_loss
-from tests.conftest import run_tiny
+from cnnlab.tasks import train
+from tests.conftest import compose_config, quiet_console, run_tiny, tiny_plus
 
 # The loss-function lecture's three training images (cat, car, frog) and their class scores.
 LECTURE_SCORES = torch.tensor([[3.2, 5.1, -1.7], [1.3, 4.9, 2.0], [2.2, 2.5, -3.1]])
@@ -78,6 +79,17 @@ def test_l1_and_elastic_net_penalties_are_added_to_the_data_loss():
 def test_l1_decay_reaches_a_run(tmp_path, captured):
     run_tiny(tmp_path / "run", "optimizer.l1_decay=0.001", "trainer.epochs=1")
     assert captured["trainer"].l1 == 0.001 and captured["trainer"].penalised
+
+
+@pytest.mark.parametrize("penalty", [["optimizer.l1_decay=0.05"],
+                                     ["optimizer.weight_decay=5", "optimizer.weight_decay_mode=l2"]])
+def test_the_initial_loss_check_judges_the_loss_without_its_penalties(tmp_path, penalty):
+    """An L1 or L2 term in the loss is not the data's loss: the first loss checked against ln(C) leaves it out."""
+    plain = run_tiny(tmp_path / "plain", "trainer.epochs=1", "seed=3")["initial_loss"]
+    console = quiet_console()
+    summary = train(compose_config(*tiny_plus("trainer.epochs=1", "seed=3", *penalty)), tmp_path / "run", console=console)
+    assert summary["initial_loss"] == pytest.approx(plain, rel=1e-6)  # the same first forward pass
+    assert "initial loss" not in console.file.getvalue()
 
 
 # --- activation functions, for every family -------------------------------------------------------
@@ -232,23 +244,45 @@ def test_update_ratio_is_the_norm_of_the_update_over_the_norm_of_the_weights():
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]]))  # ||W|| = 5
         model[2].weight.fill_(1.0)
-    watch.snapshot()
+    watch.snapshot(lr=0.1)
     with torch.no_grad():
         model[0].weight[0, 0] += 0.005  # ||dW|| = 0.005: ratio 1e-3
     assert watch.ratios() == pytest.approx({"0.weight": 1e-3, "2.weight": 0.0}, rel=1e-4)  # float32
 
 
-def test_an_epoch_far_from_1e_3_warns_once_per_direction():
-    watch = UpdateRatio(nn.Linear(2, 2))
-    watch.medians = [1e-3, 2e-3, 5e-4]
+def logged_step(watch: UpdateRatio, lr: float, delta: dict[str, float]) -> None:
+    """One logged update at rate ``lr`` that moves each named layer by ``delta`` of its norm."""
+    watch.snapshot(lr)
+    with torch.no_grad():
+        for name, p in watch.weights.items():
+            p.mul_(1 + delta.get(name, 1e-3))
+
+
+def test_a_layer_far_from_1e_3_after_warm_up_warns_once_per_direction_naming_it():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    watch = UpdateRatio(model)
+    for lr in (0.01, 0.05, 0.1):  # warm-up: the rate rises; a fresh network's big updates are not judged
+        logged_step(watch, lr, {"2.weight": 0.5})
+        watch.ratios()
     assert watch.judge(1) is None
-    watch.medians = [0.5, 0.2, 1e-3]  # median 0.2
-    assert watch.judge(2) == ("update/weight ratio 2.0e-01 in epoch 2 (median over the logged steps and layers) is "
-                              "far from the lectures' ~1e-3: the learning rate is probably too high")
-    watch.medians = [0.5]
+    for lr in (0.1, 0.09, 0.08):  # at the peak and after it: the head moves 5% a step
+        logged_step(watch, lr, {"2.weight": 0.05})
+        watch.ratios()
+    assert watch.judge(2) == ("update/weight ratio of 2.weight is 5.0e-02 in epoch 2 (median over the logged steps "
+                              "after warm-up), far from the lectures' ~1e-3: the learning rate is probably too high")
+    logged_step(watch, 0.07, {"2.weight": 0.05})
+    watch.ratios()
     assert watch.judge(3) is None  # said once
-    watch.medians = [1e-6]
-    assert "probably too low" in watch.judge(4)
+    for lr in (0.04, 0.001):  # annealed below half the peak: low ratios there are by design
+        logged_step(watch, lr, {"0.weight": 1e-7, "2.weight": 1e-7})
+        watch.ratios()
+    assert watch.judge(4) is None
+    constant = UpdateRatio(model)
+    for _ in range(3):  # a constant rate: every logged step after the first is judged
+        logged_step(constant, 0.1, {"0.weight": 2e-5, "2.weight": 1e-5})
+        constant.ratios()
+    assert constant.judge(1).startswith("update/weight ratio of 2.weight is 1.0e-05 in epoch 1 (median over the "
+                                        "logged steps after warm-up; 1 more of 2 layers too)")
 
 
 def test_dead_units_are_the_relus_never_positive_on_the_batch():

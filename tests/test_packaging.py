@@ -179,6 +179,8 @@ def test_a_module_of_the_users_through_plugins_in_runs_and_sweeps(installed, tmp
     ("dup_mod", "from cnnlab.core.registry import MODELS\n@MODELS.register\ndef resnet18(*, in_channels: int, "
      "num_classes: int, input_size: int):\n    pass\n",
      "error: plugin dup_mod: model 'resnet18' is already registered (by cnnlab)"),
+    ("exit_mod", "import sys\nsys.exit(5)\n", "error: plugin exit_mod called sys.exit(5) while being imported"),
+    ("interrupt_mod", "raise KeyboardInterrupt\n", "error: plugin interrupt_mod raised KeyboardInterrupt while being imported"),
 ])
 def test_a_plugin_that_fails_is_one_line_naming_the_module(tmp_path, module, source, expected):
     if source is not None:

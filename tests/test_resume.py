@@ -185,7 +185,7 @@ def test_a_full_disk_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2
     last = run_dir / "checkpoints" / "last.pt"
-    assert err == (f"error: cannot write checkpoint {last}: {os.strerror(errno.ENOSPC)}; "
+    assert err == (f"error: cannot write {last}: {os.strerror(errno.ENOSPC)}; "
                    "the previous checkpoint is intact")
     state = load_checkpoint(last)
     assert state["epoch"] == 1 and state["partial"] is None  # epoch 1's, whole

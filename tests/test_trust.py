@@ -113,3 +113,109 @@ def test_safe_load_names_what_a_file_would_call(tmp_path):
     with pytest.raises(CnnlabError, match=r"^thing is unreadable or corrupt"):
         safe_load(b"not a torch file", "thing")
     assert not (tmp_path / "m").exists()
+
+
+# --- a run directory from someone else runs nothing -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run with checkpoints, trained through the real CLI: resume= can continue it."""
+    root = tmp_path_factory.mktemp("foreign")
+    run_dir = root / "run"
+    done = run_cli("train", *TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=root)
+    assert done.returncode == 0, done.stderr
+    return run_dir
+
+
+FOREIGN_LINES = {  # an overrides.yaml entry -> what the one line says
+    "+hydra.callbacks.x._target_=shutil.copyfile": "is not a cnnlab setting",
+    "hydra/launcher=slurm": "is not a cnnlab setting",
+    "+evil.key=1": "is not a cnnlab setting",
+    "model._target_=os.system": "names a package or a private key",
+    "model@foo=mlp": "names a package or a private key",
+    "optimizer.lr=${oc.env:HOME}": "calls a resolver",
+    "optimizer.lr=0.1,0.2": "is a sweep",
+    "model=../../../tmp/evil": "is not the name of a model config",
+    "plugins=[planted]": "pass plugins=[planted] on the command line yourself",
+}
+
+
+@pytest.mark.parametrize("line", list(FOREIGN_LINES))
+def test_resume_reapplies_only_cnnlab_settings_from_the_run_directory(stopped_run, tmp_path, line):
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped_run, run_dir)
+    record = run_dir / ".hydra" / "overrides.yaml"
+    entries = record.read_text().splitlines()
+    # the attack the issue reports: copyfile run as a Hydra callback on resume
+    planted = [f"- '{line}'", f"- +hydra.callbacks.x.src={record}", f"- +hydra.callbacks.x.dst={tmp_path / 'PWNED'}"]
+    record.write_text("\n".join(entries + planted) + "\n")
+    (tmp_path / "planted.py").write_text(f"open({str(tmp_path / 'IMPORTED')!r}, 'w').close()\n")
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    done = run_cli("train", f"resume={run_dir}", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"{record} line {len(entries) + 1}" in done.stderr and FOREIGN_LINES[line] in done.stderr
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "IMPORTED").exists()
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # refused: nothing written
+
+
+def test_resume_imports_a_plugin_only_when_typed_again(tmp_path):
+    (tmp_path / "planted.py").write_text(f"open({str(tmp_path / 'IMPORTED')!r}, 'w').close()\n")
+    run_dir = tmp_path / "run"
+    done = run_cli("train", *TINY, "trainer.epochs=1", "plugins=[planted]", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert done.returncode == 0 and (tmp_path / "IMPORTED").exists(), done.stderr
+    (tmp_path / "IMPORTED").unlink()
+    refused = run_cli("train", f"resume={run_dir}", "trainer.epochs=2", cwd=tmp_path)
+    assert refused.returncode == 2 and "the run was trained with plugins=[planted]" in refused.stderr
+    assert not (tmp_path / "IMPORTED").exists()
+    done = run_cli("train", f"resume={run_dir}", "plugins=[planted]", "trainer.epochs=2", cwd=tmp_path)
+    assert done.returncode == 0 and (tmp_path / "IMPORTED").exists(), done.stderr  # the user typed it
+
+
+@pytest.mark.parametrize("text, expected", [("[unclosed\n", "is not valid YAML (line 2)"),
+                                            ("a: b\n", "line 1: expected a list of overrides"),
+                                            ("- [1, 2]\n", "line 1: expected an override")])
+def test_a_garbage_overrides_file_is_one_line(stopped_run, tmp_path, text, expected):
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped_run, run_dir)
+    (run_dir / ".hydra" / "overrides.yaml").write_text(text)
+    done = run_cli("train", f"resume={run_dir}", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and expected in done.stderr, done.stderr
+
+
+def test_eval_imports_no_plugin_a_checkpoint_names(tmp_path):
+    plugin = tmp_path / "tinyplug.py"
+    plugin.write_text(
+        "import torch\nfrom torch import nn\nfrom cnnlab.core.registry import MODELS\n"
+        f"open({str(tmp_path / 'IMPORTED')!r}, 'a').write('x')\n"
+        "@MODELS.register(family='mine')\n"
+        "def tinyplug_net(*, in_channels: int, num_classes: int, input_size: int) -> nn.Module:\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * input_size ** 2, num_classes))\n")
+    (tmp_path / "configs" / "model").mkdir(parents=True)
+    (tmp_path / "configs" / "model" / "tinyplug_net.yaml").write_text("name: tinyplug_net\n")
+    trained = run_cli("train", "--config-dir", str(tmp_path / "configs"), *tiny_plus("model=tinyplug_net"),
+                      "trainer.epochs=1", "plugins=[tinyplug]", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    (tmp_path / "IMPORTED").unlink()
+    for command in (["eval", str(tmp_path / "run")], ["eval", str(tmp_path / "run"), "--splits", "test"]):
+        refused = run_cli(*command, cwd=tmp_path)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+        assert "was trained with plugin tinyplug; pass --plugin tinyplug to load it" in refused.stderr
+        assert not (tmp_path / "IMPORTED").exists()
+    scored = run_cli("eval", str(tmp_path / "run"), "--splits", "test", "--plugin", "tinyplug", cwd=tmp_path)
+    assert scored.returncode == 0 and (tmp_path / "IMPORTED").exists(), scored.stderr
+
+
+@pytest.mark.parametrize("name", ["../../../../tmp/x", "/abs/path", "a/b", "..", "bell\x07"])
+def test_a_run_name_is_one_path_component(tmp_path, name):
+    done = run_cli("train", *TINY, f"name='{name}'", cwd=tmp_path)  # quoted: Hydra's grammar takes it
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "must be one path component" in done.stderr
+    assert not any(tmp_path.rglob("*")), list(tmp_path.rglob("*"))  # nothing written, here or anywhere below
+
+
+def test_a_refused_train_writes_nothing(tmp_path):
+    done = run_cli("train", *TINY, "trainer.epochs=0", cwd=tmp_path)
+    assert done.returncode == 2 and "trainer.epochs must be an integer >= 1" in done.stderr
+    assert not (tmp_path / "outputs").exists()
+    (tmp_path / "outputs" / "runs").mkdir(parents=True)  # folders that were there stay
+    done = run_cli("train", *TINY, "dataset.train_size=0", cwd=tmp_path)
+    assert done.returncode == 2 and [p.name for p in (tmp_path / "outputs").rglob("*")] == ["runs"]

@@ -24,6 +24,13 @@ from cnnlab.train.console import make_console, report_table
 from cnnlab.train.loop import Metrics, MetricSums, autocast_for, selected_weights
 
 
+def check_tta_shift(shift: int, image_size: int, key: str) -> None:
+    """A shift of the whole image or more leaves views of nothing but padding (and costs memory in proportion)."""
+    if shift >= image_size:
+        raise CnnlabError(f"{key}={shift}: shifts must be smaller than the images ({image_size} pixels); "
+                          "a pixel or two is usual")
+
+
 def tta_view_count(flip: bool, shift: int) -> int:
     """How many views tta_views makes."""
     return 1 + int(flip) + (4 if shift else 0)
@@ -125,7 +132,7 @@ def evaluate_runs(targets: Sequence[str], *, splits: Sequence[str], tta_flip: bo
         if data_dir is not None:
             cfg["dataset"] = {**cfg["dataset"], "root": data_dir} if "root" in cfg["dataset"] else cfg["dataset"]
         configs.append(cfg)
-    runs = [parse_run_config(cfg) for cfg in configs]
+    runs = [parse_run_config(cfg, stored=f"checkpoint {path}") for (path, _), cfg in zip(checkpoints, configs)]
     first = runs[0]
     for (path, _), other in zip(checkpoints[1:], runs[1:]):
         if (other.components["dataset"].options, other.components["dataset"].name, other.data.val_fraction,
@@ -136,7 +143,9 @@ def evaluate_runs(targets: Sequence[str], *, splits: Sequence[str], tta_flip: bo
                               f"than {checkpoints[0][0]}; an ensemble must share them")
     resolve_device(device)
     recorded = checkpoints[0][1].get("preprocess")  # what training applied, statistics and all
-    base = setup(configs[0], preprocessing=None if recorded is None else Preprocessing.from_state(recorded))
+    base = setup(configs[0], preprocessing=None if recorded is None else Preprocessing.from_state(recorded),
+                 stored=f"checkpoint {checkpoints[0][0]}")
+    check_tta_shift(tta_shift, base.data.input_size, "--tta-shift")
     models = [base.model, *(build_model(run, base.data, base.device, init=False) for run in runs[1:])]
     for (path, ckpt), model in zip(checkpoints, models):
         load_weights(model, selected_weights(ckpt), path)

@@ -8,6 +8,7 @@ During training they go to TensorBoard (tags viz/*), and what they are drawn fro
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,8 +96,9 @@ class Record:
     misclassified: dict[str, Any] | None = None  # images (uint8), true, predicted, confidence
 
     def save(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / RECORD, lambda f: torch.save(self.__dict__, f))
+        buffer = io.BytesIO()  # serialised first: torch's zip writer reports a full disk as a RuntimeError
+        torch.save(self.__dict__, buffer)
+        atomic_write(folder / RECORD, lambda f: f.write(buffer.getbuffer()))
 
     @classmethod
     def load(cls, folder: Path) -> Record | None:

@@ -10,7 +10,9 @@ only a bug in cnnlab shows a traceback.
 from __future__ import annotations
 
 import os
+import re
 import sys
+from pathlib import Path
 
 from cnnlab import __version__
 from cnnlab.core.errors import CnnlabError, CommandLineParser, JobAborted, Preempted, ProcessesFailed, suggestion
@@ -29,10 +31,10 @@ commands:
   lr-find [--min-lr 1e-6] [--max-lr 10] [--steps 200] [key=value ...]
                             LR range test on the configured run: loss vs an exponentially growing
                             lr, to TensorBoard and a PNG, and a suggested optimizer.lr
-  eval RUN [RUN ...] [--splits train,val,test] [--tta-flip] [--tta-shift N] [--data-dir D]
+  eval RUN [RUN ...] [--splits train,val,test] [--tta-flip] [--tta-shift N] [--data-dir D] [--plugin M]
                             score a run's selected checkpoint, or an ensemble (softmax averaged),
                             with optional test-time augmentation; prints the report table
-  report SWEEP_DIR [--plot] [--test-best] [--device D] [--data-dir D]
+  report SWEEP_DIR [--plot] [--test-best] [--device D] [--data-dir D] [--plugin M]
                             every trial of a sweep ranked on validation (also report.csv, .md);
                             flags a best value on the edge of its range with the command to run next;
                             --test-best scores only the chosen trial on the test split
@@ -102,20 +104,23 @@ def _eval(args: list[str]) -> int:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--data-dir", default=None, help="where the dataset is, when not where the run found it")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the report here")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import this module first (a model the run's plugin registered); repeatable")
     ns = parser.parse_args(args)
     splits = [x for x in ns.splits.split(",") if x]
     bad = [x for x in splits if x not in ("train", "val", "test")]
     if bad or not splits or ns.tta_shift < 0:
         raise CnnlabError("cnnlab eval: --splits takes train, val and test (comma-separated); --tta-shift >= 0")
     from cnnlab.analysis.evaluation import evaluate_runs
+    from cnnlab.core.plugins import load_plugins
+    from cnnlab.runtime.checkpoint import check_writable, write_json
 
+    if ns.json:
+        check_writable(Path(ns.json), "--json")  # before the work, not after it
+    load_plugins(ns.plugin)
     report = evaluate_runs(ns.runs, splits=splits, tta_flip=ns.tta_flip, tta_shift=ns.tta_shift,
                            device=ns.device, data_dir=ns.data_dir)
     if ns.json:
-        from pathlib import Path
-
-        from cnnlab.runtime.checkpoint import write_json
-
         write_json(Path(ns.json), report)
     return 0
 
@@ -128,8 +133,13 @@ def _report(args: list[str]) -> int:
     parser.add_argument("--test-best", action="store_true", help="score only the chosen trial on the test split, once")
     parser.add_argument("--device", default="auto", help="for --test-best: auto, cpu, cuda, cuda:N")
     parser.add_argument("--data-dir", default=None, help="for --test-best: where the dataset is")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import this module first (the trials' plugin); repeatable")
     ns = parser.parse_args(args)
+    from cnnlab.core.plugins import load_plugins
     from cnnlab.sweep.report import report
+
+    load_plugins(ns.plugin)
 
     report(ns.sweep_dir, plot=ns.plot, test_best=ns.test_best, device=ns.device, data_dir=ns.data_dir)
     return 0
@@ -159,7 +169,7 @@ def _lr_find(args: list[str]) -> int:
         raise CnnlabError("lr-find needs 0 < --min-lr < --max-lr and --steps >= 3")
     from cnnlab.cli.hydra_app import lr_find_app
 
-    overrides = ["hydra.run.dir='${cnnlab_fresh_dir:${paths.output_dir}/lr_find/${now:%Y-%m-%d}/${now:%H-%M-%S}-${name}}'",
+    overrides = ["hydra.run.dir='${cnnlab_fresh_dir:${paths.output_dir}/lr_find/${now:%Y-%m-%d}/${now:%H-%M-%S},${name}}'",
                  *overrides]
     return _train(overrides, app=lr_find_app(flags.min_lr, flags.max_lr, flags.steps))
 
@@ -283,10 +293,6 @@ def resume_overrides(args: list[str], multirun: bool) -> list[str]:
     given = [a for a in args if a.startswith("resume=")]
     if not given:
         return args
-    from pathlib import Path
-
-    import yaml
-
     if multirun:
         raise CnnlabError("resume= continues one run; a sweep resumes with hydra.sweep.dir=<dir> sweep.resume=true")
     run_dir = Path(given[-1].split("=", 1)[1]).expanduser()
@@ -295,10 +301,70 @@ def resume_overrides(args: list[str], multirun: bool) -> list[str]:
     if not any((run_dir / "checkpoints" / name).is_file() for name in (LAST, PREVIOUS)):
         raise CnnlabError(f"resume={run_dir}: no checkpoint there (looked for {run_dir / 'checkpoints' / LAST})")
     saved_file = run_dir / ".hydra" / "overrides.yaml"
-    try:
-        saved = [str(o) for o in (yaml.safe_load(saved_file.read_text()) or [])] if saved_file.is_file() else []
-    except (OSError, yaml.YAMLError) as e:
-        raise CnnlabError(f"resume={run_dir}: cannot read {saved_file}: {e}") from None
+    saved = read_saved_overrides(saved_file, f"resume={run_dir}") if saved_file.is_file() else []
     rest = [a for a in args if not a.startswith("resume=")]
     new_keys = {_key(a) for a in rest if not a.startswith("-")}
-    return [o for o in saved if _key(o) not in new_keys] + rest + [f"hydra.run.dir={run_dir}"]
+    kept = [(line, o) for line, o in saved if _key(o) not in new_keys]  # what the user types now wins
+    for line, override in kept:
+        check_saved_override(override, f"resume={run_dir}: {saved_file} line {line}")
+    return [o for _, o in kept] + rest + [f"hydra.run.dir={run_dir}"]
+
+
+def read_saved_overrides(path, what: str) -> list[tuple[int, str]]:
+    """A run's .hydra/overrides.yaml: (line, override) for each entry of its YAML list of strings."""
+    import yaml
+
+    try:
+        node = yaml.compose(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise CnnlabError(f"{what}: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CnnlabError(f"{what}: cannot read {path}: {e}") from None
+    if node is None:
+        return []
+    if not isinstance(node, yaml.SequenceNode):
+        raise CnnlabError(f"{what}: {path} line {node.start_mark.line + 1}: expected a list of overrides (key=value)")
+    entries = []
+    for item in node.value:
+        if not isinstance(item, yaml.ScalarNode) or item.tag.endswith(":null"):
+            raise CnnlabError(f"{what}: {path} line {item.start_mark.line + 1}: expected an override (key=value)")
+        entries.append((item.start_mark.line + 1, item.value))
+    return entries
+
+
+SAVED_VALUE = re.compile(r"[\w.+-]+")  # a config group's choice: a name, never a path
+
+
+def check_saved_override(override: str, where: str) -> None:
+    """An override read from a run directory (someone else's, possibly): only a setting or group choice of
+    cnnlab's own config, with no Hydra key, no _target_, no resolver call, no sweep and no plugin import."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, OverrideParseException
+
+    from cnnlab.core.config import CONF_DIR, TOP_LEVEL_KEYS
+    from cnnlab.cli.hydra_app import CONFIG_DIRS
+
+    refuse = f"{where}: {override!r} "
+    try:
+        parsed = OverridesParser.create().parse_override(override)
+    except (OverrideParseException, HydraException) as e:
+        raise CnnlabError(refuse + f"is not an override: {' '.join(str(e).split())}") from None
+    key = parsed.key_or_group
+    root = re.split(r"[./]", key, maxsplit=1)[0]
+    groups = {p.name for folder in [CONF_DIR, *map(Path, CONFIG_DIRS)] for p in folder.iterdir() if p.is_dir()}
+    if root == "hydra" or root not in TOP_LEVEL_KEYS | groups - {"hydra"}:
+        raise CnnlabError(refuse + "is not a cnnlab setting; resume reapplies only cnnlab's own config keys "
+                          "(type anything else on the command line yourself)")
+    if parsed.package is not None or any(part.startswith("_") for part in re.split(r"[./]", key)) or "_target_" in override:
+        raise CnnlabError(refuse + "names a package or a private key; resume reapplies only cnnlab's own config keys")
+    if parsed.is_sweep_override():
+        raise CnnlabError(refuse + "is a sweep; a run's record holds single values")
+    if re.search(r"\$\{[^}]*:", override):
+        raise CnnlabError(refuse + "calls a resolver; resume reapplies plain values only")
+    if root == "plugins":
+        raise CnnlabError(f"{where}: the run was trained with {override}; resume imports no module a file names: "
+                          f"pass {override} on the command line yourself to load it")
+    if "." not in key and root in groups and not (isinstance(parsed.value(), str) and SAVED_VALUE.fullmatch(parsed.value())):
+        raise CnnlabError(refuse + f"is not the name of a {root} config")

@@ -23,7 +23,7 @@ from cnnlab.core.plugins import load_components
 from cnnlab.sweep.trials import register_resolvers, run_trial
 from cnnlab.runtime.checkpoint import atomic_write
 from cnnlab.runtime.distributed import LOCK_HELD_ENV, Ranks, launch_processes, launched_ranks
-from cnnlab.runtime.lock import RunDirLock
+from cnnlab.runtime.lock import RunDirLock, discard_refused
 
 
 register_resolvers()
@@ -73,6 +73,8 @@ def hydra_train(cfg: DictConfig) -> dict | float | None:
                 return None
             summary = train(cfg, run_dir, resume=True)  # a run directory with a checkpoint continues (requeued jobs)
     except CnnlabError as e:
+        if hydra_config.mode != RunMode.MULTIRUN and launched_ranks().is_main:
+            discard_refused(run_dir)  # a refused command writes nothing
         raise JobAborted(e) from None
     return summary["best_value"]
 

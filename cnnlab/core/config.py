@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.core.errors import CnnlabError, suggestion
-from cnnlab.core.plugins import load_components, load_plugins
+from cnnlab.core.plugins import load_components, load_plugins, require_plugins
 from cnnlab.core.registry import AUGMENTS, DATASETS, INITS, MODELS, OPTIMIZERS, SCHEDULERS, TASKS, Registry
-from cnnlab.core.validation import NonNegativeInt, PositiveFloat, PositiveInt, Range, check_value
+from cnnlab.core.validation import NonNegativeInt, PositiveFloat, PositiveInt, Range, check_component, check_value
 
 # The config groups ship inside the package as ``cnnlab.conf`` (the checkout's conf/, mapped by
 # pyproject), so a wheel, a git install and an editable checkout all find them the same way.
@@ -157,11 +157,15 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
         raise CnnlabError(f"config: {str(e).splitlines()[0]}") from None
 
 
-def parse_run_config(cfg: DictConfig | Mapping[str, Any]) -> RunConfig:
-    """Validate every section of the config; raises CnnlabError on the first bad value."""
+def parse_run_config(cfg: DictConfig | Mapping[str, Any], *, stored: str | None = None) -> RunConfig:
+    """Validate every section of the config; raises CnnlabError on the first bad value. ``stored``: the
+    config was read from this file (a checkpoint), whose plugins must already be loaded, never imported."""
     load_components()
     resolved = to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
-    load_plugins(resolved.get("plugins"))  # the user's components exist before anything is checked
+    if stored is None:
+        load_plugins(resolved.get("plugins"))  # the user's components exist before anything is checked
+    else:
+        require_plugins(resolved.get("plugins"), stored)
     for key in resolved:
         if key not in TOP_LEVEL_KEYS:
             raise CnnlabError(f"unknown config key {key!r}{suggestion(key, TOP_LEVEL_KEYS)}; top-level keys: {', '.join(sorted(TOP_LEVEL_KEYS))}")
@@ -180,7 +184,7 @@ def parse_run_config(cfg: DictConfig | Mapping[str, Any]) -> RunConfig:
         raise CnnlabError("augment.ops must be a mapping of op name to its options")
     checked_ops = {op: AUGMENTS.check_options(op, opts or {}, f"augment.ops.{op}") for op, opts in ops.items()}
     return RunConfig(
-        name=check_value("name", resolved.get("name", "run"), str),
+        name=check_component("name", check_value("name", resolved.get("name", "run"), str)),
         seed=check_value("seed", resolved.get("seed", 0), int),
         trainer=check_settings(TrainerSettings, resolved.get("trainer", {}), "trainer"),
         data=check_settings(DataSettings, resolved.get("data", {}), "data"),

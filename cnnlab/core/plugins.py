@@ -50,6 +50,10 @@ def _import(module: str, origin: str, how: str) -> None:
     except Exception as e:  # noqa: BLE001 - whatever a user's module raises, it is named in one line
         first = (str(e).strip().splitlines() or [""])[0]
         raise CnnlabError(f"plugin {module} failed to import: {type(e).__name__}: {first}") from None
+    except SystemExit as e:  # a module that exits while imported stops nothing silently
+        raise CnnlabError(f"plugin {module} called sys.exit({e.code!r}) while being imported") from None
+    except KeyboardInterrupt:
+        raise CnnlabError(f"plugin {module} raised KeyboardInterrupt while being imported") from None
     _imported.add(module)
 
 
@@ -61,6 +65,19 @@ def load_plugins(modules: Iterable[str] | None) -> None:
         raise CnnlabError(f"plugins must be a list of module names, e.g. plugins=[my_pkg.models], got {modules!r}")
     for module in modules:
         _import(str(module), origin=f"plugin {module}", how="plugins")
+
+
+def require_plugins(modules, source: str, flag: str = "--plugin") -> None:
+    """A config read from a file (``source``: a checkpoint someone may have crafted) names ``modules``: each
+    must already be imported because the user asked for it; none is imported because a file names it."""
+    if modules is None:
+        return
+    if isinstance(modules, str) or not isinstance(modules, Iterable):
+        raise CnnlabError(f"{source}: its plugins entry is not a list of module names: {modules!r}")
+    for module in map(str, modules):
+        if module not in _imported:
+            raise CnnlabError(f"{source} was trained with plugin {module}; pass {flag} {module} to load it "
+                              "(cnnlab imports no module because a file names it)")
 
 
 def load_entry_points() -> None:

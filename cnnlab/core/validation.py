@@ -163,3 +163,13 @@ def check_value(key: str, value: Any, annotation: Any) -> Any:
     if isinstance(annotation, type) and isinstance(value, annotation):
         return value
     raise TypeError(f"cnnlab cannot check values of type {annotation!r} (key {key})")
+
+
+def check_component(key: str, value) -> str:
+    """``value`` (config key ``key``) as one folder name: no separator, no .. and no control character."""
+    text = str(value)
+    if (not text or text in (".", "..") or "/" in text or "\\" in text or any(ord(c) < 32 or ord(c) == 127 for c in text)
+            or len(text.encode()) > 200):
+        raise CnnlabError(f"{key}={text!r}: becomes a folder name, so it must be one path component (no '/', "
+                          "'..' or control characters, at most 200 bytes)")
+    return text

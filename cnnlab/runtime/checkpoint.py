@@ -54,8 +54,11 @@ def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
     ``keep_previous``: first make the file ``path`` held reachable under this name, so there is
     always a complete file under ``path`` and, once replaced, its predecessor under the other name.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise CnnlabError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
@@ -72,9 +75,27 @@ def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
                 os.replace(path, keep_previous)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:  # a full disk, a quota, a folder that went away: one line, and no half-written file
+        Path(tmp).unlink(missing_ok=True)
+        raise CnnlabError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Refuse, before any work, a file that could not be written at the end: a folder, or a place where no
+    file can be made (a probe file is made and removed)."""
+    if path.is_dir():
+        raise CnnlabError(f"{what} {path}: is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise CnnlabError(f"{what} {path}: no folder {path.parent}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CnnlabError(f"{what} {path}: cannot write there: {e.strerror or e}") from None
 
 
 def encode_checkpoint(state: dict[str, Any]) -> bytes:
@@ -91,9 +112,8 @@ def save_checkpoint(path: Path, state: dict[str, Any] | bytes, keep_previous: bo
     data = state if isinstance(state, bytes) else encode_checkpoint(state)
     try:
         atomic_write(path, lambda f: f.write(data), keep_previous=path.with_name(PREVIOUS) if keep_previous else None)
-    except OSError as e:
-        raise CnnlabError(f"cannot write checkpoint {path}: {e.strerror or e}; "
-                          "the previous checkpoint is intact") from None
+    except CnnlabError as e:
+        raise CnnlabError(f"{e}; the previous checkpoint is intact") from None
 
 
 def has_digest(path: Path) -> bool:

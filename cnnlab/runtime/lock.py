@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab.core.errors import CnnlabError
+from cnnlab.core.validation import check_component
 
 LOCK_NAME = ".cnnlab.lock"
 HEARTBEAT_S = 10.0      # how often a holder refreshes its lock's mtime
@@ -131,10 +133,16 @@ def _try_create(path: Path, token: str) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f)
-        f.flush()
-        os.fsync(f.fileno())
+    except OSError as e:
+        raise CnnlabError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk: no empty lock is left behind for the next run to puzzle over
+        path.unlink(missing_ok=True)
+        raise CnnlabError(f"cannot write {path}: {e.strerror or e}") from None
     return True
 
 
@@ -166,7 +174,10 @@ def acquire(run_dir: Path, warn=None) -> None:
         if run_dir in _held:
             _held[run_dir].count += 1
             return
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CnnlabError(f"cannot write {run_dir}: {e.strerror or e}") from None
     path, token = run_dir / LOCK_NAME, uuid.uuid4().hex
     for _ in range(20):
         if _try_create(path, token):
@@ -219,19 +230,43 @@ def check_free(run_dir: Path) -> None:
         raise _in_use(run_dir, path, holder)
 
 
-def claim_fresh_dir(path: str) -> str:
+FRESH: dict[Path, Path] = {}  # a run directory claimed by this process -> the topmost folder its mkdir made
+
+
+def claim_fresh_dir(path: str, name: str | None = None) -> str:
     """``path``, or ``path-2``, ``path-3``, ... : the first that did not exist, created here. mkdir is
-    atomic (NFS too), so two runs started in the same second never share a timestamped directory."""
+    atomic (NFS too), so two runs started in the same second never share a timestamped directory.
+    ``name``: the run's name, appended as ``path-name`` once checked to be one path component."""
+    if name is not None:
+        path = f"{path}-{check_component('name', name)}"
     candidate, n = Path(path), 1
     while True:
         try:
+            top = candidate
+            while not top.parent.exists() and top.parent != top:
+                top = top.parent
             candidate.mkdir(parents=True)
+            FRESH[candidate.resolve()] = top.resolve()
             return str(candidate)
         except FileExistsError:
             n += 1
             candidate = Path(f"{path}-{n}")
         except OSError as e:  # e.g. a file where a folder should be (paths.output_dir)
             raise CnnlabError(f"cannot use {e.filename}: {e.strerror or e}") from None
+
+
+def discard_refused(run_dir: Path) -> None:
+    """A run refused before it trained leaves nothing: remove ``run_dir`` if this process claimed it fresh and no
+    checkpoint or TensorBoard folder was made in it, with the empty folders its claim made above it."""
+    run_dir = Path(run_dir).resolve()
+    top = FRESH.pop(run_dir, None)
+    if top is None or (run_dir / "checkpoints").exists() or (run_dir / "tensorboard").exists():
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    folder = run_dir.parent
+    while folder != top.parent and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
 
 
 class RunDirLock:

@@ -240,11 +240,11 @@ def _is_rate(key: str) -> bool:
 def option_range(config: dict[str, Any], key: str) -> Range | None:
     """The valid range of option ``key`` for the components a trial's config chose, from its annotation."""
     from cnnlab.core.config import option_annotation
-    from cnnlab.core.plugins import load_components, load_plugins
+    from cnnlab.core.plugins import load_components, require_plugins
 
     load_components()
-    try:
-        load_plugins(config.get("plugins"))
+    try:  # a trial's config is a file: the plugins it names are used only when the user loaded them (--plugin)
+        require_plugins(config.get("plugins"), "trial")
     except CnnlabError:
         return None
     return range_of(option_annotation(config, key))

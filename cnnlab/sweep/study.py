@@ -21,6 +21,7 @@ import itertools
 import logging
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -117,6 +118,8 @@ def search_space(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
             low, high = sweep.start, sweep.end
             if log_scale and low <= 0:
                 raise CnnlabError(f"{key}: a log-scale interval needs a lower end > 0, got {low}")
+            if not low < high:
+                raise CnnlabError(f"{key}=interval({low}, {high}): the lower end must come first and be below the upper")
             if "int" in sweep.tags or (isinstance(low, int) and isinstance(high, int)):
                 space[key] = optuna.distributions.IntDistribution(int(low), int(high), log=log_scale)
             else:
@@ -180,6 +183,19 @@ def database_url(target: str) -> str:
     return target
 
 
+SCHEMA_ATTEMPTS = 20
+
+
+def creating_schema_at_once(error: BaseException) -> bool:
+    """Workers that meet an empty database at once each create Optuna's tables; all but one then fail on a
+    duplicate type or table (PostgreSQL: pg_type_typname_nsp_index). The tables exist then: open it again."""
+    import sqlalchemy.exc
+
+    text = str(error).lower()
+    return isinstance(error, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)) and (
+        "duplicate key" in text or "already exists" in text)
+
+
 def open_storage(spec: str, sweep_dir: Path):
     """The study's storage, reached now: a wrong URL, a server that cannot be reached or refuses the
     login, or a journal file that cannot be written is one line naming hydra.sweeper.storage."""
@@ -187,6 +203,7 @@ def open_storage(spec: str, sweep_dir: Path):
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     target = storage_target(spec, sweep_dir)
+    made = None
     try:
         if spec == "journal" or target.endswith(".journal"):
             if spec == "journal":
@@ -198,10 +215,20 @@ def open_storage(spec: str, sweep_dir: Path):
         engine = {"connect_args": {"timeout": 120}} if target.startswith("sqlite") else {"pool_pre_ping": True}
         if spec == "sqlite":
             sweep_dir.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(database_url(target), engine_kwargs=engine)
+            if not (sweep_dir / STORAGE_FILES["sqlite"]).exists():
+                made = sweep_dir / STORAGE_FILES["sqlite"]  # a database this call creates: gone again if it fails
+        for attempt in range(SCHEMA_ATTEMPTS):
+            try:
+                return optuna.storages.RDBStorage(database_url(target), engine_kwargs=engine)
+            except Exception as e:
+                if attempt + 1 == SCHEMA_ATTEMPTS or not creating_schema_at_once(e):
+                    raise
+                time.sleep(0.05 * (attempt + 1) + random.random() * 0.1)
     except CnnlabError:
         raise
     except Exception as e:  # noqa: BLE001 - a driver's error, told in one line
+        if made is not None:  # e.g. a full disk: no empty database is left for the next run to trust
+            made.unlink(missing_ok=True)
         first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
         raise CnnlabError(f"hydra.sweeper.storage={shown(target)}: cannot open the study there: {first}") from None
 

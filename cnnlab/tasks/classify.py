@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import statistics
@@ -14,8 +15,8 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from cnnlab import __version__
-from cnnlab.analysis.evaluation import (confusion_figure, confusion_matrix, evaluate_runs, metrics_from_probs, predict,
-                                        tta_view_count)
+from cnnlab.analysis.evaluation import (check_tta_shift, confusion_figure, confusion_matrix, evaluate_runs,
+                                        metrics_from_probs, predict, tta_view_count)
 from cnnlab.analysis.viz import Visualizer, images_of, start_visualizer
 from cnnlab.core.config import parse_run_config, to_container
 from cnnlab.core.errors import CnnlabError
@@ -104,6 +105,7 @@ def classify(cfg, run_dir: Path, console: Console | None = None, *, test: bool =
     resume_state = load_resume_state(cfg, run_dir, console_reporter) if resume else None
     s = setup(cfg, ranks)
     try:
+        check_tta_shift(s.run.trainer.tta_shift, s.data.input_size, "trainer.tta_shift")
         return _fit_select_test(s, run_dir, console_reporter, resume_state, test=test,
                                 resume_hint=resume_hint or f"cnnlab train resume={run_dir}", wall_start=wall_start,
                                 on_epoch=on_epoch)
@@ -236,7 +238,8 @@ def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter,
             history = trainer.fit(train_loader, val_loader)
         except BaseException:
             if tensorboard is not None:
-                tensorboard.close("failed")
+                with contextlib.suppress(CnnlabError):  # the disk that failed the run may fail this too
+                    tensorboard.close("failed")
             raise
     if not ranks.is_main:  # rank 0 alone selects, tests and writes the summary; the others wait for it
         ranks.barrier()

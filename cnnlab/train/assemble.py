@@ -163,10 +163,11 @@ def check_processes(run, ranks: Ranks, device: torch.device) -> None:
 
 
 def setup(cfg, ranks: Ranks = Ranks(), preprocessing: Preprocessing | None = None,
-          split: tuple[torch.Tensor, torch.Tensor] | None = None) -> Setup:
+          split: tuple[torch.Tensor, torch.Tensor] | None = None, stored: str | None = None) -> Setup:
     """``preprocessing``: what a checkpoint recorded (evaluation repeats it); None: fitted on the training split.
-    ``split``: (train, val) indices of the training images to use (a cross-validation fold)."""
-    run = parse_run_config(cfg)  # every name, option, type and range: nothing has been loaded yet
+    ``split``: (train, val) indices of the training images to use (a cross-validation fold). ``stored``: the
+    config came from this file (parse_run_config's ``stored``)."""
+    run = parse_run_config(cfg, stored=stored)  # every name, option, type and range: nothing has been loaded yet
     device = resolve_device(run.trainer.device, ranks)
     autocast_dtype = resolve_precision(run.trainer.precision, device)
     channels_last = uses_channels_last(run, device)

@@ -257,6 +257,7 @@ class Trainer:
         self.partial: dict[str, Any] | None = None  # where a resumed run picks up inside an epoch
         self.status, self.initial_loss, self.diverged_at = "running", None, None
         self.compile_time_s: float | None = None  # with trainer.compile: the first step, timed apart
+        self.data_loss: torch.Tensor | None = None  # the last step's loss before weight penalties
 
     @property
     def eval_model(self) -> nn.Module:
@@ -273,6 +274,7 @@ class Trainer:
     def objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast_for(self.device, self.autocast_dtype):
             logits, loss = self.loss(self.forward(x), y)
+        self.data_loss = loss  # without the penalties below: what the initial-loss check judges
         if self.l2:  # weight decay as an L2 term of the loss: lambda/2 * ||w||^2
             loss = loss + 0.5 * self.l2 * sum(p.pow(2).sum() for p in self.penalised)
         if self.l1:  # lambda * ||w||_1
@@ -363,7 +365,7 @@ class Trainer:
                     compile_start = time.perf_counter()
                 watching = self.update_ratio is not None and update and (self.step + 1) % s.log_every_n_steps == 0
                 if watching:
-                    self.update_ratio.snapshot()
+                    self.update_ratio.snapshot(self.optimizer.param_groups[0]["lr"])
                 logits, loss = self.train_step(x, y, first=i % s.accumulate_steps == 0, update=update)
                 if watching:
                     self.watch_updates()
@@ -378,7 +380,7 @@ class Trainer:
                 self.guard.watch(loss, self.step)
                 self.reporter.advance(len(y))
                 if self.step == 1:
-                    self.check_initial_loss(loss.item())
+                    self.check_initial_loss(self.data_loss.detach().item())
                 if s.log_params_every_n_steps and self.step % s.log_params_every_n_steps == 0:
                     self.reporter.log_parameters(self.model, self.step)
                 if self.step % s.log_every_n_steps == 0:

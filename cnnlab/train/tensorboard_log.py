@@ -11,6 +11,7 @@ and only the end knows the status. A sweep also writes an experiment record
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from cnnlab.core.config import flatten
+from cnnlab.core.errors import CnnlabError
 from cnnlab.train.loop import FAILED
 
 
@@ -39,11 +41,49 @@ def hparam_value(value: Any) -> float | str | bool:
     return "null" if value is None else str(value)
 
 
+def _quiet_writer_threads(args) -> None:
+    """TensorBoard's writer thread keeps its error (a full disk) and the next write, flush or close raises it
+    in the run's own thread, where it becomes one line: the thread's own traceback would only repeat it."""
+    if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError):
+        return
+    _previous_hook(args)
+
+
+_previous_hook = threading.excepthook
+threading.excepthook = _quiet_writer_threads
+
+
+class EventWriter:
+    """A SummaryWriter whose failed writes (OSError: a full disk, a folder gone) are one CnnlabError naming the
+    event folder."""
+
+    def __init__(self, log_dir: Path, **kwargs):
+        self.log_dir = log_dir
+        self._writer = self._call(SummaryWriter, log_dir=str(log_dir), **kwargs)
+
+    def _call(self, method, *args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except OSError as e:
+            raise CnnlabError(f"cannot write {self.log_dir}: {e.strerror or e}") from None
+
+    @property
+    def file_writer(self) -> EventWriter:
+        return self  # add_summary goes through _call too
+
+    def add_summary(self, summary) -> None:
+        self._call(self._writer.file_writer.add_summary, summary)
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._writer, name)
+        return (lambda *a, **k: self._call(attribute, *a, **k)) if callable(attribute) else attribute
+
+
 class TensorBoardLogger:
     def __init__(self, log_dir: Path, config: Mapping[str, Any], config_yaml: str, purge_step: int | None = None):
         """``config``: the run's config tree; its keys but paths.* become the HParams.
         purge_step: a resumed run drops what the interrupted one logged after its checkpoint."""
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        self.writer = EventWriter(log_dir, purge_step=purge_step)
         hparams = flatten({k: v for k, v in config.items() if k != "paths"})
         self.hparams = {k: hparam_value(v) for k, v in hparams.items()}
         self.writer.add_text("config", f"```yaml\n{config_yaml}\n```", 0)
@@ -81,7 +121,7 @@ def sweep_experiment(log_dir: Path, searched: list[str], config: Mapping[str, An
     metrics = ["best/" + monitor.replace("/", "_"), *SELECTION_METRICS]
     metric_infos = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=m), dataset_type=api_pb2.DATASET_VALIDATION)
                     for m in dict.fromkeys(metrics)]
-    writer = SummaryWriter(log_dir=str(log_dir))
+    writer = EventWriter(log_dir)
     experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metric_infos, time_created_secs=time.time())
     writer.file_writer.add_summary(_hparams_record("experiment", HParamsPluginData(experiment=experiment, version=0)))
     writer.close()
