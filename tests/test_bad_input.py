@@ -5,6 +5,7 @@ exit, no traceback, and no half-written file."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import pickle
 import shutil
@@ -101,6 +102,24 @@ CASES = [
     # where outputs go
     ("output dir inside a file", [*RUN, "paths.output_dir={root}/a_file/out"], "a_file"),
     ("run dir inside a file", [*RUN, "hydra.run.dir={root}/a_file/run"], "a_file"),
+    # #24: the last inputs that reached a traceback
+    ("sweep interval upside down", ["train", "-m", *RUN[1:], "optimizer.lr=interval(1,0.1)"],
+     "optimizer.lr=interval(1.0, 0.1): the lower end must come first"),
+    ("eval shift larger than the images", ["eval", "{root}/run_ok", "--tta-shift", "100000"],
+     "--tta-shift=100000: shifts must be smaller than the images (8 pixels)"),
+    ("train shift larger than the images", [*RUN, "trainer.tta_shift=8"], "trainer.tta_shift=8: shifts must be smaller"),
+    ("eval json where no file can be made", ["eval", "{root}/run_ok", "--json", "/proc/x.json"],
+     "--json /proc/x.json: cannot write there"),
+    ("eval json a folder", ["eval", "{root}/run_ok", "--json", "{root}"], "is a folder; give a file name"),
+    ("report of a trial record that is a list", ["report", "{root}/sweep_list"], "holds no trials"),
+    ("report of a summary of the wrong types", ["report", "{root}/sweep_types"],
+     "sweep_types/0/summary.json: best_value should be a number, found \"high\""),
+    ("report of a summary history of the wrong types", ["report", "{root}/sweep_history"],
+     "sweep_history/0/summary.json: history[0] should be an object, found int"),
+    ("report of a corrupt sweep record", ["report", "{root}/sweep_corrupt"], "sweep_corrupt/sweep.json: not a readable JSON"),
+    ("epochs of 20,000 digits", [*RUN, "trainer.epochs=" + "9" * 20000], "trainer.epochs: a number of 20,000 digits"),
+    ("seed beyond every generator", [*RUN, "seed=99999999999999999999"], "seed must be an integer >= 0 and <= 4294967295"),
+    ("split seed negative", [*RUN, "data.split_seed=-1"], "data.split_seed must be an integer >= 0"),
 ]
 
 
@@ -148,6 +167,18 @@ def build_corpus(root: Path) -> None:
     (root / "folder_empty" / "bee").mkdir()
 
     (root / "a_file").write_text("a file where a folder is expected")
+
+    def sweep(name: str, trial: object, summary: object, record: str = "{}") -> None:
+        (root / name / "0").mkdir(parents=True)
+        (root / name / "0" / "trial.json").write_text(json.dumps(trial))
+        (root / name / "0" / "summary.json").write_text(json.dumps(summary))
+        (root / name / "sweep.json").write_text(record)
+
+    good = {"overrides": ["optimizer.lr=0.1"]}
+    sweep("sweep_list", [1, 2, 3], {"status": "completed"})
+    sweep("sweep_types", good, {"status": "completed", "best_value": "high", "history": []})
+    sweep("sweep_history", good, {"status": "completed", "best_value": 0.5, "history": [1]})
+    sweep("sweep_corrupt", good, {"status": "completed", "best_value": 0.5, "history": []}, record="{not json")
 
     env = {**os.environ, "CNNLAB_OUTPUT_DIR": str(root / "outputs")}
     assert run_cnnlab([*RUN, f"hydra.run.dir={root / 'run_ok'}"], root, env, timeout=300).returncode == 0

@@ -285,6 +285,34 @@ def test_a_layer_far_from_1e_3_after_warm_up_warns_once_per_direction_naming_it(
                                         "logged steps after warm-up; 1 more of 2 layers too)")
 
 
+def test_a_healthy_rate_is_silent_and_30_times_it_warns_naming_the_layer(tmp_path):
+    """The default schedule (one-cycle) on the same data: lr 0.1 trains without the warning, lr 3 (30x) gets it
+    after warm-up, naming a layer (the divergence guard off so that both runs train their 3 epochs)."""
+    said = {}
+    for lr in ("0.1", "3.0"):
+        console = quiet_console()
+        train(compose_config(*tiny_plus("trainer.epochs=3", "trainer.log_every_n_steps=2", "dataset.train_size=640",
+                                        f"optimizer.lr={lr}", "trainer.divergence_factor=null")),
+              tmp_path / lr, console=console)
+        said[lr] = " ".join(console.file.getvalue().split())  # the console wraps long lines
+    assert "update/weight ratio" not in said["0.1"]
+    assert said["3.0"].count("update/weight ratio") == 1
+    assert "update/weight ratio of 1.weight is" in said["3.0"] and "in epoch 1" in said["3.0"]
+    assert "probably too high" in said["3.0"]
+
+
+def test_the_debug_preset_judges_nothing_five_steps_cannot_tell(tmp_path):
+    """debug=fast on the models the default run and the CIFAR recipes use: no divergence stop and no warning from
+    a one-cycle schedule squeezed into 5 steps (the whole zoo: docs/performance.md)."""
+    for model in ("small_resnet", "resnet18"):
+        console = quiet_console()
+        summary = train(compose_config("debug=fast", f"model={model}", "dataset=synthetic", "dataset.size=16",
+                                       "dataset.train_size=96", "dataset.test_size=16", "data.batch_size=16",
+                                       "trainer.device=cpu"), tmp_path / model, console=console)
+        assert summary["status"] == "completed" and summary["history"][-1]["step"] == 5
+        assert "warning" not in console.file.getvalue()
+
+
 def test_dead_units_are_the_relus_never_positive_on_the_batch():
     model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Unflatten(1, (4, 1, 1)), nn.Conv2d(4, 2, 1), nn.ReLU())
     with torch.no_grad():

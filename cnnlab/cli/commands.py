@@ -183,6 +183,9 @@ def _train(overrides: list[str], app=None) -> int:
     training = app is None
     app = app or hydra_train
     overrides = take_config_dirs(overrides)
+    for override in overrides:  # Python refuses to read integers of over 4,300 digits (Hydra's parser would fail)
+        if (digits := max(map(len, re.findall(r"\d+", override)), default=0)) > 4300:
+            raise CnnlabError(f"{_key(override)}: a number of {digits:,} digits is not a setting")
     last_sweep.clear()
     multirun = any(a in ("-m", "--multirun") for a in overrides)
     overrides = resume_overrides(overrides, multirun)

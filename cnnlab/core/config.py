@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from cnnlab.core.errors import CnnlabError, suggestion
 from cnnlab.core.plugins import load_components, load_plugins, require_plugins
 from cnnlab.core.registry import AUGMENTS, DATASETS, INITS, MODELS, OPTIMIZERS, SCHEDULERS, TASKS, Registry
-from cnnlab.core.validation import NonNegativeInt, PositiveFloat, PositiveInt, Range, check_component, check_value
+from cnnlab.core.validation import NonNegativeInt, PositiveFloat, PositiveInt, Range, Seed, check_component, check_value
 
 # The config groups ship inside the package as ``cnnlab.conf`` (the checkout's conf/, mapped by
 # pyproject), so a wheel, a git install and an editable checkout all find them the same way.
@@ -74,7 +74,7 @@ class DataSettings:
     eval_batch_size: PositiveInt = 1024
     val_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.1
     folds: PositiveInt = 1  # k >= 2: k-fold cross-validation of the training images (val_fraction unused)
-    split_seed: int = 0
+    split_seed: Seed = 0
     # auto: tensor datasets live on the device, image folders are read per image;
     # false: per-image Dataset + DataLoader with workers and torchvision.transforms.v2
     in_memory: Literal["auto", True, False] = "auto"
@@ -185,7 +185,7 @@ def parse_run_config(cfg: DictConfig | Mapping[str, Any], *, stored: str | None 
     checked_ops = {op: AUGMENTS.check_options(op, opts or {}, f"augment.ops.{op}") for op, opts in ops.items()}
     return RunConfig(
         name=check_component("name", check_value("name", resolved.get("name", "run"), str)),
-        seed=check_value("seed", resolved.get("seed", 0), int),
+        seed=check_value("seed", resolved.get("seed", 0), Seed),
         trainer=check_settings(TrainerSettings, resolved.get("trainer", {}), "trainer"),
         data=check_settings(DataSettings, resolved.get("data", {}), "data"),
         sweep=check_settings(SweepSettings, resolved.get("sweep") or {}, "sweep"),

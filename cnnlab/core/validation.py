@@ -20,6 +20,10 @@ from typing import Annotated, Any, Literal, Union
 from cnnlab.core.errors import CnnlabError, suggestion
 
 
+def _bound(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 @dataclass(frozen=True)
 class Range:
     gt: float | None = None
@@ -38,13 +42,13 @@ class Range:
     def describe(self) -> str:
         parts = []
         if self.gt is not None:
-            parts.append(f"> {self.gt:g}")
+            parts.append(f"> {_bound(self.gt)}")
         if self.ge is not None:
-            parts.append(f">= {self.ge:g}")
+            parts.append(f">= {_bound(self.ge)}")
         if self.lt is not None:
-            parts.append(f"< {self.lt:g}")
+            parts.append(f"< {_bound(self.lt)}")
         if self.le is not None:
-            parts.append(f"<= {self.le:g}")
+            parts.append(f"<= {_bound(self.le)}")
         return " and ".join(parts)
 
 
@@ -54,6 +58,7 @@ UnitInterval = Annotated[float, Range(ge=0, le=1)]
 Probability = Annotated[float, Range(ge=0, lt=1)]  # dropout: 1.0 would drop everything
 PositiveInt = Annotated[int, Range(ge=1)]
 NonNegativeInt = Annotated[int, Range(ge=0)]
+Seed = Annotated[int, Range(ge=0, le=2**32 - 1)]  # numpy's range, and far inside torch's (seed + rank offsets too)
 
 
 def range_of(annotation: Any) -> Range | None:

@@ -22,7 +22,7 @@ from cnnlab.data.formats import (
 from cnnlab.data.loaders import TensorImageDataset
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import DATASETS
-from cnnlab.core.validation import NonNegativeFloat, PositiveInt, Range
+from cnnlab.core.validation import NonNegativeFloat, PositiveInt, Range, Seed
 
 
 @dataclass
@@ -274,7 +274,7 @@ def synthetic(
     train_size: PositiveInt = 2000,
     test_size: PositiveInt = 500,
     noise: NonNegativeFloat = 0.25,
-    seed: int = 0,
+    seed: Seed = 0,
 ) -> ImageData:
     """Generated in memory: each class is a smooth random pattern plus per-image noise. For tests and benchmarks."""
     g = torch.Generator().manual_seed(seed)

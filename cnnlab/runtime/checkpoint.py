@@ -196,11 +196,12 @@ def load_weights(module: torch.nn.Module, weights: dict[str, Any], path: Path | 
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON file written by write_json; None when it is missing or unreadable."""
+    """A JSON object written by write_json; None when it is missing, unreadable, or not an object."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

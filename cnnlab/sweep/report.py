@@ -8,6 +8,7 @@ Writes report.csv and report.md into the sweep directory; ``--plot`` writes repo
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shlex
 from dataclasses import dataclass, field
@@ -23,7 +24,6 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.core.validation import Range, range_of
 from cnnlab.sweep.study import STORAGE_FILES, storage_target
 from cnnlab.sweep.trials import FAILED, SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, trial_dirs
-from cnnlab.runtime.checkpoint import read_json
 from cnnlab.runtime.checkpoint import write_json
 
 EDGE = 0.1  # a best value in the outer 10% of an interval (in log space if log-sampled) is on its edge
@@ -72,11 +72,51 @@ def _params(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
+NUMBER = (int, float)
+# What report reads of each file, and of what type (bool is an int to Python: refused apart below).
+RECORD_FIELDS = {
+    TRIAL_FILE: {"overrides": list},
+    SUMMARY_FILE: {"status": str, "history": list, "best_value": NUMBER, "wall_time_s": NUMBER, "error": str},
+    SWEEP_FILE: {"monitor": str, "sweeper_params": dict, "searched": list},
+}
+HISTORY_FIELDS = {"val/loss": NUMBER, "val/acc": NUMBER}
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """One of a sweep's JSON records ({} when absent), its fields of the types report uses; a file that is
+    not JSON, or holds something else, is one line naming it (it may come from anyone)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CnnlabError(f"{path}: not a readable JSON record ({e})") from None
+    if not isinstance(data, dict):
+        raise CnnlabError(f"{path}: not a cnnlab record (a JSON object expected, found {type(data).__name__})")
+    _check_fields(path, data, RECORD_FIELDS.get(path.name, {}), "")
+    if path.name == TRIAL_FILE and not all(isinstance(o, str) for o in data.get("overrides") or []):
+        raise CnnlabError(f"{path}: overrides should be a list of strings")
+    for i, row in enumerate(data.get("history") or []):
+        if not isinstance(row, dict):
+            raise CnnlabError(f"{path}: history[{i}] should be an object, found {type(row).__name__}")
+        _check_fields(path, row, HISTORY_FIELDS, f"history[{i}].")
+    return data
+
+
+def _check_fields(path: Path, data: dict[str, Any], fields: dict[str, Any], where: str) -> None:
+    for key, kind in fields.items():
+        value = data.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)
+                                  or (kind is NUMBER and not math.isfinite(value) and key != "best_value")):
+            wanted = "a number" if kind is NUMBER else f"a {kind.__name__}"
+            raise CnnlabError(f"{path}: {where}{key} should be {wanted}, found {json.dumps(value)[:60]}")
+
+
 def load_trials(sweep_dir: Path) -> list[Trial]:
     trials = []
     for folder in trial_dirs(sweep_dir):
-        record = read_json(folder / TRIAL_FILE) or {}
-        summary = read_json(folder / SUMMARY_FILE) or {}
+        record = read_record(folder / TRIAL_FILE)
+        summary = read_record(folder / SUMMARY_FILE)
         history = summary.get("history") or []
         losses = [r["val/loss"] for r in history if r.get("val/loss") is not None]
         accs = [r["val/acc"] for r in history if r.get("val/acc") is not None]
@@ -270,7 +310,7 @@ def report(sweep_dir: str, *, plot: bool = False, test_best: bool = False, devic
     folder = Path(sweep_dir)
     if not folder.is_dir():
         raise CnnlabError(f"{sweep_dir} is not a folder; give a sweep directory (outputs/sweeps/<date>/<time>)")
-    record = read_json(folder / SWEEP_FILE) or {}
+    record = read_record(folder / SWEEP_FILE)
     monitor = record.get("monitor", "val/acc")
     trials = load_trials(folder)
     if not trials:
