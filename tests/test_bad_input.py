@@ -120,6 +120,10 @@ CASES = [
     ("epochs of 20,000 digits", [*RUN, "trainer.epochs=" + "9" * 20000], "trainer.epochs: a number of 20,000 digits"),
     ("seed beyond every generator", [*RUN, "seed=99999999999999999999"], "seed must be an integer >= 0 and <= 4294967295"),
     ("split seed negative", [*RUN, "data.split_seed=-1"], "data.split_seed must be an integer >= 0"),
+    ("a model its images are too small for", ["train", *[o for o in RUN[1:] if not o.startswith("model")], "model=timm",
+                                              "model.arch=convnext_atto"],
+     "model=timm model.arch=convnext_atto does not take 1x8x8 images: its feature maps shrink below a kernel; "
+     "the smallest input it takes is 1x32x32"),
 ]
 
 
@@ -222,3 +226,9 @@ def test_bad_input_is_one_line_naming_the_culprit(results, case, args, expected)
     assert expected.format(root=root) in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
     assert not list(root.rglob("*.tmp")) and not list((root / "outputs").rglob("summary.json"))
+
+
+def test_listing_a_model_at_an_input_too_small_names_the_smallest_it_takes(tmp_path):
+    done = run_cnnlab(["list", "models", "timm", "--arch", "convnext_atto"], tmp_path,
+                      {**os.environ, "COLUMNS": "250"}, timeout=120)
+    assert done.returncode == 0 and "needs >= 1x32x32" in done.stdout, done.stdout + done.stderr

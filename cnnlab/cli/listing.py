@@ -88,7 +88,7 @@ def list_command(args: list[str], console: Console | None = None) -> int:
 
 def _models_table(registry: Registry, names: list[str], input_text: str | None, classes: int | None,
                   arch: str | None = None) -> Group:
-    from cnnlab.models.measure import measure
+    from cnnlab.models.measure import measure, smallest_input
 
     if input_text is None:
         dataset = DATASETS.get(default_dataset())
@@ -109,8 +109,9 @@ def _models_table(registry: Registry, names: list[str], input_text: str | None, 
             options = {"arch": arch} if arch is not None and "arch" in entry.options else {}
             params, flops = measure(name, channels, size, classes, options)
             p, f = _count(params), _count(flops)
-        except CnnlabError as e:  # e.g. an input too small for this architecture
-            p, f = "-", str(e).split(": ")[-1][:40]
+        except (CnnlabError, RuntimeError) as e:  # an input too small for this architecture: the smallest it takes
+            smallest = smallest_input(name, options, channels, size, classes)
+            p, f = "-", f"needs >= {channels}x{smallest}x{smallest}" if smallest else str(e).split(": ")[-1][:40]
         shown = f"{name} ({arch})" if arch is not None and "arch" in entry.options else name
         table.add_row(shown, entry.family, escape(entry.origin), p, f, escape(entry.description))
     return titled(title, table)

@@ -12,18 +12,68 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import MODELS
+
+
+LARGEST_PROBED = 1024  # the smallest input a model takes is looked for up to this size
+
+
+def _on_meta(name: str, options: dict[str, Any] | None, in_channels: int, input_size: int, num_classes: int):
+    with torch.device("meta"):
+        model = MODELS.build(name, options or {}, prefix="model", in_channels=in_channels,
+                             num_classes=num_classes, input_size=input_size)
+        x = torch.zeros(2, in_channels, input_size, input_size)  # 2: batch norm takes more than one value
+    return model.eval(), x
+
+
+def _takes(name: str, options: dict[str, Any] | None, in_channels: int, size: int, num_classes: int) -> bool:
+    try:
+        model, x = _on_meta(name, options, in_channels, size, num_classes)
+        if getattr(model, "memorises", False):  # k-NN: any size; its forward needs what it remembered
+            return True
+        with torch.no_grad():
+            model(x)
+    except (RuntimeError, CnnlabError):  # a kernel larger than its map; or the model's own "shrinks to nothing"
+        return False
+    return True
+
+
+def smallest_input(name: str, options: dict[str, Any] | None, in_channels: int, input_size: int,
+                   num_classes: int) -> int | None:
+    """The smallest image size (above ``input_size``, which fails) model ``name`` runs on; None up to
+    LARGEST_PROBED. Doubling, then bisection: about 2 log2(size) forward passes on the meta device."""
+    low, high = input_size, input_size * 2
+    while high <= LARGEST_PROBED and not _takes(name, options, in_channels, high, num_classes):
+        low, high = high, high * 2
+    if high > LARGEST_PROBED:
+        return None
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if _takes(name, options, in_channels, middle, num_classes) else (middle, high)
+    return high
+
+
+def check_input_size(name: str, options: dict[str, Any] | None, in_channels: int, input_size: int,
+                     num_classes: int, label: str | None = None) -> None:
+    """Refuse, in one line naming the smallest input it takes, a model whose feature maps shrink below a kernel
+    at ``input_size`` (a forward pass on the meta device: nothing is allocated or computed)."""
+    if _takes(name, options, in_channels, input_size, num_classes):
+        return
+    label = label or f"model {name}"
+    size = smallest_input(name, options, in_channels, input_size, num_classes)
+    if size is None:
+        raise CnnlabError(f"{label} does not run on {in_channels}x{input_size}x{input_size} images, nor on any size "
+                          f"up to {LARGEST_PROBED}x{LARGEST_PROBED}")
+    raise CnnlabError(f"{label} does not take {in_channels}x{input_size}x{input_size} images: its feature maps shrink "
+                      f"below a kernel; the smallest input it takes is {in_channels}x{size}x{size}")
 
 
 def measure(name: str, in_channels: int, input_size: int, num_classes: int,
             options: dict[str, Any] | None = None) -> tuple[int, int]:
     """(parameters, forward FLOPs for one image) of model ``name``."""
-    with torch.device("meta"):
-        model = MODELS.build(name, options or {}, prefix="model", in_channels=in_channels,
-                             num_classes=num_classes, input_size=input_size)
-        x = torch.zeros(1, in_channels, input_size, input_size)
-    model.eval()
+    model, x = _on_meta(name, options, in_channels, input_size, num_classes)
     params = sum(p.numel() for p in model.parameters())
     with FlopCounterMode(display=False) as counter:
-        model(x)
+        model(x[:1])
     return params, counter.get_total_flops()

@@ -23,6 +23,7 @@ from cnnlab.data.folder import FolderData
 from cnnlab.data.loaders import InMemoryLoader, StreamingLoader
 from cnnlab.data.split import stratified_split
 from cnnlab.data.statistics import Preprocessing, color_pca
+from cnnlab.models.measure import check_input_size
 from cnnlab.runtime.distributed import Ranks, check_global_batch, init_process_group
 from cnnlab.train.finetune import set_learning_rates, transfer_learning
 
@@ -127,6 +128,10 @@ def uses_channels_last(run: RunConfig, device: torch.device) -> bool:
 
 def build_model(run: RunConfig, data: ImageData, device: torch.device, *, init: bool) -> torch.nn.Module:
     """The configured model for ``data``'s shape, initialised (``init``) and placed on ``device``."""
+    chosen = run.components["model"]
+    arch = chosen.options.get("arch")
+    check_input_size(chosen.name, chosen.options, data.channels, data.input_size, data.num_classes,
+                     label=f"model={chosen.name}" + (f" model.arch={arch}" if arch else ""))
     model = run.components["model"].build(in_channels=data.channels, num_classes=data.num_classes, input_size=data.input_size)
     if init:
         run.components["init"].build(model=model)
