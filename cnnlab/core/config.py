@@ -83,7 +83,7 @@ class DataSettings:
     # channel: (x - mean) / std per channel; pixel: minus the mean image; pca_whiten / zca_whiten:
     # decorrelated, unit-variance pixels. Statistics from the training split only, kept in checkpoints.
     preprocess: Literal["channel", "pixel", "pca_whiten", "zca_whiten"] = "channel"
-    whiten_eps: PositiveFloat = 0.01  # added to each eigenvalue before whitening (pixel values in [0, 1])
+    whiten_eps: PositiveFloat = 1e-4  # added to each eigenvalue before whitening (pixel values in [0, 1])
 
 
 @dataclass(frozen=True)

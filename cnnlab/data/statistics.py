@@ -68,7 +68,7 @@ class Preprocessing:
 
     @classmethod
     def fit(cls, kind: str, train_images: torch.Tensor, channel_mean: Sequence[float], channel_std: Sequence[float],
-            eps: float = 1e-2) -> Preprocessing:
+            eps: float = 1e-4) -> Preprocessing:
         """``train_images``: the training split's uint8 images; channel_mean/std: the dataset's own."""
         c = train_images.shape[1]
         std = torch.tensor(channel_std, dtype=torch.float32).view(c, 1, 1)

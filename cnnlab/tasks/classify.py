@@ -215,6 +215,9 @@ def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter,
         "device": f"{device}" + (f" ({autocast_dtype})" if autocast_dtype else " (fp32)")
                   + (f", {ranks.world_size} processes (DDP)" if ranks.enabled else ""),
         **({"transfer": s.transfer} if s.transfer else {}),
+        **({"dead units": "not counted: the model has no ReLU, and its activation passes a gradient for every "
+                          "input (trainer.log_dead_units counts ReLUs that never fire)"}
+           if run.trainer.log_dead_units and not any(isinstance(m, torch.nn.ReLU) for m in model.modules()) else {}),
         "epochs": f"{run.trainer.epochs} x {batches} batches of {run.data.batch_size}"
                   + (f", an update every {run.trainer.accumulate_steps}" if run.trainer.accumulate_steps > 1 else ""),
     })

@@ -69,18 +69,23 @@ class CnnlabSweeper(Sweeper):
         record_sweep(config)
         study = sweep_study.Study(settings, sweep_dir, space, fixed, storage)
         helpers = []
-        if settings.n_jobs > 1 and in_process:
+        workers = min(settings.n_jobs, study.n_trials)  # never a worker with no trial to run
+        if in_process and not helper and settings.n_jobs > (cores := os.cpu_count() or 1):
+            print(f"warning: hydra.sweeper.n_jobs={settings.n_jobs} is more than this machine's {cores} CPU cores; "
+                  f"{workers} workers start ({study.n_trials} trials), "
+                  f"{'sharing the cores' if workers > cores else 'one core or more each'}", file=sys.stderr, flush=True)
+        if workers > 1 and in_process:
             import torch
 
-            threads = max(1, (os.cpu_count() or 1) // settings.n_jobs)
+            threads = max(1, (os.cpu_count() or 1) // workers)
             torch.set_num_threads(threads)
-            helpers = sweep_study.start_helpers(settings.n_jobs - 1, self._helper_args(sweep_dir), sweep_dir, threads)
+            helpers = sweep_study.start_helpers(workers - 1, self._helper_args(sweep_dir), sweep_dir, threads)
         if not helper:
             print(f"study {settings.study_name!r}: {study.n_trials} trials, sampler {settings.sampler}, "
-                  f"pruner {settings.pruner}, {settings.n_jobs} at a time; live view: "
+                  f"pruner {settings.pruner}, {workers} at a time; live view: "
                   f"optuna-dashboard {sweep_study.shown(study.target)}", flush=True)
         try:
-            self._work(study, batch=1 if in_process else settings.n_jobs)
+            self._work(study, batch=1 if in_process else workers)
         except BaseException:  # pre-empted, Ctrl-C, a bug: the helpers stop too, after a checkpoint
             sweep_study.stop_helpers(helpers)
             raise
