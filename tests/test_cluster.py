@@ -71,6 +71,7 @@ def test_array_tasks_are_workers_of_one_postgresql_study(cluster, tmp_path):
     name, folder = f"array-{uuid.uuid4().hex[:8]}", tmp_path / "sw"
     database = fresh_database(cluster)
     command = cnnlab_command("sweep=random_lr_wd", "hydra.sweeper.n_trials=6", *SWEEP, "trainer.epochs=1",
+                             "optimizer.lr=tag(log, interval(1e-4, 1))",  # quoted for --wrap's shell, as the README shows
                              f"hydra.sweeper.storage={database}", f"hydra.sweeper.study_name={name}",
                              f"hydra.sweep.dir={folder}")
     # The three start at one instant and meet the empty database together: they must not race to create it.

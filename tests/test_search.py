@@ -343,3 +343,19 @@ def test_a_bad_sweep_is_one_line_and_writes_nothing(tmp_path, args, message):
     result = run_cli("train", "-m", *SWEEP, *args, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://cnnlab:s3cr%40t@127.0.0.1:55432/cnnlab",
+                                 "mysql://me:pw@db.example/optuna"])
+def test_the_dashboard_line_runs_as_printed_without_showing_the_password(url):
+    from sqlalchemy.engine import make_url
+
+    from cnnlab.sweep.study import dashboard_command
+
+    line = dashboard_command(url)
+    password = url.split(":")[2].split("@")[0]
+    assert password not in line and "CNNLAB_DB_PASSWORD" in line
+    command = line.split("  (export")[0]
+    expanded = subprocess.run(["bash", "-c", f"CNNLAB_DB_PASSWORD='{password}'; echo {command}"], capture_output=True,
+                              text=True, check=True).stdout.split()
+    assert expanded[0] == "optuna-dashboard" and make_url(expanded[1]) == make_url(url)  # the shell fills it in

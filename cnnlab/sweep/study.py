@@ -173,6 +173,27 @@ def shown(target: str) -> str:
         return target
 
 
+PASSWORD_ENV = "CNNLAB_DB_PASSWORD"
+
+
+def dashboard_command(target: str) -> str:
+    """The optuna-dashboard command for a study, fit to print and to copy: a database password is not shown but
+    read by the shell from $CNNLAB_DB_PASSWORD, which the line names."""
+    if "://" not in target or target.startswith("sqlite"):
+        return f"optuna-dashboard {target}"
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(target)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: as it was given, password hidden
+        return f"optuna-dashboard {shown(target)}"
+    if url.password is None:
+        return f"optuna-dashboard '{target}'"
+    shell = url.set(password="PASSWORD_HERE").render_as_string(hide_password=False)
+    shell = shell.replace("PASSWORD_HERE", "${" + PASSWORD_ENV + "}")
+    return f'optuna-dashboard "{shell}"  (export {PASSWORD_ENV}=<the password, as written in the URL> first; it is not shown)'
+
+
 def database_url(target: str) -> str:
     """postgresql://... with the driver that is installed: psycopg 3 (cnnlab[postgres]) unless psycopg2 is."""
     import importlib.util

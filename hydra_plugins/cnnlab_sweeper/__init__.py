@@ -83,7 +83,7 @@ class CnnlabSweeper(Sweeper):
         if not helper:
             print(f"study {settings.study_name!r}: {study.n_trials} trials, sampler {settings.sampler}, "
                   f"pruner {settings.pruner}, {workers} at a time; live view: "
-                  f"optuna-dashboard {sweep_study.shown(study.target)}", flush=True)
+                  f"{sweep_study.dashboard_command(study.target)}", flush=True)
         try:
             self._work(study, batch=1 if in_process else workers)
         except BaseException:  # pre-empted, Ctrl-C, a bug: the helpers stop too, after a checkpoint
