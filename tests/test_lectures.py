@@ -347,6 +347,15 @@ def test_the_default_whitening_whitens_the_real_fashion_mnist(tmp_path):
         torch.tensor([0.1, 0.5], dtype=torch.float64))
 
 
+def test_a_diverged_run_logs_the_selection_metrics_of_the_epochs_it_finished(tmp_path):
+    summary = run_tiny(tmp_path / "run", "trainer.epochs=4", "scheduler=constant", "scheduler.warmup_epochs=4",
+                       "optimizer.lr=5")
+    assert summary["status"] == "diverged" and summary["best_epoch"] == 1  # diverged in epoch 2
+    ea = read_events(tmp_path / "run")
+    assert [e.value for e in ea.Scalars("best/val_acc")] == pytest.approx([summary["best_value"]])
+    assert [e.value for e in ea.Scalars("selected/val_loss")] == pytest.approx([summary["history"][0]["val/loss"]])
+
+
 def test_dead_units_are_the_relus_never_positive_on_the_batch():
     model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Unflatten(1, (4, 1, 1)), nn.Conv2d(4, 2, 1), nn.ReLU())
     with torch.no_grad():

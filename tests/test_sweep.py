@@ -367,8 +367,8 @@ def test_tensorboard_opens_the_sweep_on_what_it_searched(grid):
             time.sleep(0.5)
         experiment = _json(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
         infos = experiment["hparamInfos"]
-        assert [(i["name"], i.get("differs")) for i in infos[:2]] == [("optimizer.lr", True), ("status", True)]
-        assert not any(i.get("differs") for i in infos[2:]) and any(i["name"] == "trainer.epochs" for i in infos)
+        # only what the sweep varied, and the status: TensorBoard ticks the first five columns listed
+        assert [(i["name"], i.get("differs")) for i in infos] == [("optimizer.lr", True), ("status", True)]
         assert [m["name"]["tag"] for m in experiment["metricInfos"]] == ["best/val_acc", "selected/val_acc",
                                                                         "selected/val_loss"]
         groups = _json(f"{base}/data/plugin/hparams/session_groups", {

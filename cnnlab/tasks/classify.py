@@ -264,6 +264,11 @@ def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter,
         # A diverged run is recorded, not tested: the test set is for selected models only.
         summary.update({"diverged_at_step": trainer.diverged_at, "selected": {}, "history": history})
         write_json(run_dir / "summary.json", summary)
+        if trainer.best.epoch is not None:  # the epochs it finished, for the HParams table (validation only)
+            best = history[trainer.best.epoch - 1]
+            tensorboard.scalars({"best/" + trainer.best.monitor.replace("/", "_"): trainer.best.value,
+                                 "selected/val_loss": best["val/loss"], "selected/val_acc": best["val/acc"]},
+                                trainer.step)
         tensorboard.close(trainer.status)
         console_reporter.console.print(f"status: {trainer.status}; summary: {run_dir / 'summary.json'}", highlight=False)
         ranks.barrier()

@@ -112,12 +112,11 @@ SELECTION_METRICS = ("selected/val_acc", "selected/val_loss")  # logged when a r
 
 
 def sweep_experiment(log_dir: Path, searched: list[str], config: Mapping[str, Any], monitor: str) -> None:
-    """The HParams experiment of a sweep's TensorBoard folder: the searched keys and the trial's
-    status first (marked as the ones that differ), the rest of the config after them; the
+    """The HParams experiment of a sweep's TensorBoard folder: the searched keys and the trial's status (marked
+    as the ones that differ), and only those: TensorBoard ticks the first five columns whatever they are, so any
+    other key listed would be ticked beside them (each run's full config stays in its `config` text); the
     selection metrics only."""
-    rest = sorted(k for k in flatten({k: v for k, v in config.items() if k != "paths"}) if k not in searched)
     infos = [api_pb2.HParamInfo(name=k, differs=True) for k in [*searched, "status"]]
-    infos += [api_pb2.HParamInfo(name=k, differs=False) for k in rest]
     metrics = ["best/" + monitor.replace("/", "_"), *SELECTION_METRICS]
     metric_infos = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=m), dataset_type=api_pb2.DATASET_VALIDATION)
                     for m in dict.fromkeys(metrics)]
