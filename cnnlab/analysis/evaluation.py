@@ -51,8 +51,10 @@ def tta_views(x: torch.Tensor, flip: bool, shift: int) -> list[torch.Tensor]:
 
 @torch.inference_mode()
 def predict(models: Sequence[nn.Module], loader, *, autocast_dtype: torch.dtype | None = None,
-            tta_flip: bool = False, tta_shift: int = 0, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class probabilities averaged over models and views, with the labels: (N, C), (N,)."""
+            tta_flip: bool = False, tta_shift: int = 0, limit: int | None = None,
+            on_batch=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities averaged over models and views, with the labels: (N, C), (N,). ``on_batch()``: called
+    after each batch (a progress)."""
     for m in models:
         m.eval()
     probs, labels = [], []
@@ -67,6 +69,8 @@ def predict(models: Sequence[nn.Module], loader, *, autocast_dtype: torch.dtype 
                     total = total + F.softmax(model(view).float(), dim=1)
         probs.append((total / (len(models) * len(views))).cpu())
         labels.append(y.cpu())
+        if on_batch is not None:
+            on_batch()
     return torch.cat(probs), torch.cat(labels)
 
 
@@ -149,6 +153,8 @@ def evaluate_runs(targets: Sequence[str], *, splits: Sequence[str], tta_flip: bo
     models = [base.model, *(build_model(run, base.data, base.device, init=False) for run in runs[1:])]
     for (path, ckpt), model in zip(checkpoints, models):
         load_weights(model, selected_weights(ckpt), path)
+        if getattr(model, "memorises", False):  # k-NN's uint8 memory, prepared as the queries are
+            model.prepare = base.eval_pipe
     where = {"train": ("train", base.train_idx), "val": ("train", base.val_idx), "test": ("test", None)}
     report = {}
     for split in splits:

@@ -8,6 +8,7 @@ training split and no gradient step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -29,15 +30,28 @@ class NearestNeighbours(nn.Module):
 
     def __init__(self, num_classes: int, k: int, distance: str):
         super().__init__()
-        self.num_classes, self.k, self.p = num_classes, k, 1.0 if distance == "l1" else 2.0
+        self.num_classes, self.k, self.distance, self.p = num_classes, k, distance, 1.0 if distance == "l1" else 2.0
         self.register_buffer("images", torch.zeros(0, 0))
         self.register_buffer("labels", torch.zeros(0, dtype=torch.long))
+        # uint8 images -> what queries are compared in: the run's evaluation pipeline (its data.preprocess), set by
+        # whoever runs the model; the memory stays uint8 (a quarter of float32, in memory and in checkpoints)
+        self.prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @torch.no_grad()
     def memorise(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        flat = x.flatten(1).float()
-        self.images = flat if self.images.numel() == 0 else torch.cat([self.images, flat])
+        """Remember a batch: uint8 images as they are (compared after ``prepare``), anything else as floats."""
+        kept = x if x.dtype == torch.uint8 else x.flatten(1).float()
+        self.images = kept if self.images.numel() == 0 else torch.cat([self.images, kept])
         self.labels = torch.cat([self.labels.to(y.device), y])
+
+    def remembered(self, start: int, stop: int) -> torch.Tensor:
+        """Remembered images start..stop as the flat floats queries are compared with."""
+        chunk = self.images[start:stop]
+        if chunk.dtype == torch.uint8:
+            if self.prepare is None:
+                raise CnnlabError("model knn: its memory is raw images and nothing prepares them (set .prepare)")
+            chunk = self.prepare(chunk)
+        return chunk.flatten(1).float()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a fresh model holds no memory yet: take the checkpoint's, whatever its size
@@ -52,7 +66,7 @@ class NearestNeighbours(nn.Module):
         flat = x.flatten(1).float()
         best_d = best_i = None
         for start in range(0, len(self.labels), _CHUNK):
-            d = torch.cdist(flat, self.images[start:start + _CHUNK], p=self.p)
+            d = torch.cdist(flat, self.remembered(start, start + _CHUNK), p=self.p)
             i = torch.arange(start, start + d.shape[1], device=d.device).expand_as(d)
             if best_d is not None:
                 d, i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)

@@ -58,7 +58,13 @@ def check_input_size(name: str, options: dict[str, Any] | None, in_channels: int
                      num_classes: int, label: str | None = None) -> None:
     """Refuse, in one line naming the smallest input it takes, a model whose feature maps shrink below a kernel
     at ``input_size`` (a forward pass on the meta device: nothing is allocated or computed)."""
-    if _takes(name, options, in_channels, input_size, num_classes):
+    try:
+        model, x = _on_meta(name, options, in_channels, input_size, num_classes)
+    except CnnlabError:
+        if not _takes(name, options, in_channels, LARGEST_PROBED, num_classes):
+            raise  # not about the size (an option the model refuses): its own line
+        model = None
+    if model is not None and _takes(name, options, in_channels, input_size, num_classes):
         return
     label = label or f"model {name}"
     size = smallest_input(name, options, in_channels, input_size, num_classes)

@@ -116,6 +116,19 @@ def save_checkpoint(path: Path, state: dict[str, Any] | bytes, keep_previous: bo
         raise CnnlabError(f"{e}; the previous checkpoint is intact") from None
 
 
+def save_same_checkpoint(path: Path, written: Path, data: bytes) -> None:
+    """``path`` holding what ``written`` (just saved from ``data``) holds: a hard link where the file system has
+    them (best.pt beside last.pt costs no second copy: k-NN's memory, a large model), else written again."""
+    tmp = path.with_name(f".{path.name}.link")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(written, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        save_checkpoint(path, data)
+
+
 def has_digest(path: Path) -> bool:
     """True for a file that ends with save_checkpoint's SHA-256 trailer (a cnnlab checkpoint)."""
     with open(path, "rb") as f:

@@ -38,7 +38,7 @@ class RunReporter:
 
     def __init__(self, console: ConsoleReporter, tensorboard: TensorBoardLogger | None, visualizer: Visualizer | None):
         self.console, self.tensorboard, self.visualizer = console, tensorboard, visualizer
-        self.epoch_start, self.advance = console.epoch_start, console.advance
+        self.epoch_start, self.advance, self.scoring = console.epoch_start, console.advance, console.scoring
 
     def log_step(self, step: int, loss: float, lr: float) -> None:
         self.console.log_step(step, loss, lr)
@@ -182,12 +182,14 @@ def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter,
     run, device, autocast_dtype, data, model, optimizer = s.run, s.device, s.autocast_dtype, s.data, s.model, s.optimizer
     train_idx, val_idx, train_pipe = s.train_idx, s.val_idx, s.train_pipe
 
+    memorises = getattr(model, "memorises", False)
     if run.trainer.overfit_batches:  # babysitting: can the model memorise a few fixed batches?
         fixed = train_idx[:run.trainer.overfit_batches * run.data.batch_size]
         train_loader = s.loader("train", fixed, train=True, shuffle=False)  # fixed batches, augmented as configured
         val_rows = fixed
-    elif getattr(model, "memorises", False):  # k-NN remembers every training image once, as it is
-        train_loader = s.loader("train", train_idx, train=False, shuffle=False)
+    elif memorises:  # k-NN remembers every training image once, as it is stored (uint8)
+        train_loader = s.loader("train", train_idx, train=False, shuffle=False, raw=True)
+        model.prepare = s.eval_pipe  # compared as the queries are: the run's data.preprocess
         val_rows = val_idx
     else:
         train_loader = s.loader("train", train_idx, train=True)
@@ -210,15 +212,20 @@ def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter,
         "data path": "in memory on the device (batched augmentation)" if s.in_memory else
                      f"per image: DataLoader, {run.data.num_workers} workers, torchvision.transforms.v2",
         "model": f"{run.components['model'].name}: {n_params:,} parameters",
-        "optimizer": f"{run.components['optimizer'].name} {run.components['optimizer'].options}",
-        "scheduler": run.components["scheduler"].name, "augment": run.augment_name,
+        **({"learns": f"by remembering the {len(train_idx):,} training images in one pass (k={model.k}, "
+                      f"{model.distance.upper()} distance); no optimizer, schedule, augmentation or gradient step"}
+           if memorises else
+           {"optimizer": f"{run.components['optimizer'].name} {run.components['optimizer'].options}",
+            "scheduler": run.components["scheduler"].name, "augment": run.augment_name}),
         "device": f"{device}" + (f" ({autocast_dtype})" if autocast_dtype else " (fp32)")
                   + (f", {ranks.world_size} processes (DDP)" if ranks.enabled else ""),
         **({"transfer": s.transfer} if s.transfer else {}),
         **({"dead units": "not counted: the model has no ReLU, and its activation passes a gradient for every "
                           "input (trainer.log_dead_units counts ReLUs that never fire)"}
            if run.trainer.log_dead_units and not any(isinstance(m, torch.nn.ReLU) for m in model.modules()) else {}),
-        "epochs": f"{run.trainer.epochs} x {batches} batches of {run.data.batch_size}"
+        "epochs": f"one pass of {batches} batches of {run.data.eval_batch_size}; every validation and test image is "
+                  f"then compared with all {len(train_idx):,}" if memorises else
+                  f"{run.trainer.epochs} x {batches} batches of {run.data.batch_size}"
                   + (f", an update every {run.trainer.accumulate_steps}" if run.trainer.accumulate_steps > 1 else ""),
     })
     with StopRequest() as stop:
@@ -282,12 +289,17 @@ def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter,
     probabilities = {}
 
     def score(split: str, loader) -> dict[str, float | None]:
+        tick = console_reporter.scoring(split, len(loader)) if memorises else None  # k-NN: minutes, not seconds
         probabilities[split] = predict([model], loader, autocast_dtype=autocast_dtype, tta_flip=run.trainer.tta_flip,
-                                       tta_shift=run.trainer.tta_shift, limit=run.trainer.limit_eval_batches)
+                                       tta_shift=run.trainer.tta_shift, limit=run.trainer.limit_eval_batches,
+                                       on_batch=tick)
+        if tick is not None:
+            tick(done=True)
         return metrics_from_probs(*probabilities[split]).report()
 
     selected = {}
-    if run.trainer.eval_train_at_end:
+    # k-NN's own training images find themselves at distance 0: that score says nothing, and costs the most
+    if run.trainer.eval_train_at_end and not memorises:
         selected["train"] = score("train", s.loader("train", train_idx, train=False, shard=False))
     selected["val"] = score("val", val_loader)
     confusion = None

@@ -76,6 +76,16 @@ def uses_memory_path(run: RunConfig) -> bool:
         raise CnnlabError(f"dataset={dataset} is read per image from disk; data.in_memory must be auto or false")
     return not reads_files and run.data.in_memory is not False
 
+class RawBatches:
+    """The batch as it is stored: uint8 images (k-NN remembers them so, and prepares them when comparing)."""
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, y
+
+
+RAW = RawBatches()
+
+
 @dataclass
 class Setup:
     """Everything a run builds before its loop: validated config, device, data, model, optimizer."""
@@ -98,15 +108,17 @@ class Setup:
     streaming: list = field(default_factory=list)  # the per-image loaders made, closed by close()
 
     def loader(self, split: str, idx: torch.Tensor | None = None, *, train: bool, shuffle: bool | None = None,
-               shard: bool = True):
+               shard: bool = True, raw: bool = False):
         """Batches of split "train" or "test" (at ``idx``), augmented when ``train``; shuffled when ``train`` by default.
-        Under DDP each rank gets its share of every batch (``shard``), or all of it."""
+        Under DDP each rank gets its share of every batch (``shard``), or all of it. ``raw``: the uint8 images as
+        they are (in memory only; a per-image loader's are already transformed)."""
         d, shuffle = self.run.data, train if shuffle is None else shuffle
         batch_size = d.batch_size if train else d.eval_batch_size
         size = len(idx) if idx is not None else len(self.data.train_labels if split == "train" else self.data.test_labels)
         ranks = self.ranks if shard else Ranks()
+        transform = RAW if raw and self.in_memory else self.train_pipe if train else self.eval_pipe
         common = dict(shuffle=shuffle, drop_last=shuffle and size > batch_size,
-                      seed=self.run.seed, device=self.device, transform=self.train_pipe if train else self.eval_pipe,
+                      seed=self.run.seed, device=self.device, transform=transform,
                       rank=ranks.rank, world_size=ranks.world_size)
         if self.in_memory:
             return InMemoryLoader(*self.data.tensors(split, idx), batch_size, **common)

@@ -75,6 +75,30 @@ class ConsoleReporter:
             self.task = self.progress.add_task("train", total=steps, completed=done, loss=float("nan"), ips=0.0)
             self.progress.start()
 
+    def scoring(self, what: str, batches: int):
+        """A progress for a long evaluation (k-NN compares every image with every remembered one): returns
+        ``tick()``, called once per batch; ``tick(done=True)`` ends it. Printed every 10% when not a terminal."""
+        started, state = time.perf_counter(), {"done": 0}
+        progress = None
+        if self.live:
+            progress = Progress(TextColumn(f"scoring {what}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                console=self.console, transient=True)
+            task = progress.add_task(what, total=batches)
+            progress.start()
+
+        def tick(done: bool = False) -> None:
+            if done:
+                if progress is not None:
+                    progress.stop()
+                return
+            state["done"] += 1
+            if progress is not None:
+                progress.advance(task)
+            elif state["done"] % max(1, batches // 10) == 0 or state["done"] == batches:
+                self.console.print(f"scoring {what}: {state['done']}/{batches} batches, "
+                                   f"{time.perf_counter() - started:.0f} s", highlight=False)
+        return tick
+
     def advance(self, images: int) -> None:
         self.done += 1
         self.images += images

@@ -19,7 +19,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cnnlab.core.errors import Preempted
 from cnnlab.models.blocks import WithAux
-from cnnlab.runtime.checkpoint import LAST, encode_checkpoint, load_weights, save_checkpoint
+from cnnlab.runtime.checkpoint import LAST, encode_checkpoint, load_weights, save_checkpoint, save_same_checkpoint
 from cnnlab.runtime.distributed import Ranks
 from cnnlab.train.babysit import UpdateRatio, dead_unit_fractions
 from cnnlab.train.losses import LossFn, build_loss, expected_initial_loss
@@ -120,7 +120,8 @@ def autocast_for(device: torch.device, dtype: torch.dtype | None):
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, *, num_classes: int, autocast_dtype: torch.dtype | None = None,
-             limit: int | None = None, ranks: Ranks = SINGLE, loss_fn: LossFn = F.cross_entropy) -> Metrics:
+             limit: int | None = None, ranks: Ranks = SINGLE, loss_fn: LossFn = F.cross_entropy,
+             on_batch=None) -> Metrics:
     was_training = model.training
     model.eval()
     sums = MetricSums(next(itertools.chain(model.parameters(), model.buffers())).device, top5=num_classes > 5)
@@ -132,6 +133,8 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, autocast_dtype: torc
         with autocast_for(x.device, autocast_dtype):
             logits = model(x).float()
         sums.add(logits, y, loss_fn(logits, y))
+        if on_batch is not None:
+            on_batch()
     model.train(was_training)
     return sums.result(ranks)
 
@@ -450,8 +453,13 @@ class Trainer:
             count += len(y)
             self.reporter.advance(len(y))
         train_time = timer.stop()
+        scoring = getattr(self.reporter, "scoring", None)
+        tick = scoring("val", min(len(val_loader), self.settings.limit_eval_batches or len(val_loader))) if scoring else None
         val = evaluate(self.model, val_loader, num_classes=self.num_classes, loss_fn=self.loss_fn,
-                       autocast_dtype=self.autocast_dtype, limit=self.settings.limit_eval_batches, ranks=self.ranks)
+                       autocast_dtype=self.autocast_dtype, limit=self.settings.limit_eval_batches, ranks=self.ranks,
+                       on_batch=tick)
+        if tick is not None:
+            tick(done=True)
         record = {"epoch": 1, "step": 0, "train/loss": None, "train/acc": None, **val.named("val"),
                   "lr": 0.0, "train_time_s": train_time, "images_per_s": count / train_time}
         improved = self.best.update(record, 1)
@@ -492,7 +500,7 @@ class Trainer:
         data = encode_checkpoint(self.state(partial))  # serialised once, written once or twice
         save_checkpoint(self.checkpoint_dir / LAST, data, keep_previous=True)
         if best:
-            save_checkpoint(self.checkpoint_dir / "best.pt", data)
+            save_same_checkpoint(self.checkpoint_dir / "best.pt", self.checkpoint_dir / LAST, data)
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint written by ``state()``: at an epoch's end, or inside one."""
