@@ -98,6 +98,7 @@ def test_a_sweep_through_the_slurm_launcher_runs_its_trials_as_job_arrays(cluste
                      "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10",
                      cwd=tmp_path, env=cluster.env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Bypassing sacct error" not in result.stdout + result.stderr  # this cluster keeps no accounting
     assert result.stdout.strip().splitlines()[-1].startswith("sweep: 4 trials")
     (folder,) = (tmp_path / "outputs" / "sweeps").glob("*/*")
     records = [json.loads((folder / str(k) / "trial.json").read_text()) for k in range(4)]
@@ -149,6 +150,16 @@ def test_a_lost_worker_loses_nothing_and_a_resubmitted_sweep_finishes(cluster, t
      "error: hydra.sweeper.storage=postgresql://cnnlab:***@127.0.0.1:9/cnnlab: cannot open the study there: connection failed"),
     (["hydra.sweeper.storage=/proc/cnnlab/optuna.journal"],
      "error: hydra.sweeper.storage=/proc/cnnlab/optuna.journal: cannot open the study there:"),
+    # the launcher's defaults (1 GPU, 8 CPUs, 32 GB) on this one-node cluster without GPUs: each one line, by name
+    (["hydra/launcher=slurm", "hydra.launcher.partition=cnnlab", "hydra.launcher.cpus_per_task=1",
+      "hydra.launcher.mem_gb=1"],
+     "error: hydra.launcher.gpus_per_node=1: partition cnnlab has no GPUs to give (sbatch:"),
+    (["hydra/launcher=slurm", "hydra.launcher.partition=cnnlab", "hydra.launcher.gpus_per_node=0",
+      "hydra.launcher.cpus_per_task=999", "hydra.launcher.mem_gb=1"],
+     "error: hydra.launcher.cpus_per_task=999: the nodes of partition cnnlab have at most"),
+    (["hydra/launcher=slurm", "hydra.launcher.partition=cnnlab", "hydra.launcher.gpus_per_node=0",
+      "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=100000"],
+     "error: hydra.launcher.mem_gb=100000: the nodes of partition cnnlab have at most"),
 ])
 def test_a_wrong_partition_database_or_journal_is_one_line_before_any_trial(cluster, tmp_path, args, message):
     port = database_url(cluster.database).rsplit(":", 1)[1].split("/")[0]

@@ -289,7 +289,8 @@ def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter,
     probabilities = {}
 
     def score(split: str, loader) -> dict[str, float | None]:
-        tick = console_reporter.scoring(split, len(loader)) if memorises else None  # k-NN: minutes, not seconds
+        batches = min(len(loader), run.trainer.limit_eval_batches or len(loader))
+        tick = console_reporter.scoring(split, batches) if memorises else None  # k-NN: minutes, not seconds
         probabilities[split] = predict([model], loader, autocast_dtype=autocast_dtype, tta_flip=run.trainer.tta_flip,
                                        tta_shift=run.trainer.tta_shift, limit=run.trainer.limit_eval_batches,
                                        on_batch=tick)

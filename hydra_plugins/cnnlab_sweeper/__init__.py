@@ -176,3 +176,61 @@ def check_launcher(config: DictConfig) -> None:
     if partition is not None and str(partition) not in partitions:
         raise CnnlabError(f"hydra.launcher.partition={partition}: no such SLURM partition here; "
                           f"partitions: {', '.join(partitions)}")
+    check_job_fits(launcher)
+    quiet_sacct_without_accounting()
+
+
+def check_job_fits(launcher) -> None:
+    """A trial's job that SLURM would refuse (GPUs on a partition without any) or that no node of the partition can
+    ever run (more CPUs or memory than a node has: it would pend forever) is one line naming the launcher setting."""
+    import subprocess
+
+    from cnnlab.core.errors import CnnlabError
+
+    where = ["--partition", str(launcher.partition)] if launcher.get("partition") else []
+    nodes = subprocess.run(["sinfo", "-h", "-N", *where, "-o", "%c %m"], capture_output=True, text=True)
+    sizes = [tuple(map(int, line.split()[:2])) for line in nodes.stdout.splitlines()
+             if len(line.split()) >= 2 and all(v.isdigit() for v in line.split()[:2])]
+    name = f"partition {launcher.partition}" if launcher.get("partition") else "the default partition"
+    cpus, mem_gb = launcher.get("cpus_per_task") or 1, launcher.get("mem_gb")
+    if sizes:
+        most_cpus, most_mem = max(c for c, _ in sizes), max(m for _, m in sizes)
+        per_node = cpus * (launcher.get("tasks_per_node") or 1)
+        if per_node > most_cpus:
+            raise CnnlabError(f"hydra.launcher.cpus_per_task={cpus}: the nodes of {name} have at most {most_cpus} CPUs, "
+                              "so the trials' jobs would pend forever; lower it")
+        if mem_gb is not None and mem_gb * 1024 > most_mem:
+            raise CnnlabError(f"hydra.launcher.mem_gb={mem_gb}: the nodes of {name} have at most {most_mem / 1024:.1f} "
+                              "GB, so the trials' jobs would pend forever; lower it")
+    test = ["sbatch", "--test-only", *where, f"--cpus-per-task={cpus}", "--wrap", "true"]
+    if launcher.get("gpus_per_node"):
+        test.insert(2, f"--gpus-per-node={launcher.gpus_per_node}")
+    if mem_gb is not None:
+        test.insert(2, f"--mem={int(mem_gb * 1024)}M")
+    tried = subprocess.run(test, capture_output=True, text=True)
+    if tried.returncode != 0:
+        said = " ".join(tried.stderr.replace("sbatch: error:", "").split())
+        if "gres" in said.lower() and launcher.get("gpus_per_node"):
+            raise CnnlabError(f"hydra.launcher.gpus_per_node={launcher.gpus_per_node}: {name} has no GPUs to give "
+                              f"(sbatch: {said}); set hydra.launcher.gpus_per_node=0")
+        raise CnnlabError(f"hydra/launcher=slurm: SLURM refuses the trials' jobs on {name}: {said}")
+
+
+def quiet_sacct_without_accounting() -> None:
+    """submitit asks sacct for its jobs' states. On a cluster that keeps no accounting, sacct always fails and
+    submitit warns each time ("Bypassing sacct error"), though the states come from the jobs' result files: those
+    warnings cannot apply there, and are left out."""
+    import logging
+    import subprocess
+
+    probe = subprocess.run(["sacct", "-n", "-X", "-j", "1"], capture_output=True, text=True)
+    if probe.returncode == 0 or "accounting storage is disabled" not in probe.stderr.lower():
+        return
+    logger = logging.getLogger("submitit")
+    if not any(isinstance(f, _NoAccounting) for f in logger.filters):
+        logger.addFilter(_NoAccounting())
+
+
+class _NoAccounting:
+    def filter(self, record) -> bool:
+        return "Bypassing sacct error" not in record.getMessage()
