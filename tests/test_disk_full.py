@@ -73,7 +73,7 @@ def test_the_places_a_run_writes_each_fail_in_one_line(small_disk, tmp_path):
     """Across fill levels, the disk runs out in different places (TensorBoard's events, the viz record, a
     checkpoint): each is one line."""
     places = set()
-    for leave in range(30_000, 1_300_000, 90_000):
+    for leave in range(30_000, 1_300_000, 160_000):
         out = fill(small_disk, leave)
         done = run_cli(*RUN, cwd=tmp_path, env={"CNNLAB_OUTPUT_DIR": str(out)})
         if done.returncode == 0:

@@ -75,6 +75,8 @@ class EventWriter:
         self._call(self._writer.file_writer.add_summary, summary)
 
     def __getattr__(self, name: str):
+        if name.startswith("_"):  # not the writer's: _writer itself before it is set, copy and pickle hooks
+            raise AttributeError(name)
         attribute = getattr(self._writer, name)
         return (lambda *a, **k: self._call(attribute, *a, **k)) if callable(attribute) else attribute
 
