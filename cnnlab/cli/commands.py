@@ -140,7 +140,6 @@ def _report(args: list[str]) -> int:
     from cnnlab.sweep.report import report
 
     load_plugins(ns.plugin)
-
     report(ns.sweep_dir, plot=ns.plot, test_best=ns.test_best, device=ns.device, data_dir=ns.data_dir)
     return 0
 

@@ -67,7 +67,7 @@ def load_plugins(modules: Iterable[str] | None) -> None:
         _import(str(module), origin=f"plugin {module}", how="plugins")
 
 
-def require_plugins(modules, source: str, flag: str = "--plugin") -> None:
+def require_plugins(modules, source: str) -> None:
     """A config read from a file (``source``: a checkpoint someone may have crafted) names ``modules``: each
     must already be imported because the user asked for it; none is imported because a file names it."""
     if modules is None:
@@ -76,7 +76,7 @@ def require_plugins(modules, source: str, flag: str = "--plugin") -> None:
         raise CnnlabError(f"{source}: its plugins entry is not a list of module names: {modules!r}")
     for module in map(str, modules):
         if module not in _imported:
-            raise CnnlabError(f"{source} was trained with plugin {module}; pass {flag} {module} to load it "
+            raise CnnlabError(f"{source} was trained with plugin {module}; pass --plugin {module} to load it "
                               "(cnnlab imports no module because a file names it)")
 
 

@@ -27,16 +27,24 @@ def _on_meta(name: str, options: dict[str, Any] | None, in_channels: int, input_
     return model.eval(), x
 
 
+def _runs(model: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether a model built on the meta device runs forward on ``x``."""
+    if getattr(model, "memorises", False):  # k-NN: any size; its forward needs what it remembered
+        return True
+    try:
+        with torch.no_grad():
+            model(x)
+    except (RuntimeError, CnnlabError):  # a kernel larger than its map
+        return False
+    return True
+
+
 def _takes(name: str, options: dict[str, Any] | None, in_channels: int, size: int, num_classes: int) -> bool:
     try:
         model, x = _on_meta(name, options, in_channels, size, num_classes)
-        if getattr(model, "memorises", False):  # k-NN: any size; its forward needs what it remembered
-            return True
-        with torch.no_grad():
-            model(x)
-    except (RuntimeError, CnnlabError):  # a kernel larger than its map; or the model's own "shrinks to nothing"
+    except CnnlabError:  # the model's own "shrinks to nothing"
         return False
-    return True
+    return _runs(model, x)
 
 
 def smallest_input(name: str, options: dict[str, Any] | None, in_channels: int, input_size: int,
@@ -63,9 +71,9 @@ def check_input_size(name: str, options: dict[str, Any] | None, in_channels: int
     except CnnlabError:
         if not _takes(name, options, in_channels, LARGEST_PROBED, num_classes):
             raise  # not about the size (an option the model refuses): its own line
-        model = None
-    if model is not None and _takes(name, options, in_channels, input_size, num_classes):
-        return
+    else:
+        if _runs(model, x):
+            return
     label = label or f"model {name}"
     size = smallest_input(name, options, in_channels, input_size, num_classes)
     if size is None:

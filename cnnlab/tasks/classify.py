@@ -289,13 +289,12 @@ def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter,
     probabilities = {}
 
     def score(split: str, loader) -> dict[str, float | None]:
-        batches = min(len(loader), run.trainer.limit_eval_batches or len(loader))
-        tick = console_reporter.scoring(split, batches) if memorises else None  # k-NN: minutes, not seconds
-        probabilities[split] = predict([model], loader, autocast_dtype=autocast_dtype, tta_flip=run.trainer.tta_flip,
-                                       tta_shift=run.trainer.tta_shift, limit=run.trainer.limit_eval_batches,
-                                       on_batch=tick)
-        if tick is not None:
-            tick(done=True)
+        limit = run.trainer.limit_eval_batches
+        # k-NN: minutes, not seconds
+        with console_reporter.scoring(split, loader, limit) if memorises else contextlib.nullcontext() as tick:
+            probabilities[split] = predict([model], loader, autocast_dtype=autocast_dtype,
+                                           tta_flip=run.trainer.tta_flip, tta_shift=run.trainer.tta_shift,
+                                           limit=limit, on_batch=tick)
         return metrics_from_probs(*probabilities[split]).report()
 
     selected = {}

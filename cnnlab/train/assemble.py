@@ -76,6 +76,7 @@ def uses_memory_path(run: RunConfig) -> bool:
         raise CnnlabError(f"dataset={dataset} is read per image from disk; data.in_memory must be auto or false")
     return not reads_files and run.data.in_memory is not False
 
+
 class RawBatches:
     """The batch as it is stored: uint8 images (k-NN remembers them so, and prepares them when comparing)."""
 

@@ -52,7 +52,7 @@ class UpdateRatio:
 
     def judge(self, epoch: int) -> str | None:
         """At an epoch's end: a warning, once per direction, naming the layer whose median over the epoch's
-        judged steps is furthest outside 1e-4..1e-2."""
+        judged steps is furthest outside UPDATE_RATIO_BAND."""
         medians = {name: median(values) for name, values in self.judged.items() if values}
         self.judged = {name: [] for name in self.weights}
         low, high = UPDATE_RATIO_BAND

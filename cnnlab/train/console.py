@@ -6,8 +6,10 @@ Otherwise (CI logs, redirected output): plain lines every log_every_n_steps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rich.console import Console, Group
@@ -75,10 +77,12 @@ class ConsoleReporter:
             self.task = self.progress.add_task("train", total=steps, completed=done, loss=float("nan"), ips=0.0)
             self.progress.start()
 
-    def scoring(self, what: str, batches: int):
-        """A progress for a long evaluation (k-NN compares every image with every remembered one): returns
-        ``tick()``, called once per batch; ``tick(done=True)`` ends it. Printed every 10% when not a terminal."""
-        started, state = time.perf_counter(), {"done": 0}
+    @contextlib.contextmanager
+    def scoring(self, what: str, loader, limit: int | None) -> Iterator[Callable[[], None]]:
+        """A progress for a long evaluation (k-NN compares every image with every remembered one) of ``loader``'s
+        batches, at most ``limit``: yields ``tick()``, called once per batch. Printed every 10% when not a terminal."""
+        batches = min(len(loader), limit or len(loader))
+        started, done = time.perf_counter(), 0
         progress = None
         if self.live:
             progress = Progress(TextColumn(f"scoring {what}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -86,18 +90,20 @@ class ConsoleReporter:
             task = progress.add_task(what, total=batches)
             progress.start()
 
-        def tick(done: bool = False) -> None:
-            if done:
-                if progress is not None:
-                    progress.stop()
-                return
-            state["done"] += 1
+        def tick() -> None:
+            nonlocal done
+            done += 1
             if progress is not None:
                 progress.advance(task)
-            elif state["done"] % max(1, batches // 10) == 0 or state["done"] == batches:
-                self.console.print(f"scoring {what}: {state['done']}/{batches} batches, "
-                                   f"{time.perf_counter() - started:.0f} s", highlight=False)
-        return tick
+            elif done % max(1, batches // 10) == 0 or done == batches:
+                self.console.print(f"scoring {what}: {done}/{batches} batches, {time.perf_counter() - started:.0f} s",
+                                   highlight=False)
+
+        try:
+            yield tick
+        finally:
+            if progress is not None:
+                progress.stop()
 
     def advance(self, images: int) -> None:
         self.done += 1

@@ -453,13 +453,11 @@ class Trainer:
             count += len(y)
             self.reporter.advance(len(y))
         train_time = timer.stop()
-        scoring = getattr(self.reporter, "scoring", None)
-        tick = scoring("val", min(len(val_loader), self.settings.limit_eval_batches or len(val_loader))) if scoring else None
-        val = evaluate(self.model, val_loader, num_classes=self.num_classes, loss_fn=self.loss_fn,
-                       autocast_dtype=self.autocast_dtype, limit=self.settings.limit_eval_batches, ranks=self.ranks,
-                       on_batch=tick)
-        if tick is not None:
-            tick(done=True)
+        limit = self.settings.limit_eval_batches
+        scoring = getattr(self.reporter, "scoring", None)  # comparing with every remembered image takes minutes
+        with scoring("val", val_loader, limit) if scoring else nullcontext() as tick:
+            val = evaluate(self.model, val_loader, num_classes=self.num_classes, loss_fn=self.loss_fn,
+                           autocast_dtype=self.autocast_dtype, limit=limit, ranks=self.ranks, on_batch=tick)
         record = {"epoch": 1, "step": 0, "train/loss": None, "train/acc": None, **val.named("val"),
                   "lr": 0.0, "train_time_s": train_time, "images_per_s": count / train_time}
         improved = self.best.update(record, 1)
