@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnlab.sweep.study import database_url
+from cnnlab.sweep.storage import database_url, shown
 from tests.conftest import TINY, run_cli
 
 pytestmark = pytest.mark.cluster
@@ -39,11 +39,16 @@ def submit(cluster, args: list[str], *, wait: bool, env: dict[str, str]) -> subp
     submitted = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
     if not wait or submitted.returncode != 0:
         return submitted
-    job = submitted.stdout.strip().split(";")[0]
+    return subprocess.CompletedProcess(args, exit_code(cluster, submitted.stdout), submitted.stdout, submitted.stderr)
+
+
+def exit_code(cluster, parsable: str) -> int:
+    """The largest exit code of a job's tasks (an array's every task), once it has ended."""
+    job = parsable.strip().split(";")[0]
     wait_for_job(cluster, job, 600)
     shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=cluster.env).stdout
     codes = [int(code) or int(signal) for code, signal in re.findall(r"\bExitCode=(\d+):(\d+)", shown)]
-    return subprocess.CompletedProcess(args, max(codes) if codes else 1, submitted.stdout, submitted.stderr)
+    return max(codes) if codes else 1
 
 
 def at_instant(when: float) -> str:
@@ -89,6 +94,59 @@ def test_array_tasks_are_workers_of_one_postgresql_study(cluster, tmp_path):
     last_lines = [(tmp_path / f"task-{task}.out").read_text().strip().splitlines()[-1] for task in range(3)]
     assert all(line.startswith("sweep: ") for line in last_lines)  # each worker's count when it stopped
     assert any(line.startswith("sweep: 6 trials (6 completed), 0 failed") for line in last_lines)
+
+
+def test_a_database_restart_mid_sweep_costs_no_worker_trial_or_epoch(cluster, tmp_path):
+    name, folder, trials, epochs = f"outage-{uuid.uuid4().hex[:8]}", tmp_path / "sw", 6, 2
+    database = fresh_database(cluster)
+    command = cnnlab_command("sweep=random_lr_wd", f"hydra.sweeper.n_trials={trials}", *SWEEP, f"trainer.epochs={epochs}",
+                             "dataset.train_size=1200", "optimizer.lr=tag(log, interval(1e-3, 0.1))",  # none diverges
+                             f"hydra.sweeper.storage={database}",
+                             f"hydra.sweeper.study_name={name}", f"hydra.sweep.dir={folder}")
+    array = sbatch(cluster, tmp_path, "--array=0-2", "--oversubscribe", f"--output={tmp_path}/task-%a.out",
+                   command=command, wait=False).stdout
+    deadline = time.monotonic() + 240
+    while not (folder / "0" / "trial.json").is_file():  # the workers hold the study and train
+        assert time.monotonic() < deadline, "".join(p.read_text()[-1500:] for p in tmp_path.glob("task-*.out"))
+        time.sleep(0.1)
+    restart = subprocess.run(["bash", str(LOCAL_CLUSTER), "pg-restart", "10"], capture_output=True, text=True, timeout=120)
+    assert restart.returncode == 0, restart.stderr
+    code = exit_code(cluster, array)
+    outs = [(tmp_path / f"task-{task}.out").read_text() for task in range(3)]
+    assert code == 0, "".join(out[-2000:] for out in outs)  # every task: no worker was lost
+    assert any("cannot be reached" in out and "is reachable again after" in out for out in outs)  # the outage was met
+    assert not any("Traceback" in out or "StorageInternalError" in out for out in outs)
+    study = load_study(database, name)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * trials  # exactly n_trials, none failed or lost
+    assert all(sorted(t.intermediate_values) == list(range(1, epochs + 1)) for t in study.trials)  # every epoch's value
+
+
+def test_an_outage_longer_than_storage_retry_s_stops_the_worker_with_75_and_a_rerun_continues(cluster, tmp_path):
+    folder, name = tmp_path / "sw", f"gone-{uuid.uuid4().hex[:8]}"
+    database = fresh_database(cluster)
+    args = ["train", "-m", *SWEEP, "dataset.train_size=1200", "optimizer.lr=0.02,0.05", "hydra.sweeper.storage_retry_s=2",
+            f"hydra.sweeper.storage={database}", f"hydra.sweeper.study_name={name}", f"hydra.sweep.dir={folder}"]
+    env = {**cluster.env, "COLUMNS": "80", "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen([sys.executable, "-m", "cnnlab", *args], cwd=tmp_path, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (folder / "0" / "trial.json").is_file():
+        assert time.monotonic() < deadline and worker.poll() is None, worker.communicate()[1][-2000:]
+        time.sleep(0.05)
+    restart = subprocess.Popen(["bash", str(LOCAL_CLUSTER), "pg-restart", "10"], stdout=subprocess.PIPE, text=True)
+    out, err = worker.communicate(timeout=120)
+    assert worker.returncode == 75, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(f"error: the study's storage {shown(database_url(database))} could "
+                                                  "not be reached for 2 s (hydra.sweeper.storage_retry_s=2): ")
+    assert "Traceback" not in err and not (folder / "0" / "summary.json").exists()  # stopped inside trial 0
+    assert restart.wait(timeout=120) == 0
+    again = run_cli(*args, cwd=tmp_path, env=env, timeout=300)
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-2000:]
+    assert again.stdout.strip().splitlines()[-1].startswith("sweep: 2 trials (2 completed), 0 failed")
+    trials = load_study(database, name).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"] and "cut_off" in trials[0].user_attrs
+    assert [t.user_attrs["job"] for t in trials[1:]] == [0, 1]  # trial 0 continued first, in its own directory
+    assert all(sorted(t.intermediate_values) == [1, 2] for t in trials[1:])  # the continued one hears of epoch 1 too
 
 
 def test_a_sweep_through_the_slurm_launcher_runs_its_trials_as_job_arrays(cluster, tmp_path):

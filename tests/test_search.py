@@ -335,6 +335,8 @@ def test_helpers_stop_with_their_worker_and_a_rerun_continues_both_trials(tmp_pa
     (["hydra.sweeper.pruner=ashaa", "optimizer.lr=0.1,0.2"], "error: unknown pruner 'ashaa' (did you mean: asha?)"),
     (["optimizer.lr=interval(0.01, 0.1)"], "error: the grid sampler takes lists of values, and optimizer.lr is an interval"),
     (["hydra/sweeper/sampler=tpee", "optimizer.lr=0.1"], "error: unknown hydra/sweeper/sampler 'tpee' (did you mean: tpe?)"),
+    (["hydra.sweeper.storage_retry_s=-1", "optimizer.lr=0.1"],
+     "error: hydra.sweeper.storage_retry_s must be a number of seconds >= 0, got -1"),
 ])
 def test_a_bad_sweep_is_one_line_and_writes_nothing(tmp_path, args, message):
     result = run_cli("train", "-m", *SWEEP, *args, cwd=tmp_path)
@@ -342,12 +344,27 @@ def test_a_bad_sweep_is_one_line_and_writes_nothing(tmp_path, args, message):
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
 
 
+def test_a_slurm_job_waits_storage_retry_s_for_a_storage_it_cannot_reach_then_stops_with_75(tmp_path):
+    """In a batch job nobody reads a fast line: a server that is not there yet is waited for as an outage is.
+    (A command typed at a terminal says so at once: test_cluster's wrong-port case.)"""
+    url = "postgresql://cnnlab:pw@127.0.0.1:9/cnnlab"  # nothing listens on port 9: connection refused
+    started = time.monotonic()
+    result = run_cli("train", "-m", *SWEEP, "optimizer.lr=0.1,0.2", f"hydra.sweeper.storage={url}",
+                     "hydra.sweeper.storage_retry_s=1.5", cwd=tmp_path, env={"SLURM_JOB_ID": "1"})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 75 and time.monotonic() - started >= 1.5, result.stderr
+    assert lines[0].startswith("warning: the study's storage postgresql") and "retrying for up to 1.5 s" in lines[0]
+    assert lines[-1].startswith("error: the study's storage postgresql") and "***@127.0.0.1:9" in lines[-1]
+    assert "could not be reached for 2 s (hydra.sweeper.storage_retry_s=1.5)" in lines[-1] and len(lines) == 2
+    assert not (tmp_path / "outputs").exists()  # nothing was written
+
+
 @pytest.mark.parametrize("url", ["postgresql+psycopg://cnnlab:s3cr%40t@127.0.0.1:55432/cnnlab",
                                  "mysql://me:pw@db.example/optuna"])
 def test_the_dashboard_line_runs_as_printed_without_showing_the_password(url):
     from sqlalchemy.engine import make_url
 
-    from cnnlab.sweep.study import dashboard_command
+    from cnnlab.sweep.storage import dashboard_command
 
     line = dashboard_command(url)
     password = url.split(":")[2].split("@")[0]

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from cnnlab import __version__
-from cnnlab.core.errors import CnnlabError, CommandLineParser, JobAborted, Preempted, ProcessesFailed, suggestion
+from cnnlab.core.errors import (CnnlabError, CommandLineParser, JobAborted, Preempted, ProcessesFailed, StorageOutage,
+                                suggestion)
 
 USAGE = """usage: cnnlab <command> [args]
 
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(stopped, file=sys.stderr)
         code = Preempted.EXIT_STATUS
+    except StorageOutage as outage:
+        print(f"error: {outage}", file=sys.stderr)
+        code = StorageOutage.EXIT_STATUS
     except ProcessesFailed as failed:
         code = failed.status
     except KeyboardInterrupt:

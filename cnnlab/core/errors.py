@@ -70,6 +70,16 @@ class Preempted(BaseException):
         self.signal_name, self.step, self.checkpoint, self.resume_hint = signal_name, step, checkpoint, resume_hint
 
 
+class StorageOutage(BaseException):
+    """A sweep's study could not be reached for hydra.sweeper.storage_retry_s (cnnlab.sweep.storage).
+
+    A BaseException, like Preempted, so neither Hydra nor a trial's failure handler takes it for the trial's
+    own failure: the worker stops, its trial stays RUNNING and unlocked, and the next claim continues it.
+    """
+
+    EXIT_STATUS = 75  # try again later, as for a pre-emption
+
+
 class ProcessesFailed(BaseException):
     """``trainer.devices=N``: a rank's non-zero exit status, passed on (the ranks printed their own lines)."""
 

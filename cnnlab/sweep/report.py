@@ -22,7 +22,7 @@ from rich.table import Table
 from cnnlab.train.console import make_console, titled
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.validation import Range, range_of
-from cnnlab.sweep.study import STORAGE_FILES, storage_target
+from cnnlab.sweep.storage import STORAGE_FILES, storage_target
 from cnnlab.sweep.trials import FAILED, SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, trial_dirs
 from cnnlab.runtime.checkpoint import write_json
 

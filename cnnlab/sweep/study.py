@@ -21,7 +21,6 @@ import itertools
 import logging
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -35,10 +34,10 @@ from cnnlab.core.errors import CnnlabError, suggestion
 from cnnlab.core.registry import PRUNERS, SAMPLERS
 from cnnlab.runtime import lock
 from cnnlab.runtime.distributed import LOCK_HELD_ENV
+from cnnlab.sweep.storage import RETRY_ENV, STORAGE_FILES, open_storage, retry_seconds, shown, storage_target
 
 log = logging.getLogger("cnnlab.sweep.study")
 
-STORAGE_FILES = {"sqlite": "optuna.db", "journal": "optuna.journal"}
 CLAIM_DIR = ".claims"           # <sweep dir>/.claims/.cnnlab.lock: held while a worker claims a trial
 WORKER_ENV = "CNNLAB_SWEEP_WORKER"  # set in the helper processes of n_jobs > 1: they start no helpers themselves
 RETRY_OF, JOB = "retry_of", "job"  # user attributes: the trial a retry continues; the trial's directory number
@@ -60,6 +59,7 @@ class SweepSettings:
     max_failure_rate: float = 1.0
     seed: int | None = None
     max_epochs: int = 1
+    storage_retry_s: float = 120.0
 
 
 def check_settings(s: SweepSettings) -> None:
@@ -77,6 +77,9 @@ def check_settings(s: SweepSettings) -> None:
             raise CnnlabError(f"hydra.sweeper.{key} must be an integer >= {low}, got {value!r}")
     if s.direction not in ("minimize", "maximize"):
         raise CnnlabError(f"hydra.sweeper.direction must be minimize or maximize, got {s.direction!r}")
+    if isinstance(s.storage_retry_s, bool) or not isinstance(s.storage_retry_s, int | float) \
+            or not 0 <= s.storage_retry_s < math.inf:
+        raise CnnlabError(f"hydra.sweeper.storage_retry_s must be a number of seconds >= 0, got {s.storage_retry_s!r}")
     if not 0 <= s.max_failure_rate <= 1:
         raise CnnlabError(f"hydra.sweeper.max_failure_rate must be in [0, 1], got {s.max_failure_rate!r}")
 
@@ -150,110 +153,6 @@ def override_value(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-# ---- storage ----
-
-def storage_target(spec: str, sweep_dir: Path) -> str:
-    """What names the study's storage for Optuna and optuna-dashboard: a URL or a journal file."""
-    if spec == "sqlite":
-        return f"sqlite:///{(sweep_dir / STORAGE_FILES['sqlite']).resolve()}"
-    if spec == "journal":
-        return str((sweep_dir / STORAGE_FILES["journal"]).resolve())
-    return spec
-
-
-def shown(target: str) -> str:
-    """A storage target fit to print: a database URL without its password."""
-    if "://" not in target or target.startswith("sqlite"):
-        return target
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(target).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: say it as given
-        return target
-
-
-PASSWORD_ENV = "CNNLAB_DB_PASSWORD"
-
-
-def dashboard_command(target: str) -> str:
-    """The optuna-dashboard command for a study, fit to print and to copy: a database password is not shown but
-    read by the shell from $CNNLAB_DB_PASSWORD, which the line names."""
-    if "://" not in target or target.startswith("sqlite"):
-        return f"optuna-dashboard {target}"
-    from sqlalchemy.engine import make_url
-
-    try:
-        url = make_url(target)
-    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: as it was given, password hidden
-        return f"optuna-dashboard {shown(target)}"
-    if url.password is None:
-        return f"optuna-dashboard '{target}'"
-    shell = url.set(password="PASSWORD_HERE").render_as_string(hide_password=False)
-    shell = shell.replace("PASSWORD_HERE", "${" + PASSWORD_ENV + "}")
-    return f'optuna-dashboard "{shell}"  (export {PASSWORD_ENV}=<the password, as written in the URL> first; it is not shown)'
-
-
-def database_url(target: str) -> str:
-    """postgresql://... with the driver that is installed: psycopg 3 (cnnlab[postgres]) unless psycopg2 is."""
-    import importlib.util
-
-    if target.startswith("postgresql://") and importlib.util.find_spec("psycopg2") is None \
-            and importlib.util.find_spec("psycopg") is not None:
-        return "postgresql+psycopg://" + target.removeprefix("postgresql://")
-    return target
-
-
-SCHEMA_ATTEMPTS = 20
-
-
-def creating_schema_at_once(error: BaseException) -> bool:
-    """Workers that meet an empty database at once each create Optuna's tables; all but one then fail on a
-    duplicate type or table (PostgreSQL: pg_type_typname_nsp_index). The tables exist then: open it again."""
-    import sqlalchemy.exc
-
-    text = str(error).lower()
-    return isinstance(error, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)) and (
-        "duplicate key" in text or "already exists" in text)
-
-
-def open_storage(spec: str, sweep_dir: Path):
-    """The study's storage, reached now: a wrong URL, a server that cannot be reached or refuses the
-    login, or a journal file that cannot be written is one line naming hydra.sweeper.storage."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    target = storage_target(spec, sweep_dir)
-    made = None
-    try:
-        if spec == "journal" or target.endswith(".journal"):
-            if spec == "journal":
-                sweep_dir.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(target))
-        if "://" not in target:
-            raise CnnlabError(f"hydra.sweeper.storage={spec!r}: give sqlite, journal, a journal file (*.journal) "
-                              "or a database URL (postgresql://user@host/db, mysql://...)")
-        engine = {"connect_args": {"timeout": 120}} if target.startswith("sqlite") else {"pool_pre_ping": True}
-        if spec == "sqlite":
-            sweep_dir.mkdir(parents=True, exist_ok=True)
-            if not (sweep_dir / STORAGE_FILES["sqlite"]).exists():
-                made = sweep_dir / STORAGE_FILES["sqlite"]  # a database this call creates: gone again if it fails
-        for attempt in range(SCHEMA_ATTEMPTS):
-            try:
-                return optuna.storages.RDBStorage(database_url(target), engine_kwargs=engine)
-            except Exception as e:
-                if attempt + 1 == SCHEMA_ATTEMPTS or not creating_schema_at_once(e):
-                    raise
-                time.sleep(0.05 * (attempt + 1) + random.random() * 0.1)
-    except CnnlabError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a driver's error, told in one line
-        if made is not None:  # e.g. a full disk: no empty database is left for the next run to trust
-            made.unlink(missing_ok=True)
-        first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
-        raise CnnlabError(f"hydra.sweeper.storage={shown(target)}: cannot open the study there: {first}") from None
-
-
 # ---- the claim lock ----
 
 @contextlib.contextmanager
@@ -304,7 +203,8 @@ def active_claim() -> Claim | None:
     import optuna
 
     target = os.environ[STORAGE_ENV]
-    storage = open_storage("journal" if target.endswith(".journal") else target, Path(target).parent)
+    storage = open_storage("journal" if target.endswith(".journal") else target, Path(target).parent,
+                           retry_seconds(), patient=True)  # its sweeper reached it: an error now is an outage
     study = optuna.load_study(study_name=os.environ[STUDY_ENV], storage=storage,
                               sampler=optuna.samplers.RandomSampler())
     return Claim(optuna.Trial(study, int(trial_id)), job=-1, overrides=[])
@@ -392,6 +292,7 @@ class Study:
                      f"hydra.sweep.subdir={job}",
                      *(f"+hydra.job.env_set.{k}={quoted(v)}" for k, v in (
                          (TRIAL_ENV, str(trial._trial_id)), (STUDY_ENV, self.s.study_name), (STORAGE_ENV, self.target),
+                         (RETRY_ENV, repr(float(self.s.storage_retry_s))),
                          (LOCK_HELD_ENV, str(trial_dir))))]
         return Claim(trial, job, overrides)
 

@@ -120,6 +120,15 @@ def _pruning(trial, monitor: str):
     return on_epoch
 
 
+def _report_history(trial, monitor: str, history: list[dict[str, Any]]) -> None:
+    """A continued trial (its worker was cut off) is a new trial of the study: it hears of the epochs its
+    checkpoint already holds, so the study keeps every epoch's value (a fresh trial has no checkpoint)."""
+    for record in history:
+        value = record.get(monitor)
+        if value is not None and math.isfinite(value):
+            trial.report(float(value), int(record["epoch"]))
+
+
 def run_trial(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """One trial of a sweep; returns its summary and never raises for a failure of the trial itself."""
     from cnnlab.sweep.study import active_claim
@@ -130,6 +139,7 @@ def run_trial(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     overrides = [o for o in overrides if not o.startswith(("sweep.resume=", "hydra.sweep.dir="))]
     claim = active_claim()
     if claim is not None:  # cnnlab's sweeper: a fresh trial directory, or a cut-off trial's to continue
+        _report_history(claim.trial, monitor, _last_history(run_dir))
         return _attempt(cfg, run_dir, overrides, settings, resume=True, on_epoch=_pruning(claim.trial, monitor))
     if settings.get("resume"):
         previous = _previous_attempt(run_dir.parent, overrides, run_dir)

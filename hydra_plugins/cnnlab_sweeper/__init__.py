@@ -24,7 +24,7 @@ log = logging.getLogger("cnnlab.sweep.study")
 class CnnlabSweeper(Sweeper):
     def __init__(self, sampler: Any = "grid", pruner: str = "none", pruning: Any = None, n_trials: int | None = None,
                  n_jobs: int = 1, storage: str = "sqlite", study_name: str = "cnnlab", direction: str = "auto",
-                 max_failure_rate: float = 1.0, params: Any = None) -> None:
+                 max_failure_rate: float = 1.0, storage_retry_s: float = 120.0, params: Any = None) -> None:
         sampler = OmegaConf.to_container(sampler, resolve=True) if isinstance(sampler, DictConfig) else sampler
         sampler = {"name": sampler} if isinstance(sampler, str) else dict(sampler or {})
         self.sampler_name = str(sampler.pop("name", "grid"))
@@ -33,6 +33,7 @@ class CnnlabSweeper(Sweeper):
         self.pruning = OmegaConf.to_container(pruning, resolve=True) if isinstance(pruning, DictConfig) else dict(pruning or {})
         self.n_trials, self.n_jobs, self.storage = n_trials, n_jobs, str(storage)
         self.study_name, self.direction, self.max_failure_rate = str(study_name), str(direction), float(max_failure_rate)
+        self.storage_retry_s = storage_retry_s
         self.params = {str(k): str(v) for k, v in (params or {}).items()}
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
@@ -46,6 +47,7 @@ class CnnlabSweeper(Sweeper):
         from cnnlab.core.errors import CnnlabError
         from cnnlab.core.plugins import load_components
         from cnnlab.sweep import study as sweep_study
+        from cnnlab.sweep.storage import dashboard_command, open_storage
         from cnnlab.sweep.trials import record_sweep
 
         load_components()
@@ -65,7 +67,7 @@ class CnnlabSweeper(Sweeper):
         in_process = type(self.launcher).__name__ == "BasicLauncher"
         if not in_process:
             check_launcher(config)
-        storage = sweep_study.open_storage(settings.storage, sweep_dir)  # reachable, before anything is written
+        storage = open_storage(settings.storage, sweep_dir, settings.storage_retry_s)  # reachable, before anything is written
         record_sweep(config)
         study = sweep_study.Study(settings, sweep_dir, space, fixed, storage)
         helpers = []
@@ -83,7 +85,7 @@ class CnnlabSweeper(Sweeper):
         if not helper:
             print(f"study {settings.study_name!r}: {study.n_trials} trials, sampler {settings.sampler}, "
                   f"pruner {settings.pruner}, {workers} at a time; live view: "
-                  f"{sweep_study.dashboard_command(study.target)}", flush=True)
+                  f"{dashboard_command(study.target)}", flush=True)
         try:
             self._work(study, batch=1 if in_process else workers)
         except BaseException:  # pre-empted, Ctrl-C, a bug: the helpers stop too, after a checkpoint
@@ -107,7 +109,8 @@ class CnnlabSweeper(Sweeper):
             seed=options.get("seed"), pruner=self.pruner, pruning=dict(self.pruning), n_trials=self.n_trials,
             n_jobs=self.n_jobs, storage=self.storage, study_name=self.study_name,
             direction=direction_of(config) if self.direction == "auto" else self.direction,
-            max_failure_rate=self.max_failure_rate, max_epochs=int(config.trainer.epochs))
+            max_failure_rate=self.max_failure_rate, max_epochs=int(config.trainer.epochs),
+            storage_retry_s=self.storage_retry_s)
 
     def _helper_args(self, sweep_dir: Path) -> list[str]:
         from cnnlab.cli.hydra_app import CONFIG_DIRS
