@@ -11,7 +11,7 @@ from cnnlab.models.blocks import LeCunTanh
 from cnnlab.optim.optimizers import Lookahead
 from cnnlab.core.registry import INITS, MODELS, OPTIMIZERS, SCHEDULERS
 from cnnlab.runtime.checkpoint import load_checkpoint
-from cnnlab.train.loop import selected_weights
+from cnnlab.train.state import selected_weights
 from tests.conftest import lr_values, quiet_console, run_tiny
 
 

@@ -21,7 +21,8 @@ from cnnlab.analysis.plotting import pyplot
 from cnnlab.data.statistics import Preprocessing
 from cnnlab.runtime.checkpoint import load_checkpoint, load_weights
 from cnnlab.train.console import make_console, report_table
-from cnnlab.train.loop import Metrics, MetricSums, autocast_for, selected_weights
+from cnnlab.train.metrics import Metrics, MetricSums, autocast_for
+from cnnlab.train.state import selected_weights
 
 
 def check_tta_shift(shift: int, image_size: int, key: str) -> None:

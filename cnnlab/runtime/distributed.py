@@ -67,6 +67,9 @@ class Ranks:
             dist.barrier()
 
 
+SINGLE = Ranks()  # one process: what every rank-aware function assumes unless told otherwise
+
+
 def launched_ranks() -> Ranks:
     """This process's place under torchrun (one process when not launched by it)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -23,7 +23,8 @@ from cnnlab.train.console import make_console, titled
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.validation import Range, range_of
 from cnnlab.sweep.storage import STORAGE_FILES, storage_target
-from cnnlab.sweep.trials import FAILED, SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, trial_dirs
+from cnnlab.core.status import FAILED, RunStatus
+from cnnlab.sweep.trials import SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, trial_dirs
 from cnnlab.runtime.checkpoint import write_json
 
 EDGE = 0.1  # a best value in the outer 10% of an interval (in log space if log-sampled) is on its edge
@@ -120,8 +121,8 @@ def load_trials(sweep_dir: Path) -> list[Trial]:
         history = summary.get("history") or []
         losses = [r["val/loss"] for r in history if r.get("val/loss") is not None]
         accs = [r["val/acc"] for r in history if r.get("val/acc") is not None]
-        status = summary.get("status", "unfinished")
-        finished = status not in FAILED and status != "unfinished" and summary.get("best_value") is not None
+        status = summary.get("status", RunStatus.UNFINISHED)
+        finished = status not in FAILED and status != RunStatus.UNFINISHED and summary.get("best_value") is not None
         trials.append(Trial(
             name=folder.name, folder=folder, params=_params(record.get("overrides", [])), status=status,
             epochs=len(history), best_val_loss=min(losses) if losses else None,
@@ -336,7 +337,7 @@ def report(sweep_dir: str, *, plot: bool = False, test_best: bool = False, devic
                      str(t.epochs), _cell(t.best_val_loss), _cell(t.best_val_acc, pct=True),
                      f"{t.wall_time_s:.1f}" if t.wall_time_s is not None else "-", t.error])
     failed = sum(t.status in FAILED for t in trials)
-    pruned = sum(t.status == "pruned" for t in trials)
+    pruned = sum(t.status == RunStatus.PRUNED for t in trials)
     spent = sum(t.epochs for t in trials)
     planned = (config.get("trainer") or {}).get("epochs")
     table = Table()

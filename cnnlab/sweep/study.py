@@ -32,6 +32,7 @@ from typing import Any
 
 from cnnlab.core.errors import CnnlabError, suggestion
 from cnnlab.core.registry import PRUNERS, SAMPLERS
+from cnnlab.core.status import FAILED, RANKED, RunStatus
 from cnnlab.runtime import lock
 from cnnlab.runtime.distributed import LOCK_HELD_ENV
 from cnnlab.sweep.storage import RETRY_ENV, STORAGE_FILES, open_storage, retry_seconds, shown, storage_target
@@ -342,21 +343,21 @@ class Study:
         from optuna.trial import TrialState
 
         trial = claim.trial
-        status = (summary or {}).get("status", "failed") if error is None else "failed"
+        status = (summary or {}).get("status", RunStatus.FAILED) if error is None else RunStatus.FAILED
         value = (summary or {}).get("best_value")
         history = (summary or {}).get("history") or []
         trial.set_user_attr("status", status)
         trial.set_user_attr("epochs", len(history))
         self.study.sampler = optuna.samplers.RandomSampler()  # after_trial hooks (the grid's stop) need Study.optimize
-        if status == "pruned":
+        if status == RunStatus.PRUNED:
             self.study.tell(trial, state=TrialState.PRUNED)
-        elif status in ("completed", "early_stopped") and value is not None and math.isfinite(value):
+        elif status in RANKED and value is not None and math.isfinite(value):
             self.study.tell(trial, float(value))
         else:
             reason = error or (summary or {}).get("error") or f"{status}: no value of the monitored metric"
             trial.set_user_attr("fail_reason", reason)
             self.study.tell(trial, state=TrialState.FAIL)
-            status = "failed" if status not in ("diverged", "failed") else status
+            status = status if status in FAILED else RunStatus.FAILED
         return status
 
     def release(self, claim: Claim) -> None:

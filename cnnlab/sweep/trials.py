@@ -30,15 +30,14 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cnnlab.core.errors import CnnlabError
+from cnnlab.core.status import FAILED, FINISHED, RunStatus
 from cnnlab.tasks import monitor_of, train
 from cnnlab.runtime.lock import RunDirLock
 from cnnlab.runtime.checkpoint import LAST, load_checkpoint, read_json, write_json
-from cnnlab.train.loop import FAILED
 
 log = logging.getLogger("cnnlab.sweep.trials")
 
 TRIAL_FILE, SUMMARY_FILE = "trial.json", "summary.json"
-FINISHED = ("completed", "early_stopped", "diverged")  # a resume does not run these again
 FAILED_EXIT_STATUS = 3  # `cnnlab train -m` when some trials failed; 2 stays "your input is wrong"
 
 # What the last sweep in this process ended with (set by SweepSummary, read by the CLI).
@@ -75,7 +74,7 @@ def _tensorboard_session(cfg: DictConfig, run_dir: Path) -> None:
     folder = events_dir(tree, run_dir)
     if folder.is_dir() and any(folder.iterdir()):
         return
-    TensorBoardLogger(folder, tree, OmegaConf.to_yaml(cfg)).close("failed")
+    TensorBoardLogger(folder, tree, OmegaConf.to_yaml(cfg)).close(RunStatus.FAILED)
 
 
 def short_names(keys: list[str]) -> dict[str, str]:
@@ -175,11 +174,11 @@ def _attempt(cfg: DictConfig, run_dir: Path, overrides: list[str], settings, *, 
         print(f"trial {run_dir.name} failed: {error}", file=sys.stderr, flush=True)
         history = _last_history(run_dir)
         _tensorboard_session(cfg, run_dir)
-        summary = {"status": "failed", "error": error, "run_dir": str(run_dir), "history": history,
+        summary = {"status": RunStatus.FAILED, "error": error, "run_dir": str(run_dir), "history": history,
                    "best_value": None, "wall_time_s": time.time() - start}
         write_json(run_dir / SUMMARY_FILE, summary)
         return summary
-    if summary["status"] == "diverged":
+    if summary["status"] == RunStatus.DIVERGED:
         summary["error"] = f"loss diverged at step {summary.get('diverged_at_step')}"
         write_json(run_dir / SUMMARY_FILE, summary)
     return summary
@@ -198,7 +197,7 @@ def trial_dirs(sweep_dir: Path) -> list[Path]:
 def sweep_status(sweep_dir: Path) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for folder in trial_dirs(sweep_dir):
-        status = (read_json(folder / SUMMARY_FILE) or {}).get("status", "unfinished")
+        status = (read_json(folder / SUMMARY_FILE) or {}).get("status", RunStatus.UNFINISHED)
         counts[status] = counts.get(status, 0) + 1
     failed = sum(counts.get(s, 0) for s in FAILED)
     return {"dir": str(sweep_dir), "trials": sum(counts.values()), "failed": failed, "counts": counts}

@@ -21,13 +21,15 @@ from cnnlab.analysis.viz import Visualizer, images_of, start_visualizer
 from cnnlab.core.config import parse_run_config, to_container
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import TASKS
+from cnnlab.core.status import FINISHED, RunStatus
 from cnnlab.runtime.checkpoint import load_checkpoint, load_resumable, load_weights, read_json, write_json
 from cnnlab.runtime.distributed import launched_ranks
 from cnnlab.data.split import stratified_folds
 from cnnlab.runtime.signals import StopRequest
 from cnnlab.train.assemble import Setup, setup
 from cnnlab.train.console import ConsoleReporter
-from cnnlab.train.loop import Trainer, selected_weights
+from cnnlab.train.loop import Trainer
+from cnnlab.train.state import selected_weights
 from cnnlab.train.losses import expected_initial_loss
 from cnnlab.train.resume import check_resumable
 from cnnlab.train.tensorboard_log import TensorBoardLogger, events_dir
@@ -79,7 +81,7 @@ def load_resume_state(cfg, run_dir: Path, console: ConsoleReporter) -> dict[str,
     for line in damaged:
         console.warn(f"{line}; falling back to {path}")
     status = (read_json(run_dir / "summary.json") or {}).get("status")
-    if status in ("early_stopped", "diverged") and state.get("partial") is None:
+    if status in (RunStatus.EARLY_STOPPED, RunStatus.DIVERGED) and state.get("partial") is None:
         raise CnnlabError(f"{run_dir} ended {status}; nothing to resume (choose a new hydra.run.dir)")
     check_resumable(state, path, to_container(cfg), run_dir)
     state["path"] = str(path)
@@ -125,7 +127,7 @@ def cross_validate(cfg, run_dir: Path, console_reporter: ConsoleReporter, k: int
     for i, (train_idx, val_idx) in enumerate(stratified_folds(labels, k, run.data.split_seed)):
         fold_dir = run_dir / f"fold{i}"
         done = read_json(fold_dir / "summary.json") if resume else None
-        if done is not None and done.get("status") in ("completed", "early_stopped", "diverged"):
+        if done is not None and done.get("status") in FINISHED:
             summaries.append(done)
             continue
         console_reporter.console.print(f"fold {i + 1}/{k}: {len(train_idx):,} train / {len(val_idx):,} val", highlight=False)
@@ -143,7 +145,7 @@ def cross_validate(cfg, run_dir: Path, console_reporter: ConsoleReporter, k: int
     values = [f.get("best_value") for f in summaries]
     monitor = summaries[0]["monitor"]
     summary: dict[str, Any] = {
-        "status": "completed" if all(v is not None for v in values) else "diverged",
+        "status": RunStatus.COMPLETED if all(v is not None for v in values) else RunStatus.DIVERGED,
         "name": run.name, "run_dir": str(run_dir), "version": __version__, "dataset": summaries[0]["dataset"],
         "model": summaries[0]["model"], "parameters": summaries[0]["parameters"], "monitor": monitor,
         "folds": [{"fold": i, "run_dir": f["run_dir"], "status": f["status"], "best_epoch": f.get("best_epoch"),
@@ -151,7 +153,7 @@ def cross_validate(cfg, run_dir: Path, console_reporter: ConsoleReporter, k: int
                   for i, f in enumerate(summaries)],
         "best_value": None, "selected": {}, "wall_time_s": time.perf_counter() - wall_start,
     }
-    if summary["status"] != "completed":
+    if summary["status"] != RunStatus.COMPLETED:
         write_json(run_dir / "summary.json", summary)
         console_reporter.console.print(f"status: diverged in a fold; summary: {run_dir / 'summary.json'}", highlight=False)
         return summary
@@ -249,7 +251,7 @@ def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter,
         except BaseException:
             if tensorboard is not None:
                 with contextlib.suppress(CnnlabError):  # the disk that failed the run may fail this too
-                    tensorboard.close("failed")
+                    tensorboard.close(RunStatus.FAILED)
             raise
     if not ranks.is_main:  # rank 0 alone selects, tests and writes the summary; the others wait for it
         ranks.barrier()
@@ -267,7 +269,7 @@ def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter,
         "selected_weights": "ema" if trainer.ema is not None else "model",
         "compile_time_s": trainer.compile_time_s,  # with trainer.compile; not in train_time_s
     }
-    if trainer.status == "diverged" or trainer.best.epoch is None:
+    if trainer.status == RunStatus.DIVERGED or trainer.best.epoch is None:
         # A diverged run is recorded, not tested: the test set is for selected models only.
         summary.update({"diverged_at_step": trainer.diverged_at, "selected": {}, "history": history})
         write_json(run_dir / "summary.json", summary)

@@ -21,6 +21,7 @@ from cnnlab.core.config import parse_run_config
 from cnnlab.train.console import make_console
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import TASKS
+from cnnlab.core.status import RunStatus
 from cnnlab.core.validation import PositiveInt
 from cnnlab.runtime.checkpoint import atomic_write, save_checkpoint, write_json
 from cnnlab.train.assemble import resolve_device, seed_everything
@@ -131,7 +132,7 @@ def image_fit(cfg, run_dir: Path, console: Console | None = None, *, test: bool 
         out = torch.cat([torch.sigmoid(model(c)) for c in coords.split(65536)])
         return out.reshape(size, size, 3).permute(2, 0, 1)
 
-    history, train_time, step, status = [], 0.0, 0, "completed"
+    history, train_time, step, status = [], 0.0, 0, RunStatus.COMPLETED
     report_every = max(1, settings.epochs // 20)
     for epoch in range(1, settings.epochs + 1):
         model.train()
@@ -156,7 +157,7 @@ def image_fit(cfg, run_dir: Path, console: Console | None = None, *, test: bool 
             console.print(f"epoch {epoch:>4}/{settings.epochs}  loss {record['loss']:.5f}  PSNR {record['psnr']:.2f} dB",
                           highlight=False)
         if on_epoch is not None and on_epoch(epoch, record) and epoch < settings.epochs:
-            status = "pruned"  # a sweep's pruner: this fit is behind the others at this epoch
+            status = RunStatus.PRUNED  # a sweep's pruner: this fit is behind the others at this epoch
             console.print(f"pruned after epoch {epoch}", highlight=False)
             break
 

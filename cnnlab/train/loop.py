@@ -1,106 +1,28 @@
-"""The training loop: train an epoch, validate, keep the best checkpoint; and the
-babysitting the lectures teach (initial loss, divergence guard, early stopping)."""
+"""The training loop: train an epoch, end it (validate, keep the best checkpoint, ask whether to go
+on), and the babysitting the lectures teach (initial loss, divergence guard, early stopping). What it
+measures lives in metrics.py, what watches it in watchers.py, its checkpoint state in state.py."""
 
 from __future__ import annotations
 
-import itertools
-import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cnnlab.core.errors import Preempted
+from cnnlab.core.status import RunStatus
 from cnnlab.models.blocks import WithAux
 from cnnlab.runtime.checkpoint import LAST, encode_checkpoint, load_weights, save_checkpoint, save_same_checkpoint
-from cnnlab.runtime.distributed import Ranks
+from cnnlab.runtime.distributed import SINGLE, Ranks
 from cnnlab.train.babysit import UpdateRatio, dead_unit_fractions
-from cnnlab.train.losses import LossFn, build_loss, expected_initial_loss
-
-SINGLE = Ranks()
-FAILED = ("diverged", "failed")  # the statuses of a run that ended without a model worth selecting
-
-
-@dataclass
-class Metrics:
-    loss: float
-    acc: float
-    top5: float | None  # only where there are more than 5 classes
-    count: int
-
-    def report(self) -> dict[str, float | None]:
-        """A row of the homework's report: loss, accuracy, error, top-5 and how many images."""
-        return {"loss": self.loss, "acc": self.acc, "error": 1 - self.acc, "top5": self.top5, "count": self.count}
-
-    def named(self, split: str) -> dict[str, float]:
-        out = {f"{split}/loss": self.loss, f"{split}/acc": self.acc}
-        if self.top5 is not None:
-            out[f"{split}/top5"] = self.top5
-        return out
-
-
-class MetricSums:
-    """Loss and hit counts summed on the device, read once per epoch (a read syncs with the GPU).
-
-    A step only keeps its detached logits, labels and loss; the hits (argmax, compare, sum) are
-    counted for many steps at once when read, or when the kept logits reach ``FOLD_ELEMENTS``, so the
-    loop's per-step work stays that of a hand-written loop."""
-
-    FOLD_ELEMENTS = 1 << 20  # logits kept before they are counted: 4 MiB of float32
-
-    def __init__(self, device: torch.device, top5: bool):
-        self.sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, top-1 hits, top-5 hits
-        self.count, self.top5, self.held = 0, top5, 0
-        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
-        """``loss``: the batch's mean loss, without a graph (the trainer detaches it)."""
-        if len(labels) == 0:  # a rank's empty share of a last, short batch
-            return
-        if labels.ndim == 2:  # soft targets (mixup, cutmix): the dominant class
-            labels = labels.argmax(1)
-        self.pending.append((logits.detach(), labels, loss))
-        self.count += len(labels)
-        self.held += logits.numel()
-        if self.held >= self.FOLD_ELEMENTS:
-            self._fold()
-
-    @torch.no_grad()
-    def _fold(self) -> None:
-        """Add the pending steps into ``sums``."""
-        if not self.pending:
-            return
-        logits, labels, losses = zip(*self.pending)
-        n = torch.tensor([len(y) for y in labels], device=self.sums.device, dtype=torch.float64)
-        logits, labels = torch.cat(logits), torch.cat(labels)
-        if self.top5:
-            hits = logits.topk(5, dim=1).indices == labels[:, None]
-            top1, top5 = hits[:, 0].sum(), hits.any(1).sum()
-        else:
-            top1 = top5 = (logits.argmax(1) == labels).sum()
-        self.sums += torch.stack([(torch.stack(losses).double() * n).sum(), top1.double(), top5.double()])
-        self.pending, self.held = [], 0
-
-    def total(self, ranks: Ranks = SINGLE) -> torch.Tensor:
-        """(loss * n, top-1 hits, top-5 hits, n), summed over every rank."""
-        self._fold()
-        return ranks.sum_(torch.cat([self.sums, self.sums.new_tensor([self.count])]))
-
-    def load(self, total: torch.Tensor) -> None:
-        self.sums.copy_(total[:3])
-        self.count, self.pending, self.held = int(total[3]), [], 0
-
-    def result(self, ranks: Ranks = SINGLE) -> Metrics:
-        loss, top1, top5, count = self.total(ranks).tolist()
-        n = max(count, 1)
-        return Metrics(loss / n, top1 / n, top5 / n if self.top5 else None, int(count))
+from cnnlab.train.losses import build_loss, expected_initial_loss
+from cnnlab.train.metrics import Metrics, MetricSums, autocast_for, evaluate
+from cnnlab.train.state import capture_rng, restore_rng
+from cnnlab.train.watchers import BestTracker, DivergenceGuard, EpochTimer
 
 
 class Reporter(Protocol):
@@ -112,118 +34,6 @@ class Reporter(Protocol):
     def warn(self, message: str) -> None: ...
     def epoch_end(self, record: dict[str, Any], improved: bool) -> None: ...
     def flush(self) -> None: ...
-
-
-def autocast_for(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, loader, *, num_classes: int, autocast_dtype: torch.dtype | None = None,
-             limit: int | None = None, ranks: Ranks = SINGLE, loss_fn: LossFn = F.cross_entropy,
-             on_batch=None) -> Metrics:
-    was_training = model.training
-    model.eval()
-    sums = MetricSums(next(itertools.chain(model.parameters(), model.buffers())).device, top5=num_classes > 5)
-    for i, (x, y) in enumerate(loader):
-        if limit is not None and i == limit:
-            break
-        if len(y) == 0:
-            continue
-        with autocast_for(x.device, autocast_dtype):
-            logits = model(x).float()
-        sums.add(logits, y, loss_fn(logits, y))
-        if on_batch is not None:
-            on_batch()
-    model.train(was_training)
-    return sums.result(ranks)
-
-
-class EpochTimer:
-    """Seconds of training work: CUDA events on a GPU (read once, at the epoch's end), a host clock elsewhere.
-
-    Events time the device's own queue, so a host running ahead of the GPU does not shorten an epoch.
-    """
-
-    def __init__(self, device: torch.device):
-        self.cuda, self.mps = device.type == "cuda", device.type == "mps"
-        self.excluded = 0.0  # e.g. torch.compile's first call, reported apart
-
-    def start(self, carried: float = 0.0) -> None:
-        """``carried``: seconds of this epoch trained before a resume."""
-        self.excluded, self.carried = 0.0, carried
-        if self.cuda:
-            self.begin = torch.cuda.Event(enable_timing=True)
-            self.begin.record()
-        else:
-            self.begin_s = time.perf_counter()
-
-    def exclude(self, seconds: float) -> None:
-        self.excluded += seconds
-
-    def stop(self) -> float:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            end.synchronize()
-            elapsed = self.begin.elapsed_time(end) / 1000
-        else:
-            if self.mps:  # MPS queues work like CUDA but has no events here: wait for it
-                torch.mps.synchronize()
-            elapsed = time.perf_counter() - self.begin_s
-        return elapsed - self.excluded + self.carried
-
-
-class BestTracker:
-    """The best value so far of the monitored validation metric."""
-
-    def __init__(self, monitor: str):
-        self.monitor, self.maximize = monitor, not monitor.endswith("loss")
-        self.value: float | None = None
-        self.epoch: int | None = None
-
-    def update(self, metrics: dict[str, float], epoch: int) -> bool:
-        v = metrics[self.monitor]
-        better = self.value is None or (v > self.value if self.maximize else v < self.value)
-        if better:
-            self.value, self.epoch = v, epoch
-        return better
-
-
-class DivergenceGuard:
-    """Flags the first step whose loss is NaN/inf or above factor x the first loss.
-
-    A step only hands over its loss; the losses are judged together when the flag is read (a
-    sync): at log steps and epoch ends."""
-
-    def __init__(self, factor: float | None, device: torch.device):
-        self.factor = factor
-        self.reference: torch.Tensor | None = None
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.pending: list[tuple[int, torch.Tensor]] = []
-
-    def watch(self, loss: torch.Tensor, step: int) -> None:
-        if self.factor is None:
-            return
-        if self.reference is None:
-            self.reference = loss.detach().float().clone()
-        self.pending.append((step, loss))  # detached by the trainer
-
-    def _judge(self) -> None:
-        if not self.pending:
-            return
-        steps, losses = zip(*self.pending)
-        self.pending = []
-        losses = torch.stack(losses).float()
-        bad = ~torch.isfinite(losses) | (losses > self.factor * self.reference)
-        steps = torch.tensor(steps, device=losses.device)
-        first = torch.where(bad, steps, torch.iinfo(torch.long).max).min()
-        self.first_bad = torch.where((self.first_bad < 0) & bad.any(), first, self.first_bad)
-
-    def tripped_at(self, ranks: Ranks = SINGLE) -> int | None:
-        self._judge()
-        step = ranks.min_step(int(self.first_bad), self.first_bad.device)
-        return step if step >= 0 else None
 
 
 class Trainer:
@@ -258,7 +68,8 @@ class Trainer:
         self.best = BestTracker(settings.monitor)
         self.epoch, self.step, self.history = 0, 0, []
         self.partial: dict[str, Any] | None = None  # where a resumed run picks up inside an epoch
-        self.status, self.initial_loss, self.diverged_at = "running", None, None
+        self.stale_epochs = 0  # epochs since the monitored value last improved (early stopping)
+        self.status, self.initial_loss, self.diverged_at = RunStatus.RUNNING, None, None
         self.compile_time_s: float | None = None  # with trainer.compile: the first step, timed apart
         self.data_loss: torch.Tensor | None = None  # the last step's loss before weight penalties
 
@@ -337,106 +148,130 @@ class Trainer:
                                "check the initialisation, the labels and the loss")
 
     def fit(self, train_loader, val_loader) -> list[dict[str, Any]]:
+        """Epochs until the last, or until the run diverges, stops early, is pruned or pre-empted."""
         if getattr(self.model, "memorises", False):
             return self.fit_by_memory(train_loader, val_loader)
         s = self.settings
         batches = min(len(train_loader), s.limit_train_batches or len(train_loader))
-        # after a resume, count from the best epoch so far
-        epochs_without_improvement = self.epoch - (self.best.epoch or self.epoch)
-        while self.epoch < s.epochs and self.status == "running":
+        self.stale_epochs = self.epoch - (self.best.epoch or self.epoch)  # after a resume, from the best epoch so far
+        while self.epoch < s.epochs and self.status == RunStatus.RUNNING:
             self.epoch += 1
-            self.model.train()
-            partial, self.partial = self.partial, None
-            if partial is not None:  # the interrupted epoch: its order again, from the next batch
-                train_loader.generator.set_state(partial["order"])
-            order_state = train_loader.generator.get_state()
-            start = partial["batch"] if partial else 0
-            sums = MetricSums(self.device, top5=False)  # top-5 is reported for validation and test
-            if partial is not None and self.ranks.is_main:  # the saved sums are over all ranks
-                sums.load(partial["sums"])
-            self.reporter.epoch_start(self.epoch, s.epochs, batches, done=start)
-            timer = EpochTimer(self.device)
-            timer.start(carried=partial["train_time_s"] if partial else 0.0)
-            since_checkpoint = 0
-            for i, (x, y) in enumerate(train_loader.iterate(start), start=start):
-                if i == batches:
-                    break
-                update = (i + 1) % s.accumulate_steps == 0 or i + 1 == batches
-                compiling = s.compile and self.step == 0
-                if compiling:
-                    self._sync()
-                    compile_start = time.perf_counter()
-                watching = self.update_ratio is not None and update and (self.step + 1) % s.log_every_n_steps == 0
-                if watching:
-                    self.update_ratio.snapshot(self.optimizer.param_groups[0]["lr"])
-                logits, loss = self.train_step(x, y, first=i % s.accumulate_steps == 0, update=update)
-                if watching:
-                    self.watch_updates()
-                if compiling:  # torch.compile compiles on the first call: keep it out of the throughput
-                    self._sync()
-                    self.compile_time_s = time.perf_counter() - compile_start
-                    timer.exclude(self.compile_time_s)
-                loss = loss.detach()  # once, for the sums and the guard below
-                sums.add(logits, y, loss)  # only argmax of the logits: their precision does not matter
-                self.step += 1
-                since_checkpoint += 1
-                self.guard.watch(loss, self.step)
-                self.reporter.advance(len(y))
-                if self.step == 1:
-                    self.check_initial_loss(self.data_loss.detach().item())
-                if s.log_params_every_n_steps and self.step % s.log_params_every_n_steps == 0:
-                    self.reporter.log_parameters(self.model, self.step)
-                if self.step % s.log_every_n_steps == 0:
-                    self.reporter.log_step(self.step, loss.item(), self.optimizer.param_groups[0]["lr"])
-                    if self.guard.tripped_at(self.ranks) is not None:
-                        break
-                if update and i + 1 < batches:  # a step boundary inside the epoch
-                    stopping = self.stop_requested()
-                    if stopping or (s.checkpoint_every_n_steps and since_checkpoint >= s.checkpoint_every_n_steps):
-                        saving_start = time.perf_counter()
-                        self.save({"batch": i + 1, "order": order_state, "sums": sums.total(self.ranks).cpu(),
-                                   "train_time_s": timer.stop()})
-                        timer.exclude(time.perf_counter() - saving_start)
-                        since_checkpoint = 0
-                    if stopping:
-                        self.preempt()
+            train, train_time = self.train_epoch(train_loader, batches)
             if (at := self.guard.tripped_at(self.ranks)) is not None:
-                self.status, self.diverged_at = "diverged", at
+                self.status, self.diverged_at = RunStatus.DIVERGED, at
                 self.reporter.warn(f"loss diverged at step {at} (NaN/inf or > {s.divergence_factor}x the first loss); "
                                    "stopping this run")
                 break
-            train_time = timer.stop()
-            train = sums.result(self.ranks)
-            val = evaluate(self.eval_model, val_loader, num_classes=self.num_classes, loss_fn=self.loss_fn,
-                           autocast_dtype=self.autocast_dtype, limit=s.limit_eval_batches, ranks=self.ranks)
-            record = {"epoch": self.epoch, "step": self.step, **train.named("train"), **val.named("val"),
-                      "lr": self.optimizer.param_groups[0]["lr"], "train_time_s": train_time,
-                      "images_per_s": train.count / train_time}
-            if self.update_ratio is not None and self.ranks.is_main:
-                if (warning := self.update_ratio.judge(self.epoch)) is not None:
-                    self.reporter.warn(warning)
-            if s.log_dead_units and self.ranks.is_main:
-                self.count_dead_units(val_loader)
-            improved = self.best.update(record, self.epoch)
-            self.history.append(record)
-            self.reporter.epoch_end(record, improved)  # logged before the checkpoint: a resume purges after it
-            if hasattr(self.scheduler, "observe"):  # reduce-on-plateau watches the validation loss
-                self.scheduler.observe(record["val/loss"])
-            self.save(None, best=improved)
-            epochs_without_improvement = 0 if improved else epochs_without_improvement + 1
-            # A sweep hears of every epoch (its pruner's record), and may stop the run before the last.
-            judged = self.on_epoch is not None and self.ranks.any(self.on_epoch(self.epoch, record))
-            if s.early_stopping_patience and epochs_without_improvement >= s.early_stopping_patience:
-                self.status = "early_stopped"
-                self.reporter.warn(f"early stopping: no better {s.monitor} for {epochs_without_improvement} epochs")
-            elif judged and self.epoch < s.epochs:
-                self.status = "pruned"  # checkpoints kept: the pruned trial is selected and reported like any
-                self.reporter.warn(f"pruned after epoch {self.epoch}: the sweep's pruner judged this trial hopeless")
-            elif self.epoch < s.epochs and self.stop_requested():
-                self.preempt()
-        if self.status == "running":
-            self.status = "completed"
+            self.end_epoch(train, train_time, val_loader)
+        if self.status == RunStatus.RUNNING:
+            self.status = RunStatus.COMPLETED
         return self.history
+
+    def train_epoch(self, train_loader, batches: int) -> tuple[Metrics, float]:
+        """One epoch of updates (the rest of it, when a resume picks up inside); its metrics and seconds."""
+        self.model.train()
+        partial, self.partial = self.partial, None
+        if partial is not None:  # the interrupted epoch: its order again, from the next batch
+            train_loader.generator.set_state(partial["order"])
+        order_state = train_loader.generator.get_state()
+        start = partial["batch"] if partial else 0
+        sums = MetricSums(self.device, top5=False)  # top-5 is reported for validation and test
+        if partial is not None and self.ranks.is_main:  # the saved sums are over all ranks
+            sums.load(partial["sums"])
+        self.reporter.epoch_start(self.epoch, self.settings.epochs, batches, done=start)
+        timer = EpochTimer(self.device)
+        timer.start(carried=partial["train_time_s"] if partial else 0.0)
+        since_checkpoint = 0
+        for i, (x, y) in enumerate(train_loader.iterate(start), start=start):
+            if i == batches:
+                break
+            update = (i + 1) % self.settings.accumulate_steps == 0 or i + 1 == batches
+            if self.train_batch(x, y, i, update, timer, sums):
+                break  # diverged: judged at a log step
+            since_checkpoint += 1
+            if update and i + 1 < batches:  # a step boundary inside the epoch
+                since_checkpoint = self.checkpoint_inside(i + 1, order_state, sums, timer, since_checkpoint)
+        return sums.result(self.ranks), timer.stop()
+
+    def train_batch(self, x: torch.Tensor, y: torch.Tensor, i: int, update: bool, timer: EpochTimer,
+                    sums: MetricSums) -> bool:
+        """Batch ``i`` of the epoch: a step, its sums, the guard and the logs. True: the loss diverged."""
+        s = self.settings
+        compiling = s.compile and self.step == 0
+        if compiling:
+            self._sync()
+            compile_start = time.perf_counter()
+        watching = self.update_ratio is not None and update and (self.step + 1) % s.log_every_n_steps == 0
+        if watching:
+            self.update_ratio.snapshot(self.optimizer.param_groups[0]["lr"])
+        logits, loss = self.train_step(x, y, first=i % s.accumulate_steps == 0, update=update)
+        if watching:
+            self.watch_updates()
+        if compiling:  # torch.compile compiles on the first call: keep it out of the throughput
+            self._sync()
+            self.compile_time_s = time.perf_counter() - compile_start
+            timer.exclude(self.compile_time_s)
+        loss = loss.detach()  # once, for the sums and the guard below
+        sums.add(logits, y, loss)  # only argmax of the logits: their precision does not matter
+        self.step += 1
+        self.guard.watch(loss, self.step)
+        self.reporter.advance(len(y))
+        if self.step == 1:
+            self.check_initial_loss(self.data_loss.detach().item())
+        if s.log_params_every_n_steps and self.step % s.log_params_every_n_steps == 0:
+            self.reporter.log_parameters(self.model, self.step)
+        if self.step % s.log_every_n_steps == 0:
+            self.reporter.log_step(self.step, loss.item(), self.optimizer.param_groups[0]["lr"])
+            return self.guard.tripped_at(self.ranks) is not None
+        return False
+
+    def checkpoint_inside(self, batch: int, order_state: torch.Tensor, sums: MetricSums, timer: EpochTimer,
+                          since_checkpoint: int) -> int:
+        """At a step boundary inside an epoch: a checkpoint when a stop is asked for (then the stop) or
+        trainer.checkpoint_every_n_steps have passed. Returns the steps since the last checkpoint."""
+        stopping = self.stop_requested()
+        every = self.settings.checkpoint_every_n_steps
+        if stopping or (every and since_checkpoint >= every):
+            saving_start = time.perf_counter()
+            self.save({"batch": batch, "order": order_state, "sums": sums.total(self.ranks).cpu(),
+                       "train_time_s": timer.stop()})
+            timer.exclude(time.perf_counter() - saving_start)
+            since_checkpoint = 0
+        if stopping:
+            self.preempt()
+        return since_checkpoint
+
+    def end_epoch(self, train: Metrics, train_time: float, val_loader) -> None:
+        """Validate, record and log the epoch, checkpoint it, then ask whether to go on: early stopping,
+        a sweep's pruner, a stop request."""
+        s = self.settings
+        val = evaluate(self.eval_model, val_loader, num_classes=self.num_classes, loss_fn=self.loss_fn,
+                       autocast_dtype=self.autocast_dtype, limit=s.limit_eval_batches, ranks=self.ranks)
+        record = {"epoch": self.epoch, "step": self.step, **train.named("train"), **val.named("val"),
+                  "lr": self.optimizer.param_groups[0]["lr"], "train_time_s": train_time,
+                  "images_per_s": train.count / train_time}
+        if self.update_ratio is not None and self.ranks.is_main:
+            if (warning := self.update_ratio.judge(self.epoch)) is not None:
+                self.reporter.warn(warning)
+        if s.log_dead_units and self.ranks.is_main:
+            self.count_dead_units(val_loader)
+        improved = self.best.update(record, self.epoch)
+        self.history.append(record)
+        self.reporter.epoch_end(record, improved)  # logged before the checkpoint: a resume purges after it
+        if hasattr(self.scheduler, "observe"):  # reduce-on-plateau watches the validation loss
+            self.scheduler.observe(record["val/loss"])
+        self.save(None, best=improved)
+        self.stale_epochs = 0 if improved else self.stale_epochs + 1
+        # A sweep hears of every epoch (its pruner's record), and may stop the run before the last.
+        judged = self.on_epoch is not None and self.ranks.any(self.on_epoch(self.epoch, record))
+        if s.early_stopping_patience and self.stale_epochs >= s.early_stopping_patience:
+            self.status = RunStatus.EARLY_STOPPED
+            self.reporter.warn(f"early stopping: no better {s.monitor} for {self.stale_epochs} epochs")
+        elif judged and self.epoch < s.epochs:
+            self.status = RunStatus.PRUNED  # checkpoints kept: the pruned trial is selected and reported like any
+            self.reporter.warn(f"pruned after epoch {self.epoch}: the sweep's pruner judged this trial hopeless")
+        elif self.epoch < s.epochs and self.stop_requested():
+            self.preempt()
 
     def fit_by_memory(self, train_loader, val_loader) -> list[dict[str, Any]]:
         """A model that learns by remembering (k-NN): one pass over ``train_loader`` (the classify task
@@ -464,7 +299,7 @@ class Trainer:
         self.history.append(record)
         self.reporter.epoch_end(record, improved)
         self.save(None, best=improved)
-        self.status = "completed"
+        self.status = RunStatus.COMPLETED
         return self.history
 
     def watch_updates(self) -> None:
@@ -519,15 +354,7 @@ class Trainer:
         if reference is not None and self.guard.factor is not None:
             self.guard.reference = torch.tensor(reference, device=self.device)
         self.guard.first_bad.fill_(guard.get("first_bad", -1))
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        kind, keys, *rest = rng["numpy"]  # a list of plain values (an older checkpoint: numpy's tuple)
-        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-        torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        for name, generator in self.generators.items():
-            generator.set_state(rng[name])
+        restore_rng(state["rng"], self.generators)
 
     def state(self, partial: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
@@ -542,22 +369,6 @@ class Trainer:
             "initial_loss": self.initial_loss,
             "guard": {"reference": None if self.guard.reference is None else self.guard.reference.item(),
                       "first_bad": int(self.guard.first_bad)},
-            "rng": {
-                "python": random.getstate(), "numpy": numpy_rng_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                **{name: g.get_state() for name, g in self.generators.items()},
-            },
+            "rng": capture_rng(self.generators),
             **self.checkpoint_extra,
         }
-
-
-def numpy_rng_state() -> list[Any]:
-    """numpy's global RNG state as plain values (its key array as a list), so a checkpoint loads with
-    torch.load(weights_only=True) and no allow-listed numpy types."""
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    return [kind, keys.tolist(), int(position), int(has_gauss), float(cached)]
-
-
-def selected_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint's run selected: the EMA when it was on, else the raw model."""
-    return checkpoint["ema"] if checkpoint.get("selected") == "ema" else checkpoint["model"]

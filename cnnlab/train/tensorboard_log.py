@@ -25,7 +25,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from cnnlab.core.config import flatten
 from cnnlab.core.errors import CnnlabError
-from cnnlab.train.loop import FAILED
+from cnnlab.core.status import FAILED, RunStatus
 
 
 def events_dir(cfg: Mapping[str, Any], run_dir: Path) -> Path:
@@ -102,7 +102,7 @@ class TensorBoardLogger:
                 self.writer.add_scalar(f"grad_norm/{name}", p.grad.detach().norm().item(), step)
             self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
 
-    def close(self, status: str = "completed") -> None:
+    def close(self, status: str = RunStatus.COMPLETED) -> None:
         """End the run's HParams session with its ``status`` (a run's or trial's status)."""
         _, session_start, _ = hparams_summaries({**self.hparams, "status": status}, {})
         self.writer.file_writer.add_summary(session_start)
