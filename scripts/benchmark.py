@@ -290,8 +290,8 @@ def cnnlab_loop(model_name: str, batch: int, epochs: int, seed: int, device: tor
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from cnnlab.core.config import CONF_DIR
-    from cnnlab.tasks import train
+    from cnnlab.core.config import CONF_DIR, parse_run_config
+    from cnnlab.tasks import Job, train
 
     overrides = [f"model={model_name}", f"data.batch_size={batch}", f"trainer.epochs={epochs}", f"seed={seed}",
                  f"trainer.device={device}"]
@@ -303,7 +303,7 @@ def cnnlab_loop(model_name: str, batch: int, epochs: int, seed: int, device: tor
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     logging.getLogger("cnnlab").setLevel(logging.ERROR)  # its warnings (babysitting) would break up the table
-    history = train(cfg, run_dir, console=Console(file=io.StringIO()), on_epoch=on_epoch)["history"]
+    history = train(parse_run_config(cfg), Job(run_dir, console=Console(file=io.StringIO()), on_epoch=on_epoch))["history"]
     return history if defaults else history[-1]["images_per_s"]
 
 

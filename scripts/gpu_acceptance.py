@@ -143,8 +143,8 @@ class Acceptance:
         from hydra import compose, initialize_config_dir
         from hydra.core.global_hydra import GlobalHydra
 
-        from cnnlab.core.config import CONF_DIR
-        from cnnlab.tasks import train
+        from cnnlab.core.config import CONF_DIR, parse_run_config
+        from cnnlab.tasks import Job, train
 
         overrides = [f"trainer.device={self.device}", f"name={name}", *overrides]
         GlobalHydra.instance().clear()
@@ -153,7 +153,7 @@ class Acceptance:
         run_dir = self.work / name
         with open(self.work / f"{name}.log", "w") as log:
             log.write(" ".join(overrides) + "\n")
-            summary = train(cfg, run_dir, console=Console(file=log, width=150, force_terminal=False))
+            summary = train(parse_run_config(cfg), Job(run_dir, console=Console(file=log, width=150, force_terminal=False)))
         if summary["status"] != "completed":
             raise RuntimeError(f"{name} ended {summary['status']}"
                                + (f" at step {summary.get('diverged_at_step')}" if summary.get("diverged_at_step") else ""))
@@ -231,13 +231,13 @@ class Acceptance:
         from hydra import compose, initialize_config_dir
         from hydra.core.global_hydra import GlobalHydra
 
-        from cnnlab.core.config import CONF_DIR
+        from cnnlab.core.config import CONF_DIR, parse_run_config
         from cnnlab.train.assemble import setup
 
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="train", overrides=[f"trainer.device={self.device}", *overrides])
-        s = setup(cfg)
+        s = setup(parse_run_config(cfg))
         try:
             loader = s.loader("train", s.train_idx, train=True)
             seconds = images = 0

@@ -61,9 +61,25 @@ def tiny_plus(*overrides: str) -> list[str]:
     return base + list(overrides)
 
 
-def run_tiny(run_dir: Path, *overrides: str) -> dict:
-    from cnnlab.tasks import train
+def train(cfg, run_dir: Path | None, **job) -> dict:
+    """cnnlab.tasks.train on a composed config, checked as every entry point checks it (parse_run_config),
+    run as ``Job(run_dir, **job)``."""
+    from cnnlab.core.config import parse_run_config
+    from cnnlab.tasks import Job
+    from cnnlab.tasks import train as run_task
 
+    return run_task(parse_run_config(cfg), Job(run_dir, **job))
+
+
+def setup(cfg, **options):
+    """cnnlab.train.assemble.setup of a composed config, checked first as the entry points check it."""
+    from cnnlab.core.config import parse_run_config
+    from cnnlab.train import assemble
+
+    return assemble.setup(parse_run_config(cfg), **options)
+
+
+def run_tiny(run_dir: Path, *overrides: str) -> dict:
     return train(compose_config(*tiny_plus(*overrides)), run_dir, console=quiet_console())
 
 

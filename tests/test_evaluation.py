@@ -7,6 +7,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from cnnlab.core.config import parse_run_config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.analysis.evaluation import confusion_matrix, evaluate_runs, metrics_from_probs, predict, tta_views
 from cnnlab.analysis.lr_find import lr_range_test, suggest
@@ -115,7 +116,7 @@ def test_suggestion_is_the_steepest_descent_before_the_minimum():
 
 
 def test_lr_range_test_writes_curve_plot_and_suggestion(tmp_path):
-    result = lr_range_test(compose_config(*tiny_plus("optimizer.momentum=0", "optimizer.nesterov=false")),
+    result = lr_range_test(parse_run_config(compose_config(*tiny_plus("optimizer.momentum=0", "optimizer.nesterov=false"))),
                            tmp_path, min_lr=1e-4, max_lr=1e3, steps=60, console=quiet_console())
     assert result["stopped_early"]  # lr 1000 makes the loss explode before step 60
     lrs = result["lr"]

@@ -8,7 +8,7 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.train.finetune import freeze, load_pretrained, stages
 from cnnlab.core.registry import MODELS
 from cnnlab.runtime.checkpoint import load_checkpoint
-from cnnlab.train.assemble import setup
+from tests.conftest import setup
 from tests.conftest import compose_config, run_tiny, tiny_plus
 
 CNN = ("model=small_resnet", "model.widths=[4,8]", "model.blocks=[0,1]")  # stages: features.0, .2, .4, head.2

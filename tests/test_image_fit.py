@@ -10,7 +10,7 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.tasks.image_fit import load_image, procedural_image, psnr
 from cnnlab.core.registry import MODELS
 from cnnlab.runtime.checkpoint import load_checkpoint
-from cnnlab.tasks import train
+from tests.conftest import train
 from tests.conftest import compose_config, quiet_console
 
 SMALL = ("task=image_fit", "task.size=16", "model.hidden=[32]", "data.batch_size=64", "trainer.device=cpu")

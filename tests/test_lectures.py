@@ -14,7 +14,7 @@ from torch import nn
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import OPTIMIZERS
 from cnnlab.train.losses import MulticlassSVMLoss, build_loss, expected_initial_loss
-from cnnlab.tasks import train
+from tests.conftest import train
 from tests.conftest import compose_config, quiet_console, run_tiny, tiny_plus
 
 # The loss-function lecture's three training images (cat, car, frog) and their class scores.
@@ -372,7 +372,7 @@ def test_babysitting_reaches_tensorboard_and_the_console(tmp_path):
 
     from rich.console import Console
 
-    from cnnlab.tasks import train
+    from tests.conftest import train
     from tests.conftest import compose_config, tiny_plus
 
     out = io.StringIO()

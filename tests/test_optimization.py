@@ -358,7 +358,7 @@ def test_divergence_factor_null_turns_the_guard_off(tmp_path):
 
 
 def test_initial_loss_is_checked_against_ln_classes(tmp_path):
-    from cnnlab.tasks import train
+    from tests.conftest import train
     from tests.conftest import compose_config, tiny_plus
 
     summary = run_tiny(tmp_path / "ok", "trainer.epochs=1")
@@ -386,7 +386,7 @@ def test_parameter_logging_writes_gradient_norms_and_histograms(tmp_path):
 
 def test_accumulation_with_lbfgs_is_refused():
     from tests.conftest import compose_config, tiny_plus
-    from cnnlab.tasks import train
+    from tests.conftest import train
 
     with pytest.raises(CnnlabError, match="accumulate_steps"):
         train(compose_config(*tiny_plus("optimizer=lbfgs", "trainer.accumulate_steps=2")), None, console=quiet_console())

@@ -3,7 +3,7 @@
 import pytest
 
 from cnnlab.core.config import CONF_DIR, parse_run_config
-from cnnlab.tasks import train
+from tests.conftest import train
 from tests.conftest import compose_config, quiet_console
 
 # recipe -> (model it trains, augment pipeline, optimizer)

@@ -298,7 +298,7 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights_with_ema_augmentati
         tmp_path, monkeypatch):
     """In-process: a stop request at step 13 (inside epoch 2), then a resume, against a run never stopped."""
     import cnnlab.tasks.classify as classify_module
-    from cnnlab.tasks import train
+    from tests.conftest import train
     from cnnlab.core.errors import Preempted
 
     options = ("trainer.deterministic=true", "trainer.ema_decay=0.9", "augment=crop_flip", "model.dropout=0.2",

@@ -276,7 +276,7 @@ def test_compile_time_is_reported_apart_from_training_time(tmp_path, monkeypatch
 
 def test_console_prints_plain_lines_when_not_a_terminal(tmp_path):
     console = quiet_console()
-    from cnnlab.tasks import train
+    from tests.conftest import train
 
     train(compose_config(*tiny_plus("trainer.epochs=1", "trainer.log_every_n_steps=3")), tmp_path / "run", console=console)
     out = console.file.getvalue()

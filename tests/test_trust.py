@@ -12,7 +12,7 @@ import torch
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.runtime.checkpoint import load_checkpoint, safe_load, save_checkpoint
-from cnnlab.tasks import train
+from tests.conftest import train
 from tests.conftest import TINY, compose_config, quiet_console, run_cli, run_tiny, tiny_plus
 
 

@@ -148,8 +148,7 @@ def evaluate_runs(targets: Sequence[str], *, splits: Sequence[str], tta_flip: bo
                               f"than {checkpoints[0][0]}; an ensemble must share them")
     resolve_device(device)
     recorded = checkpoints[0][1].get("preprocess")  # what training applied, statistics and all
-    base = setup(configs[0], preprocessing=None if recorded is None else Preprocessing.from_state(recorded),
-                 stored=f"checkpoint {checkpoints[0][0]}")
+    base = setup(first, preprocessing=None if recorded is None else Preprocessing.from_state(recorded))
     check_tta_shift(tta_shift, base.data.input_size, "--tta-shift")
     models = [base.model, *(build_model(run, base.data, base.device, init=False) for run in runs[1:])]
     for (path, ckpt), model in zip(checkpoints, models):

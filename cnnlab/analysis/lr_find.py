@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 
 from cnnlab.analysis.plotting import pyplot, save_png
+from cnnlab.core.config import RunConfig
 from cnnlab.runtime.checkpoint import write_json
 from cnnlab.train.loop import Trainer
 from cnnlab.train.assemble import setup
@@ -31,10 +32,10 @@ class _Silent:
         return lambda *args, **kwargs: None
 
 
-def lr_range_test(cfg, run_dir: Path, min_lr: float, max_lr: float, steps: int,
+def lr_range_test(run: RunConfig, run_dir: Path, min_lr: float, max_lr: float, steps: int,
                   console: Console | None = None) -> dict[str, Any]:
     console = console or make_console()
-    s = setup(cfg)
+    s = setup(run)
     data = s.data
     loader = s.loader("train", s.train_idx, train=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(s.optimizer, lambda step: 1.0)  # lr is set by hand below

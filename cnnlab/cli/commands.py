@@ -269,11 +269,10 @@ def refuse_bad_resume(overrides: list[str]) -> None:
         return
     from hydra import compose, initialize
     from hydra.core.global_hydra import GlobalHydra
-    from rich.console import Console
 
     from cnnlab.cli.hydra_app import translate_hydra_error
-    from cnnlab.train.console import ConsoleReporter
-    from cnnlab.tasks.classify import load_resume_state
+    from cnnlab.core.config import parse_run_config
+    from cnnlab.tasks import check_resume
 
     GlobalHydra.instance().clear()
     try:
@@ -286,7 +285,7 @@ def refuse_bad_resume(overrides: list[str]) -> None:
         raise translated from None
     finally:
         GlobalHydra.instance().clear()
-    load_resume_state(cfg, run_dir, ConsoleReporter(Console(quiet=True)))
+    check_resume(parse_run_config(cfg), run_dir)
 
 
 def _key(override: str) -> str:

@@ -51,7 +51,7 @@ def use_config_dirs(folders: list[str]) -> None:
 def hydra_train(cfg: DictConfig) -> dict | float | None:
     """Hydra's task: one run, or one trial of a sweep. Returns a trial's summary (for the sweeper), or
     a run's best validation value."""
-    from cnnlab.tasks import train
+    from cnnlab.tasks import Job, train
 
     hydra_config = HydraConfig.get()
     run_dir = Path(hydra_config.runtime.output_dir)
@@ -71,7 +71,7 @@ def hydra_train(cfg: DictConfig) -> dict | float | None:
                 if code:
                     raise ProcessesFailed(code)
                 return None
-            summary = train(cfg, run_dir, resume=True)  # a run directory with a checkpoint continues (requeued jobs)
+            summary = train(run, Job(run_dir, resume=True))  # a run directory with a checkpoint continues (requeued jobs)
     except CnnlabError as e:
         if hydra_config.mode != RunMode.MULTIRUN and launched_ranks().is_main:
             discard_refused(run_dir)  # a refused command writes nothing
@@ -113,7 +113,7 @@ def lr_find_app(min_lr: float, max_lr: float, steps: int):
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             with writer_of(run_dir, cfg):
-                lr_range_test(cfg, run_dir, min_lr, max_lr, steps)
+                lr_range_test(parse_run_config(cfg), run_dir, min_lr, max_lr, steps)
         except CnnlabError as e:
             raise JobAborted(e) from None
 

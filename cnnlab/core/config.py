@@ -169,6 +169,7 @@ def parse_run_config(cfg: DictConfig | Mapping[str, Any], *, stored: str | None 
     for key in resolved:
         if key not in TOP_LEVEL_KEYS:
             raise CnnlabError(f"unknown config key {key!r}{suggestion(key, TOP_LEVEL_KEYS)}; top-level keys: {', '.join(sorted(TOP_LEVEL_KEYS))}")
+    check_task_model(resolved)
     components = {}
     for group in GROUP_REGISTRIES:
         section = resolved.get(group)
@@ -197,6 +198,16 @@ def parse_run_config(cfg: DictConfig | Mapping[str, Any], *, stored: str | None 
         augment_ops=checked_ops,
         resolved=resolved,
     )
+
+
+def check_task_model(resolved: Mapping[str, Any]) -> None:
+    """A task that trains only some models (image_fit: a coordinate MLP) says so before any model option is
+    judged: a CNN's options make no sense there."""
+    task = str((resolved.get("task") or {}).get("name", "classify"))
+    limit = TASKS.get(task).meta.get("models") if task in TASKS else None
+    model = (resolved.get("model") or {}).get("name") if isinstance(resolved.get("model"), Mapping) else None
+    if limit is not None and model not in limit[1]:
+        raise CnnlabError(f"task={task} trains {limit[0]}: {' or '.join(f'model={m}' for m in limit[1])}, not model={model}")
 
 
 SETTINGS = {"trainer": TrainerSettings, "data": DataSettings, "sweep": SweepSettings, "finetune": FinetuneSettings,

@@ -178,9 +178,9 @@ OPTIMIZERS = Registry("optimizer", "optimizers", context=("model",))
 SCHEDULERS = Registry("scheduler", "schedulers", context=("optimizer", "steps_per_epoch", "epochs"))
 INITS = Registry("init scheme", "inits", context=("model",))
 AUGMENTS = Registry("augmentation", "augments")
-# What a run does with its parts: classify, image_fit. cnnlab hands each its config and run directory.
-# on_epoch(epoch, record) -> True: a sweep's pruner stops the run at that epoch boundary.
-TASKS = Registry("task", "tasks", context=("cfg", "run_dir", "console", "test", "resume", "resume_hint", "on_epoch"))
+# What a run does with its parts: classify, image_fit. cnnlab hands each the run's typed config (RunConfig)
+# and its job (cnnlab.tasks.job.Job: run directory, console, test and resume choices, a sweep's on_epoch).
+TASKS = Registry("task", "tasks", context=("run", "job"))
 # A sweep's search: how the next trial's values are chosen, and when a trial is stopped early.
 SAMPLERS = Registry("sampler", "samplers", context=("trial_number", "search_space"))
 PRUNERS = Registry("pruner", "pruners", context=("max_epochs",))

@@ -31,7 +31,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.status import FAILED, FINISHED, RunStatus
-from cnnlab.tasks import monitor_of, train
+from cnnlab.core.config import parse_run_config
+from cnnlab.tasks import Job, monitor_of, train
 from cnnlab.runtime.lock import RunDirLock
 from cnnlab.runtime.checkpoint import LAST, load_checkpoint, read_json, write_json
 
@@ -164,8 +165,9 @@ def _attempt(cfg: DictConfig, run_dir: Path, overrides: list[str], settings, *, 
     write_json(run_dir / TRIAL_FILE, record)
     _name_tensorboard(cfg, run_dir, overrides)
     try:
-        summary = train(cfg, run_dir, test=bool(settings.get("test_trials", False)), resume=resume, on_epoch=on_epoch,
-                        resume_hint=f"the same command with hydra.sweep.dir={run_dir.parent} sweep.resume=true")
+        summary = train(parse_run_config(cfg), Job(
+            run_dir, test=bool(settings.get("test_trials", False)), resume=resume, on_epoch=on_epoch,
+            resume_hint=f"the same command with hydra.sweep.dir={run_dir.parent} sweep.resume=true"))
     except Exception as e:  # noqa: BLE001 - a trial's failure is data for the sweep, not the end of it
         first_line = (str(e).strip().splitlines() or [""])[0]
         error = first_line if isinstance(e, CnnlabError) else f"{type(e).__name__}: {first_line}"

@@ -1,14 +1,18 @@
 """Tasks: what a run does with its parts. ``task=<name>`` picks one from the TASKS registry
-(``classify``, the default, or ``image_fit``); this is the one place that chooses."""
+(``classify``, the default, or ``image_fit``); this is the one place that chooses. A task is called
+with the run's typed config and its job: ``task(run: RunConfig, job: Job, **its options)``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from cnnlab.core.config import to_container
+from cnnlab.core.config import RunConfig
 from cnnlab.core.plugins import load_components
 from cnnlab.core.registry import TASKS
+from cnnlab.tasks.job import Job
+
+__all__ = ["Job", "check_resume", "monitor_of", "task_name", "train"]
 
 
 def task_name(cfg) -> str:
@@ -16,20 +20,27 @@ def task_name(cfg) -> str:
 
 
 def monitor_of(cfg) -> str:
-    """What a run is ranked by: the task's own measure (image_fit: PSNR, maximised), else trainer.monitor."""
+    """What a run is ranked by: the task's own measure (image_fit: PSNR, maximised), else trainer.monitor.
+    ``cfg``: a RunConfig, or a composed config not yet checked (a sweep's, with its hydra node)."""
     load_components()
-    name = task_name(cfg)
+    if isinstance(cfg, RunConfig):
+        name, monitor = cfg.components["task"].name, cfg.trainer.monitor
+    else:
+        name, monitor = task_name(cfg), cfg.trainer.monitor
     own = TASKS.get(name).meta.get("monitor") if name in TASKS else None
-    return own or str(cfg.trainer.monitor)
+    return own or str(monitor)
 
 
-def train(cfg, run_dir: Path, console=None, *, test: bool = True, resume: bool = False,
-          resume_hint: str | None = None, on_epoch=None) -> dict[str, Any]:
-    """Run the configured task into ``run_dir``; returns its summary. ``test=False`` (a sweep's
-    trials) leaves the test split unscored; ``resume``: continue from the run directory's newest
-    good checkpoint when there is one; ``on_epoch(epoch, record)`` returning True stops the run
-    there with status ``pruned`` (a sweep's pruner)."""
+def train(run: RunConfig, job: Job) -> dict[str, Any]:
+    """Run the configured task; returns its summary (also its run directory's summary.json)."""
     load_components()
-    options = {k: v for k, v in (to_container(cfg).get("task") or {}).items() if k != "name"}
-    return TASKS.build(task_name(cfg), options, prefix="task", cfg=cfg, run_dir=run_dir, console=console,
-                       test=test, resume=resume, resume_hint=resume_hint, on_epoch=on_epoch)
+    return run.components["task"].build(run=run, job=job)
+
+
+def check_resume(run: RunConfig, run_dir: Path) -> None:
+    """May ``run`` continue the checkpoint in ``run_dir``? Raises CnnlabError naming what differs. Asked
+    before anything is written there (Hydra would overwrite the run's .hydra/ record first)."""
+    load_components()
+    check = TASKS.get(run.components["task"].name).meta.get("resume_check")
+    if check is not None:
+        check(run, run_dir)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import shutil
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +20,16 @@ from cnnlab import __version__
 from cnnlab.analysis.evaluation import (check_tta_shift, confusion_figure, confusion_matrix, evaluate_runs,
                                         metrics_from_probs, predict, tta_view_count)
 from cnnlab.analysis.viz import Visualizer, images_of, start_visualizer
-from cnnlab.core.config import parse_run_config, to_container
+from cnnlab.core.config import RunConfig
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import TASKS
 from cnnlab.core.status import FINISHED, RunStatus
-from cnnlab.runtime.checkpoint import load_checkpoint, load_resumable, load_weights, read_json, write_json
+from cnnlab.runtime.checkpoint import load_checkpoint, load_resumable, load_weights, read_json
 from cnnlab.runtime.distributed import launched_ranks
 from cnnlab.data.split import stratified_folds
 from cnnlab.runtime.signals import StopRequest
+from cnnlab.tasks.job import Job
+from cnnlab.tasks.summary import run_summary, write_summary
 from cnnlab.train.assemble import Setup, setup
 from cnnlab.train.console import ConsoleReporter
 from cnnlab.train.loop import Trainer
@@ -72,263 +76,296 @@ class RunReporter:
             self.tensorboard.writer.flush()
 
 
-def load_resume_state(cfg, run_dir: Path, console: ConsoleReporter) -> dict[str, Any] | None:
-    """The newest good checkpoint in ``run_dir`` when the config may continue it; None for a fresh run."""
+def load_resume_state(run: RunConfig, run_dir: Path, console: ConsoleReporter | None = None) -> dict[str, Any] | None:
+    """The newest good checkpoint in ``run_dir`` when ``run`` may continue it; None for a fresh run."""
     found = load_resumable(run_dir / "checkpoints")
     if found is None:
         return None
     state, path, damaged = found
-    for line in damaged:
+    for line in damaged if console is not None else ():
         console.warn(f"{line}; falling back to {path}")
     status = (read_json(run_dir / "summary.json") or {}).get("status")
     if status in (RunStatus.EARLY_STOPPED, RunStatus.DIVERGED) and state.get("partial") is None:
         raise CnnlabError(f"{run_dir} ended {status}; nothing to resume (choose a new hydra.run.dir)")
-    check_resumable(state, path, to_container(cfg), run_dir)
+    check_resumable(state, path, run.resolved, run_dir)
     state["path"] = str(path)
     return state
 
 
-@TASKS.register
-def classify(cfg, run_dir: Path, console: Console | None = None, *, test: bool = True,
-             resume: bool = False, resume_hint: str | None = None, on_epoch=None) -> dict[str, Any]:
+@TASKS.register(resume_check=load_resume_state)
+def classify(run: RunConfig, job: Job) -> dict[str, Any]:
     """Train an image classifier: choose on validation, test once (the default task).
 
-    ``test=False`` (a sweep's trials) leaves the test split unscored; ``resume``: continue from
-    ``run_dir``'s newest good checkpoint when there is one (the config may differ only in keys a
+    ``job.test=False`` (a sweep's trials) leaves the test split unscored; ``job.resume``: continue from
+    the run directory's newest good checkpoint when there is one (the config may differ only in keys a
     resume allows). Under torchrun, every rank calls this."""
     wall_start = time.perf_counter()
     ranks = launched_ranks()
-    console_reporter = ConsoleReporter(console if ranks.is_main else Console(quiet=True))
-    if (folds := parse_run_config(cfg).data.folds) > 1:
+    reporter = ConsoleReporter(job.console if ranks.is_main else Console(quiet=True))
+    if (folds := run.data.folds) > 1:
         if ranks.enabled:
             raise CnnlabError(f"data.folds={folds} trains its folds one after the other in one process; "
                               "run it without torchrun or trainer.devices")
-        return cross_validate(cfg, run_dir, console_reporter, folds, test=test, resume=resume, wall_start=wall_start)
-    resume_state = load_resume_state(cfg, run_dir, console_reporter) if resume else None
-    s = setup(cfg, ranks)
+        return cross_validate(run, job, reporter, folds, wall_start=wall_start)
+    resume_state = load_resume_state(run, job.run_dir, reporter) if job.resume else None
+    s = setup(run, ranks)
     try:
         check_tta_shift(s.run.trainer.tta_shift, s.data.input_size, "trainer.tta_shift")
-        return _fit_select_test(s, run_dir, console_reporter, resume_state, test=test,
-                                resume_hint=resume_hint or f"cnnlab train resume={run_dir}", wall_start=wall_start,
-                                on_epoch=on_epoch)
+        job = dataclasses.replace(job, resume_hint=job.resume_hint or f"cnnlab train resume={job.run_dir}")
+        return fit_select_test(s, job, reporter, resume_state, wall_start=wall_start)
     finally:
         s.close()  # DataLoader workers stop now, not whenever the garbage collector gets to them
 
 
-def cross_validate(cfg, run_dir: Path, console_reporter: ConsoleReporter, k: int, *, test: bool, resume: bool,
-                   wall_start: float) -> dict[str, Any]:
+def cross_validate(run: RunConfig, job: Job, reporter: ConsoleReporter, k: int, *, wall_start: float) -> dict[str, Any]:
     """k-fold cross-validation: fold i trains on the other folds and validates on fold i, in
-    <run dir>/fold<i>, with its own TensorBoard run. The run's ``best_value`` is the folds' mean, so
-    sweeps select on it; the test split is scored once, by the best fold's selected model, which
-    becomes the run's checkpoints/best.pt."""
-    run = parse_run_config(cfg)
-    labels = run.components["dataset"].build().train_labels
+    <run dir>/fold<i>, with its own TensorBoard run. The folds share one dataset. The run's ``best_value``
+    is the folds' mean, so sweeps select on it; the test split is scored once, by the best fold's selected
+    model, which becomes the run's checkpoints/best.pt."""
+    data = run.components["dataset"].build()
     summaries = []
-    for i, (train_idx, val_idx) in enumerate(stratified_folds(labels, k, run.data.split_seed)):
-        fold_dir = run_dir / f"fold{i}"
-        done = read_json(fold_dir / "summary.json") if resume else None
+    for i, (train_idx, val_idx) in enumerate(stratified_folds(data.train_labels, k, run.data.split_seed)):
+        fold_dir = job.run_dir / f"fold{i}"
+        done = read_json(fold_dir / "summary.json") if job.resume else None
         if done is not None and done.get("status") in FINISHED:
             summaries.append(done)
             continue
-        console_reporter.console.print(f"fold {i + 1}/{k}: {len(train_idx):,} train / {len(val_idx):,} val", highlight=False)
-        fold_cfg = OmegaConf.to_container(cfg, resolve=True)
-        if (fold_cfg.get("paths") or {}).get("tensorboard"):  # a sweep's trial: one TensorBoard run per fold
-            fold_cfg["paths"]["tensorboard"] = f"{fold_cfg['paths']['tensorboard']}/fold{i}"
-        fold_cfg = OmegaConf.create(fold_cfg)
-        resume_state = load_resume_state(fold_cfg, fold_dir, console_reporter) if resume else None
-        s = setup(fold_cfg, split=(train_idx, val_idx))
+        reporter.console.print(f"fold {i + 1}/{k}: {len(train_idx):,} train / {len(val_idx):,} val", highlight=False)
+        fold = fold_run(run, i)
+        fold_job = Job(fold_dir, job.console, test=False, resume=job.resume, resume_hint=f"cnnlab train resume={job.run_dir}")
+        resume_state = load_resume_state(fold, fold_dir, reporter) if job.resume else None
+        s = setup(fold, split=(train_idx, val_idx), data=data)
         try:
-            summaries.append(_fit_select_test(s, fold_dir, console_reporter, resume_state, test=False,
-                                              resume_hint=f"cnnlab train resume={run_dir}", wall_start=time.perf_counter()))
+            summaries.append(fit_select_test(s, fold_job, reporter, resume_state, wall_start=time.perf_counter()))
         finally:
             s.close()
     values = [f.get("best_value") for f in summaries]
     monitor = summaries[0]["monitor"]
-    summary: dict[str, Any] = {
-        "status": RunStatus.COMPLETED if all(v is not None for v in values) else RunStatus.DIVERGED,
-        "name": run.name, "run_dir": str(run_dir), "version": __version__, "dataset": summaries[0]["dataset"],
-        "model": summaries[0]["model"], "parameters": summaries[0]["parameters"], "monitor": monitor,
-        "folds": [{"fold": i, "run_dir": f["run_dir"], "status": f["status"], "best_epoch": f.get("best_epoch"),
-                   "best_value": f.get("best_value"), "val": (f.get("selected") or {}).get("val")}
-                  for i, f in enumerate(summaries)],
-        "best_value": None, "selected": {}, "wall_time_s": time.perf_counter() - wall_start,
-    }
-    if summary["status"] != RunStatus.COMPLETED:
-        write_json(run_dir / "summary.json", summary)
-        console_reporter.console.print(f"status: diverged in a fold; summary: {run_dir / 'summary.json'}", highlight=False)
-        return summary
+    status = RunStatus.COMPLETED if all(v is not None for v in values) else RunStatus.DIVERGED
+    summary = run_summary(
+        run, job.run_dir, status, wall_start=wall_start, dataset=summaries[0]["dataset"],
+        parameters=summaries[0]["parameters"], monitor=monitor,
+        folds=[{"fold": i, "run_dir": f["run_dir"], "status": f["status"], "best_epoch": f.get("best_epoch"),
+                "best_value": f.get("best_value"), "val": (f.get("selected") or {}).get("val")}
+               for i, f in enumerate(summaries)],
+        best_value=None, selected={})
+    if status != RunStatus.COMPLETED:
+        return write_summary(job.run_dir, summary, reporter.console, prefix="status: diverged in a fold; ")
     spread = statistics.stdev(values) if k > 1 else 0.0
     summary["cv"] = {"k": k, "mean": statistics.fmean(values), "std": spread, "values": values}
     summary["best_value"] = summary["cv"]["mean"]
     summary["selected"]["val"] = {key: statistics.fmean(f["selected"]["val"][key] for f in summaries)
                                   for key in ("loss", "acc", "error")}
-    console_reporter.console.print(f"cross-validation: {monitor} {summary['cv']['mean']:.4f} ± {spread:.4f} over "
-                                   f"{k} folds ({', '.join(f'{v:.4f}' for v in values)})", highlight=False)
-    if test:  # the test split, once: the best fold's selected model
+    reporter.console.print(f"cross-validation: {monitor} {summary['cv']['mean']:.4f} ± {spread:.4f} over "
+                           f"{k} folds ({', '.join(f'{v:.4f}' for v in values)})", highlight=False)
+    if job.test:  # the test split, once: the best fold's selected model
         chosen = (max if monitor.endswith("acc") else min)(range(k), key=lambda i: values[i])
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(summaries[chosen]["run_dir"]) / "checkpoints" / "best.pt", run_dir / "checkpoints" / "best.pt")
-        report = evaluate_runs([str(run_dir)], splits=["test"], tta_flip=run.trainer.tta_flip,
+        (job.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(summaries[chosen]["run_dir"]) / "checkpoints" / "best.pt",
+                        job.run_dir / "checkpoints" / "best.pt")
+        report = evaluate_runs([str(job.run_dir)], splits=["test"], tta_flip=run.trainer.tta_flip,
                                tta_shift=run.trainer.tta_shift, device=run.trainer.device, data_dir=None,
-                               console=console_reporter.console)
+                               console=reporter.console)
         summary["chosen_fold"], summary["selected"]["test"] = chosen, report["splits"]["test"]
-    write_json(run_dir / "summary.json", summary)
-    console_reporter.console.print(f"summary: {run_dir / 'summary.json'}", highlight=False)
-    return summary
+    return write_summary(job.run_dir, summary, reporter.console)
 
 
-def _fit_select_test(s: Setup, run_dir: Path, console_reporter: ConsoleReporter, resume_state: dict[str, Any] | None,
-                     *, test: bool, resume_hint: str, wall_start: float, on_epoch=None) -> dict[str, Any]:
-    """Train, select the best epoch on validation, test it once, and write the summary."""
-    ranks = s.ranks
-    run, device, autocast_dtype, data, model, optimizer = s.run, s.device, s.autocast_dtype, s.data, s.model, s.optimizer
-    train_idx, val_idx, train_pipe = s.train_idx, s.val_idx, s.train_pipe
+def fold_run(run: RunConfig, i: int) -> RunConfig:
+    """Fold ``i``'s run: the same, but a sweep's trial gives each fold its own TensorBoard run."""
+    tensorboard = (run.resolved.get("paths") or {}).get("tensorboard")
+    if not tensorboard:
+        return run
+    return dataclasses.replace(run, resolved={**run.resolved, "paths": {**run.resolved["paths"],
+                                                                        "tensorboard": f"{tensorboard}/fold{i}"}})
 
+
+@dataclass
+class Loaders:
+    train: Any
+    val: Any
+    val_rows: torch.Tensor  # the training images validation scores (a few fixed batches with overfit_batches)
+    batches: int  # training batches an epoch
+    memorises: bool  # k-NN: one pass that remembers, no gradient steps
+
+
+def build_loaders(s: Setup) -> Loaders:
+    run, model = s.run, s.model
     memorises = getattr(model, "memorises", False)
     if run.trainer.overfit_batches:  # babysitting: can the model memorise a few fixed batches?
-        fixed = train_idx[:run.trainer.overfit_batches * run.data.batch_size]
-        train_loader = s.loader("train", fixed, train=True, shuffle=False)  # fixed batches, augmented as configured
+        fixed = s.train_idx[:run.trainer.overfit_batches * run.data.batch_size]
+        train = s.loader("train", fixed, train=True, shuffle=False)  # fixed batches, augmented as configured
         val_rows = fixed
     elif memorises:  # k-NN remembers every training image once, as it is stored (uint8)
-        train_loader = s.loader("train", train_idx, train=False, shuffle=False, raw=True)
+        train = s.loader("train", s.train_idx, train=False, shuffle=False, raw=True)
         model.prepare = s.eval_pipe  # compared as the queries are: the run's data.preprocess
-        val_rows = val_idx
+        val_rows = s.val_idx
     else:
-        train_loader = s.loader("train", train_idx, train=True)
-        val_rows = val_idx
-    val_loader = s.loader("train", val_rows, train=False)
-    batches = min(len(train_loader), run.trainer.limit_train_batches or len(train_loader))
-    updates_per_epoch = math.ceil(batches / run.trainer.accumulate_steps)
-    scheduler = run.components["scheduler"].build(optimizer=optimizer, steps_per_epoch=updates_per_epoch, epochs=run.trainer.epochs)
+        train = s.loader("train", s.train_idx, train=True)
+        val_rows = s.val_idx
+    batches = min(len(train), run.trainer.limit_train_batches or len(train))
+    return Loaders(train, s.loader("train", val_rows, train=False), val_rows, batches, memorises)
 
-    tensorboard = visualizer = None
-    if ranks.is_main:  # one writer: rank 0's
-        tensorboard = TensorBoardLogger(events_dir(run.resolved, run_dir), run.resolved, OmegaConf.to_yaml(run.resolved),
-                                        purge_step=resume_state["step"] + 1 if resume_state else None)
-        visualizer = start_visualizer(s, run_dir, tensorboard.writer, fresh=resume_state is None)
+
+def run_header(s: Setup, run_dir: Path, loaders: Loaders) -> dict[str, str]:
+    """What the run's first lines say: the data, model, optimizer, device and how long it trains."""
+    run, data, model, ranks = s.run, s.data, s.model, s.ranks
     n_params = sum(p.numel() for p in model.parameters())
-    console_reporter.start({
-        "run": str(run_dir), "dataset": f"{data.name}: {len(train_idx):,} train / {len(val_idx):,} val / "
+    n_train, batches = len(s.train_idx), loaders.batches
+    return {
+        "run": str(run_dir), "dataset": f"{data.name}: {n_train:,} train / {len(s.val_idx):,} val / "
         f"{len(data.test_labels):,} test, {data.channels}x{data.input_size}x{data.input_size}, {data.num_classes} classes"
         + (f"; {data.layout}" if data.reads_files else ""),
         "data path": "in memory on the device (batched augmentation)" if s.in_memory else
                      f"per image: DataLoader, {run.data.num_workers} workers, torchvision.transforms.v2",
         "model": f"{run.components['model'].name}: {n_params:,} parameters",
-        **({"learns": f"by remembering the {len(train_idx):,} training images in one pass (k={model.k}, "
+        **({"learns": f"by remembering the {n_train:,} training images in one pass (k={model.k}, "
                       f"{model.distance.upper()} distance); no optimizer, schedule, augmentation or gradient step"}
-           if memorises else
+           if loaders.memorises else
            {"optimizer": f"{run.components['optimizer'].name} {run.components['optimizer'].options}",
             "scheduler": run.components["scheduler"].name, "augment": run.augment_name}),
-        "device": f"{device}" + (f" ({autocast_dtype})" if autocast_dtype else " (fp32)")
+        "device": f"{s.device}" + (f" ({s.autocast_dtype})" if s.autocast_dtype else " (fp32)")
                   + (f", {ranks.world_size} processes (DDP)" if ranks.enabled else ""),
         **({"transfer": s.transfer} if s.transfer else {}),
         **({"dead units": "not counted: the model has no ReLU, and its activation passes a gradient for every "
                           "input (trainer.log_dead_units counts ReLUs that never fire)"}
            if run.trainer.log_dead_units and not any(isinstance(m, torch.nn.ReLU) for m in model.modules()) else {}),
         "epochs": f"one pass of {batches} batches of {run.data.eval_batch_size}; every validation and test image is "
-                  f"then compared with all {len(train_idx):,}" if memorises else
+                  f"then compared with all {n_train:,}" if loaders.memorises else
                   f"{run.trainer.epochs} x {batches} batches of {run.data.batch_size}"
                   + (f", an update every {run.trainer.accumulate_steps}" if run.trainer.accumulate_steps > 1 else ""),
-    })
+    }
+
+
+def fit_select_test(s: Setup, job: Job, console: ConsoleReporter, resume_state: dict[str, Any] | None,
+                    *, wall_start: float) -> dict[str, Any]:
+    """Train, select the best epoch on validation, test it once, and write the summary."""
+    run, ranks = s.run, s.ranks
+    loaders = build_loaders(s)
+    updates_per_epoch = math.ceil(loaders.batches / run.trainer.accumulate_steps)
+    scheduler = run.components["scheduler"].build(optimizer=s.optimizer, steps_per_epoch=updates_per_epoch,
+                                                  epochs=run.trainer.epochs)
+    tensorboard = visualizer = None
+    if ranks.is_main:  # one writer: rank 0's
+        tensorboard = TensorBoardLogger(events_dir(run.resolved, job.run_dir), run.resolved,
+                                        OmegaConf.to_yaml(run.resolved),
+                                        purge_step=resume_state["step"] + 1 if resume_state else None)
+        visualizer = start_visualizer(s, job.run_dir, tensorboard.writer, fresh=resume_state is None)
+    console.start(run_header(s, job.run_dir, loaders))
+    reporter = RunReporter(console, tensorboard, visualizer)
+    trainer = fit(s, job, scheduler, loaders, reporter, resume_state)
+    if not ranks.is_main:  # rank 0 alone selects, tests and writes the summary; the others wait for it
+        ranks.barrier()
+        return {"status": trainer.status, "best_value": trainer.best.value}
+    summary = run_summary(
+        run, job.run_dir, trainer.status, wall_start=wall_start, tensorboard=str(events_dir(run.resolved, job.run_dir)),
+        dataset=s.data.name, parameters=sum(p.numel() for p in s.model.parameters()), device=str(s.device),
+        precision=str(s.autocast_dtype or torch.float32).replace("torch.", ""), processes=ranks.world_size,
+        sizes={"train": len(s.train_idx), "val": len(s.val_idx), "test": len(s.data.test_labels)},
+        initial_loss=trainer.initial_loss,
+        expected_initial_loss=expected_initial_loss(run.trainer.loss, s.data.num_classes),
+        monitor=trainer.best.monitor, best_epoch=trainer.best.epoch, best_value=trainer.best.value,
+        selected_weights="ema" if trainer.ema is not None else "model",
+        compile_time_s=trainer.compile_time_s)  # with trainer.compile; not in train_time_s
+    if trainer.status == RunStatus.DIVERGED or trainer.best.epoch is None:
+        summary = end_unselected(trainer, summary, job.run_dir, tensorboard, console)
+    else:
+        summary = select_and_score(s, job, trainer, loaders, summary, tensorboard, visualizer, console, wall_start)
+    ranks.barrier()  # nobody leaves (and tears down the process group) while another rank still works
+    return summary
+
+
+def fit(s: Setup, job: Job, scheduler, loaders: Loaders, reporter: RunReporter,
+        resume_state: dict[str, Any] | None) -> Trainer:
+    """The loop, from the checkpoint to resume when there is one; stops (SIGTERM, SIGUSR1) checkpoint."""
+    run = s.run
     with StopRequest() as stop:
         trainer = Trainer(
-            model, optimizer, scheduler, settings=run.trainer, device=device, num_classes=data.num_classes,
-            reporter=RunReporter(console_reporter, tensorboard, visualizer), checkpoint_dir=run_dir / "checkpoints",
-            autocast_dtype=autocast_dtype,
-            generators={"data_order": train_loader.generator, "augment": train_pipe.generator},
-            checkpoint_extra={"config": run.resolved, "version": __version__, "classes": data.classes,
+            s.model, s.optimizer, scheduler, settings=run.trainer, device=s.device, num_classes=s.data.num_classes,
+            reporter=reporter, checkpoint_dir=job.run_dir / "checkpoints", autocast_dtype=s.autocast_dtype,
+            generators={"data_order": loaders.train.generator, "augment": s.train_pipe.generator},
+            checkpoint_extra={"config": run.resolved, "version": __version__, "classes": s.data.classes,
                               "preprocess": s.preprocessing.state_dict()},
-            ranks=ranks, stop=stop, resume_hint=resume_hint, on_epoch=on_epoch,
+            ranks=s.ranks, stop=stop, resume_hint=job.resume_hint, on_epoch=job.on_epoch,
         )
         if resume_state is not None:
             trainer.load_state(resume_state)
             where = f"epoch {trainer.epoch}" + (f", batch {trainer.partial['batch']} of epoch {trainer.epoch + 1}"
                                                 if trainer.partial else "")
-            console_reporter.console.print(f"resumed from {resume_state['path']} after {where} (step {trainer.step})",
+            reporter.console.console.print(f"resumed from {resume_state['path']} after {where} (step {trainer.step})",
                                            highlight=False)
         try:
-            history = trainer.fit(train_loader, val_loader)
+            trainer.fit(loaders.train, loaders.val)
         except BaseException:
-            if tensorboard is not None:
+            if reporter.tensorboard is not None:
                 with contextlib.suppress(CnnlabError):  # the disk that failed the run may fail this too
-                    tensorboard.close(RunStatus.FAILED)
+                    reporter.tensorboard.close(RunStatus.FAILED)
             raise
-    if not ranks.is_main:  # rank 0 alone selects, tests and writes the summary; the others wait for it
-        ranks.barrier()
-        return {"status": trainer.status, "best_value": trainer.best.value}
+    return trainer
 
-    summary = {
-        "status": trainer.status, "name": run.name, "run_dir": str(run_dir), "version": __version__,
-        "tensorboard": str(events_dir(run.resolved, run_dir)),
-        "dataset": data.name, "model": run.components["model"].name, "parameters": n_params,
-        "device": str(device), "precision": str(autocast_dtype or torch.float32).replace("torch.", ""),
-        "processes": ranks.world_size,
-        "sizes": {"train": len(train_idx), "val": len(val_idx), "test": len(data.test_labels)},
-        "initial_loss": trainer.initial_loss, "expected_initial_loss": expected_initial_loss(run.trainer.loss, data.num_classes),
-        "monitor": trainer.best.monitor, "best_epoch": trainer.best.epoch, "best_value": trainer.best.value,
-        "selected_weights": "ema" if trainer.ema is not None else "model",
-        "compile_time_s": trainer.compile_time_s,  # with trainer.compile; not in train_time_s
-    }
-    if trainer.status == RunStatus.DIVERGED or trainer.best.epoch is None:
-        # A diverged run is recorded, not tested: the test set is for selected models only.
-        summary.update({"diverged_at_step": trainer.diverged_at, "selected": {}, "history": history})
-        write_json(run_dir / "summary.json", summary)
-        if trainer.best.epoch is not None:  # the epochs it finished, for the HParams table (validation only)
-            best = history[trainer.best.epoch - 1]
-            tensorboard.scalars({"best/" + trainer.best.monitor.replace("/", "_"): trainer.best.value,
-                                 "selected/val_loss": best["val/loss"], "selected/val_acc": best["val/acc"]},
-                                trainer.step)
-        tensorboard.close(trainer.status)
-        console_reporter.console.print(f"status: {trainer.status}; summary: {run_dir / 'summary.json'}", highlight=False)
-        ranks.barrier()
-        return summary
-    if ranks.enabled:  # the final scores use whole batches on rank 0
-        val_loader = s.loader("train", val_rows, train=False, shard=False)
 
-    # Choose on validation, test once: the test split is batched only now, for the selected weights.
-    best = run_dir / "checkpoints" / "best.pt"
+def end_unselected(trainer: Trainer, summary: dict[str, Any], run_dir: Path, tensorboard: TensorBoardLogger,
+                   console: ConsoleReporter) -> dict[str, Any]:
+    """A diverged run is recorded, not tested: the test set is for selected models only."""
+    history = trainer.history
+    summary.update({"diverged_at_step": trainer.diverged_at, "selected": {}, "history": history})
+    write_summary(run_dir, summary)
+    if trainer.best.epoch is not None:  # the epochs it finished, for the HParams table (validation only)
+        best = history[trainer.best.epoch - 1]
+        tensorboard.scalars({"best/" + trainer.best.monitor.replace("/", "_"): trainer.best.value,
+                             "selected/val_loss": best["val/loss"], "selected/val_acc": best["val/acc"]}, trainer.step)
+    tensorboard.close(trainer.status)
+    console.console.print(f"status: {trainer.status}; summary: {run_dir / 'summary.json'}", highlight=False)
+    return summary
+
+
+def select_and_score(s: Setup, job: Job, trainer: Trainer, loaders: Loaders, summary: dict[str, Any],
+                     tensorboard: TensorBoardLogger, visualizer: Visualizer | None,
+                     console: ConsoleReporter, wall_start: float) -> dict[str, Any]:
+    """Choose on validation, test once: the selected weights scored on train, val and (``job.test``) test."""
+    run, data, model, history = s.run, s.data, s.model, trainer.history
+    val_loader = s.loader("train", loaders.val_rows, train=False, shard=False) if s.ranks.enabled else loaders.val
+    best = job.run_dir / "checkpoints" / "best.pt"
     load_weights(model, selected_weights(load_checkpoint(best)), best)
     probabilities = {}
 
     def score(split: str, loader) -> dict[str, float | None]:
         limit = run.trainer.limit_eval_batches
         # k-NN: minutes, not seconds
-        with console_reporter.scoring(split, loader, limit) if memorises else contextlib.nullcontext() as tick:
-            probabilities[split] = predict([model], loader, autocast_dtype=autocast_dtype,
+        with console.scoring(split, loader, limit) if loaders.memorises else contextlib.nullcontext() as tick:
+            probabilities[split] = predict([model], loader, autocast_dtype=s.autocast_dtype,
                                            tta_flip=run.trainer.tta_flip, tta_shift=run.trainer.tta_shift,
                                            limit=limit, on_batch=tick)
         return metrics_from_probs(*probabilities[split]).report()
 
     selected = {}
     # k-NN's own training images find themselves at distance 0: that score says nothing, and costs the most
-    if run.trainer.eval_train_at_end and not memorises:
-        selected["train"] = score("train", s.loader("train", train_idx, train=False, shard=False))
+    if run.trainer.eval_train_at_end and not loaders.memorises:
+        selected["train"] = score("train", s.loader("train", s.train_idx, train=False, shard=False))
     selected["val"] = score("val", val_loader)
     confusion = None
-    if test:
+    if job.test:  # the test split is batched only now, for the selected weights
         selected["test"] = score("test", s.loader("test", train=False, shard=False))
         confusion = confusion_matrix(*probabilities["test"], data.num_classes)
         tensorboard.writer.add_figure("test/confusion_matrix", confusion_figure(confusion, data.classes), trainer.step)
         if visualizer is not None and run.viz.misclassified:
-            visualizer.misclassified(lambda idx: images_of(s, "test", idx, train=False), *probabilities["test"], trainer.step)
-
+            visualizer.misclassified(lambda idx: images_of(s, "test", idx, train=False), *probabilities["test"],
+                                     trainer.step)
     train_time = sum(r["train_time_s"] for r in history)
     summary.update({
-        "selected": selected,
-        "train_time_s": train_time, "wall_time_s": time.perf_counter() - wall_start,
+        "selected": selected, "train_time_s": train_time,
+        "wall_time_s": time.perf_counter() - wall_start,
         "train_images_per_s": sum(r["images_per_s"] * r["train_time_s"] for r in history) / train_time,
         "tta_views": tta_view_count(run.trainer.tta_flip, run.trainer.tta_shift),
         "confusion_matrix": confusion.tolist() if confusion is not None else None,  # [true][predicted], test split
         "history": history,
     })
-    write_json(run_dir / "summary.json", summary)
+    write_summary(job.run_dir, summary)
     final = {f"test/{k}": v for k, v in selected.get("test", {}).items() if k in ("loss", "acc", "top5")}
     final.update({"best/" + trainer.best.monitor.replace("/", "_"): trainer.best.value,
                   "selected/train_loss": selected.get("train", {}).get("loss"),
                   "selected/val_loss": selected["val"]["loss"], "selected/val_acc": selected["val"]["acc"]})
     tensorboard.scalars(final, trainer.step)
     tensorboard.close(trainer.status)
-    console_reporter.finish(selected, trainer.best.epoch, trainer.best.monitor)
-    console_reporter.console.print(f"summary: {run_dir / 'summary.json'}", highlight=False)
-    ranks.barrier()  # nobody leaves (and tears down the process group) while another rank still works
+    console.finish(selected, trainer.best.epoch, trainer.best.monitor)
+    console.console.print(f"summary: {job.run_dir / 'summary.json'}", highlight=False)
     return summary

@@ -14,16 +14,17 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from rich.console import Console
 
 from cnnlab import __version__
-from cnnlab.core.config import parse_run_config
+from cnnlab.core.config import RunConfig
 from cnnlab.train.console import make_console
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import TASKS
 from cnnlab.core.status import RunStatus
+from cnnlab.tasks.job import Job
+from cnnlab.tasks.summary import run_summary, write_summary
 from cnnlab.core.validation import PositiveInt
-from cnnlab.runtime.checkpoint import atomic_write, save_checkpoint, write_json
+from cnnlab.runtime.checkpoint import atomic_write, save_checkpoint
 from cnnlab.train.assemble import resolve_device, seed_everything
 from cnnlab.train.tensorboard_log import TensorBoardLogger, events_dir
 
@@ -84,23 +85,17 @@ def write_png(image: torch.Tensor, path: Path) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-@TASKS.register(monitor="psnr")
-def image_fit(cfg, run_dir: Path, console: Console | None = None, *, test: bool = True, resume: bool = False,
-              resume_hint: str | None = None, on_epoch=None, image: Optional[str] = None,
-              size: PositiveInt = 128) -> dict[str, Any]:
+@TASKS.register(monitor="psnr", models=("a coordinate MLP", COORDINATE_MODELS))
+def image_fit(run: RunConfig, job: Job, image: Optional[str] = None, size: PositiveInt = 128) -> dict[str, Any]:
     """Fit one image as (x, y) -> RGB with a coordinate MLP; PSNR each epoch (the homework).
 
     ``image``: an image file, centre-cropped and resized to ``size`` x ``size``; None: the bundled
     procedural image. Writes TensorBoard (loss, PSNR, the reconstruction each epoch),
     reconstruction.png, target.png, checkpoints/last.pt and summary.json. It has no mid-run resume
-    and no test split (``test``, ``resume`` and ``resume_hint`` are the classify task's)."""
+    and no test split: of the job it takes the run directory, the console and ``on_epoch``."""
     wall_start = time.perf_counter()
-    console = console or make_console()
+    console, run_dir, on_epoch = job.console or make_console(), job.run_dir, job.on_epoch
     image_file = image  # the task option; ``image`` below is the loaded picture
-    model_name = cfg.get("model", {}).get("name")
-    if model_name not in COORDINATE_MODELS:  # checked first: a CNN's options make no sense here
-        raise CnnlabError(f"task=image_fit trains a coordinate MLP: model=fourier_mlp or model=mlp, not model={model_name}")
-    run = parse_run_config(cfg)
     settings = run.trainer
     device = resolve_device(settings.device)
     seed_everything(run.seed)
@@ -165,13 +160,10 @@ def image_fit(cfg, run_dir: Path, console: Console | None = None, *, test: bool 
     save_checkpoint(run_dir / "checkpoints" / "last.pt", {"model": model.state_dict(), "config": run.resolved,
                                                           "epoch": epoch, "version": __version__})
     best = max(history, key=lambda r: r["psnr"])
-    summary = {"status": status, "task": "image_fit", "name": run.name, "run_dir": str(run_dir),
-               "tensorboard": str(events_dir(run.resolved, run_dir)),
-               "version": __version__, "model": run.components["model"].name, "image": image_file or "procedural",
-               "size": size, "device": str(device), "monitor": "psnr", "best_epoch": best["epoch"],
-               "best_value": best["psnr"], "final_psnr": history[-1]["psnr"], "train_time_s": train_time,
-               "wall_time_s": time.perf_counter() - wall_start, "history": history}
-    write_json(run_dir / "summary.json", summary)
+    summary = write_summary(run_dir, run_summary(
+        run, run_dir, status, wall_start=wall_start, tensorboard=str(events_dir(run.resolved, run_dir)),
+        image=image_file or "procedural", size=size, device=str(device), monitor="psnr", best_epoch=best["epoch"],
+        best_value=best["psnr"], final_psnr=history[-1]["psnr"], train_time_s=train_time, history=history))
     tensorboard.scalars({"best/psnr": best["psnr"]}, step)
     tensorboard.close(summary["status"])
     console.print(f"final PSNR {summary['final_psnr']:.2f} dB (best {best['psnr']:.2f} at epoch {best['epoch']}); "

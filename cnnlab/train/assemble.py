@@ -15,7 +15,7 @@ import torch
 
 from cnnlab.augment.batched import BatchPipeline, build_ops
 from cnnlab.augment.per_image import Geometry, per_image_transform, split_pipeline
-from cnnlab.core.config import RunConfig, parse_run_config
+from cnnlab.core.config import RunConfig
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import DATASETS
 from cnnlab.data.datasets import ImageData
@@ -180,12 +180,12 @@ def check_processes(run, ranks: Ranks, device: torch.device) -> None:
         raise CnnlabError("trainer.sync_batchnorm=true needs CUDA devices (torch's SyncBatchNorm runs on GPUs only)")
 
 
-def setup(cfg, ranks: Ranks = Ranks(), preprocessing: Preprocessing | None = None,
-          split: tuple[torch.Tensor, torch.Tensor] | None = None, stored: str | None = None) -> Setup:
-    """``preprocessing``: what a checkpoint recorded (evaluation repeats it); None: fitted on the training split.
-    ``split``: (train, val) indices of the training images to use (a cross-validation fold). ``stored``: the
-    config came from this file (parse_run_config's ``stored``)."""
-    run = parse_run_config(cfg, stored=stored)  # every name, option, type and range: nothing has been loaded yet
+def setup(run: RunConfig, ranks: Ranks = Ranks(), preprocessing: Preprocessing | None = None,
+          split: tuple[torch.Tensor, torch.Tensor] | None = None, data: ImageData | FolderData | None = None) -> Setup:
+    """A checked run's parts (``run``: cnnlab.core.config.parse_run_config's, every name, option, type and range
+    checked before anything is loaded). ``preprocessing``: what a checkpoint recorded (evaluation repeats it);
+    None: fitted on the training split. ``split``: (train, val) indices of the training images to use (a
+    cross-validation fold). ``data``: the dataset, already built (the folds share one)."""
     device = resolve_device(run.trainer.device, ranks)
     autocast_dtype = resolve_precision(run.trainer.precision, device)
     channels_last = uses_channels_last(run, device)
@@ -205,7 +205,7 @@ def setup(cfg, ranks: Ranks = Ranks(), preprocessing: Preprocessing | None = Non
         where="data.in_memory=false" if run.data.in_memory is False else f"dataset={run.components['dataset'].name}")
     batch_ops = build_ops(batched_ops)  # every op's options are checked before any data is read
 
-    data: ImageData | FolderData = run.components["dataset"].build()
+    data = data if data is not None else run.components["dataset"].build()
     if split is not None:
         if data.validation_idx is not None:
             raise CnnlabError(f"data.folds splits the training images itself; dataset "
