@@ -1,3 +1,20 @@
-"""cnnlab: a configuration-driven experiment runner for convolutional networks."""
+"""cnnlab: a configuration-driven experiment runner for convolutional networks.
+
+From Python: ``cnnlab.train``, ``cnnlab.compose`` and ``cnnlab.load`` (cnnlab/api.py), imported on first use
+so that ``import cnnlab`` stays light; a mistake raises ``cnnlab.CnnlabError``.
+"""
 
 __version__ = "0.1.0"
+
+from cnnlab.core.errors import CnnlabError  # noqa: E402 - after __version__, which the package's modules read
+
+__all__ = ["CnnlabError", "RunResult", "__version__", "compose", "load", "train"]
+_API = {"train", "compose", "load", "RunResult"}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from cnnlab import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'cnnlab' has no attribute {name!r}")

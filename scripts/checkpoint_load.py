@@ -23,7 +23,7 @@ import torch
 from cnnlab.core.plugins import load_components
 from cnnlab.core.registry import MODELS
 from cnnlab.runtime.checkpoint import TRAILER, TRAILER_LEN, load_checkpoint, save_checkpoint
-from cnnlab.train.state import numpy_rng_state
+from cnnlab.training.state import numpy_rng_state
 
 
 def main() -> None:

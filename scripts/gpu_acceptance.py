@@ -232,7 +232,7 @@ class Acceptance:
         from hydra.core.global_hydra import GlobalHydra
 
         from cnnlab.core.config import CONF_DIR, parse_run_config
-        from cnnlab.train.assemble import setup
+        from cnnlab.training.assemble import setup
 
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

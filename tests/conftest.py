@@ -72,9 +72,9 @@ def train(cfg, run_dir: Path | None, **job) -> dict:
 
 
 def setup(cfg, **options):
-    """cnnlab.train.assemble.setup of a composed config, checked first as the entry points check it."""
+    """cnnlab.training.assemble.setup of a composed config, checked first as the entry points check it."""
     from cnnlab.core.config import parse_run_config
-    from cnnlab.train import assemble
+    from cnnlab.training import assemble
 
     return assemble.setup(parse_run_config(cfg), **options)
 
@@ -169,7 +169,7 @@ def lr_values(optimizer, scheduler, steps: int) -> list[float]:
 def captured(monkeypatch):
     """What a run built: its Trainer, its validation split arguments and its loaders."""
     import cnnlab.tasks.classify as classify_module
-    import cnnlab.train.assemble as assemble_module
+    import cnnlab.training.assemble as assemble_module
 
     seen = {}
 

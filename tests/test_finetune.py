@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from cnnlab.core.errors import CnnlabError
-from cnnlab.train.finetune import freeze, load_pretrained, stages
+from cnnlab.training.finetune import freeze, load_pretrained, stages
 from cnnlab.core.registry import MODELS
 from cnnlab.runtime.checkpoint import load_checkpoint
 from tests.conftest import setup

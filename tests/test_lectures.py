@@ -13,7 +13,7 @@ from torch import nn
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import OPTIMIZERS
-from cnnlab.train.losses import MulticlassSVMLoss, build_loss, expected_initial_loss
+from cnnlab.training.losses import MulticlassSVMLoss, build_loss, expected_initial_loss
 from tests.conftest import train
 from tests.conftest import compose_config, quiet_console, run_tiny, tiny_plus
 
@@ -60,7 +60,7 @@ def test_svm_loss_refuses_label_smoothing_and_soft_targets():
 
 
 def test_l1_and_elastic_net_penalties_are_added_to_the_data_loss():
-    from cnnlab.train.loop import Trainer
+    from cnnlab.training.loop import Trainer
 
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
@@ -235,7 +235,7 @@ def test_stochastic_depth_reaches_a_run(tmp_path, captured):
 
 # --- babysitting: update/weight ratios and dead units ----------------------------------------------
 
-from cnnlab.train.babysit import UpdateRatio, dead_unit_fractions  # noqa: E402
+from cnnlab.training.babysit import UpdateRatio, dead_unit_fractions  # noqa: E402
 from tests.test_train import read_events  # noqa: E402
 
 
@@ -547,7 +547,7 @@ def test_a_timm_architecture_takes_the_datasets_shape_and_trains_a_step(arch):
 def test_timm_options_reach_the_model_and_its_stages():
     import timm
 
-    from cnnlab.train.finetune import stages
+    from cnnlab.training.finetune import stages
 
     model = build_model("timm", arch="convnext_atto", drop_rate=0.3, drop_path_rate=0.2)
     assert isinstance(model, timm.models.ConvNeXt) and model.drop_rate == 0.3

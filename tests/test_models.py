@@ -222,7 +222,7 @@ def test_googlenet_auxiliary_classifiers():
 
 
 def test_trainer_adds_weighted_auxiliary_losses():
-    from cnnlab.train.loop import Trainer
+    from cnnlab.training.loop import Trainer
 
     logits, aux = torch.randn(4, 3), [torch.randn(4, 3), torch.randn(4, 3)]
     y = torch.tensor([0, 1, 2, 0])

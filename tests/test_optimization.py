@@ -11,7 +11,7 @@ from cnnlab.models.blocks import LeCunTanh
 from cnnlab.optim.optimizers import Lookahead
 from cnnlab.core.registry import INITS, MODELS, OPTIMIZERS, SCHEDULERS
 from cnnlab.runtime.checkpoint import load_checkpoint
-from cnnlab.train.state import selected_weights
+from cnnlab.training.state import selected_weights
 from tests.conftest import lr_values, quiet_console, run_tiny
 
 
@@ -288,7 +288,7 @@ def test_gradient_clipping(tmp_path, captured, mode, clip):
 
 def test_gradient_accumulation_equals_one_big_batch():
     from cnnlab.core.config import TrainerSettings
-    from cnnlab.train.loop import Trainer
+    from cnnlab.training.loop import Trainer
 
     def weights_after(batches, accumulate):
         torch.manual_seed(0)

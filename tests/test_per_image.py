@@ -7,7 +7,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-import cnnlab.train.assemble as assemble_module
+import cnnlab.training.assemble as assemble_module
 from cnnlab.augment.batched import build_ops, resized_crop_boxes, resized_crops
 from cnnlab.augment.per_image import Geometry, V2_EQUIVALENTS, per_image_transform, split_pipeline
 from cnnlab.data import datasets

@@ -349,7 +349,7 @@ def test_sigterm_stops_a_whole_sweep_which_then_resumes(tmp_path):
 
 
 def test_checkpoint_every_n_steps_writes_last_pt_inside_epochs(tmp_path, monkeypatch):
-    import cnnlab.train.loop as loop
+    import cnnlab.training.loop as loop
 
     written = []
     real_encode = loop.encode_checkpoint

@@ -277,7 +277,7 @@ def test_max_failure_rate_stops_starting_trials_and_direction_reaches_the_study(
 
 
 def test_paths_tensorboard_reaches_the_runs_event_writer(tmp_path):
-    from cnnlab.train.tensorboard_log import events_dir
+    from cnnlab.training.tensorboard_log import events_dir
 
     assert events_dir({"paths": {"tensorboard": str(tmp_path / "tb")}}, tmp_path / "run") == tmp_path / "tb"
     assert events_dir({"paths": {"tensorboard": None}}, tmp_path / "run") == tmp_path / "run" / "tensorboard"

@@ -7,9 +7,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
-import cnnlab.train.loop as loop_module
+import cnnlab.training.loop as loop_module
 import cnnlab.tasks.classify as classify_module
-import cnnlab.train.assemble as assemble_module
+import cnnlab.training.assemble as assemble_module
 from cnnlab.core.config import flatten
 from cnnlab.core.errors import CnnlabError
 from cnnlab.runtime.checkpoint import load_checkpoint

@@ -20,9 +20,9 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.analysis.plotting import pyplot
 from cnnlab.data.statistics import Preprocessing
 from cnnlab.runtime.checkpoint import load_checkpoint, load_weights
-from cnnlab.train.console import make_console, report_table
-from cnnlab.train.metrics import Metrics, MetricSums, autocast_for
-from cnnlab.train.state import selected_weights
+from cnnlab.training.console import make_console, report_table
+from cnnlab.training.metrics import Metrics, MetricSums, autocast_for
+from cnnlab.training.state import selected_weights
 
 
 def check_tta_shift(shift: int, image_size: int, key: str) -> None:
@@ -124,7 +124,7 @@ def evaluate_runs(targets: Sequence[str], *, splits: Sequence[str], tta_flip: bo
                   device: str, data_dir: str | None, console: Console | None = None) -> dict[str, Any]:
     """Score one run or an ensemble of runs on the given splits; print the homework's report table."""
     from cnnlab.core.config import parse_run_config
-    from cnnlab.train.assemble import build_model, resolve_device, setup
+    from cnnlab.training.assemble import build_model, resolve_device, setup
 
     console = console or make_console()
     checkpoints = [(p, load_checkpoint(p)) for p in map(checkpoint_path, targets)]

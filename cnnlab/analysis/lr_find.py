@@ -19,10 +19,10 @@ from rich.console import Console
 from cnnlab.analysis.plotting import pyplot, save_png
 from cnnlab.core.config import RunConfig
 from cnnlab.runtime.checkpoint import write_json
-from cnnlab.train.loop import Trainer
-from cnnlab.train.assemble import setup
-from cnnlab.train.console import make_console
-from cnnlab.train.tensorboard_log import TensorBoardLogger
+from cnnlab.training.loop import Trainer
+from cnnlab.training.assemble import setup
+from cnnlab.training.console import make_console
+from cnnlab.training.tensorboard_log import TensorBoardLogger
 
 
 class _Silent:

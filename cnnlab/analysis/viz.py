@@ -20,7 +20,7 @@ from torchvision.utils import make_grid
 
 from cnnlab.models.inspect_model import forward_with_hooks
 from cnnlab.core.errors import CnnlabError
-from cnnlab.train.finetune import stages
+from cnnlab.training.finetune import stages
 from cnnlab.analysis.plotting import pyplot, save_png
 from cnnlab.runtime.checkpoint import atomic_write, read_json, safe_load
 

@@ -185,15 +185,8 @@ def _train(overrides: list[str], app=None) -> int:
 
     training = app is None
     app = app or hydra_train
-    overrides = take_config_dirs(overrides)
-    for override in overrides:  # Python refuses to read integers of over 4,300 digits (Hydra's parser would fail)
-        if (digits := max(map(len, re.findall(r"\d+", override)), default=0)) > 4300:
-            raise CnnlabError(f"{_key(override)}: a number of {digits:,} digits is not a setting")
     last_sweep.clear()
-    multirun = any(a in ("-m", "--multirun") for a in overrides)
-    overrides = resume_overrides(overrides, multirun)
-    if not multirun and training:
-        refuse_bad_resume(overrides)
+    overrides, multirun = prepared_overrides(overrides, training=training)
     from cnnlab.runtime.distributed import agree_on_run, launched_ranks
 
     ranks = launched_ranks()
@@ -226,6 +219,21 @@ def _train(overrides: list[str], app=None) -> int:
             if dist.is_initialized():
                 dist.destroy_process_group()
     return FAILED_EXIT_STATUS if last_sweep.get("failed") else 0
+
+
+def prepared_overrides(args: list[str], *, training: bool) -> tuple[list[str], bool]:
+    """The command line's overrides made ready for composition, for `cnnlab train` and cnnlab.train alike:
+    --config-dir taken, numbers Python cannot read refused, ``resume=RUN_DIR`` expanded, a run directory's
+    checkpoint checked before anything is written. Returns them and whether they ask for a sweep."""
+    overrides = take_config_dirs(args)
+    for override in overrides:  # Python refuses to read integers of over 4,300 digits (Hydra's parser would fail)
+        if (digits := max(map(len, re.findall(r"\d+", override)), default=0)) > 4300:
+            raise CnnlabError(f"{_key(override)}: a number of {digits:,} digits is not a setting")
+    multirun = any(a in ("-m", "--multirun") for a in overrides)
+    overrides = resume_overrides(overrides, multirun)
+    if not multirun and training:
+        refuse_bad_resume(overrides)
+    return overrides, multirun
 
 
 def take_config_dirs(args: list[str]) -> list[str]:
@@ -267,25 +275,12 @@ def refuse_bad_resume(overrides: list[str]) -> None:
         check_free(run_dir)  # a live run there: say so before anything else is read or written
     if not (run_dir / "checkpoints").is_dir():
         return
-    from hydra import compose, initialize
-    from hydra.core.global_hydra import GlobalHydra
-
-    from cnnlab.cli.hydra_app import translate_hydra_error
+    from cnnlab.cli.hydra_app import composed
     from cnnlab.core.config import parse_run_config
     from cnnlab.tasks import check_resume
 
-    GlobalHydra.instance().clear()
-    try:
-        with initialize(config_path=None, version_base="1.3"):  # the search path of the run itself
-            cfg = compose("train", overrides=[o for o in overrides if not o.startswith(("hydra.", "hydra/"))])
-    except Exception as e:  # noqa: BLE001 - composition errors are reported as the job would report them
-        translated = translate_hydra_error(e)
-        if translated is None:
-            raise
-        raise translated from None
-    finally:
-        GlobalHydra.instance().clear()
-    check_resume(parse_run_config(cfg), run_dir)
+    with composed([o for o in overrides if not o.startswith(("hydra.", "hydra/"))]) as cfg:
+        check_resume(parse_run_config(cfg), run_dir)
 
 
 def _key(override: str) -> str:

@@ -4,6 +4,7 @@ Hydra's composition errors into cnnlab's one-line messages."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import sys
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from cnnlab.core.config import (CONF_DIR, GROUP_REGISTRIES, TOP_LEVEL_KEYS, DataSettings, TrainerSettings, check_settings,
@@ -51,32 +52,75 @@ def use_config_dirs(folders: list[str]) -> None:
 def hydra_train(cfg: DictConfig) -> dict | float | None:
     """Hydra's task: one run, or one trial of a sweep. Returns a trial's summary (for the sweeper), or
     a run's best validation value."""
-    from cnnlab.tasks import Job, train
-
     hydra_config = HydraConfig.get()
     run_dir = Path(hydra_config.runtime.output_dir)
     try:
-        with writer_of(run_dir, cfg):
-            if hydra_config.mode == RunMode.MULTIRUN:
+        if hydra_config.mode == RunMode.MULTIRUN:
+            with writer_of(run_dir, cfg):
                 return run_trial(cfg, run_dir)  # records failures instead of raising: the sweep goes on
+        summary = run_one(cfg, run_dir, list(hydra_config.overrides.task))
+    except CnnlabError as e:
+        raise JobAborted(e) from None
+    return summary["best_value"] if summary is not None else None
+
+
+def run_one(cfg: DictConfig, run_dir: Path, task_overrides: list[str], console=None) -> dict | None:
+    """One run from its composed config (Hydra's node in HydraConfig): the one road of `cnnlab train` and of
+    cnnlab.training. Checked once into a RunConfig, then the task; ``trainer.devices=N`` starts N processes that
+    each take this road. A run directory with a checkpoint continues (a requeued job). Returns the summary
+    (None for the parent of N processes); a refused run leaves nothing behind."""
+    from cnnlab.tasks import Job, train
+
+    try:
+        with writer_of(run_dir, cfg):
             run = parse_run_config(cfg)
             devices = run.trainer.devices
             if devices > 1 and not launched_ranks().enabled:  # start the DDP processes; they train in run_dir
-                from cnnlab.train.assemble import check_processes, resolve_device
+                from cnnlab.training.assemble import check_processes, resolve_device
 
                 check_processes(run, Ranks(world_size=devices), resolve_device(run.trainer.device, Ranks()))
                 folders = [arg for path in CONFIG_DIRS for arg in ("--config-dir", path)]  # the ranks search the same
-                code = launch_processes(devices, [*folders, *hydra_config.overrides.task, f"hydra.run.dir={run_dir}"],
-                                        run_dir)
+                code = launch_processes(devices, [*folders, *task_overrides, f"hydra.run.dir={run_dir}"], run_dir)
                 if code:
                     raise ProcessesFailed(code)
                 return None
-            summary = train(run, Job(run_dir, resume=True))  # a run directory with a checkpoint continues (requeued jobs)
-    except CnnlabError as e:
-        if hydra_config.mode != RunMode.MULTIRUN and launched_ranks().is_main:
+            return train(run, Job(run_dir, console=console, resume=True))
+    except CnnlabError:
+        if launched_ranks().is_main:
             discard_refused(run_dir)  # a refused command writes nothing
-        raise JobAborted(e) from None
-    return summary["best_value"]
+        raise
+
+
+@contextlib.contextmanager
+def composed(overrides: list[str]) -> Iterator[DictConfig]:
+    """The config `cnnlab train` would compose from ``overrides`` (cnnlab's config groups after the user's
+    --config-dir folders, as set by use_config_dirs), with Hydra's node in HydraConfig for the block, as
+    Hydra's own job runner leaves it. Hydra's global state is cleared after, so it can be called again."""
+    from hydra import compose, initialize
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.utils import setup_globals
+
+    if not SEARCH_PATH:
+        use_config_dirs([])
+    GlobalHydra.instance().clear()
+    setup_globals()  # ${now:...} and ${hydra:...}
+    try:
+        try:
+            with initialize(config_path=None, version_base="1.3"):
+                full = compose("train", overrides=overrides, return_hydra_config=True)
+        except Exception as e:  # noqa: BLE001 - a composition error is one line, as the CLI prints it
+            translated = translate_hydra_error(e)
+            if translated is None:
+                raise
+            raise translated from None
+        HydraConfig.instance().set_config(full)
+        cfg = copy.deepcopy(full)  # the task's config without Hydra's node, as Hydra's run_job makes it
+        with read_write(cfg), open_dict(cfg):
+            del cfg["hydra"]
+        yield cfg
+    finally:
+        HydraConfig.instance().cfg = None
+        GlobalHydra.instance().clear()
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
 
-from cnnlab.train.console import make_console, titled
+from cnnlab.training.console import make_console, titled
 from cnnlab.core.errors import CnnlabError, CommandLineParser, suggestion
 from cnnlab.core.plugins import load_plugins
 from cnnlab.core.plugins import load_components

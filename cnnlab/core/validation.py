@@ -108,66 +108,71 @@ def check_value(key: str, value: Any, annotation: Any) -> Any:
     if origin is Annotated:
         base, *meta = typing.get_args(annotation)
         converted = check_value(key, value, base)
-        for m in meta:
-            if isinstance(m, Range) and not m.contains(converted):
-                raise CnnlabError(
-                    f"{key} must be {describe_type(annotation)}, got {_show(value)}"
-                )
+        if any(isinstance(m, Range) and not m.contains(converted) for m in meta):
+            raise CnnlabError(f"{key} must be {describe_type(annotation)}, got {_show(value)}")
         return converted
     if origin in (Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return check_value(key, value, arg)
-            except CnnlabError:
-                pass
-        raise CnnlabError(f"{key} must be {describe_type(annotation)}, got {_show(value)}")
+        return _check_union(key, value, annotation)
     if origin is Literal:
-        choices = typing.get_args(annotation)
-        # type() too, so that true is not accepted where 1 is meant.
-        if not any(value == c and type(value) is type(c) for c in choices):
-            hint = suggestion(str(value), map(str, choices)) if isinstance(value, str) else ""
-            raise CnnlabError(
-                f"{key} must be one of {', '.join(map(_literal, choices))}, got {_show(value)}{hint}"
-            )
-        return value
+        return _check_literal(key, value, typing.get_args(annotation))
     if origin in (list, tuple) or annotation in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise CnnlabError(f"{key} must be {describe_type(annotation)}, got {_show(value)}")
-        args = typing.get_args(annotation)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise CnnlabError(f"{key} must have {len(args)} items, got {_show(list(value))}")
-            items = [check_value(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args))]
-        else:
-            item_type = args[0] if args else Any
-            items = [check_value(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise CnnlabError(f"{key} must be true or false, got {_show(value)}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise CnnlabError(f"{key} must be an integer, got {_show(value)}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise CnnlabError(f"{key} must be a finite number, got {_show(value)}")
-            return float(value)
-        raise CnnlabError(f"{key} must be a number, got {_show(value)}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise CnnlabError(f"{key} must be a string, got {_show(value)}")
+        return _check_sequence(key, value, annotation)
+    if annotation in SCALARS:
+        return _check_scalar(key, value, annotation)
     if isinstance(annotation, type) and isinstance(value, annotation):
         return value
     raise TypeError(f"cnnlab cannot check values of type {annotation!r} (key {key})")
+
+
+def _check_union(key: str, value: Any, annotation: Any) -> Any:
+    args = typing.get_args(annotation)
+    if value is None and type(None) in args:
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return check_value(key, value, arg)
+        except CnnlabError:
+            pass
+    raise CnnlabError(f"{key} must be {describe_type(annotation)}, got {_show(value)}")
+
+
+def _check_literal(key: str, value: Any, choices: tuple) -> Any:
+    # type() too, so that true is not accepted where 1 is meant.
+    if not any(value == c and type(value) is type(c) for c in choices):
+        hint = suggestion(str(value), map(str, choices)) if isinstance(value, str) else ""
+        raise CnnlabError(f"{key} must be one of {', '.join(map(_literal, choices))}, got {_show(value)}{hint}")
+    return value
+
+
+def _check_sequence(key: str, value: Any, annotation: Any) -> list | tuple:
+    origin = typing.get_origin(annotation) or annotation
+    if not isinstance(value, (list, tuple)):
+        raise CnnlabError(f"{key} must be {describe_type(annotation)}, got {_show(value)}")
+    args = typing.get_args(annotation)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise CnnlabError(f"{key} must have {len(args)} items, got {_show(list(value))}")
+        items = [check_value(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args))]
+    else:
+        item_type = args[0] if args else Any
+        items = [check_value(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+SCALARS = (bool, int, float, str)
+
+
+def _check_scalar(key: str, value: Any, annotation: type) -> Any:
+    """bool, int, float or str, strictly: true is no integer, 1 no boolean, and a float must be finite."""
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise CnnlabError(f"{key} must be a finite number, got {_show(value)}")
+        return float(value)
+    if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
+        return value
+    raise CnnlabError(f"{key} must be {describe_type(annotation)}, got {_show(value)}")
 
 
 def check_component(key: str, value) -> str:

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cnnlab.train.console import make_console, titled
+from cnnlab.training.console import make_console, titled
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.validation import Range, range_of
 from cnnlab.sweep.storage import STORAGE_FILES, storage_target
@@ -305,21 +305,51 @@ def _cell(value: Any, pct: bool = False) -> str:
     return str(value)
 
 
-def report(sweep_dir: str, *, plot: bool = False, test_best: bool = False, device: str = "auto",
-           data_dir: str | None = None, console: Console | None = None) -> dict[str, Any]:
-    console = console or make_console()
-    folder = Path(sweep_dir)
+@dataclass
+class SweepReport:
+    """What `cnnlab report` says of a sweep, computed before anything is printed or written."""
+
+    folder: Path
+    record: dict[str, Any]
+    monitor: str
+    trials: list[Trial]
+    ranked: list[Trial]
+    best: Trial | None
+    searched: list
+    header: list[str]
+    rows: list[list[str]]
+    failed: int
+    pruned: int
+    spent: int
+    planned: Any  # trainer.epochs of the trials, when known
+    advice: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return (f"{len(self.trials)} trials, {self.pruned} pruned, {self.failed} failed; "
+                f"ranked by best {self.monitor}")
+
+    @property
+    def budget(self) -> str:
+        line, planned = f"epochs trained: {self.spent}", self.planned
+        if isinstance(planned, int) and planned > 0:
+            line += (f" of the {planned * len(self.trials)} an unpruned search would have spent "
+                     f"({self.spent / (planned * len(self.trials)):.0%})")
+        return line
+
+
+def compute_report(folder: Path) -> SweepReport:
+    """Rank the trials on the monitored metric (failures last), tabulate them, and apply the coarse-to-fine
+    rule to the best trial's value of each searched hyperparameter."""
     if not folder.is_dir():
-        raise CnnlabError(f"{sweep_dir} is not a folder; give a sweep directory (outputs/sweeps/<date>/<time>)")
+        raise CnnlabError(f"{folder} is not a folder; give a sweep directory (outputs/sweeps/<date>/<time>)")
     record = read_record(folder / SWEEP_FILE)
     monitor = record.get("monitor", "val/acc")
     trials = load_trials(folder)
     if not trials:
-        raise CnnlabError(f"{sweep_dir} holds no trials (no */{TRIAL_FILE}); is it the directory of a `cnnlab train -m` sweep?")
-    maximize = not monitor.endswith("loss")
-    done = sorted((t for t in trials if t.value is not None), key=lambda t: t.value, reverse=maximize)
-    rest = [t for t in trials if t.value is None]
-    ranked = done + rest
+        raise CnnlabError(f"{folder} holds no trials (no */{TRIAL_FILE}); is it the directory of a `cnnlab train -m` sweep?")
+    done = sorted((t for t in trials if t.value is not None), key=lambda t: t.value, reverse=not monitor.endswith("loss"))
+    ranked = done + [t for t in trials if t.value is None]
     best = done[0] if done else None
     searched = searched_parameters(record)
     config = _trial_config(trials)
@@ -329,81 +359,95 @@ def report(sweep_dir: str, *, plot: bool = False, test_best: bool = False, devic
     for key in sorted({k for t in trials for k in t.params}):
         if key not in varied and len({str(t.params.get(key)) for t in trials}) > 1:
             varied.append(key)
-
     header = ["", "trial", *varied, "status", "epochs", "best val loss", "best val acc", "wall time (s)", "error"]
-    rows = []
-    for t in ranked:
-        rows.append(["*" if t is best else "", t.name, *(_cell(t.params.get(k)) for k in varied), t.status,
-                     str(t.epochs), _cell(t.best_val_loss), _cell(t.best_val_acc, pct=True),
-                     f"{t.wall_time_s:.1f}" if t.wall_time_s is not None else "-", t.error])
-    failed = sum(t.status in FAILED for t in trials)
-    pruned = sum(t.status == RunStatus.PRUNED for t in trials)
-    spent = sum(t.epochs for t in trials)
-    planned = (config.get("trainer") or {}).get("epochs")
+    rows = [["*" if t is best else "", t.name, *(_cell(t.params.get(k)) for k in varied), t.status,
+             str(t.epochs), _cell(t.best_val_loss), _cell(t.best_val_acc, pct=True),
+             f"{t.wall_time_s:.1f}" if t.wall_time_s is not None else "-", t.error] for t in ranked]
+    result = SweepReport(folder, record, monitor, trials, ranked, best, searched, header, rows,
+                         failed=sum(t.status in FAILED for t in trials),
+                         pruned=sum(t.status == RunStatus.PRUNED for t in trials),
+                         spent=sum(t.epochs for t in trials), planned=(config.get("trainer") or {}).get("epochs"))
+    for item in searched if best is not None else ():
+        value = best.params.get(item.key)
+        refined = refine(item, value) if isinstance(value, float) else None
+        if refined is not None:
+            where, syntax = refined
+            result.advice.append({"key": item.key, "best": value, "where": where, "syntax": item.sweep_syntax,
+                                  "command": refined_command(record, item, syntax)})
+    return result
+
+
+def render_report(r: SweepReport, console: Console) -> None:
+    """The table, the epochs spent, the study's dashboard command, the best trial and what to search next."""
     table = Table()
-    for column in header:
+    for column in r.header:
         table.add_column(column, overflow="ellipsis" if column == "error" else "fold",
                          max_width=48 if column == "error" else None)
-    for row in rows:
+    for row in r.rows:
         table.add_row(*(escape(c) for c in row), style="bold green" if row[0] else None)
-    console.print(titled(f"{folder}: {len(trials)} trials, {pruned} pruned, {failed} failed; ranked by best {monitor}", table))
-    budget = f"epochs trained: {spent}"
-    if isinstance(planned, int) and planned > 0:
-        budget += f" of the {planned * len(trials)} an unpruned search would have spent ({spent / (planned * len(trials)):.0%})"
-    console.print(budget, highlight=False)
-    study = next((folder / name for name in (STORAGE_FILES["sqlite"], STORAGE_FILES["journal"]) if (folder / name).is_file()), None)
+    console.print(titled(f"{r.folder}: {r.title}", table))
+    console.print(r.budget, highlight=False)
+    study = next((r.folder / name for name in (STORAGE_FILES["sqlite"], STORAGE_FILES["journal"])
+                  if (r.folder / name).is_file()), None)
     if study is not None:
-        target = storage_target("sqlite" if study.suffix == ".db" else "journal", folder)
+        target = storage_target("sqlite" if study.suffix == ".db" else "journal", r.folder)
         console.print(f"study: optuna-dashboard {target}", highlight=False, soft_wrap=True)
+    if r.best is not None:
+        console.print(f"best: trial {r.best.name}, {r.monitor} {_fmt(r.best.value)} ({r.best.folder})", highlight=False)
+    for a in r.advice:
+        line = (f"{a['key']}={_fmt(a['best'])} is on the edge of the searched range {a['syntax']}: move the window"
+                if a["where"] == "on the edge" else f"{a['key']}={_fmt(a['best'])} lies inside {a['syntax']}: refine around it")
+        console.print(f"{line}\n  {a['command']}", highlight=False, soft_wrap=True)
 
-    with (folder / "report.csv").open("w", newline="") as f:
+
+def write_report(r: SweepReport) -> None:
+    """report.csv and report.md in the sweep directory."""
+    with (r.folder / "report.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["best", *header[1:]])
-        writer.writerows(rows)
-    md = ["| " + " | ".join(["best", *header[1:]]) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    advice = []
-    if best is not None:
-        console.print(f"best: trial {best.name}, {monitor} {_fmt(best.value)} ({best.folder})", highlight=False)
-        for item in searched:
-            value = best.params.get(item.key)
-            if not isinstance(value, float):
-                continue
-            refined = refine(item, value)
-            if refined is None:
-                continue
-            where, syntax = refined
-            command = refined_command(record, item, syntax)
-            if where == "on the edge":
-                line = f"{item.key}={_fmt(value)} is on the edge of the searched range {item.sweep_syntax}: move the window"
-            else:
-                line = f"{item.key}={_fmt(value)} lies inside {item.sweep_syntax}: refine around it"
-            advice.append({"key": item.key, "best": value, "where": where, "command": command})
-            console.print(f"{line}\n  {command}", highlight=False, soft_wrap=True)
-    (folder / "report.md").write_text("\n".join(
-        [f"# Sweep {folder}", "", f"{len(trials)} trials, {pruned} pruned, {failed} failed; ranked by best {monitor}; "
-         f"{budget}.", "", *md, ""]
-        + [f"- {a['key']} ({a['where']}): `{a['command']}`" for a in advice]) + "\n")
-    result: dict[str, Any] = {"trials": len(trials), "failed": failed, "pruned": pruned, "monitor": monitor,
-                              "epochs": spent, "unpruned_epochs": planned * len(trials) if isinstance(planned, int) else None,
-                              "best_so_far": best_so_far(trials, maximize),
-                              "best": best.name if best else None, "ranking": [t.name for t in ranked],
-                              "advice": advice}
+        writer.writerow(["best", *r.header[1:]])
+        writer.writerows(r.rows)
+    md = ["| " + " | ".join(["best", *r.header[1:]]) + " |", "|" + "---|" * len(r.header)]
+    md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in r.rows]
+    (r.folder / "report.md").write_text("\n".join(
+        [f"# Sweep {r.folder}", "", f"{r.title}; {r.budget}.", "", *md, ""]
+        + [f"- {a['key']} ({a['where']}): `{a['command']}`" for a in r.advice]) + "\n")
+
+
+def report(sweep_dir: str, *, plot: bool = False, test_best: bool = False, device: str = "auto",
+           data_dir: str | None = None, console: Console | None = None) -> dict[str, Any]:
+    """`cnnlab report`: compute, print, write; then the plot and the one test of the chosen trial."""
+    console = console or make_console()
+    r = compute_report(Path(sweep_dir))
+    render_report(r, console)
+    write_report(r)
+    maximize = not r.monitor.endswith("loss")
+    result: dict[str, Any] = {
+        "trials": len(r.trials), "failed": r.failed, "pruned": r.pruned, "monitor": r.monitor, "epochs": r.spent,
+        "unpruned_epochs": r.planned * len(r.trials) if isinstance(r.planned, int) else None,
+        "best_so_far": best_so_far(r.trials, maximize), "best": r.best.name if r.best else None,
+        "ranking": [t.name for t in r.ranked],
+        "advice": [{k: v for k, v in a.items() if k != "syntax"} for a in r.advice]}
     if plot:
-        result["plot"] = str(_plot(folder, trials, searched, monitor))
+        result["plot"] = str(_plot(r.folder, r.trials, r.searched, r.monitor))
         console.print(f"plot: {result['plot']}", highlight=False)
     if test_best:
-        if best is None:
-            raise CnnlabError(f"{sweep_dir}: no trial finished, so there is none to test")
-        from cnnlab.analysis.evaluation import evaluate_runs
-
-        scores = evaluate_runs([str(best.folder)], splits=["test"], tta_flip=False, tta_shift=0, device=device,
-                               data_dir=data_dir, console=console)
-        result["test"] = {"trial": best.name, **scores["splits"]["test"]}
-        write_json(folder / "test_best.json", result["test"])
-        console.print(f"test split scored once, for trial {best.name}: {folder / 'test_best.json'}", highlight=False)
-    console.print(f"written: {folder / 'report.csv'}, {folder / 'report.md'}", highlight=False)
+        result["test"] = score_best_on_test(r, device, data_dir, console)
+    console.print(f"written: {r.folder / 'report.csv'}, {r.folder / 'report.md'}", highlight=False)
     return result
+
+
+def score_best_on_test(r: SweepReport, device: str, data_dir: str | None, console: Console) -> dict[str, Any]:
+    """--test-best: the chosen trial's selected checkpoint on the test split, once (test_best.json)."""
+    if r.best is None:
+        raise CnnlabError(f"{r.folder}: no trial finished, so there is none to test")
+    from cnnlab.analysis.evaluation import evaluate_runs
+
+    scores = evaluate_runs([str(r.best.folder)], splits=["test"], tta_flip=False, tta_shift=0, device=device,
+                           data_dir=data_dir, console=console)
+    test = {"trial": r.best.name, **scores["splits"]["test"]}
+    write_json(r.folder / "test_best.json", test)
+    console.print(f"test split scored once, for trial {r.best.name}: {r.folder / 'test_best.json'}", highlight=False)
+    return test
 
 
 def best_so_far(trials: list[Trial], maximize: bool) -> list[tuple[int, float | None]]:

@@ -66,7 +66,7 @@ def _last_history(run_dir: Path) -> list[dict[str, Any]]:
 
 def _tensorboard_session(cfg: DictConfig, run_dir: Path) -> None:
     """A trial that failed before training began still gets its HParams session, marked failed."""
-    from cnnlab.train.tensorboard_log import TensorBoardLogger, events_dir
+    from cnnlab.training.tensorboard_log import TensorBoardLogger, events_dir
 
     try:
         tree = OmegaConf.to_container(cfg, resolve=True)
@@ -212,7 +212,7 @@ def record_sweep(config: DictConfig) -> None:
     """What a multirun searches: sweep.json (for `cnnlab report` and the trials' TensorBoard names) and the
     HParams experiment of <sweep dir>/tensorboard. The first record stays (a rerun, another worker)."""
     from cnnlab.sweep.study import merged_overrides, search_space
-    from cnnlab.train.tensorboard_log import sweep_experiment
+    from cnnlab.training.tensorboard_log import sweep_experiment
 
     sweep_dir = Path(config.hydra.sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)

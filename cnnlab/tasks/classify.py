@@ -30,13 +30,13 @@ from cnnlab.data.split import stratified_folds
 from cnnlab.runtime.signals import StopRequest
 from cnnlab.tasks.job import Job
 from cnnlab.tasks.summary import run_summary, write_summary
-from cnnlab.train.assemble import Setup, setup
-from cnnlab.train.console import ConsoleReporter
-from cnnlab.train.loop import Trainer
-from cnnlab.train.state import selected_weights
-from cnnlab.train.losses import expected_initial_loss
-from cnnlab.train.resume import check_resumable
-from cnnlab.train.tensorboard_log import TensorBoardLogger, events_dir
+from cnnlab.training.assemble import Setup, setup
+from cnnlab.training.console import ConsoleReporter
+from cnnlab.training.loop import Trainer
+from cnnlab.training.state import selected_weights
+from cnnlab.training.losses import expected_initial_loss
+from cnnlab.training.resume import check_resumable
+from cnnlab.training.tensorboard_log import TensorBoardLogger, events_dir
 
 
 class RunReporter:
@@ -284,6 +284,7 @@ def fit(s: Setup, job: Job, scheduler, loaders: Loaders, reporter: RunReporter,
             reporter=reporter, checkpoint_dir=job.run_dir / "checkpoints", autocast_dtype=s.autocast_dtype,
             generators={"data_order": loaders.train.generator, "augment": s.train_pipe.generator},
             checkpoint_extra={"config": run.resolved, "version": __version__, "classes": s.data.classes,
+                              "input_shape": [s.data.channels, s.data.input_size, s.data.input_size],
                               "preprocess": s.preprocessing.state_dict()},
             ranks=s.ranks, stop=stop, resume_hint=job.resume_hint, on_epoch=job.on_epoch,
         )

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from cnnlab import __version__
 from cnnlab.core.config import RunConfig
-from cnnlab.train.console import make_console
+from cnnlab.training.console import make_console
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import TASKS
 from cnnlab.core.status import RunStatus
@@ -25,8 +25,8 @@ from cnnlab.tasks.job import Job
 from cnnlab.tasks.summary import run_summary, write_summary
 from cnnlab.core.validation import PositiveInt
 from cnnlab.runtime.checkpoint import atomic_write, save_checkpoint
-from cnnlab.train.assemble import resolve_device, seed_everything
-from cnnlab.train.tensorboard_log import TensorBoardLogger, events_dir
+from cnnlab.training.assemble import resolve_device, seed_everything
+from cnnlab.training.tensorboard_log import TensorBoardLogger, events_dir
 
 
 COORDINATE_MODELS = ("fourier_mlp", "mlp")
@@ -85,8 +85,46 @@ def write_png(image: torch.Tensor, path: Path) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+class CoordinateFit:
+    """The image as (x, y) -> RGB pairs, and the coordinate MLP that learns them (built in this order: the
+    seeded draws of a run are the same as ever)."""
+
+    def __init__(self, run: RunConfig, image: torch.Tensor, device: torch.device):
+        self.image, self.size, self.device, self.batch_size = image, image.shape[-1], device, run.data.batch_size
+        t = (torch.arange(self.size, dtype=torch.float32) + 0.5) / self.size
+        self.coords = torch.stack(torch.meshgrid(t, t, indexing="ij")[::-1], dim=-1).reshape(-1, 2).to(device)  # (x, y)
+        self.target = image.permute(1, 2, 0).reshape(-1, 3).to(device)
+        self.model = run.components["model"].build(in_channels=2, num_classes=3, input_size=1)
+        run.components["init"].build(model=self.model)
+        self.model.to(device)
+        self.optimizer = run.components["optimizer"].build(model=self.model)
+        self.batches = math.ceil(len(self.coords) / self.batch_size)
+        self.scheduler = run.components["scheduler"].build(optimizer=self.optimizer, steps_per_epoch=self.batches,
+                                                           epochs=run.trainer.epochs)
+        self.generator = torch.Generator(device=device).manual_seed(run.seed)
+        self.step = 0
+
+    def train_epoch(self) -> float:
+        """One pass over every pixel in a random order; the last batch's loss."""
+        self.model.train()
+        for rows in torch.randperm(len(self.coords), device=self.device, generator=self.generator).split(self.batch_size):
+            loss = F.mse_loss(torch.sigmoid(self.model(self.coords[rows])), self.target[rows])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+        return loss.item()
+
+    @torch.no_grad()
+    def reconstruct(self) -> torch.Tensor:
+        self.model.eval()
+        out = torch.cat([torch.sigmoid(self.model(c)) for c in self.coords.split(65536)])
+        return out.reshape(self.size, self.size, 3).permute(2, 0, 1)
+
+
 @TASKS.register(monitor="psnr", models=("a coordinate MLP", COORDINATE_MODELS))
-def image_fit(run: RunConfig, job: Job, image: Optional[str] = None, size: PositiveInt = 128) -> dict[str, Any]:
+def image_fit(run: RunConfig, job: Job, *, image: Optional[str] = None, size: PositiveInt = 128) -> dict[str, Any]:
     """Fit one image as (x, y) -> RGB with a coordinate MLP; PSNR each epoch (the homework).
 
     ``image``: an image file, centre-cropped and resized to ``size`` x ``size``; None: the bundled
@@ -94,78 +132,56 @@ def image_fit(run: RunConfig, job: Job, image: Optional[str] = None, size: Posit
     reconstruction.png, target.png, checkpoints/last.pt and summary.json. It has no mid-run resume
     and no test split: of the job it takes the run directory, the console and ``on_epoch``."""
     wall_start = time.perf_counter()
-    console, run_dir, on_epoch = job.console or make_console(), job.run_dir, job.on_epoch
-    image_file = image  # the task option; ``image`` below is the loaded picture
-    settings = run.trainer
-    device = resolve_device(settings.device)
+    console, run_dir = job.console or make_console(), job.run_dir
+    device = resolve_device(run.trainer.device)
     seed_everything(run.seed)
-    image = load_image(image_file, size) if image_file else procedural_image(size)
-    size = image.shape[-1]
-    t = (torch.arange(size, dtype=torch.float32) + 0.5) / size
-    coords = torch.stack(torch.meshgrid(t, t, indexing="ij")[::-1], dim=-1).reshape(-1, 2).to(device)  # (x, y)
-    target = image.permute(1, 2, 0).reshape(-1, 3).to(device)
-
-    model = run.components["model"].build(in_channels=2, num_classes=3, input_size=1)
-    run.components["init"].build(model=model)
-    model.to(device)
-    optimizer = run.components["optimizer"].build(model=model)
-    batches = math.ceil(len(coords) / run.data.batch_size)
-    scheduler = run.components["scheduler"].build(optimizer=optimizer, steps_per_epoch=batches, epochs=settings.epochs)
-    generator = torch.Generator(device=device).manual_seed(run.seed)
-
+    fit = CoordinateFit(run, load_image(image, size) if image else procedural_image(size), device)
     tensorboard = TensorBoardLogger(events_dir(run.resolved, run_dir), run.resolved, OmegaConf.to_yaml(run.resolved))
-    tensorboard.writer.add_image("image_fit/target", image, 0)
-    write_png(image, run_dir / "target.png")
-    console.print(f"image_fit: {image_file or 'the bundled procedural image'} at {size}x{size}, "
-                  f"{run.components['model'].name} ({sum(p.numel() for p in model.parameters()):,} parameters), "
-                  f"{settings.epochs} epochs x {batches} batches of {run.data.batch_size} pixels, {device}",
+    tensorboard.writer.add_image("image_fit/target", fit.image, 0)
+    write_png(fit.image, run_dir / "target.png")
+    console.print(f"image_fit: {image or 'the bundled procedural image'} at {fit.size}x{fit.size}, "
+                  f"{run.components['model'].name} ({sum(p.numel() for p in fit.model.parameters()):,} parameters), "
+                  f"{run.trainer.epochs} epochs x {fit.batches} batches of {run.data.batch_size} pixels, {device}",
                   highlight=False)
-
-    @torch.no_grad()
-    def reconstruct() -> torch.Tensor:
-        model.eval()
-        out = torch.cat([torch.sigmoid(model(c)) for c in coords.split(65536)])
-        return out.reshape(size, size, 3).permute(2, 0, 1)
-
-    history, train_time, step, status = [], 0.0, 0, RunStatus.COMPLETED
-    report_every = max(1, settings.epochs // 20)
-    for epoch in range(1, settings.epochs + 1):
-        model.train()
-        start = time.perf_counter()
-        for rows in torch.randperm(len(coords), device=device, generator=generator).split(run.data.batch_size):
-            loss = F.mse_loss(torch.sigmoid(model(coords[rows])), target[rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-        train_time += time.perf_counter() - start
-        if not math.isfinite(loss.item()):
-            raise CnnlabError(f"image_fit: the loss became {loss.item()} at epoch {epoch}; lower optimizer.lr")
-        recon = reconstruct()
-        record = {"epoch": epoch, "step": step, "loss": loss.item(),
-                  "psnr": psnr(F.mse_loss(recon, image.to(device)).item()), "lr": optimizer.param_groups[0]["lr"]}
-        history.append(record)
-        tensorboard.scalars({"image_fit/loss": record["loss"], "image_fit/psnr": record["psnr"], "train/lr": record["lr"]}, step)
-        tensorboard.writer.add_image("image_fit/reconstruction", recon, step)
-        if epoch % report_every == 0 or epoch == settings.epochs:
-            console.print(f"epoch {epoch:>4}/{settings.epochs}  loss {record['loss']:.5f}  PSNR {record['psnr']:.2f} dB",
-                          highlight=False)
-        if on_epoch is not None and on_epoch(epoch, record) and epoch < settings.epochs:
-            status = RunStatus.PRUNED  # a sweep's pruner: this fit is behind the others at this epoch
-            console.print(f"pruned after epoch {epoch}", highlight=False)
-            break
-
+    history, train_time, status, recon = fit_epochs(fit, run, job, console, tensorboard)
     write_png(recon, run_dir / "reconstruction.png")
-    save_checkpoint(run_dir / "checkpoints" / "last.pt", {"model": model.state_dict(), "config": run.resolved,
-                                                          "epoch": epoch, "version": __version__})
+    save_checkpoint(run_dir / "checkpoints" / "last.pt", {"model": fit.model.state_dict(), "config": run.resolved,
+                                                          "epoch": history[-1]["epoch"], "version": __version__})
     best = max(history, key=lambda r: r["psnr"])
     summary = write_summary(run_dir, run_summary(
         run, run_dir, status, wall_start=wall_start, tensorboard=str(events_dir(run.resolved, run_dir)),
-        image=image_file or "procedural", size=size, device=str(device), monitor="psnr", best_epoch=best["epoch"],
+        image=image or "procedural", size=fit.size, device=str(device), monitor="psnr", best_epoch=best["epoch"],
         best_value=best["psnr"], final_psnr=history[-1]["psnr"], train_time_s=train_time, history=history))
-    tensorboard.scalars({"best/psnr": best["psnr"]}, step)
+    tensorboard.scalars({"best/psnr": best["psnr"]}, fit.step)
     tensorboard.close(summary["status"])
     console.print(f"final PSNR {summary['final_psnr']:.2f} dB (best {best['psnr']:.2f} at epoch {best['epoch']}); "
                   f"reconstruction: {run_dir / 'reconstruction.png'}", highlight=False)
     return summary
+
+
+def fit_epochs(fit: CoordinateFit, run: RunConfig, job: Job, console, tensorboard: TensorBoardLogger):
+    """Every epoch, each logged with its reconstruction; a sweep's pruner may stop it. Returns the history,
+    the seconds of training, the status and the last reconstruction."""
+    epochs = run.trainer.epochs
+    history, train_time, status = [], 0.0, RunStatus.COMPLETED
+    report_every = max(1, epochs // 20)
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        loss = fit.train_epoch()
+        train_time += time.perf_counter() - start
+        if not math.isfinite(loss):
+            raise CnnlabError(f"image_fit: the loss became {loss} at epoch {epoch}; lower optimizer.lr")
+        recon = fit.reconstruct()
+        record = {"epoch": epoch, "step": fit.step, "loss": loss,
+                  "psnr": psnr(F.mse_loss(recon, fit.image.to(fit.device)).item()),
+                  "lr": fit.optimizer.param_groups[0]["lr"]}
+        history.append(record)
+        tensorboard.scalars({"image_fit/loss": loss, "image_fit/psnr": record["psnr"], "train/lr": record["lr"]}, fit.step)
+        tensorboard.writer.add_image("image_fit/reconstruction", recon, fit.step)
+        if epoch % report_every == 0 or epoch == epochs:
+            console.print(f"epoch {epoch:>4}/{epochs}  loss {loss:.5f}  PSNR {record['psnr']:.2f} dB", highlight=False)
+        if job.on_epoch is not None and job.on_epoch(epoch, record) and epoch < epochs:
+            status = RunStatus.PRUNED  # a sweep's pruner: this fit is behind the others at this epoch
+            console.print(f"pruned after epoch {epoch}", highlight=False)
+            break
+    return history, train_time, status, recon

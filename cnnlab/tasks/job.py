@@ -13,7 +13,7 @@ from rich.console import Console
 @dataclass
 class Job:
     run_dir: Path
-    console: Console | None = None  # None: a console of its own (cnnlab.train.console.make_console)
+    console: Console | None = None  # None: a console of its own (cnnlab.training.console.make_console)
     test: bool = True  # score the selected model on the test split, once; a sweep's trials leave it to the report
     resume: bool = False  # continue from run_dir's newest good checkpoint when there is one
     resume_hint: str | None = None  # the command that continues the run, for the line a stop prints

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.runtime.distributed import SINGLE, Ranks
-from cnnlab.train.losses import LossFn
+from cnnlab.training.losses import LossFn
 
 
 @dataclass

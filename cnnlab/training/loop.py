@@ -18,11 +18,11 @@ from cnnlab.core.status import RunStatus
 from cnnlab.models.blocks import WithAux
 from cnnlab.runtime.checkpoint import LAST, encode_checkpoint, load_weights, save_checkpoint, save_same_checkpoint
 from cnnlab.runtime.distributed import SINGLE, Ranks
-from cnnlab.train.babysit import UpdateRatio, dead_unit_fractions
-from cnnlab.train.losses import build_loss, expected_initial_loss
-from cnnlab.train.metrics import Metrics, MetricSums, autocast_for, evaluate
-from cnnlab.train.state import capture_rng, restore_rng
-from cnnlab.train.watchers import BestTracker, DivergenceGuard, EpochTimer
+from cnnlab.training.babysit import UpdateRatio, dead_unit_fractions
+from cnnlab.training.losses import build_loss, expected_initial_loss
+from cnnlab.training.metrics import Metrics, MetricSums, autocast_for, evaluate
+from cnnlab.training.state import capture_rng, restore_rng
+from cnnlab.training.watchers import BestTracker, DivergenceGuard, EpochTimer
 
 
 class Reporter(Protocol):

@@ -90,7 +90,7 @@ def stages(model: nn.Module) -> list[Stage]:
 def read_pretrained(path: str) -> dict[str, torch.Tensor]:
     """Weights from a cnnlab checkpoint (the weights its run selected) or a torchvision-style state dict."""
     from cnnlab.runtime.checkpoint import has_digest, load_checkpoint, safe_load
-    from cnnlab.train.state import selected_weights
+    from cnnlab.training.state import selected_weights
 
     file = Path(path).expanduser()
     if not file.is_file():

@@ -25,7 +25,7 @@ from cnnlab.data.split import stratified_split
 from cnnlab.data.statistics import Preprocessing, color_pca
 from cnnlab.models.measure import check_input_size
 from cnnlab.runtime.distributed import Ranks, check_global_batch, init_process_group
-from cnnlab.train.finetune import set_learning_rates, transfer_learning
+from cnnlab.training.finetune import set_learning_rates, transfer_learning
 
 
 def resolve_device(spec: str, ranks: Ranks = Ranks()) -> torch.device:
