@@ -226,3 +226,4 @@ def cluster():
     conf = next(line.split("=", 1)[1] for line in up.stdout.splitlines() if line.startswith("export SLURM_CONF="))
     yield Cluster(partition=facts["partition"], database=facts["database"], env={**os.environ, "SLURM_CONF": conf})
     subprocess.run(["bash", str(script), "down"], capture_output=True, text=True, timeout=300)
+

@@ -17,7 +17,9 @@ import pytest
 from cnnlab.sweep.storage import database_url, shown
 from tests.conftest import TINY, run_cli
 
-pytestmark = pytest.mark.cluster
+# xdist_group: under pytest-xdist (-n 2 --dist loadgroup) these share one worker, one after another: the cluster
+# is brought up once, and the PostgreSQL restarts of the outage tests never land in another test.
+pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
 LOCAL_CLUSTER = Path(__file__).resolve().parent.parent / "scripts" / "local_cluster.sh"
 
 SWEEP = [o for o in TINY if not o.startswith("model.hidden")] + ["model.hidden=[16]"]
