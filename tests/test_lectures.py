@@ -3,6 +3,7 @@ closed form or a published value where there is one."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -667,14 +668,23 @@ def test_stratified_folds_validate_every_image_once_in_class_proportion():
         stratified_folds(torch.tensor([0, 1, 0]), 5, seed=0)
 
 
-def test_cross_validation_reports_the_folds_mean_and_tests_the_best_fold_once(tmp_path):
+def test_cross_validation_reports_the_folds_mean_and_tests_the_best_fold_once(tmp_path, monkeypatch):
     import json
     import statistics
 
     from cnnlab.analysis.evaluation import evaluate_runs
+    from cnnlab.core.registry import DATASETS
     from tests.conftest import quiet_console
 
+    original, built = DATASETS._entries["synthetic"], []
+
+    def counted(**options):
+        built.append(options)
+        return original.fn(**options)
+
+    monkeypatch.setitem(DATASETS._entries, "synthetic", dataclasses.replace(original, fn=counted))
     summary = run_tiny(tmp_path / "cv", "data.folds=3", "trainer.epochs=2")
+    assert len(built) == 2  # the three folds share one dataset; the test split's one score reads it once more
     folds = [json.loads((tmp_path / "cv" / f"fold{i}" / "summary.json").read_text()) for i in range(3)]
     values = [f["best_value"] for f in folds]
     assert summary["cv"] == {"k": 3, "mean": pytest.approx(statistics.fmean(values)),
