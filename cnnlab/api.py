@@ -88,9 +88,9 @@ def _overrides(overrides: Iterable[str] | None, config_dirs: Iterable[str | Path
 def compose(overrides: Iterable[str] | None = None, *, config_dirs: Iterable[str | Path] = (),
             **settings: Any) -> RunConfig:
     """The checked config of the run `cnnlab train <overrides>` would start; nothing is trained or written."""
-    from cnnlab.cli.hydra_app import composed
+    from cnnlab.cli.hydra_app import composed, search_path_restored
 
-    with composed(_overrides(overrides, config_dirs, settings)) as cfg:
+    with search_path_restored(), composed(_overrides(overrides, config_dirs, settings)) as cfg:
         return parse_run_config(cfg)
 
 
@@ -100,10 +100,10 @@ def train(overrides: Iterable[str] | None = None, *, config_dirs: Iterable[str |
     selected model. ``console``: where its progress goes (default: this terminal or notebook)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from cnnlab.cli.hydra_app import composed, run_one, translate_hydra_error
+    from cnnlab.cli.hydra_app import composed, run_one, search_path_restored, translate_hydra_error
     from cnnlab.runtime.lock import discard_refused
 
-    with composed(_overrides(overrides, config_dirs, settings)) as cfg:
+    with search_path_restored(), composed(_overrides(overrides, config_dirs, settings)) as cfg:
         hydra_node = HydraConfig.get()
         try:
             run_dir = Path(hydra_node.run.dir)  # resolved now: a fresh run directory is claimed

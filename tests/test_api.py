@@ -44,6 +44,8 @@ def test_compose_checks_the_config_without_training_and_reads_config_dirs(tmp_pa
     run = cnnlab.compose(["model=tiny_mlp"], config_dirs=[tmp_path / "conf"], trainer__epochs=5)
     assert run.components["model"].name == "mlp" and run.components["model"].options["hidden"] == [7]
     assert run.trainer.epochs == 5 and not (tmp_path / "outputs").exists()
+    with pytest.raises(cnnlab.CnnlabError, match="unknown model 'tiny_mlp'"):  # the folder was this call's only
+        cnnlab.compose(["model=tiny_mlp"])
 
 
 @pytest.mark.parametrize("args", [["model=lenett"], ["trainer.epochs=0"], ["name=../x"], ["optimizer.lr=0.1,0.2", "-m"]])

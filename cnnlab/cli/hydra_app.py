@@ -48,6 +48,16 @@ def use_config_dirs(folders: list[str]) -> None:
     SEARCH_PATH[:] = [f"file://{p}" for p in absolute] + [f"file://{CONF_DIR}"]
 
 
+@contextlib.contextmanager
+def search_path_restored() -> Iterator[None]:
+    """The config folders as they were before the block: a Python caller's config_dirs end with its call."""
+    saved = list(CONFIG_DIRS), list(SEARCH_PATH)
+    try:
+        yield
+    finally:
+        CONFIG_DIRS[:], SEARCH_PATH[:] = saved
+
+
 @hydra.main(version_base="1.3", config_path=None, config_name="train")
 def hydra_train(cfg: DictConfig) -> dict | float | None:
     """Hydra's task: one run, or one trial of a sweep. Returns a trial's summary (for the sweeper), or
