@@ -74,39 +74,19 @@ def fresh_database(cluster) -> str:
     return made.stdout.strip().split("database: ", 1)[1]
 
 
-def test_array_tasks_are_workers_of_one_postgresql_study(cluster, tmp_path):
-    name, folder = f"array-{uuid.uuid4().hex[:8]}", tmp_path / "sw"
-    database = fresh_database(cluster)
-    command = cnnlab_command("sweep=random_lr_wd", "hydra.sweeper.n_trials=6", *SWEEP, "trainer.epochs=1",
-                             "optimizer.lr=tag(log, interval(1e-4, 1))",  # quoted for --wrap's shell, as the README shows
-                             f"hydra.sweeper.storage={database}", f"hydra.sweeper.study_name={name}",
-                             f"hydra.sweep.dir={folder}")
-    # The three start at one instant and meet the empty database together: they must not race to create it.
-    result = sbatch(cluster, tmp_path, "--array=0-2", "--oversubscribe", f"--output={tmp_path}/task-%a.out",
-                    command=f"{at_instant(time.time() + 5)} && {command}")  # all three at once, two cores or not
-    assert result.returncode == 0, result.stderr + "".join(p.read_text()[-1500:] for p in tmp_path.glob("task-*.out"))
-    study = load_study(database, name)
-    assert len(study.trials) == 6 and all(t.state.is_finished() for t in study.trials)
-    assert sorted(t.user_attrs["job"] for t in study.trials) == list(range(6))
-    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 6  # none twice
-    assert sorted(p.name for p in folder.glob("[0-9]*")) == [str(k) for k in range(6)]  # one sweep directory
-    array = result.stdout.strip().split(";")[0]
-    records = [json.loads((folder / str(k) / "trial.json").read_text()) for k in range(6)]
-    assert all(r["slurm"]["array_job"] == array for r in records)  # every trial ran inside an array task
-    last_lines = [(tmp_path / f"task-{task}.out").read_text().strip().splitlines()[-1] for task in range(3)]
-    assert all(line.startswith("sweep: ") for line in last_lines)  # each worker's count when it stopped
-    assert any(line.startswith("sweep: 6 trials (6 completed), 0 failed") for line in last_lines)
-
-
-def test_a_database_restart_mid_sweep_costs_no_worker_trial_or_epoch(cluster, tmp_path):
-    name, folder, trials, epochs = f"outage-{uuid.uuid4().hex[:8]}", tmp_path / "sw", 6, 2
+def test_array_tasks_are_workers_of_one_postgresql_study_and_a_database_restart_costs_nothing(cluster, tmp_path):
+    """Three SLURM array tasks, workers of one study in an empty PostgreSQL database. They start at one instant
+    and meet the empty database together: they must not race to create its tables. Then the server is down for
+    10 s in the middle of the sweep: no worker, trial or epoch's value may be lost."""
+    name, folder, trials, epochs = f"array-{uuid.uuid4().hex[:8]}", tmp_path / "sw", 6, 2
     database = fresh_database(cluster)
     command = cnnlab_command("sweep=random_lr_wd", f"hydra.sweeper.n_trials={trials}", *SWEEP, f"trainer.epochs={epochs}",
-                             "dataset.train_size=1200", "optimizer.lr=tag(log, interval(1e-3, 0.1))",  # none diverges
-                             f"hydra.sweeper.storage={database}",
-                             f"hydra.sweeper.study_name={name}", f"hydra.sweep.dir={folder}")
+                             "dataset.train_size=1200",
+                             "optimizer.lr=tag(log, interval(1e-3, 0.1))",  # quoted for --wrap's shell, as the README shows
+                             f"hydra.sweeper.storage={database}", f"hydra.sweeper.study_name={name}",
+                             f"hydra.sweep.dir={folder}")
     array = sbatch(cluster, tmp_path, "--array=0-2", "--oversubscribe", f"--output={tmp_path}/task-%a.out",
-                   command=command, wait=False).stdout
+                   command=f"{at_instant(time.time() + 5)} && {command}", wait=False).stdout  # at once, two cores or not
     deadline = time.monotonic() + 240
     while not (folder / "0" / "trial.json").is_file():  # the workers hold the study and train
         assert time.monotonic() < deadline, "".join(p.read_text()[-1500:] for p in tmp_path.glob("task-*.out"))
@@ -121,6 +101,14 @@ def test_a_database_restart_mid_sweep_costs_no_worker_trial_or_epoch(cluster, tm
     study = load_study(database, name)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * trials  # exactly n_trials, none failed or lost
     assert all(sorted(t.intermediate_values) == list(range(1, epochs + 1)) for t in study.trials)  # every epoch's value
+    assert sorted(t.user_attrs["job"] for t in study.trials) == list(range(trials))
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == trials  # none twice
+    assert sorted(p.name for p in folder.glob("[0-9]*")) == [str(k) for k in range(trials)]  # one sweep directory
+    records = [json.loads((folder / str(k) / "trial.json").read_text()) for k in range(trials)]
+    assert all(r["slurm"]["array_job"] == array.strip().split(";")[0] for r in records)  # each inside an array task
+    last_lines = [out.strip().splitlines()[-1] for out in outs]
+    assert all(line.startswith("sweep: ") for line in last_lines)  # each worker's count when it stopped
+    assert any(line.startswith(f"sweep: {trials} trials ({trials} completed), 0 failed") for line in last_lines)
 
 
 def test_an_outage_longer_than_storage_retry_s_stops_the_worker_with_75_and_a_rerun_continues(cluster, tmp_path):
