@@ -214,9 +214,15 @@ def _train(overrides: list[str], app=None) -> int:
         raise translated from None
     finally:
         if ranks.enabled:
+            import gc
+
             import torch.distributed as dist
 
             if dist.is_initialized():
+                # DDP's reducer may sit in a reference cycle: freed now, while the process group and the interpreter
+                # are alive, not at exit, where gloo's threads then abort ("terminate called without an active
+                # exception", seen once in a loaded CI run; pytorch/pytorch#179291 describes the exit race).
+                gc.collect()
                 dist.destroy_process_group()
     return FAILED_EXIT_STATUS if last_sweep.get("failed") else 0
 
