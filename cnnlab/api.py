@@ -15,6 +15,7 @@ with the line the CLI prints. Nothing here calls sys.exit or leaves Hydra's glob
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -100,23 +101,13 @@ def train(overrides: Iterable[str] | None = None, *, config_dirs: Iterable[str |
     selected model. ``console``: where its progress goes (default: this terminal or notebook)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from cnnlab.cli.hydra_app import composed, run_one, search_path_restored, translate_hydra_error
-    from cnnlab.runtime.lock import discard_refused
+    from cnnlab.cli.hydra_app import composed, config_errors_in_one_line, run_one, search_path_restored
 
     with search_path_restored(), composed(_overrides(overrides, config_dirs, settings)) as cfg:
         hydra_node = HydraConfig.get()
-        try:
+        with config_errors_in_one_line():  # e.g. a name that is not one path component: the CLI's line
             run_dir = Path(hydra_node.run.dir)  # resolved now: a fresh run directory is claimed
-        except Exception as e:  # noqa: BLE001 - e.g. a name that is not one path component: the CLI's line
-            translated = translate_hydra_error(e)
-            if translated is None:
-                raise
-            raise translated from None
-        try:
-            summary = run_one(cfg, run_dir, list(hydra_node.overrides.task), console=console)
-        except CnnlabError:
-            discard_refused(run_dir)
-            raise
+        summary = run_one(cfg, run_dir, list(hydra_node.overrides.task), console=console)  # a refusal leaves nothing
     if summary is None:  # trainer.devices=N: the processes wrote it
         summary = json.loads((run_dir / "summary.json").read_text())
     model = preprocess = None
@@ -146,32 +137,28 @@ def load(run: str | Path, weights: str = "best", device: str | torch.device = "c
         raise CnnlabError(f"checkpoint {path} has no config; was it written by cnnlab train?")
     stored = parse_run_config(checkpoint["config"], stored=f"checkpoint {path}")
     device = resolve_device(str(device))
-    shape = input_shape(checkpoint, stored)
+    dataset = functools.cache(stored.components["dataset"].build)  # an older checkpoint's facts: built once at most
+    shape = input_shape(checkpoint, dataset)
     model = build_model(stored, shape, device, init=False)
     load_weights(model, selected_weights(checkpoint), path)
     model.eval()
     recorded = checkpoint.get("preprocess")
     preprocessing = (Preprocessing.from_state(recorded) if recorded is not None else
-                     Preprocessing.per_channel(*_channel_statistics(stored))).to(device)
+                     Preprocessing.per_channel(dataset().mean, dataset().std)).to(device)
     preprocess = InputPreprocess(preprocessing, shape, device)
     if getattr(model, "memorises", False):  # k-NN compares its raw memory as it compares the queries
         model.prepare = preprocess
     return model, preprocess
 
 
-def input_shape(checkpoint: dict[str, Any], stored: RunConfig) -> SimpleNamespace:
+def input_shape(checkpoint: dict[str, Any], dataset: Callable[[], Any]) -> SimpleNamespace:
     """The channels, size and classes a run trained on: recorded in its checkpoint since cnnlab 0.1's #25;
-    for an older one, from its dataset."""
+    for an older one, from ``dataset()``, the run's dataset."""
     if "input_shape" in checkpoint:
         channels, size, _ = checkpoint["input_shape"]
         return SimpleNamespace(channels=channels, input_size=size, num_classes=len(checkpoint["classes"]))
-    data = stored.components["dataset"].build()
+    data = dataset()
     return SimpleNamespace(channels=data.channels, input_size=data.input_size, num_classes=data.num_classes)
-
-
-def _channel_statistics(stored: RunConfig):
-    data = stored.components["dataset"].build()
-    return data.mean, data.std
 
 
 class InputPreprocess:

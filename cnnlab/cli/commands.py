@@ -179,7 +179,7 @@ def _lr_find(args: list[str]) -> int:
 
 def _train(overrides: list[str], app=None) -> int:
     """Run the Hydra application ``app`` (default: training) on ``overrides``."""
-    from cnnlab.cli.hydra_app import hydra_train, translate_hydra_error
+    from cnnlab.cli.hydra_app import config_errors_in_one_line, hydra_train
 
     from cnnlab.sweep.trials import FAILED_EXIT_STATUS, last_sweep
 
@@ -199,19 +199,15 @@ def _train(overrides: list[str], app=None) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv = ["cnnlab train", *overrides]
     try:
-        app()
+        with config_errors_in_one_line():
+            app()
     except JobAborted as aborted:
         raise aborted.error from None
-    except CnnlabError:
-        raise
-    except Exception as e:
-        translated = translate_hydra_error(e)
-        if translated is None and isinstance(e, OSError) and e.filename is not None:
-            # e.g. an output directory that cannot be created (paths.output_dir)
-            translated = CnnlabError(f"cannot use {e.filename}: {e.strerror or e}")
-        if translated is None:
+    except OSError as e:
+        if e.filename is None:
             raise  # not a config problem: a bug, keep the traceback
-        raise translated from None
+        # e.g. an output directory that cannot be created (paths.output_dir)
+        raise CnnlabError(f"cannot use {e.filename}: {e.strerror or e}") from None
     finally:
         if ranks.enabled:
             import gc

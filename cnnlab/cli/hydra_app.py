@@ -76,7 +76,7 @@ def hydra_train(cfg: DictConfig) -> dict | float | None:
 
 def run_one(cfg: DictConfig, run_dir: Path, task_overrides: list[str], console=None) -> dict | None:
     """One run from its composed config (Hydra's node in HydraConfig): the one road of `cnnlab train` and of
-    cnnlab.training. Checked once into a RunConfig, then the task; ``trainer.devices=N`` starts N processes that
+    cnnlab.train. Checked once into a RunConfig, then the task; ``trainer.devices=N`` starts N processes that
     each take this road. A run directory with a checkpoint continues (a requeued job). Returns the summary
     (None for the parent of N processes); a refused run leaves nothing behind."""
     from cnnlab.tasks import Job, train
@@ -115,14 +115,8 @@ def composed(overrides: list[str]) -> Iterator[DictConfig]:
     GlobalHydra.instance().clear()
     setup_globals()  # ${now:...} and ${hydra:...}
     try:
-        try:
-            with initialize(config_path=None, version_base="1.3"):
-                full = compose("train", overrides=overrides, return_hydra_config=True)
-        except Exception as e:  # noqa: BLE001 - a composition error is one line, as the CLI prints it
-            translated = translate_hydra_error(e)
-            if translated is None:
-                raise
-            raise translated from None
+        with config_errors_in_one_line(), initialize(config_path=None, version_base="1.3"):
+            full = compose("train", overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(full)
         cfg = copy.deepcopy(full)  # the task's config without Hydra's node, as Hydra's run_job makes it
         with read_write(cfg), open_dict(cfg):
@@ -172,6 +166,21 @@ def lr_find_app(min_lr: float, max_lr: float, steps: int):
             raise JobAborted(e) from None
 
     return hydra_lr_find
+
+
+@contextlib.contextmanager
+def config_errors_in_one_line() -> Iterator[None]:
+    """A config mistake that Hydra or OmegaConf raised in the block becomes cnnlab's one line
+    (translate_hydra_error); anything else, a bug, keeps its traceback."""
+    try:
+        yield
+    except CnnlabError:
+        raise
+    except Exception as e:  # noqa: BLE001 - translated when it is a config problem, else raised as it is
+        translated = translate_hydra_error(e)
+        if translated is None:
+            raise
+        raise translated from None
 
 
 def translate_hydra_error(e: BaseException) -> CnnlabError | None:

@@ -21,14 +21,11 @@ def task_name(cfg) -> str:
 
 def monitor_of(cfg) -> str:
     """What a run is ranked by: the task's own measure (image_fit: PSNR, maximised), else trainer.monitor.
-    ``cfg``: a RunConfig, or a composed config not yet checked (a sweep's, with its hydra node)."""
+    ``cfg``: a composed config, not yet checked (a sweep's, with its hydra node)."""
     load_components()
-    if isinstance(cfg, RunConfig):
-        name, monitor = cfg.components["task"].name, cfg.trainer.monitor
-    else:
-        name, monitor = task_name(cfg), cfg.trainer.monitor
+    name = task_name(cfg)
     own = TASKS.get(name).meta.get("monitor") if name in TASKS else None
-    return own or str(monitor)
+    return own or str(cfg.trainer.monitor)
 
 
 def train(run: RunConfig, job: Job) -> dict[str, Any]:

@@ -206,10 +206,9 @@ def build_loaders(s: Setup) -> Loaders:
     return Loaders(train, s.loader("train", val_rows, train=False), val_rows, batches, memorises)
 
 
-def run_header(s: Setup, run_dir: Path, loaders: Loaders) -> dict[str, str]:
+def run_header(s: Setup, run_dir: Path, loaders: Loaders, n_params: int) -> dict[str, str]:
     """What the run's first lines say: the data, model, optimizer, device and how long it trains."""
     run, data, model, ranks = s.run, s.data, s.model, s.ranks
-    n_params = sum(p.numel() for p in model.parameters())
     n_train, batches = len(s.train_idx), loaders.batches
     return {
         "run": str(run_dir), "dataset": f"{data.name}: {n_train:,} train / {len(s.val_idx):,} val / "
@@ -250,7 +249,8 @@ def fit_select_test(s: Setup, job: Job, console: ConsoleReporter, resume_state: 
                                         OmegaConf.to_yaml(run.resolved),
                                         purge_step=resume_state["step"] + 1 if resume_state else None)
         visualizer = start_visualizer(s, job.run_dir, tensorboard.writer, fresh=resume_state is None)
-    console.start(run_header(s, job.run_dir, loaders))
+    n_params = sum(p.numel() for p in s.model.parameters())
+    console.start(run_header(s, job.run_dir, loaders, n_params))
     reporter = RunReporter(console, tensorboard, visualizer)
     trainer = fit(s, job, scheduler, loaders, reporter, resume_state)
     if not ranks.is_main:  # rank 0 alone selects, tests and writes the summary; the others wait for it
@@ -258,7 +258,7 @@ def fit_select_test(s: Setup, job: Job, console: ConsoleReporter, resume_state: 
         return {"status": trainer.status, "best_value": trainer.best.value}
     summary = run_summary(
         run, job.run_dir, trainer.status, wall_start=wall_start, tensorboard=str(events_dir(run.resolved, job.run_dir)),
-        dataset=s.data.name, parameters=sum(p.numel() for p in s.model.parameters()), device=str(s.device),
+        dataset=s.data.name, parameters=n_params, device=str(s.device),
         precision=str(s.autocast_dtype or torch.float32).replace("torch.", ""), processes=ranks.world_size,
         sizes={"train": len(s.train_idx), "val": len(s.val_idx), "test": len(s.data.test_labels)},
         initial_loss=trainer.initial_loss,
@@ -309,13 +309,12 @@ def end_unselected(trainer: Trainer, summary: dict[str, Any], run_dir: Path, ten
     """A diverged run is recorded, not tested: the test set is for selected models only."""
     history = trainer.history
     summary.update({"diverged_at_step": trainer.diverged_at, "selected": {}, "history": history})
-    write_summary(run_dir, summary)
+    write_summary(run_dir, summary, console.console, prefix=f"status: {trainer.status}; ")
     if trainer.best.epoch is not None:  # the epochs it finished, for the HParams table (validation only)
         best = history[trainer.best.epoch - 1]
         tensorboard.scalars({"best/" + trainer.best.monitor.replace("/", "_"): trainer.best.value,
                              "selected/val_loss": best["val/loss"], "selected/val_acc": best["val/acc"]}, trainer.step)
     tensorboard.close(trainer.status)
-    console.console.print(f"status: {trainer.status}; summary: {run_dir / 'summary.json'}", highlight=False)
     return summary
 
 
