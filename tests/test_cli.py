@@ -111,7 +111,7 @@ def test_unknown_command_and_version(tmp_path):
 
 @pytest.mark.parametrize(("command", "expected"), [
     ("eval", "--tta-shift N"), ("report", "--test-best"), ("viz", "RUN_DIR"), ("list", "--plugin MODULE"),
-    ("lr-find", "--min-lr MIN_LR"),
+    ("lr-find", "--min-lr MIN_LR"), ("tune", "tune.budget_epochs=N"),
 ])
 def test_every_subcommand_has_its_own_help(command, expected, capsys):
     from cnnlab.cli import main
@@ -122,6 +122,15 @@ def test_every_subcommand_has_its_own_help(command, expected, capsys):
         assert stopped.value.code == 0
         out = capsys.readouterr().out
         assert out.startswith(f"usage: cnnlab {command}") and expected in out
+
+
+def test_tune_help_lists_its_settings_and_train_help_only_the_parts_of_a_run(tmp_path):
+    tune = run_cli("tune", "--help", cwd=tmp_path)
+    assert tune.returncode == 0 and "budget_epochs: null" in tune.stdout and "coarse_share: 0.5" in tune.stdout
+    train = run_cli("train", "--help", cwd=tmp_path)
+    groups = train.stdout.split("== Config groups", 1)[1].split("== Defaults", 1)[0]
+    assert "\nmodel: alexnet, " in groups and "\noptimizer: adagrad, " in groups
+    assert "tune" not in groups and "hydra" not in groups  # conf/tune/ is `cnnlab tune`'s, not a part of a run
 
 
 def test_records_are_one_line_each_off_a_terminal(tmp_path):

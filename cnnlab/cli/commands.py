@@ -29,6 +29,11 @@ commands:
                             (a run directory reused with hydra.run.dir resumes by itself);
                             SIGTERM, SIGINT, SIGUSR1 checkpoint and exit with status 75
                             multi-GPU: torchrun --nproc_per_node=N -m cnnlab train ...
+  tune [key=value ...] tune.budget_epochs=N
+                            the lectures' whole search under a budget of epochs: a sanity gate
+                            (initial loss, overfit one batch, LR range test), coarse random search
+                            with ASHA, refine stages, the top configurations with several seeds,
+                            and one test of the one chosen on validation; see cnnlab tune --help
   lr-find [--min-lr 1e-6] [--max-lr 10] [--steps 200] [key=value ...]
                             LR range test on the configured run: loss vs an exponentially growing
                             lr, to TensorBoard and a PNG, and a suggested optimizer.lr
@@ -47,7 +52,7 @@ commands:
   --version                 print the version
 """
 
-COMMANDS = ("train", "lr-find", "eval", "report", "viz", "list")
+COMMANDS = ("train", "tune", "lr-find", "eval", "report", "viz", "list")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,6 +88,8 @@ def _dispatch(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         return _train(rest)
+    if command == "tune":
+        return _tune(rest)
     if command == "lr-find":
         return _lr_find(rest)
     if command == "eval":
@@ -157,6 +164,45 @@ def _viz(args: list[str]) -> int:
 
     for path in write_pngs(ns.run_dir):
         print(path)
+    return 0
+
+
+TUNE_HELP = """usage: cnnlab tune [--config-dir DIR] [key=value ...] tune.budget_epochs=N [tune.<setting>=value ...]
+
+The lectures' search method as one command, in one tune directory, never past tune.budget_epochs (the
+epochs of every trial of every stage, and the gate's steps, together):
+  1. gate     the initial loss against ln C, overfit one batch, the LR range test (its suggestion
+              centres the learning-rate window when no space is given); a failure stops the tune
+  2. coarse   random (or Sobol) draws over the space, tune.coarse_epochs each, ASHA
+  3. refine   tune.refine_stages times: a box around the best tune.top_q, moved past an edge the best
+              sits on; the earlier trials inside it are told to the new study (TPE) and not run again
+  4. final    the tune.top_k best configurations x tune.seeds seeds at trainer.epochs, ranked on
+              the mean validation value with its spread
+  5. test     the chosen configuration's selected model on the test split, once
+The space: the run's sweep overrides (optimizer.lr='tag(log, interval(1e-4, 1))', a,b,c), or
+conf/tune/space/<optimizer>.yaml. Rerun with tune.dir=<dir> to continue; start the same command with
+the same tune.dir on more machines (tune.storage=postgresql://...) to add workers.
+
+settings (conf/tune/default.yaml):
+"""
+
+
+def _tune(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        from cnnlab.core.config import CONF_DIR
+
+        lines = (CONF_DIR / "tune" / "default.yaml").read_text().splitlines()
+        print(TUNE_HELP + "\n".join(lines[next(i for i, line in enumerate(lines) if not line.startswith("#")):]))
+        return 0
+    if any(a in ("-m", "--multirun") for a in args):
+        raise CnnlabError("cnnlab tune runs its own search: give the space as sweep overrides, without -m")
+    from cnnlab.cli.hydra_app import CONFIG_DIRS, search_path_restored
+    from cnnlab.training.console import make_console
+    from cnnlab.tune.runner import Tune
+
+    with search_path_restored():
+        overrides = take_config_dirs(args)
+        Tune(overrides, list(CONFIG_DIRS), make_console()).run()
     return 0
 
 

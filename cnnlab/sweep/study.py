@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ log = logging.getLogger("cnnlab.sweep.study")
 CLAIM_DIR = ".claims"           # <sweep dir>/.claims/.cnnlab.lock: held while a worker claims a trial
 WORKER_ENV = "CNNLAB_SWEEP_WORKER"  # set in the helper processes of n_jobs > 1: they start no helpers themselves
 RETRY_OF, JOB = "retry_of", "job"  # user attributes: the trial a retry continues; the trial's directory number
+COPIED_FROM = "copied_from"  # user attribute of a trial an earlier study ran (cnnlab tune's refine stages): no slot
 
 
 @dataclass
@@ -227,6 +228,8 @@ class Study:
         elif self.n_trials is None:
             raise CnnlabError(f"sampler {settings.sampler!r} needs hydra.sweeper.n_trials (how many trials to run)")
         self.storage = storage
+        # Called under the claim lock with the study's trials: False when no new trial may start (a tune's budget).
+        self.admit: Callable[[list], bool] | None = None
         pruner = build_pruner(settings)
         with claim_lock(sweep_dir):
             try:
@@ -272,11 +275,11 @@ class Study:
         with claim_lock(self.sweep_dir):
             self._recover_cut_off()
             trials = self.study.get_trials(deepcopy=False)
-            slots = [t for t in trials if RETRY_OF not in t.user_attrs]
+            slots = [t for t in trials if RETRY_OF not in t.user_attrs and COPIED_FROM not in t.user_attrs]
             waiting = [t for t in trials if t.state == TrialState.WAITING]
             if self._too_many_failures(trials):
                 return None
-            if not waiting and len(slots) >= self.n_trials:
+            if not waiting and (len(slots) >= self.n_trials or (self.admit is not None and not self.admit(trials))):
                 return None
             if not waiting and self.grid is not None:  # the grid in order: slot k is combination k
                 self.study.enqueue_trial(self.grid[len(slots)])

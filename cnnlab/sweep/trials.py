@@ -139,8 +139,7 @@ def run_trial(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     overrides = [o for o in overrides if not o.startswith(("sweep.resume=", "hydra.sweep.dir="))]
     claim = active_claim()
     if claim is not None:  # cnnlab's sweeper: a fresh trial directory, or a cut-off trial's to continue
-        _report_history(claim.trial, monitor, _last_history(run_dir))
-        return _attempt(cfg, run_dir, overrides, settings, resume=True, on_epoch=_pruning(claim.trial, monitor))
+        return run_claimed(cfg, run_dir, overrides, claim.trial, monitor, settings=settings)
     if settings.get("resume"):
         previous = _previous_attempt(run_dir.parent, overrides, run_dir)
         if previous is not None:
@@ -155,8 +154,17 @@ def run_trial(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return _attempt(cfg, run_dir, overrides, settings, resume=bool(settings.get("resume")))
 
 
+def run_claimed(cfg: DictConfig, run_dir: Path, overrides: list[str], trial, monitor: str, *, settings=None,
+                console=None) -> dict[str, Any]:
+    """A trial claimed from a study (a sweep's or a tune stage's), fresh or continued from its checkpoint: the
+    study hears of every epoch's value and may prune it at an epoch boundary."""
+    _report_history(trial, monitor, _last_history(run_dir))
+    return _attempt(cfg, run_dir, overrides, settings or {}, resume=True, on_epoch=_pruning(trial, monitor),
+                   console=console)
+
+
 def _attempt(cfg: DictConfig, run_dir: Path, overrides: list[str], settings, *, resume: bool,
-             on_epoch=None) -> dict[str, Any]:
+             on_epoch=None, console=None) -> dict[str, Any]:
     start = time.time()
     record = {"overrides": overrides, "started": start, "pid": os.getpid()}
     if os.environ.get("SLURM_JOB_ID"):  # where it ran, when SLURM ran it
@@ -166,7 +174,7 @@ def _attempt(cfg: DictConfig, run_dir: Path, overrides: list[str], settings, *, 
     _name_tensorboard(cfg, run_dir, overrides)
     try:
         summary = train(parse_run_config(cfg), Job(
-            run_dir, test=bool(settings.get("test_trials", False)), resume=resume, on_epoch=on_epoch,
+            run_dir, console=console, test=bool(settings.get("test_trials", False)), resume=resume, on_epoch=on_epoch,
             resume_hint=f"the same command with hydra.sweep.dir={run_dir.parent} sweep.resume=true"))
     except Exception as e:  # noqa: BLE001 - a trial's failure is data for the sweep, not the end of it
         first_line = (str(e).strip().splitlines() or [""])[0]

@@ -1,0 +1,443 @@
+"""`cnnlab tune`: the lectures' search method as one command, in one tune directory.
+
+    gate  ->  coarse  ->  refine1 .. refineN  ->  final  ->  test once
+
+Each stage is an Optuna study in the tune's storage, its trials claimed one at a time (cnnlab.sweep.study),
+so any number of workers (the same command again, on this machine or another, or SLURM array tasks) share
+every stage as they share a sweep; a stage starts when the one before it has finished. A worker that is
+killed leaves its trial RUNNING with an unlocked directory: the next claim continues it from its checkpoint.
+What a stage searches is written once (<stage>/stage.json), so a rerun or another worker searches the same.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from rich.console import Console
+
+from cnnlab.cli.hydra_app import composed, run_one, writer_of
+from cnnlab.core.config import parse_run_config
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.status import RunStatus
+from cnnlab.runtime import lock
+from cnnlab.runtime.checkpoint import read_json, write_json
+from cnnlab.runtime.distributed import LOCK_HELD_ENV
+from cnnlab.sweep.study import (COPIED_FROM, JOB, Study, SweepSettings, claim_lock, override_value, quoted,
+                                 search_space)
+from cnnlab.sweep.storage import open_storage, storage_target
+from cnnlab.sweep.trials import direction_of, run_claimed, short_names
+from cnnlab.tasks import monitor_of
+from cnnlab.tune import boxes
+from cnnlab.tune.gate import sanity_gate
+from cnnlab.tune.plan import Plan, Stage, admits, make_plan
+from cnnlab.tune.settings import TuneSettings, default_space, load_settings, split_arguments
+
+STAGE_FILE, TUNE_FILE = "stage.json", "tune.json"
+CONFIG_KEY = "tune.config"  # the final stage's grid: which of the top configurations, and its seed
+POLL_S = 1.0
+
+
+def trial_epochs(trial) -> int:
+    """The epochs a finished trial cost: those it trained, and the one a diverged trial stopped in."""
+    if not trial.state.is_finished():
+        return 0
+    return trial.user_attrs.get("epochs", 0) + (trial.user_attrs.get("status") == RunStatus.DIVERGED)
+
+
+@dataclass
+class Base:
+    """What the run's config says, composed once from the user's fixed overrides."""
+
+    fixed: list[str]
+    epochs: int
+    seed: int
+    batch_size: int
+    monitor: str
+    direction: str
+    optimizer: str
+    name: str
+    output_dir: str
+    tree: dict[str, Any]
+
+
+def compose_base(fixed: list[str]) -> Base:
+    with composed(fixed) as cfg:
+        run = parse_run_config(cfg)
+        return Base(fixed, run.trainer.epochs, run.seed, run.data.batch_size, monitor_of(cfg), direction_of(cfg),
+                    run.components["optimizer"].name, run.name, str(cfg.paths.output_dir),
+                    OmegaConf.to_container(cfg, resolve=True))
+
+
+class Tune:
+    def __init__(self, args: list[str], config_dirs: list[str], console: Console):
+        tune_args, run_args = split_arguments(args)
+        self.settings: TuneSettings = load_settings(tune_args)
+        self.console = console
+        space, fixed = search_space(run_args)
+        self.base = compose_base(fixed)
+        self.user_space = bool(space)
+        if not space:  # the optimizer's default space, less the keys the user fixed
+            typed = {f.partition("=")[0].lstrip("+~") for f in fixed}
+            defaults = [o for o in default_space(self.base.optimizer, config_dirs) if o.partition("=")[0] not in typed]
+            space = search_space(defaults)[0]
+        self.space = space
+        self.plan: Plan = make_plan(self.settings, self.base.epochs, 1.0 if self.settings.gate else 0.0)
+        self.dir = Path(self.settings.dir or self._fresh_dir()).resolve()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.storage = open_storage(storage_target(self.settings.storage, self.dir) if self.settings.storage == "journal"
+                                    else (f"sqlite:///{self.dir / 'tune.db'}" if self.settings.storage == "sqlite"
+                                          else self.settings.storage), self.dir)
+
+    def _fresh_dir(self) -> str:
+        from cnnlab.runtime.lock import claim_fresh_dir
+
+        return claim_fresh_dir(f"{self.base.output_dir}/tunes/{time.strftime('%Y-%m-%d')}/{time.strftime('%H-%M-%S')}",
+                               self.base.name)
+
+    @property
+    def maximize(self) -> bool:
+        return self.base.direction == "maximize"
+
+    # ---- running one training in this process ----
+
+    def train(self, overrides: list[str], run_dir: Path, trial=None) -> dict[str, Any]:
+        """One run in ``run_dir``, its terminal output in <run_dir>/console.log; a claimed ``trial`` reports
+        its epochs to its study."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "console.log", "a") as log:
+            console = Console(file=log, width=120, force_terminal=False)
+            args = [*overrides, f"hydra.run.dir={quoted(str(run_dir))}"]
+            if trial is None:
+                with composed(args) as cfg:
+                    return run_one(cfg, run_dir, args, console=console) or {}
+            with self._lock_held(run_dir), composed(args) as cfg, writer_of(run_dir, cfg):
+                return run_claimed(cfg, run_dir, args, trial, self.base.monitor, console=console)
+
+    @staticmethod
+    @contextmanager
+    def _lock_held(run_dir: Path):
+        """The claim locked the trial's directory for this process: the run takes no second lock."""
+        before = os.environ.get(LOCK_HELD_ENV)
+        os.environ[LOCK_HELD_ENV] = str(run_dir.resolve())
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(LOCK_HELD_ENV, None)
+            else:
+                os.environ[LOCK_HELD_ENV] = before
+
+    def lr_find(self, overrides: list[str], run_dir: Path, steps: int) -> dict[str, Any]:
+        from cnnlab.analysis.lr_find import lr_range_test
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "console.log", "w") as log, composed(overrides) as cfg:
+            console = Console(file=log, width=120, force_terminal=False)
+            return lr_range_test(parse_run_config(cfg), run_dir, 1e-6, 10.0, steps, console)
+
+    # ---- the stages ----
+
+    def run(self) -> dict[str, Any]:
+        self.say(f"tune {self.dir}: {self.plan.describe()}")
+        gate = self.gate() if self.settings.gate else None
+        if gate is not None:
+            self.plan = make_plan(self.settings, self.base.epochs, gate["epochs"])
+        spent_before = gate["epochs"] if gate else 0.0
+        previous: dict[str, Any] | None = None
+        results = []
+        for stage in self.plan.stages:
+            space = self.stage_space(stage, previous, gate)
+            study = self.stage_study(stage, space)
+            if previous is not None and stage.pruned:
+                self.tell_earlier_trials(study, previous)
+            self.work(stage, study, allotment=stage.cumulative + (self.plan.gate if gate else 0.0) - spent_before)
+            previous = {"stage": stage, "study": study, "space": space}
+            results.append(self.stage_result(stage, study, space))
+            spent_before += results[-1]["epochs"]
+        return self.finish(gate, results, previous["study"])
+
+    def say(self, line: str) -> None:
+        self.console.print(line, highlight=False, soft_wrap=True)
+
+    def gate(self) -> dict[str, Any]:
+        import shutil
+
+        with claim_lock(self.dir / "gate"):
+            done = read_json(self.dir / "gate.json")
+            if not (done and done.get("passed")):
+                shutil.rmtree(self.dir / "gate" / "overfit", ignore_errors=True)
+                shutil.rmtree(self.dir / "gate" / "lr_find", ignore_errors=True)
+                self.say(f"gate: initial loss, overfit one batch ({self.settings.gate_steps} steps), "
+                         f"LR range test ({self.settings.lr_find_steps} steps)")
+            record = sanity_gate(self.dir, self.base.fixed, self.settings.gate_steps, self.settings.lr_find_steps,
+                                 self.base.batch_size, self.train, self.lr_find)
+        self.say(f"gate passed: initial loss {record['initial_loss']:.3f} (ln C = {record['expected_initial_loss']:.3f}), "
+                 f"one batch overfit to {record['overfit_accuracy']:.0%}, LR range test: steepest at "
+                 f"{record['suggested_lr']:.3g}, lowest loss at {record['lowest_loss_lr']:.3g}, so optimizer.lr in "
+                 f"[{record['lr_window'][0]:.3g}, {record['lr_window'][1]:.3g}]; {record['epochs']:.2f} epochs")
+        return record
+
+    def stage_space(self, stage: Stage, previous: dict[str, Any] | None, gate: dict[str, Any] | None) -> dict[str, Any]:
+        """What ``stage`` searches, decided once (stage.json) and read back by reruns and other workers."""
+        import optuna
+
+        folder = self.dir / stage.name
+        with claim_lock(self.dir):
+            record = read_json(folder / STAGE_FILE)
+            if record is None:
+                record = self.decide_space(stage, previous, gate)
+                write_json(folder / STAGE_FILE, record)
+        self.final_configs = record.get("configs", [])
+        return {k: optuna.distributions.json_to_distribution(v) for k, v in record["space"].items()}
+
+    def decide_space(self, stage: Stage, previous: dict[str, Any] | None, gate: dict[str, Any] | None) -> dict[str, Any]:
+        import optuna
+
+        configs: list[dict[str, Any]] = []
+        if previous is None:
+            space = dict(self.space)
+            lr = space.get("optimizer.lr")
+            if gate is not None and not self.user_space and isinstance(lr, optuna.distributions.FloatDistribution):
+                space["optimizer.lr"] = optuna.distributions.FloatDistribution(*gate["lr_window"], log=True)
+        elif stage.pruned:
+            space = boxes.refined_space(previous["space"], self.finished(previous["study"]), self.settings.top_q,
+                                        self.maximize, self.option_ranges(previous["space"]))
+        else:
+            configs = self.top_configs(previous["study"])
+            seeds = [self.base.seed + k for k in range(self.settings.seeds)]
+            space = {CONFIG_KEY: optuna.distributions.CategoricalDistribution(list(range(len(configs)))),
+                     "seed": optuna.distributions.CategoricalDistribution(seeds)}
+        return {"name": stage.name, "epochs": stage.epochs, "configs": configs,
+                "space": {k: optuna.distributions.distribution_to_json(d) for k, d in space.items()},
+                "shown": {k: boxes.syntax(d) for k, d in space.items()}}
+
+    def option_ranges(self, space: dict[str, Any]) -> dict[str, Any]:
+        from cnnlab.sweep.report import option_range
+
+        return {key: option_range(self.base.tree, key) for key in space}
+
+    def finished(self, study: Study) -> list[tuple[dict[str, Any], float]]:
+        from optuna.trial import TrialState
+
+        return [(t.params, t.value) for t in study.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+    def top_configs(self, study: Study) -> list[dict[str, Any]]:
+        """The best ``top_k`` distinct configurations the last search stage ran itself (not told of)."""
+        from optuna.trial import TrialState
+
+        own = [t for t in study.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+               if COPIED_FROM not in t.user_attrs]
+        ranked = sorted(own or study.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                        key=lambda t: t.value, reverse=self.maximize)
+        configs: list[dict[str, Any]] = []
+        for t in ranked:
+            if t.params not in configs:
+                configs.append(dict(t.params))
+            if len(configs) == self.settings.top_k:
+                break
+        if not configs:
+            raise CnnlabError(f"no trial of the tune's search finished, so there is nothing to take to the final stage; "
+                              f"see the trials' console.log under {self.dir}")
+        return configs
+
+    def stage_study(self, stage: Stage, space: dict[str, Any]) -> Study:
+        sampler = "grid" if not stage.pruned else (self.settings.sampler if stage.name == "coarse" else "tpe")
+        settings = SweepSettings(
+            sampler=sampler, pruner="asha" if stage.pruned else "none",
+            pruning={"min_resource": 1, "reduction_factor": self.settings.reduction_factor} if stage.pruned else {},
+            n_trials=None if not stage.pruned else 10**6, storage=self.storage_target, study_name=f"tune-{stage.name}",
+            direction=self.base.direction, seed=self.base.seed, max_epochs=stage.epochs)
+        return Study(settings, self.dir / stage.name, space, [], self.storage)
+
+    @property
+    def storage_target(self) -> str:
+        s = self.settings.storage
+        return {"sqlite": f"sqlite:///{self.dir / 'tune.db'}", "journal": storage_target("journal", self.dir)}.get(s, s)
+
+    def tell_earlier_trials(self, study: Study, previous: dict[str, Any]) -> None:
+        """The earlier stage's finished trials inside the new box join the new study as completed trials (once):
+        TPE starts from them, and nothing is paid twice."""
+        import optuna
+
+        with claim_lock(study.sweep_dir):
+            if any(COPIED_FROM in t.user_attrs for t in study.study.get_trials(deepcopy=False)):
+                return
+            prior = previous["stage"].name
+            for t in previous["study"].study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+                if boxes.inside(study.space, t.params):
+                    source = t.user_attrs.get(COPIED_FROM) or f"{prior}/{t.user_attrs.get(JOB)}"
+                    study.study.add_trial(optuna.trial.create_trial(
+                        params=t.params, distributions=study.space, value=t.value,
+                        user_attrs={COPIED_FROM: source, "epochs": t.user_attrs.get("epochs", 0)}))
+
+    def work(self, stage: Stage, study: Study, allotment: float) -> None:
+        """Claim and run the stage's trials until its budget or grid is spent and no worker runs one."""
+        from optuna.trial import TrialState
+
+        def admit(trials) -> bool:
+            spent = sum(trial_epochs(t) for t in trials if COPIED_FROM not in t.user_attrs)
+            reserved = stage.epochs * sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+            return admits(stage.epochs, allotment, spent, reserved)
+
+        study.admit = admit
+        while True:
+            claim = study.claim()
+            if claim is None:
+                running = study.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+                if not running:
+                    return
+                time.sleep(POLL_S)  # another worker's trial: this stage ends when it does
+                continue
+            try:
+                overrides = self.trial_overrides(stage, claim)
+                summary = self.train(overrides, study.sweep_dir / str(claim.job), trial=claim.trial)
+                status = study.tell(claim, summary, None)
+            finally:
+                study.release(claim)
+            self.say(self.trial_line(stage, claim, summary, status))
+
+    def trial_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A trial's values; a final trial's configuration number replaced by the configuration itself."""
+        params = dict(params)
+        chosen = self.final_configs[params.pop(CONFIG_KEY)] if CONFIG_KEY in params else {}
+        return {**chosen, **params}
+
+    def trial_overrides(self, stage: Stage, claim) -> list[str]:
+        params = self.trial_params(claim.trial.params)
+        label = self.label(stage, claim.job, params)
+        return [*self.base.fixed, *(f"{k}={override_value(v)}" for k, v in params.items()),
+                f"trainer.epochs={stage.epochs}", f"paths.tensorboard={quoted(str(self.dir / 'tensorboard' / label))}"]
+
+    def label(self, stage: Stage, job: int, params: dict[str, Any]) -> str:
+        """A trial's TensorBoard name: its stage and what it varies, as ``refine1 lr=0.0123 wd=1.2e-05 #4``."""
+        names = short_names(list(params))
+        values = " ".join(f"{names[k]}={v:.3g}" if isinstance(v, float) else f"{names[k]}={v}" for k, v in params.items())
+        return f"{stage.name} {values} #{job}".replace("/", "_")
+
+    def trial_line(self, stage: Stage, claim, summary: dict[str, Any], status: str) -> str:
+        value = summary.get("best_value")
+        shown = f"{self.base.monitor} {value:.4f}" if isinstance(value, float) else summary.get("error", "")
+        epochs = len(summary.get("history") or [])
+        return f"{stage.name} trial {claim.job}: {self.label(stage, claim.job, self.trial_params(claim.trial.params))}: " \
+               f"{status}, {shown} ({epochs} of {stage.epochs} epochs)"
+
+    # ---- the record ----
+
+    def stage_result(self, stage: Stage, study: Study, space: dict[str, Any]) -> dict[str, Any]:
+        trials = [t for t in study.study.get_trials(deepcopy=False) if COPIED_FROM not in t.user_attrs]
+        done = [t for t in trials if t.state.name == "COMPLETE"]
+        best = (max if self.maximize else min)(done, key=lambda t: t.value) if done else None
+        return {"stage": stage.name, "epochs_a_trial": stage.epochs, "space": {k: boxes.syntax(d) for k, d in space.items()},
+                "trials": len(trials), "told_of": sum(COPIED_FROM in t.user_attrs for t in study.study.get_trials(deepcopy=False)),
+                "pruned": sum(t.state.name == "PRUNED" for t in trials), "failed": sum(t.state.name == "FAIL" for t in trials),
+                "epochs": sum(trial_epochs(t) for t in trials),
+                "best": None if best is None else {"value": best.value, "params": self.trial_params(best.params),
+                                                   "trial": f"{stage.name}/{best.user_attrs.get(JOB)}"},
+                "curve": [(t.datetime_complete.timestamp(), trial_epochs(t), t.value)
+                          for t in trials if t.state.is_finished() and t.datetime_complete is not None]}
+
+    def final_ranking(self, study: Study) -> list[dict[str, Any]]:
+        """The final configurations by the mean of their seeds' values, with the spread; each with its best seed's run."""
+        import statistics
+
+        from optuna.trial import TrialState
+
+        by_config: dict[int, list] = {}
+        for t in study.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            by_config.setdefault(t.params[CONFIG_KEY], []).append(t)
+        ranked = []
+        for index, trials in by_config.items():
+            values = [t.value for t in trials]
+            best = (max if self.maximize else min)(trials, key=lambda t: t.value)
+            ranked.append({"config": self.final_configs[index], "seeds": [t.params["seed"] for t in trials],
+                           "values": values, "mean": statistics.fmean(values),
+                           "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                           "run": str(study.sweep_dir / str(best.user_attrs[JOB])), "seed": best.params["seed"]})
+        ranked.sort(key=lambda r: r["mean"], reverse=self.maximize)
+        if not ranked:
+            raise CnnlabError(f"no trial of the final stage finished; see the trials' console.log under {self.dir / 'final'}")
+        return ranked
+
+    def test_once(self, chosen: dict[str, Any]) -> dict[str, Any]:
+        """The chosen configuration's selected model on the test split: once, whichever worker gets here first."""
+        from cnnlab.analysis.evaluation import evaluate_runs
+
+        with claim_lock(self.dir / "test"):
+            done = read_json(self.dir / "test.json")
+            if done is not None:
+                return done
+            with open(Path(chosen["run"]) / "console.log", "a") as log:
+                scores = evaluate_runs([chosen["run"]], splits=["test"], tta_flip=False, tta_shift=0,
+                                       device=str(self.base.tree["trainer"]["device"]), data_dir=None,
+                                       console=Console(file=log, width=120, force_terminal=False))
+            test = {"run": chosen["run"], **scores["splits"]["test"]}
+            write_json(self.dir / "test.json", test)
+            return test
+
+    def finish(self, gate: dict[str, Any] | None, results: list[dict[str, Any]], final: Study) -> dict[str, Any]:
+        import shlex
+
+        ranking = self.final_ranking(final)
+        chosen = ranking[0]
+        test = self.test_once(chosen)
+        overrides = [*self.base.fixed, *(f"{k}={override_value(v)}" for k, v in chosen["config"].items()),
+                     f"seed={chosen['seed']}"]
+        spent = (gate["epochs"] if gate else 0.0) + sum(r["epochs"] for r in results)
+        record = {"dir": str(self.dir), "budget_epochs": self.settings.budget_epochs, "epochs_spent": spent,
+                  "monitor": self.base.monitor, "direction": self.base.direction, "gate": gate,
+                  "stages": [{k: v for k, v in r.items() if k != "curve"} for r in results], "final": ranking,
+                  "chosen": {k: chosen[k] for k in ("config", "mean", "std", "run", "seed")}, "test": test,
+                  "best_so_far": self.best_so_far(gate, results),
+                  "command": shlex.join(["cnnlab", "train", *overrides]), "settings": vars(self.settings)}
+        write_json(self.dir / TUNE_FILE, record)
+        plot_path = self.plot(record)
+        self.report(record, plot_path)
+        return record
+
+    def best_so_far(self, gate: dict[str, Any] | None, results: list[dict[str, Any]]) -> list[tuple[float, float]]:
+        """(epochs spent, the best value so far) after each trial, in the order the trials ended."""
+        spent, best, points = (gate["epochs"] if gate else 0.0), None, []
+        for _, epochs, value in sorted(c for r in results for c in r["curve"]):
+            spent += epochs
+            if value is not None and (best is None or (value > best if self.maximize else value < best)):
+                best = value
+            if best is not None:
+                points.append((spent, best))
+        return points
+
+    def plot(self, record: dict[str, Any]) -> Path:
+        from cnnlab.analysis.plotting import pyplot, save_png
+
+        fig, ax = pyplot().subplots(figsize=(6, 4), dpi=100)
+        points = record["best_so_far"]
+        ax.step([p[0] for p in points], [p[1] for p in points], where="post", color="tab:green")
+        ax.axvline(record["budget_epochs"], color="0.5", linestyle="--", label="budget")
+        ax.set_xlabel("epochs spent (every trial of every stage)")
+        ax.set_ylabel(f"best {record['monitor']} so far")
+        ax.set_title("cnnlab tune")
+        ax.legend()
+        path = self.dir / "tune.png"
+        save_png(fig, path)
+        return path
+
+    def report(self, record: dict[str, Any], plot_path: Path) -> None:
+        for stage in record["stages"]:
+            best = stage["best"]
+            self.say(f"{stage['stage']}: {stage['trials']} trials ({stage['pruned']} pruned, {stage['failed']} failed"
+                     + (f", told of {stage['told_of']} earlier" if stage["told_of"] else "") + f"), {stage['epochs']} epochs"
+                     + ("; space " + " ".join(f"{k}={v}" for k, v in stage["space"].items()) if stage["stage"] != "final" else "")
+                     + (f"; best {best['value']:.4f} ({best['trial']})" if best else ""))
+        chosen, test = record["chosen"], record["test"]
+        self.say(f"chosen on validation: {' '.join(f'{k}={override_value(v)}' for k, v in chosen['config'].items())}: "
+                 f"{record['monitor']} {chosen['mean']:.4f} ± {chosen['std']:.4f} over {self.settings.seeds} seeds")
+        self.say(f"test, once: acc {test['acc']:.4f}, loss {test['loss']:.4f} ({test['run']})")
+        self.say(f"epochs spent: {record['epochs_spent']:.1f} of {record['budget_epochs']}; plot: {plot_path}")
+        self.say(f"train it again: {record['command']}")
+        self.say(f"record: {self.dir / TUNE_FILE}")

@@ -1,0 +1,170 @@
+"""`cnnlab tune`: every stage on synthetic data inside its budget, the sanity gate's diagnosis, bad settings in
+one line, a tune killed mid-stage and rerun, and two workers on one tune."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import TINY, run_cli
+
+E = 4  # trainer.epochs: the final stage's
+TUNE = [o for o in TINY if not o.startswith(("trainer.epochs", "dataset.train_size", "trainer.log_every"))] + [
+    f"trainer.epochs={E}", "dataset.train_size=320", "trainer.log_every_n_steps=5", "tune.gate_steps=30",
+    "tune.lr_find_steps=20", "tune.top_k=2", "tune.seeds=2"]
+BUDGET = 48
+
+
+def tune_dir(cwd: Path) -> Path:
+    (found,) = (cwd / "outputs" / "tunes").glob("*/*")
+    return found
+
+
+def trial_folders(folder: Path, stage: str) -> list[Path]:
+    return sorted((p for p in (folder / stage).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def trained_epochs(run: Path) -> int:
+    """The epochs a trial trained, from its own record (a diverged one: the epoch it stopped in too)."""
+    summary = json.loads((run / "summary.json").read_text())
+    return len(summary.get("history") or []) + (summary["status"] == "diverged")
+
+
+def config_of(run: Path) -> dict:
+    return yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+
+
+def test_a_tiny_tune_runs_every_stage_inside_its_budget(tmp_path):
+    result = run_cli("tune", *TUNE, f"tune.budget_epochs={BUDGET}", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tune_dir(tmp_path)
+    record = json.loads((folder / "tune.json").read_text())
+    assert [s["stage"] for s in record["stages"]] == ["coarse", "refine1", "final"]
+    # the budget: what the trials' own records say they trained, with the gate's steps, never past it
+    gate = json.loads((folder / "gate.json").read_text())
+    on_disk = gate["epochs"] + sum(trained_epochs(p) for s in ("coarse", "refine1", "final") for p in trial_folders(folder, s))
+    assert math.isclose(record["epochs_spent"], on_disk) and on_disk <= BUDGET
+    assert BUDGET - on_disk < E  # and it was spent: less than one final trial's epochs left
+    # the gate: the initial loss near ln 4, one batch overfit, the LR window from the range test (gate.lr_window)
+    assert abs(gate["initial_loss"] - math.log(4)) < 0.5 * math.log(4) and gate["overfit_accuracy"] >= 0.9
+    coarse = json.loads((folder / "coarse" / "stage.json").read_text())["shown"]
+    low, high = (float(x) for x in coarse["optimizer.lr"].split("(")[-1].rstrip(")").split(","))
+    assert math.isclose(low, min(gate["suggested_lr"], gate["lowest_loss_lr"]) / 3, rel_tol=1e-4)
+    assert math.isclose(high, gate["lowest_loss_lr"] * 10, rel_tol=1e-4)
+    assert set(coarse) == {"optimizer.lr", "optimizer.weight_decay", "optimizer.momentum"}  # conf/tune/space/sgd.yaml
+    # each stage trains its trials for its epochs; the final stage: top_k configurations x seeds, at trainer.epochs
+    assert {config_of(p)["trainer"]["epochs"] for p in trial_folders(folder, "coarse")} == {1}
+    assert {config_of(p)["trainer"]["epochs"] for p in trial_folders(folder, "refine1")} == {2}
+    finals = [config_of(p) for p in trial_folders(folder, "final")]
+    assert len(finals) == 4 and {f["trainer"]["epochs"] for f in finals} == {E}
+    assert sorted(f["seed"] for f in finals) == [0, 0, 1, 1]
+    assert len({(f["optimizer"]["lr"], f["optimizer"]["weight_decay"]) for f in finals}) == 2
+    # refine: inside a narrower box, told of the coarse trials in it (not run again)
+    refine = record["stages"][1]
+    assert refine["told_of"] >= 1 and refine["trials"] == len(trial_folders(folder, "refine1"))
+    refined = json.loads((folder / "refine1" / "stage.json").read_text())["shown"]["optimizer.lr"]
+    r_low, r_high = (float(x) for x in refined.split("(")[-1].rstrip(")").split(","))
+    assert r_high / r_low < high / low
+    # chosen on the mean of its seeds, tested once, and the command to train it again names its values
+    chosen = record["chosen"]
+    assert chosen["mean"] == max(r["mean"] for r in record["final"])
+    assert json.loads((folder / "test.json").read_text())["run"] == chosen["run"] and 0 <= record["test"]["acc"] <= 1
+    assert f"optimizer.lr={chosen['config']['optimizer.lr']!r}" in record["command"]
+    assert (folder / "tune.png").stat().st_size > 1000
+    # TensorBoard: each trial named by its stage and what it varies
+    names = [p.name for p in (folder / "tensorboard").iterdir()]
+    assert any(n.startswith("coarse lr=") for n in names) and any(n.startswith("final lr=") and "seed=1" in n for n in names)
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == f"record: {folder / 'tune.json'}" and "train it again: cnnlab train" in result.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "error: cnnlab tune needs tune.budget_epochs=N"),
+    (["tune.budget_epochs=10"], "error: tune.budget_epochs=10 is too small: the final stage takes tune.top_k x tune.seeds x "
+                                "trainer.epochs = 2 x 2 x 4 = 16 epochs"),
+    (["tune.budget_epochs=100", "tune.top_kk=2"], "error: tune has no setting 'top_kk' (did you mean: top_k?)"),
+    (["tune.budget_epochs=100", "tune.top_q=2"], "error: tune.top_q must be"),
+    (["tune.budget_epochs=100", "tune.sampler=grid"], "error: tune.sampler must be"),
+    (["tune.budget_epochs=100", "tune.coarse_epochs=9"], "error: tune.coarse_epochs=9 is more than trainer.epochs=4"),
+    (["tune.budget_epochs=100", "-m"], "error: cnnlab tune runs its own search"),
+    (["tune.budget_epochs=100", "optimizer.lr=interval(1, 0.1)"], "error: optimizer.lr=interval(1.0, 0.1): the lower end"),
+    (["tune.budget_epochs=100", "modle=mlp"], "error: unknown config key 'modle'"),
+])
+def test_bad_tune_settings_are_one_line_and_write_nothing(tmp_path, args, message):
+    result = run_cli("tune", *TUNE, *args, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
+
+
+def test_the_gate_stops_a_model_that_cannot_learn_before_any_search(tmp_path):
+    result = run_cli("tune", *TUNE, "optimizer.lr=1e-7", "optimizer.weight_decay=0.0001,0.001",
+                     f"tune.budget_epochs={BUDGET}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("error: the sanity gate stopped the tune before any search: the model cannot overfit "
+                                    "one batch of 16 images") and len(result.stderr.strip().splitlines()) == 1
+    folder = tune_dir(tmp_path)
+    assert not (folder / "coarse").exists() and json.loads((folder / "gate.json").read_text())["passed"] is False
+
+
+def start_tune(cwd: Path, folder: Path) -> subprocess.Popen:
+    env = {**os.environ, "CNNLAB_OUTPUT_DIR": str(cwd / "outputs"), "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cnnlab", "tune", *TUNE, f"tune.budget_epochs={BUDGET}",
+                             f"tune.dir={folder}"], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_a_tune_killed_mid_stage_continues_where_it_stood(tmp_path):
+    folder = tmp_path / "t"
+    worker = start_tune(tmp_path, folder)
+    deadline = time.monotonic() + 120
+    while not (len(list((folder / "coarse").glob("*/summary.json"))) >= 3 and running_trial(folder / "coarse")):
+        assert time.monotonic() < deadline and worker.poll() is None, worker.communicate()[1][-2000:]
+        time.sleep(0.005)
+    cut = running_trial(folder / "coarse")
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    before = {p: p.stat().st_mtime_ns for p in (folder / "coarse").glob("*/summary.json")}
+    again = run_cli("tune", *TUNE, f"tune.budget_epochs={BUDGET}", f"tune.dir={folder}", cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "gate passed" in again.stdout and "gate: initial loss" not in again.stdout  # not run twice
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # finished trials are not run again
+    record = json.loads((folder / "tune.json").read_text())
+    gate = json.loads((folder / "gate.json").read_text())
+    on_disk = gate["epochs"] + sum(trained_epochs(p) for s in ("coarse", "refine1", "final") for p in trial_folders(folder, s))
+    assert on_disk <= BUDGET and math.isclose(record["epochs_spent"], on_disk)
+    import optuna
+
+    study = optuna.load_study(study_name="tune-coarse", storage=f"sqlite:///{folder / 'tune.db'}")
+    (failed,) = [t for t in study.trials if "cut_off" in t.user_attrs]  # the killed worker's trial, queued again...
+    (retry,) = [t for t in study.trials if t.user_attrs.get("retry_of") == failed.number]
+    assert retry.state.name in ("COMPLETE", "PRUNED", "FAIL") and retry.user_attrs["job"] == int(cut.name)
+    assert (cut / "summary.json").is_file()  # ...and run to its end in its own directory
+
+
+def running_trial(stage: Path) -> Path | None:
+    """A trial directory whose trial has started and not ended."""
+    return next((p.parent for p in stage.glob("*/trial.json") if not (p.parent / "summary.json").exists()), None)
+
+
+def test_two_workers_share_one_tune(tmp_path):
+    folder = tmp_path / "t"
+    workers = [start_tune(tmp_path, folder) for _ in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
+    pids = {json.loads((p / "trial.json").read_text())["pid"] for s in ("coarse", "refine1", "final")
+            for p in trial_folders(folder, s)}
+    assert pids == {w.pid for w in workers}  # both trained trials
+    finals = trial_folders(folder, "final")
+    assert len(finals) == 4  # the final grid once, not once per worker
+    gate = json.loads((folder / "gate.json").read_text())
+    on_disk = gate["epochs"] + sum(trained_epochs(p) for s in ("coarse", "refine1", "final") for p in trial_folders(folder, s))
+    assert on_disk <= BUDGET
+    tests = [out for out, _ in outputs if "test, once:" in out]
+    assert len(tests) == 2 and len({line for out in tests for line in out.splitlines() if line.startswith("test, once")}) == 1
