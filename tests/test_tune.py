@@ -19,7 +19,7 @@ E = 4  # trainer.epochs: the final stage's
 TUNE = [o for o in TINY if not o.startswith(("trainer.epochs", "dataset.train_size", "trainer.log_every"))] + [
     f"trainer.epochs={E}", "dataset.train_size=320", "trainer.log_every_n_steps=5", "tune.gate_steps=30",
     "tune.lr_find_steps=20", "tune.top_k=2", "tune.seeds=2"]
-BUDGET = 48
+BUDGET = 36
 
 
 def tune_dir(cwd: Path) -> Path:
@@ -57,7 +57,8 @@ def test_a_tiny_tune_runs_every_stage_inside_its_budget(tmp_path):
     coarse = json.loads((folder / "coarse" / "stage.json").read_text())["shown"]
     low, high = (float(x) for x in coarse["optimizer.lr"].split("(")[-1].rstrip(")").split(","))
     assert math.isclose(low, min(gate["suggested_lr"], gate["lowest_loss_lr"]) / 3, rel_tol=1e-4)
-    assert math.isclose(high, gate["lowest_loss_lr"] * 10, rel_tol=1e-4)
+    last = json.loads((folder / "gate" / "lr_find" / "lr_find.json").read_text())["lr"][-1]
+    assert math.isclose(high, min(gate["lowest_loss_lr"] * 10, last), rel_tol=1e-4)  # never above what the test tried
     assert set(coarse) == {"optimizer.lr", "optimizer.weight_decay", "optimizer.momentum"}  # conf/tune/space/sgd.yaml
     # each stage trains its trials for its epochs; the final stage: top_k configurations x seeds, at trainer.epochs
     assert {config_of(p)["trainer"]["epochs"] for p in trial_folders(folder, "coarse")} == {1}

@@ -214,7 +214,8 @@ def _clip_grid(values: list[float], valid: Range | None, n: int) -> list[float]:
     return kept
 
 
-def _clip_interval(lo: float, hi: float, best: float, valid: Range | None) -> tuple[float, float]:
+def clip_interval(lo: float, hi: float, best: float, valid: Range | None) -> tuple[float, float]:
+    """[lo, hi] pulled inside an option's valid range, an open bound halfway from ``best``."""
     if valid is None:
         return lo, hi
     if valid.ge is not None:
@@ -263,7 +264,7 @@ def refine(item: Searched, best: float) -> tuple[str, str] | None:
         new_lo, new_hi = best - half, best + half
         if lo >= 0:
             new_lo = max(new_lo, 0.0)
-    new_lo, new_hi = _clip_interval(new_lo, new_hi, best, item.valid)
+    new_lo, new_hi = clip_interval(new_lo, new_hi, best, item.valid)
     if not new_lo < new_hi:
         return None
     syntax = f"interval({_fmt(new_lo)}, {_fmt(new_hi)})"

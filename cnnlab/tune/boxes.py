@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from cnnlab.core.validation import Range
-from cnnlab.sweep.report import EDGE
+from cnnlab.sweep.report import EDGE, clip_interval
 
 PAD = 0.25  # each side of the top trials' span, as a fraction of that span
 
@@ -49,16 +49,7 @@ def _box(low: float, high: float, log: bool, values: list[float], best: float, v
         lo = min(lo, to(best) - span)
     elif where > 1 - EDGE:
         hi = max(hi, to(best) + span)
-    lo, hi = back(lo), back(hi)
-    if valid is not None:
-        if valid.ge is not None:
-            lo = max(lo, valid.ge)
-        if valid.gt is not None and lo <= valid.gt:
-            lo = (valid.gt + best) / 2 if best > valid.gt else best
-        if valid.le is not None:
-            hi = min(hi, valid.le)
-        if valid.lt is not None and hi >= valid.lt:
-            hi = best + (valid.lt - best) / 2 if best < valid.lt else best
+    lo, hi = clip_interval(back(lo), back(hi), best, valid)
     if not lo < hi:
         lo, hi = min(lo, best), max(hi, best) * (1 + 1e-6) + 1e-12
     return lo, hi

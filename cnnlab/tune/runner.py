@@ -11,6 +11,7 @@ What a stage searches is written once (<stage>/stage.json), so a rerun or anothe
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -111,7 +112,7 @@ class Tune:
         """One run in ``run_dir``, its terminal output in <run_dir>/console.log; a claimed ``trial`` reports
         its epochs to its study."""
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "console.log", "a") as log:
+        with open(run_dir / "console.log", "a") as log, self._run_warnings_in_its_log():
             console = Console(file=log, width=120, force_terminal=False)
             args = [*overrides, f"hydra.run.dir={quoted(str(run_dir))}"]
             if trial is None:
@@ -119,6 +120,18 @@ class Tune:
                     return run_one(cfg, run_dir, args, console=console) or {}
             with self._lock_held(run_dir), composed(args) as cfg, writer_of(run_dir, cfg):
                 return run_claimed(cfg, run_dir, args, trial, self.base.monitor, console=console)
+
+    @staticmethod
+    @contextmanager
+    def _run_warnings_in_its_log():
+        """A run's warnings (a diverged loss, a pruned trial) are in its console.log, and the tune prints its own
+        line for the trial: the copy the run's console sends to the "cnnlab" logger is left out meanwhile."""
+        logger = logging.getLogger("cnnlab")
+        before, logger.disabled = logger.disabled, True
+        try:
+            yield
+        finally:
+            logger.disabled = before
 
     @staticmethod
     @contextmanager
