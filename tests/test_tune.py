@@ -169,3 +169,13 @@ def test_two_workers_share_one_tune(tmp_path):
     assert on_disk <= BUDGET
     tests = [out for out, _ in outputs if "test, once:" in out]
     assert len(tests) == 2 and len({line for out in tests for line in out.splitlines() if line.startswith("test, once")}) == 1
+
+
+def test_the_final_stage_takes_its_own_finished_trials_first_then_those_it_was_told_of():
+    from cnnlab.tune.runner import top_configurations
+
+    trials = [({"lr": 0.1}, 0.80, True), ({"lr": 0.2}, 0.91, False), ({"lr": 0.3}, 0.95, True), ({"lr": 0.2}, 0.90, True)]
+    # ASHA left one refine trial finished: it comes first, then the coarse trials by value, no configuration twice
+    assert top_configurations(trials, 3, maximize=True) == [{"lr": 0.2}, {"lr": 0.3}, {"lr": 0.1}]
+    assert top_configurations(trials, 1, maximize=True) == [{"lr": 0.2}]
+    assert top_configurations(trials, 2, maximize=False) == [{"lr": 0.2}, {"lr": 0.1}]  # a loss: lowest first

@@ -52,6 +52,18 @@ def trial_epochs(trial) -> int:
     return trial.user_attrs.get("epochs", 0) + (trial.user_attrs.get("status") == RunStatus.DIVERGED)
 
 
+def top_configurations(trials: list[tuple[dict[str, Any], float, bool]], top_k: int, maximize: bool) -> list[dict[str, Any]]:
+    """The best ``top_k`` distinct configurations of the last search stage, from its finished trials as (params,
+    value, told of): first those it ran itself, at its epochs; then, where ASHA left fewer finished than top_k, the
+    earlier stages' trials it was told of (their values come from fewer epochs, so they rank after)."""
+    configs: list[dict[str, Any]] = []
+    for told in (False, True):
+        for params, _, _ in sorted((t for t in trials if t[2] == told), key=lambda t: t[1], reverse=maximize):
+            if len(configs) < top_k and params not in configs:
+                configs.append(dict(params))
+    return configs
+
+
 @dataclass
 class Base:
     """What the run's config says, composed once from the user's fixed overrides."""
@@ -242,19 +254,11 @@ class Tune:
         return [(t.params, t.value) for t in study.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
 
     def top_configs(self, study: Study) -> list[dict[str, Any]]:
-        """The best ``top_k`` distinct configurations the last search stage ran itself (not told of)."""
         from optuna.trial import TrialState
 
-        own = [t for t in study.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-               if COPIED_FROM not in t.user_attrs]
-        ranked = sorted(own or study.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
-                        key=lambda t: t.value, reverse=self.maximize)
-        configs: list[dict[str, Any]] = []
-        for t in ranked:
-            if t.params not in configs:
-                configs.append(dict(t.params))
-            if len(configs) == self.settings.top_k:
-                break
+        done = study.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        configs = top_configurations([(t.params, t.value, COPIED_FROM in t.user_attrs) for t in done],
+                                     self.settings.top_k, self.maximize)
         if not configs:
             raise CnnlabError(f"no trial of the tune's search finished, so there is nothing to take to the final stage; "
                               f"see the trials' console.log under {self.dir}")
