@@ -97,6 +97,8 @@ def test_a_tiny_tune_runs_every_stage_inside_its_budget(tmp_path):
     (["tune.budget_epochs=100", "-m"], "error: cnnlab tune runs its own search"),
     (["tune.budget_epochs=100", "optimizer.lr=interval(1, 0.1)"], "error: optimizer.lr=interval(1.0, 0.1): the lower end"),
     (["tune.budget_epochs=100", "modle=mlp"], "error: unknown config key 'modle'"),
+    (["tune.budget_epochs=100", "tune.storage=postgresql://cnnlab:pw@127.0.0.1:9/cnnlab"],
+     "error: tune.storage=postgresql://cnnlab:***@127.0.0.1:9/cnnlab: cannot open the study there: connection failed"),
 ])
 def test_bad_tune_settings_are_one_line_and_write_nothing(tmp_path, args, message):
     result = run_cli("tune", *TUNE, *args, cwd=tmp_path)

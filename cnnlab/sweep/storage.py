@@ -190,11 +190,12 @@ def retry_seconds(value=None) -> float:
     return float(value)
 
 
-def open_storage(spec: str, sweep_dir: Path, retry_s: float | None = None, *, patient: bool | None = None):
+def open_storage(spec: str, sweep_dir: Path, retry_s: float | None = None, *, patient: bool | None = None,
+                 setting: str = "hydra.sweeper.storage"):
     """The study's storage, reached now, its calls retried through an outage from then on.
 
     A wrong URL, a server that refuses the login, or a journal file that cannot be written is one line naming
-    hydra.sweeper.storage. A server that cannot be reached is one line at once from a command typed at a
+    ``setting`` (hydra.sweeper.storage). A server that cannot be reached is one line at once from a command typed at a
     terminal, where a wrong URL looks the same as an outage; in a SLURM job (``patient``), where nobody
     reads that line in time, it is waited for as any outage is."""
     import optuna
@@ -211,7 +212,7 @@ def open_storage(spec: str, sweep_dir: Path, retry_s: float | None = None, *, pa
                 sweep_dir.mkdir(parents=True, exist_ok=True)
             return keep_retrying(JournalStorage(JournalFileBackend(target)), target, limit_s)
         if "://" not in target:
-            raise CnnlabError(f"hydra.sweeper.storage={spec!r}: give sqlite, journal, a journal file (*.journal) "
+            raise CnnlabError(f"{setting}={spec!r}: give sqlite, journal, a journal file (*.journal) "
                               "or a database URL (postgresql://user@host/db, mysql://...)")
         engine = {"connect_args": {"timeout": 120}} if target.startswith("sqlite") else {"pool_pre_ping": True}
         if target.startswith("postgresql"):  # a host that is down answers nothing: give up a connection in 10 s
@@ -237,4 +238,4 @@ def open_storage(spec: str, sweep_dir: Path, retry_s: float | None = None, *, pa
     except Exception as e:  # noqa: BLE001 - a driver's error, told in one line
         if made is not None:  # e.g. a full disk: no empty database is left for the next run to trust
             made.unlink(missing_ok=True)
-        raise CnnlabError(f"hydra.sweeper.storage={shown(target)}: cannot open the study there: {first_line(e)}") from None
+        raise CnnlabError(f"{setting}={shown(target)}: cannot open the study there: {first_line(e)}") from None

@@ -27,7 +27,7 @@ from cnnlab.cli.hydra_app import composed, run_one, writer_of
 from cnnlab.core.config import parse_run_config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.status import RunStatus
-from cnnlab.runtime import lock
+from cnnlab.runtime.lock import discard_refused
 from cnnlab.runtime.checkpoint import read_json, write_json
 from cnnlab.runtime.distributed import LOCK_HELD_ENV
 from cnnlab.sweep.study import (COPIED_FROM, JOB, Study, SweepSettings, claim_lock, override_value, quoted,
@@ -104,9 +104,11 @@ class Tune:
         self.plan: Plan = make_plan(self.settings, self.base.epochs, 1.0 if self.settings.gate else 0.0)
         self.dir = Path(self.settings.dir or self._fresh_dir()).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.storage = open_storage(storage_target(self.settings.storage, self.dir) if self.settings.storage == "journal"
-                                    else (f"sqlite:///{self.dir / 'tune.db'}" if self.settings.storage == "sqlite"
-                                          else self.settings.storage), self.dir)
+        try:
+            self.storage = open_storage(self.storage_target, self.dir, setting="tune.storage")
+        except CnnlabError:
+            discard_refused(self.dir)  # a refused tune leaves no folder it made
+            raise
 
     def _fresh_dir(self) -> str:
         from cnnlab.runtime.lock import claim_fresh_dir
