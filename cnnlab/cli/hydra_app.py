@@ -29,33 +29,6 @@ from cnnlab.runtime.lock import RunDirLock, discard_refused
 
 register_resolvers()
 
-NOT_RUN_GROUPS = ("hydra", "tune")  # conf/tune/ holds `cnnlab tune`'s settings and spaces, not parts of a run
-
-
-def run_config_groups() -> str:
-    """`cnnlab train --help`'s list of config groups and their options (Hydra's $APP_CONFIG_GROUPS, less the
-    folders of conf/ that are not parts of a run)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    loader = GlobalHydra.instance().config_loader()
-    lines: list[str] = []
-
-    def walk(parent: str) -> None:
-        for group in sorted(loader.list_groups(parent)):
-            full = f"{parent}/{group}" if parent else group
-            if full.split("/")[0] in NOT_RUN_GROUPS:
-                continue
-            options = sorted(loader.get_group_options(full))
-            if options:
-                lines.append(f"{full}: {', '.join(options)}")
-            walk(full)
-
-    walk("")
-    return "\n".join(lines)
-
-
-if not OmegaConf.has_resolver("cnnlab_config_groups"):
-    OmegaConf.register_new_resolver("cnnlab_config_groups", run_config_groups)
 
 
 # Hydra's config search path while cnnlab runs (hydra_plugins/cnnlab_searchpath reads it): the user's

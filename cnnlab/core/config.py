@@ -28,6 +28,38 @@ from cnnlab.core.validation import NonNegativeInt, PositiveFloat, PositiveInt, R
 # pyproject), so a wheel, a git install and an editable checkout all find them the same way.
 CONF_DIR = Path(str(importlib.resources.files("cnnlab.conf")))
 
+NOT_RUN_GROUPS = ("hydra", "tune")  # conf/tune/ holds `cnnlab tune`'s settings and spaces, not parts of a run
+
+
+def run_config_groups() -> str:
+    """`cnnlab train --help`'s list of config groups and their options (Hydra's $APP_CONFIG_GROUPS, less the
+    folders of conf/ that are not parts of a run)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not GlobalHydra.instance().is_initialized():  # resolved after its composition (a whole config resolved later)
+        return ""
+    loader = GlobalHydra.instance().config_loader()
+    lines: list[str] = []
+
+    def walk(parent: str) -> None:
+        for group in sorted(loader.list_groups(parent)):
+            full = f"{parent}/{group}" if parent else group
+            if full.split("/")[0] in NOT_RUN_GROUPS:
+                continue
+            options = sorted(loader.get_group_options(full))
+            if options:
+                lines.append(f"{full}: {', '.join(options)}")
+            walk(full)
+
+    walk("")
+    return "\n".join(lines)
+
+
+# conf/hydra/help/cnnlab.yaml lists the groups through this resolver; registered where CONF_DIR is, so that any
+# composition of conf/ (the CLI's, the API's, a test's) can resolve the whole config.
+if not OmegaConf.has_resolver("cnnlab_config_groups"):
+    OmegaConf.register_new_resolver("cnnlab_config_groups", run_config_groups)
+
 # Config group -> registry whose entry it selects (one YAML per entry).
 GROUP_REGISTRIES: dict[str, Registry] = {
     "dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "init": INITS,
