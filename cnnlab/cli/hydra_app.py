@@ -30,7 +30,6 @@ from cnnlab.runtime.lock import RunDirLock, discard_refused
 register_resolvers()
 
 
-
 # Hydra's config search path while cnnlab runs (hydra_plugins/cnnlab_searchpath reads it): the user's
 # --config-dir folders (CONFIG_DIRS), then cnnlab's own. A user's YAML adds entries to a group or replaces ours.
 CONFIG_DIRS: list[str] = []

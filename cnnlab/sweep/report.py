@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -453,13 +454,18 @@ def score_best_on_test(r: SweepReport, device: str, data_dir: str | None, consol
 
 def best_so_far(trials: list[Trial], maximize: bool) -> list[tuple[int, float | None]]:
     """(epochs spent, the best value so far) after each trial, in trial order: what the search bought."""
-    spent, best, points = 0, None, []
-    for t in trials:
-        spent += t.epochs
-        if t.value is not None and (best is None or (t.value > best if maximize else t.value < best)):
-            best = t.value
-        points.append((spent, best))
-    return points
+    return best_curve(((t.epochs, t.value) for t in trials), maximize)
+
+
+def best_curve(points: Iterable[tuple[float, float | None]], maximize: bool, start: float = 0) -> list[tuple[float, float | None]]:
+    """(epochs spent, the best value so far) after each (epochs, value), spending from ``start``."""
+    spent, best, curve = start, None, []
+    for epochs, value in points:
+        spent += epochs
+        if value is not None and (best is None or (value > best if maximize else value < best)):
+            best = value
+        curve.append((spent, best))
+    return curve
 
 
 def _plot(folder: Path, trials: list[Trial], searched: list[Searched], monitor: str) -> Path:

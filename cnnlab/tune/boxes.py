@@ -63,8 +63,7 @@ def syntax(dist: Any) -> str:
         return ",".join(str(c) for c in dist.choices)
     text = f"interval({dist.low:.6g}, {dist.high:.6g})"
     if isinstance(dist, optuna.distributions.IntDistribution):
-        text = f"tag(int, {text})" if not dist.log else f"tag(log, int, {text})"
-        return text
+        return f"tag(log, int, {text})" if dist.log else f"tag(int, {text})"
     return f"tag(log, {text})" if dist.log else text
 
 

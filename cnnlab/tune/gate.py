@@ -11,6 +11,7 @@ A failed check stops the tune before any search, with the lectures' diagnosis in
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,11 @@ def overfit_overrides(fixed: list[str], steps: int) -> list[str]:
             *QUIET]
 
 
+def overfit_accuracy(summary: dict[str, Any]) -> float | None:
+    """The best accuracy on the memorised batch (its validation rows are that batch); None before an epoch ended."""
+    return max((h.get("val/acc") or 0.0 for h in summary.get("history") or []), default=None)
+
+
 def judge_overfit(summary: dict[str, Any], steps: int, batch_size: int) -> str | None:
     """The lectures' diagnosis when the overfit probe fails; None when it passed."""
     initial, expected = summary.get("initial_loss"), summary.get("expected_initial_loss")
@@ -42,8 +48,7 @@ def judge_overfit(summary: dict[str, Any], steps: int, batch_size: int) -> str |
     if summary.get("status") == RunStatus.DIVERGED:
         return (f"the loss diverged while overfitting one batch of {batch_size} images (step "
                 f"{summary.get('diverged_at_step')}): the learning rate is too high for this model; lower optimizer.lr")
-    history = summary.get("history") or []
-    accuracy = max((h.get("val/acc") or 0.0 for h in history), default=0.0)
+    accuracy = overfit_accuracy(summary) or 0.0
     if accuracy < OVERFIT_ACCURACY:
         return (f"the model cannot overfit one batch of {batch_size} images: {accuracy:.0%} of it right after {steps} "
                 f"steps (the lectures expect ~100%, here at least {OVERFIT_ACCURACY:.0%}); the model, the loss or the "
@@ -62,17 +67,20 @@ def lr_window(suggested: float, lowest: float, last: float) -> tuple[float, floa
 
 def sanity_gate(tune_dir: Path, fixed: list[str], steps: int, lr_steps: int, batch_size: int,
                 run: Callable[[list[str], Path], dict[str, Any]],
-                lr_find: Callable[[list[str], Path, int], dict[str, Any]]) -> dict[str, Any]:
-    """gate.json of an earlier pass, or the checks run now. ``run(overrides, dir)`` trains a run and returns
-    its summary; ``lr_find(overrides, dir, steps)`` returns the range test's record (lr_find.json)."""
+                lr_find: Callable[[list[str], Path, int], dict[str, Any]], announce: Callable[[], None]) -> dict[str, Any]:
+    """gate.json of an earlier pass, or the checks run now from clean folders (``announce()`` first).
+    ``run(overrides, dir)`` trains a run and returns its summary; ``lr_find(overrides, dir, steps)`` returns the
+    range test's record (lr_find.json)."""
     done = read_json(tune_dir / GATE_FILE)
     if done and done.get("passed"):
         return done
+    for probe in ("overfit", "lr_find"):  # a failed or killed earlier pass: its runs start again
+        shutil.rmtree(tune_dir / "gate" / probe, ignore_errors=True)
+    announce()
     summary = run(overfit_overrides(fixed, steps), tune_dir / "gate" / "overfit")
     diagnosis = judge_overfit(summary, steps, batch_size)
-    history = summary.get("history") or []
     record = {"initial_loss": summary.get("initial_loss"), "expected_initial_loss": summary.get("expected_initial_loss"),
-              "overfit_accuracy": max((h.get("val/acc") or 0.0 for h in history), default=None),
+              "overfit_accuracy": overfit_accuracy(summary),
               "overfit_steps": steps, "train_images": (summary.get("sizes") or {}).get("train"), "passed": diagnosis is None}
     if diagnosis is not None:
         write_json(tune_dir / GATE_FILE, {**record, "diagnosis": diagnosis})

@@ -12,7 +12,6 @@ What a stage searches is written once (<stage>/stage.json), so a rerun or anothe
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from contextlib import contextmanager
@@ -33,7 +32,8 @@ from cnnlab.runtime.distributed import LOCK_HELD_ENV
 from cnnlab.sweep.study import (COPIED_FROM, JOB, Study, SweepSettings, claim_lock, override_value, quoted,
                                  search_space)
 from cnnlab.sweep.storage import open_storage, storage_target
-from cnnlab.sweep.trials import direction_of, run_claimed, short_names
+from cnnlab.sweep.report import best_curve
+from cnnlab.sweep.trials import direction_of, run_claimed, trial_label
 from cnnlab.tasks import monitor_of
 from cnnlab.tune import boxes
 from cnnlab.tune.gate import sanity_gate
@@ -176,7 +176,7 @@ class Tune:
         gate = self.gate() if self.settings.gate else None
         if gate is not None:
             self.plan = make_plan(self.settings, self.base.epochs, gate["epochs"])
-        spent_before = gate["epochs"] if gate else 0.0
+        searched = 0.0  # epochs the stages so far spent
         previous: dict[str, Any] | None = None
         results = []
         for stage in self.plan.stages:
@@ -184,27 +184,23 @@ class Tune:
             study = self.stage_study(stage, space)
             if previous is not None and stage.pruned:
                 self.tell_earlier_trials(study, previous)
-            self.work(stage, study, allotment=stage.cumulative + (self.plan.gate if gate else 0.0) - spent_before)
+            self.work(stage, study, allotment=stage.cumulative - searched)
             previous = {"stage": stage, "study": study, "space": space}
             results.append(self.stage_result(stage, study, space))
-            spent_before += results[-1]["epochs"]
+            searched += results[-1]["epochs"]
         return self.finish(gate, results, previous["study"])
 
     def say(self, line: str) -> None:
         self.console.print(line, highlight=False, soft_wrap=True)
 
     def gate(self) -> dict[str, Any]:
-        import shutil
+        def announce() -> None:
+            self.say(f"gate: initial loss, overfit one batch ({self.settings.gate_steps} steps), "
+                     f"LR range test ({self.settings.lr_find_steps} steps)")
 
         with claim_lock(self.dir / "gate"):
-            done = read_json(self.dir / "gate.json")
-            if not (done and done.get("passed")):
-                shutil.rmtree(self.dir / "gate" / "overfit", ignore_errors=True)
-                shutil.rmtree(self.dir / "gate" / "lr_find", ignore_errors=True)
-                self.say(f"gate: initial loss, overfit one batch ({self.settings.gate_steps} steps), "
-                         f"LR range test ({self.settings.lr_find_steps} steps)")
             record = sanity_gate(self.dir, self.base.fixed, self.settings.gate_steps, self.settings.lr_find_steps,
-                                 self.base.batch_size, self.train, self.lr_find)
+                                 self.base.batch_size, self.train, self.lr_find, announce)
         self.say(f"gate passed: initial loss {record['initial_loss']:.3f} (ln C = {record['expected_initial_loss']:.3f}), "
                  f"one batch overfit to {record['overfit_accuracy']:.0%}, LR range test: steepest at "
                  f"{record['suggested_lr']:.3g}, lowest loss at {record['lowest_loss_lr']:.3g}, so optimizer.lr in "
@@ -336,9 +332,7 @@ class Tune:
 
     def label(self, stage: Stage, job: int, params: dict[str, Any]) -> str:
         """A trial's TensorBoard name: its stage and what it varies, as ``refine1 lr=0.0123 wd=1.2e-05 #4``."""
-        names = short_names(list(params))
-        values = " ".join(f"{names[k]}={v:.3g}" if isinstance(v, float) else f"{names[k]}={v}" for k, v in params.items())
-        return f"{stage.name} {values} #{job}".replace("/", "_")
+        return f"{stage.name} {trial_label([f'{k}={override_value(v)}' for k, v in params.items()], list(params), str(job))}"
 
     def trial_line(self, stage: Stage, claim, summary: dict[str, Any], status: str) -> str:
         value = summary.get("best_value")
@@ -421,15 +415,10 @@ class Tune:
         return record
 
     def best_so_far(self, gate: dict[str, Any] | None, results: list[dict[str, Any]]) -> list[tuple[float, float]]:
-        """(epochs spent, the best value so far) after each trial, in the order the trials ended."""
-        spent, best, points = (gate["epochs"] if gate else 0.0), None, []
-        for _, epochs, value in sorted(c for r in results for c in r["curve"]):
-            spent += epochs
-            if value is not None and (best is None or (value > best if self.maximize else value < best)):
-                best = value
-            if best is not None:
-                points.append((spent, best))
-        return points
+        """(epochs spent, the best value so far) after each trial, in the order the trials ended, the gate's first."""
+        ended = ((epochs, value) for _, epochs, value in sorted(c for r in results for c in r["curve"]))
+        curve = best_curve(ended, self.maximize, start=gate["epochs"] if gate else 0.0)
+        return [(spent, best) for spent, best in curve if best is not None]
 
     def plot(self, record: dict[str, Any]) -> Path:
         from cnnlab.analysis.plotting import pyplot, save_png

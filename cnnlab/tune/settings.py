@@ -9,9 +9,9 @@ from typing import Annotated, Literal
 
 import yaml
 
-from cnnlab.core.config import CONF_DIR
+from cnnlab.core.config import CONF_DIR, check_settings
 from cnnlab.core.errors import CnnlabError, suggestion
-from cnnlab.core.validation import NonNegativeInt, PositiveInt, Range, check_value
+from cnnlab.core.validation import NonNegativeInt, PositiveInt, Range
 
 Share = Annotated[float, Range(gt=0, lt=1)]
 Fraction = Annotated[float, Range(gt=0, le=1)]
@@ -45,7 +45,6 @@ def split_arguments(args: list[str]) -> tuple[list[str], list[str]]:
 def load_settings(args: list[str]) -> TuneSettings:
     """conf/tune/default.yaml with ``tune.<key>=<value>`` over it, each value checked by its annotation."""
     import dataclasses
-    import typing
 
     values = yaml.safe_load((CONF_DIR / "tune" / "default.yaml").read_text())
     fields = {f.name for f in dataclasses.fields(TuneSettings)}
@@ -57,8 +56,7 @@ def load_settings(args: list[str]) -> TuneSettings:
         if name not in fields:
             raise CnnlabError(f"tune has no setting {name!r}{suggestion(name, fields)}; settings: {', '.join(sorted(fields))}")
         values[name] = yaml.safe_load(text) if text.strip() else None
-    hints = typing.get_type_hints(TuneSettings, include_extras=True)
-    settings = TuneSettings(**{k: check_value(f"tune.{k}", v, hints[k]) for k, v in values.items()})
+    settings = check_settings(TuneSettings, values, "tune")
     if settings.budget_epochs is None:
         raise CnnlabError("cnnlab tune needs tune.budget_epochs=N: the epochs every trial of every stage may spend together")
     return settings
