@@ -156,9 +156,28 @@ def running_trial(stage: Path) -> Path | None:
     return next((p.parent for p in stage.glob("*/trial.json") if not (p.parent / "summary.json").exists()), None)
 
 
+def trial_of(stage: Path, pid: int) -> Path | None:
+    return next((p.parent for p in stage.glob("*/trial.json") if json.loads(p.read_text() or "{}").get("pid") == pid), None)
+
+
 def test_two_workers_share_one_tune(tmp_path):
     folder = tmp_path / "t"
-    workers = [start_tune(tmp_path, folder) for _ in range(2)]
+    first = start_tune(tmp_path, folder)
+    # A start barrier: the first worker is held (SIGSTOP) once it trains a coarse trial, until the second, whose
+    # cold start can outlast this whole tiny tune, has claimed one too.
+    deadline = time.monotonic() + 120
+    while trial_of(folder / "coarse", first.pid) is None:
+        assert time.monotonic() < deadline and first.poll() is None, first.communicate()[1][-2000:]
+        time.sleep(0.005)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = start_tune(tmp_path, folder)
+        while trial_of(folder / "coarse", second.pid) is None:
+            assert time.monotonic() < deadline and second.poll() is None, second.communicate()[1][-2000:]
+            time.sleep(0.05)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    workers = [first, second]
     outputs = [w.communicate(timeout=600) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
     pids = {json.loads((p / "trial.json").read_text())["pid"] for s in ("coarse", "refine1", "final")

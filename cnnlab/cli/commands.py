@@ -278,7 +278,7 @@ def prepared_overrides(args: list[str], *, training: bool) -> tuple[list[str], b
         if (digits := max(map(len, re.findall(r"\d+", override)), default=0)) > 4300:
             raise CnnlabError(f"{_key(override)}: a number of {digits:,} digits is not a setting")
     multirun = any(a in ("-m", "--multirun") for a in overrides)
-    overrides = resume_overrides(overrides, multirun)
+    overrides = replay_overrides(resume_overrides(overrides, multirun), multirun)
     if not multirun and training:
         refuse_bad_resume(overrides)
     return overrides, multirun
@@ -348,14 +348,35 @@ def resume_overrides(args: list[str], multirun: bool) -> list[str]:
 
     if not any((run_dir / "checkpoints" / name).is_file() for name in (LAST, PREVIOUS)):
         raise CnnlabError(f"resume={run_dir}: no checkpoint there (looked for {run_dir / 'checkpoints' / LAST})")
-    saved_file = run_dir / ".hydra" / "overrides.yaml"
-    saved = read_saved_overrides(saved_file, f"resume={run_dir}") if saved_file.is_file() else []
     rest = [a for a in args if not a.startswith("resume=")]
-    new_keys = {_key(a) for a in rest if not a.startswith("-")}
+    return saved_overrides(run_dir, rest, "resume") + rest + [f"hydra.run.dir={run_dir}"]
+
+
+def replay_overrides(args: list[str], multirun: bool) -> list[str]:
+    """``replay=MEMBER_DIR``: the member's own overrides (.hydra/overrides.yaml), then the ones given now;
+    the run goes to a new directory and follows the member's schedule (cnnlab.tasks.replay)."""
+    given = [a for a in args if a.startswith("replay=")]
+    if not given:
+        return args
+    if multirun:
+        raise CnnlabError("replay= trains one PBT member again; run it without -m")
+    member = Path(given[-1].split("=", 1)[1]).expanduser()
+    from cnnlab.tasks.replay import read_schedule
+
+    read_schedule(member)  # one line for a folder that is not a member, before anything is composed
+    rest = [a for a in args if not a.startswith("replay=")]
+    return saved_overrides(member, rest, "replay") + rest + [f"replay={member.resolve()}"]
+
+
+def saved_overrides(run_dir: Path, typed: list[str], what: str) -> list[str]:
+    """``run_dir``'s own overrides that ``typed`` does not set, each checked as something from someone else."""
+    saved_file = run_dir / ".hydra" / "overrides.yaml"
+    saved = read_saved_overrides(saved_file, f"{what}={run_dir}") if saved_file.is_file() else []
+    new_keys = {_key(a) for a in typed if not a.startswith("-")}
     kept = [(line, o) for line, o in saved if _key(o) not in new_keys]  # what the user types now wins
     for line, override in kept:
-        check_saved_override(override, f"resume={run_dir}: {saved_file} line {line}")
-    return [o for _, o in kept] + rest + [f"hydra.run.dir={run_dir}"]
+        check_saved_override(override, f"{what}={run_dir}: {saved_file} line {line}")
+    return [o for _, o in kept]
 
 
 def read_saved_overrides(path, what: str) -> list[tuple[int, str]]:
@@ -403,16 +424,16 @@ def check_saved_override(override: str, where: str) -> None:
     root = re.split(r"[./]", key, maxsplit=1)[0]
     groups = {p.name for folder in [CONF_DIR, *map(Path, CONFIG_DIRS)] for p in folder.iterdir() if p.is_dir()}
     if root == "hydra" or root not in TOP_LEVEL_KEYS | groups - {"hydra"}:
-        raise CnnlabError(refuse + "is not a cnnlab setting; resume reapplies only cnnlab's own config keys "
+        raise CnnlabError(refuse + "is not a cnnlab setting; a run directory lends only cnnlab's own config keys "
                           "(type anything else on the command line yourself)")
     if parsed.package is not None or any(part.startswith("_") for part in re.split(r"[./]", key)) or "_target_" in override:
-        raise CnnlabError(refuse + "names a package or a private key; resume reapplies only cnnlab's own config keys")
+        raise CnnlabError(refuse + "names a package or a private key; a run directory lends only cnnlab's own config keys")
     if parsed.is_sweep_override():
         raise CnnlabError(refuse + "is a sweep; a run's record holds single values")
     if re.search(r"\$\{[^}]*:", override):
-        raise CnnlabError(refuse + "calls a resolver; resume reapplies plain values only")
+        raise CnnlabError(refuse + "calls a resolver; a run directory lends plain values only")
     if root == "plugins":
-        raise CnnlabError(f"{where}: the run was trained with {override}; resume imports no module a file names: "
+        raise CnnlabError(f"{where}: the run was trained with {override}; a run directory's file imports no module: "
                           f"pass {override} on the command line yourself to load it")
     if "." not in key and root in groups and not (isinstance(parsed.value(), str) and SAVED_VALUE.fullmatch(parsed.value())):
         raise CnnlabError(refuse + f"is not the name of a {root} config")

@@ -8,6 +8,7 @@ annotations give each key's type and range.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.resources
 import typing
@@ -175,10 +176,22 @@ class RunConfig:
     augment_name: str
     augment_ops: dict[str, dict[str, Any]]
     resolved: dict[str, Any]  # the whole config, interpolations resolved
+    replay: Optional[str] = None  # a PBT member's directory: train along its hyperparameter schedule
+
+    def with_values(self, values: Mapping[str, Any]) -> RunConfig:
+        """This run with ``values`` ({'optimizer.lr': 0.05}) set, checked as any config is."""
+        resolved = copy.deepcopy(self.resolved)
+        for key, value in values.items():
+            *sections, last = key.split(".")
+            node = resolved
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[last] = value
+        return parse_run_config(resolved)
 
 
 TOP_LEVEL_KEYS = {*GROUP_REGISTRIES, "augment", "trainer", "data", "sweep", "finetune", "viz", "seed", "name", "paths",
-                  "plugins"}
+                  "plugins", "replay"}
 CNNLAB_MODEL_KEYS = ("name", "pretrained")  # model.* keys cnnlab handles itself; the rest go to the builder
 
 
@@ -229,6 +242,7 @@ def parse_run_config(cfg: DictConfig | Mapping[str, Any], *, stored: str | None 
         augment_name=str(augment.get("name", "none")),
         augment_ops=checked_ops,
         resolved=resolved,
+        replay=check_value("replay", resolved.get("replay"), Optional[str]),
     )
 
 

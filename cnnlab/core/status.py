@@ -12,6 +12,7 @@ class RunStatus(str, Enum):
     COMPLETED = "completed"
     EARLY_STOPPED = "early_stopped"  # trainer.early_stopping_patience
     PRUNED = "pruned"                # a sweep's pruner: checkpoints kept, selected and reported like any
+    PAUSED = "paused"                # at the end of a PBT interval: checkpoint kept, the next interval continues it
     DIVERGED = "diverged"            # the divergence guard stopped it
     FAILED = "failed"                # an error ended it (a sweep's trial records it and goes on)
     UNFINISHED = "unfinished"        # a trial folder with no summary yet (cut off, or running)

@@ -31,6 +31,7 @@ from cnnlab.core.errors import CnnlabError
 TRAILER = b"\ncnnlab-sha256:"
 TRAILER_LEN = len(TRAILER) + 64 + 1  # marker, hex digest, newline
 LAST, PREVIOUS = "last.pt", "previous.pt"  # a resume reads the first of these that is sound
+BEST = "best.pt"  # the weights validation chose so far
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process's umask: mkstemp makes 0600 files, run files should be like any other
 

@@ -215,6 +215,8 @@ def active_claim() -> Claim | None:
 class Study:
     """One worker's view of the sweep's study."""
 
+    carried_attrs: tuple[str, ...] = ()  # user attributes a cut-off trial's retry keeps
+
     def __init__(self, settings: SweepSettings, sweep_dir: Path, space: dict[str, Any], fixed: list[str], storage):
         import optuna
 
@@ -266,8 +268,9 @@ class Study:
 
     # -- claims --
 
-    def claim(self) -> Claim | None:
-        """The next trial for this worker, its directory locked; None when the sweep has nothing left to run.
+    def claim(self, wait: bool = True) -> Claim | None:
+        """The next trial for this worker, its directory locked; None when the sweep has nothing left to run
+        (``wait``: whether a study whose next trial waits for others' may wait; this one never does).
         Its overrides also carry, through hydra.job.env_set, what a trial run by another launcher's process
         needs: its trial in the study (for pruning) and that its directory is locked for it."""
         from optuna.trial import TrialState
@@ -291,6 +294,10 @@ class Study:
             job = int(trial.user_attrs.get(JOB, place))
             trial.set_user_attr(JOB, job)
             lock.acquire(self.sweep_dir / str(job))  # before the claim lock goes: never taken for cut off
+        return self._claim_of(trial, job)
+
+    def _claim_of(self, trial, job: int) -> Claim:
+        """``trial`` as a claim: the overrides of its Hydra job in <sweep dir>/<job>."""
         trial_dir = (self.sweep_dir / str(job)).resolve()
         overrides = [*self.fixed, *(f"{k}={override_value(v)}" for k, v in trial.params.items()),
                      f"hydra.sweep.subdir={job}",
@@ -336,7 +343,8 @@ class Study:
                 continue  # told by its worker after all: it was not cut off
             except ValueError:  # Optuna's word for "already finished" in tell
                 continue
-            attrs = {RETRY_OF: t.number, **({JOB: job} if job is not None else {})}
+            attrs = {RETRY_OF: t.number, **({JOB: job} if job is not None else {}),
+                     **{k: t.user_attrs[k] for k in self.carried_attrs if k in t.user_attrs}}
             self.study.enqueue_trial(t.params, user_attrs=attrs)
             log.warning("trial %d was %s", t.number, reason)
 

@@ -100,13 +100,15 @@ def trial_label(overrides: list[str], searched: list[str], job: str) -> str:
     return " ".join([*(f"{names[k]}={_compact(values[k])}" for k in names), f"#{job}"])
 
 
-def _name_tensorboard(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
-    """The trial's events go to <sweep dir>/tensorboard/<label> (paths.tensorboard), unless set otherwise."""
+def _name_tensorboard(cfg: DictConfig, run_dir: Path, overrides: list[str], member: bool = False) -> None:
+    """The trial's events go to <sweep dir>/tensorboard/<label> (paths.tensorboard), unless set otherwise; a PBT
+    member's to ``member <n>`` (its values change from one interval to the next)."""
     if cfg.paths.get("tensorboard"):
         return
     searched = (read_json(run_dir.parent / SWEEP_FILE) or {}).get("searched") or []
+    label = f"member {run_dir.name}" if member else trial_label(overrides, searched, run_dir.name)
     with open_dict(cfg):
-        cfg.paths.tensorboard = str(run_dir.parent / TENSORBOARD_DIR / trial_label(overrides, searched, run_dir.name))
+        cfg.paths.tensorboard = str(run_dir.parent / TENSORBOARD_DIR / label)
 
 
 def _pruning(trial, monitor: str):
@@ -157,25 +159,28 @@ def run_trial(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 def run_claimed(cfg: DictConfig, run_dir: Path, overrides: list[str], trial, monitor: str, *, settings=None,
                 console=None) -> dict[str, Any]:
     """A trial claimed from a study (a sweep's or a tune stage's), fresh or continued from its checkpoint: the
-    study hears of every epoch's value and may prune it at an epoch boundary."""
+    study hears of every epoch's value and may prune it at an epoch boundary. A PBT member's interval
+    (its trial's "pbt" attribute) pauses at the interval's end and may change the searched keys on resume."""
     _report_history(trial, monitor, _last_history(run_dir))
+    pbt = trial.user_attrs.get("pbt") or {}
     return _attempt(cfg, run_dir, overrides, settings or {}, resume=True, on_epoch=_pruning(trial, monitor),
-                   console=console)
+                    console=console, pause_after=pbt.get("pause_after"), retune=tuple(pbt.get("retune", ())))
 
 
 def _attempt(cfg: DictConfig, run_dir: Path, overrides: list[str], settings, *, resume: bool,
-             on_epoch=None, console=None) -> dict[str, Any]:
+             on_epoch=None, console=None, pause_after: int | None = None, retune: tuple[str, ...] = ()) -> dict[str, Any]:
     start = time.time()
     record = {"overrides": overrides, "started": start, "pid": os.getpid()}
     if os.environ.get("SLURM_JOB_ID"):  # where it ran, when SLURM ran it
         record["slurm"] = {"job": os.environ["SLURM_JOB_ID"], "array_job": os.environ.get("SLURM_ARRAY_JOB_ID"),
                            "array_task": os.environ.get("SLURM_ARRAY_TASK_ID")}
     write_json(run_dir / TRIAL_FILE, record)
-    _name_tensorboard(cfg, run_dir, overrides)
+    _name_tensorboard(cfg, run_dir, overrides, member=pause_after is not None)
     try:
         summary = train(parse_run_config(cfg), Job(
             run_dir, console=console, test=bool(settings.get("test_trials", False)), resume=resume, on_epoch=on_epoch,
-            resume_hint=f"the same command with hydra.sweep.dir={run_dir.parent} sweep.resume=true"))
+            resume_hint=f"the same command with hydra.sweep.dir={run_dir.parent} sweep.resume=true",
+            pause_after=pause_after, retune=retune))
     except Exception as e:  # noqa: BLE001 - a trial's failure is data for the sweep, not the end of it
         first_line = (str(e).strip().splitlines() or [""])[0]
         error = first_line if isinstance(e, CnnlabError) else f"{type(e).__name__}: {first_line}"

@@ -11,6 +11,7 @@ from cnnlab.core.config import RunConfig
 from cnnlab.core.plugins import load_components
 from cnnlab.core.registry import TASKS
 from cnnlab.tasks.job import Job
+from cnnlab.tasks.replay import replay
 
 __all__ = ["Job", "check_resume", "monitor_of", "task_name", "train"]
 
@@ -29,8 +30,15 @@ def monitor_of(cfg) -> str:
 
 
 def train(run: RunConfig, job: Job) -> dict[str, Any]:
-    """Run the configured task; returns its summary (also its run directory's summary.json)."""
+    """Run the configured task (``replay=``: along a PBT member's schedule); returns its summary (also its run
+    directory's summary.json)."""
     load_components()
+    if run.replay is not None:
+        return replay(run, job, _run_task)
+    return _run_task(run, job)
+
+
+def _run_task(run: RunConfig, job: Job) -> dict[str, Any]:
     return run.components["task"].build(run=run, job=job)
 
 

@@ -27,6 +27,7 @@ from cnnlab.core.status import FINISHED, RunStatus
 from cnnlab.runtime.checkpoint import load_checkpoint, load_resumable, load_weights, read_json
 from cnnlab.runtime.distributed import launched_ranks
 from cnnlab.data.split import stratified_folds
+from cnnlab.optim.retune import describe, retune_optimizer
 from cnnlab.runtime.signals import StopRequest
 from cnnlab.tasks.job import Job
 from cnnlab.tasks.summary import run_summary, write_summary
@@ -76,8 +77,10 @@ class RunReporter:
             self.tensorboard.writer.flush()
 
 
-def load_resume_state(run: RunConfig, run_dir: Path, console: ConsoleReporter | None = None) -> dict[str, Any] | None:
-    """The newest good checkpoint in ``run_dir`` when ``run`` may continue it; None for a fresh run."""
+def load_resume_state(run: RunConfig, run_dir: Path, console: ConsoleReporter | None = None,
+                      retune: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """The newest good checkpoint in ``run_dir`` when ``run`` may continue it (changing the ``retune`` keys
+    too); None for a fresh run."""
     found = load_resumable(run_dir / "checkpoints")
     if found is None:
         return None
@@ -87,7 +90,7 @@ def load_resume_state(run: RunConfig, run_dir: Path, console: ConsoleReporter | 
     status = (read_json(run_dir / "summary.json") or {}).get("status")
     if status in (RunStatus.EARLY_STOPPED, RunStatus.DIVERGED) and state.get("partial") is None:
         raise CnnlabError(f"{run_dir} ended {status}; nothing to resume (choose a new hydra.run.dir)")
-    check_resumable(state, path, run.resolved, run_dir)
+    check_resumable(state, path, run.resolved, run_dir, retune)
     state["path"] = str(path)
     return state
 
@@ -107,7 +110,7 @@ def classify(run: RunConfig, job: Job) -> dict[str, Any]:
             raise CnnlabError(f"data.folds={folds} trains its folds one after the other in one process; "
                               "run it without torchrun or trainer.devices")
         return cross_validate(run, job, reporter, folds, wall_start=wall_start)
-    resume_state = load_resume_state(run, job.run_dir, reporter) if job.resume else None
+    resume_state = load_resume_state(run, job.run_dir, reporter, job.retune) if job.resume else None
     s = setup(run, ranks)
     try:
         check_tta_shift(s.run.trainer.tta_shift, s.data.input_size, "trainer.tta_shift")
@@ -266,7 +269,7 @@ def fit_select_test(s: Setup, job: Job, console: ConsoleReporter, resume_state: 
         monitor=trainer.best.monitor, best_epoch=trainer.best.epoch, best_value=trainer.best.value,
         selected_weights="ema" if trainer.ema is not None else "model",
         compile_time_s=trainer.compile_time_s)  # with trainer.compile; not in train_time_s
-    if trainer.status == RunStatus.DIVERGED or trainer.best.epoch is None:
+    if trainer.status in (RunStatus.DIVERGED, RunStatus.PAUSED) or trainer.best.epoch is None:
         summary = end_unselected(trainer, summary, job.run_dir, tensorboard, console)
     else:
         summary = select_and_score(s, job, trainer, loaders, summary, tensorboard, visualizer, console, wall_start)
@@ -286,7 +289,7 @@ def fit(s: Setup, job: Job, scheduler, loaders: Loaders, reporter: RunReporter,
             checkpoint_extra={"config": run.resolved, "version": __version__, "classes": s.data.classes,
                               "input_shape": [s.data.channels, s.data.input_size, s.data.input_size],
                               "preprocess": s.preprocessing.state_dict()},
-            ranks=s.ranks, stop=stop, resume_hint=job.resume_hint, on_epoch=job.on_epoch,
+            ranks=s.ranks, stop=stop, resume_hint=job.resume_hint, on_epoch=job.on_epoch, pause_after=job.pause_after,
         )
         if resume_state is not None:
             trainer.load_state(resume_state)
@@ -294,6 +297,10 @@ def fit(s: Setup, job: Job, scheduler, loaders: Loaders, reporter: RunReporter,
                                                 if trainer.partial else "")
             reporter.console.console.print(f"resumed from {resume_state['path']} after {where} (step {trainer.step})",
                                            highlight=False)
+            if job.retune:  # PBT: the loaded optimizer and schedule take this config's hyperparameters
+                changed = retune_optimizer(s.optimizer, scheduler, resume_state["config"]["optimizer"], run.resolved["optimizer"])
+                if changed:
+                    reporter.console.console.print(f"retuned: {describe(changed)}", highlight=False)
         try:
             trainer.fit(loaders.train, loaders.val)
         except BaseException:
@@ -306,7 +313,8 @@ def fit(s: Setup, job: Job, scheduler, loaders: Loaders, reporter: RunReporter,
 
 def end_unselected(trainer: Trainer, summary: dict[str, Any], run_dir: Path, tensorboard: TensorBoardLogger,
                    console: ConsoleReporter) -> dict[str, Any]:
-    """A diverged run is recorded, not tested: the test set is for selected models only."""
+    """A diverged run is recorded, not tested: the test set is for selected models only. A paused one (a PBT
+    interval's end) is recorded so too, and selected when its last interval ends."""
     history = trainer.history
     summary.update({"diverged_at_step": trainer.diverged_at, "selected": {}, "history": history})
     write_summary(run_dir, summary, console.console, prefix=f"status: {trainer.status}; ")

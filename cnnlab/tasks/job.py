@@ -18,3 +18,5 @@ class Job:
     resume: bool = False  # continue from run_dir's newest good checkpoint when there is one
     resume_hint: str | None = None  # the command that continues the run, for the line a stop prints
     on_epoch: Callable[[int, dict[str, Any]], bool] | None = None  # after each epoch; True stops it (a sweep's pruner)
+    pause_after: int | None = None  # stop after this epoch with status paused, to be continued (a PBT interval)
+    retune: tuple[str, ...] = ()  # keys a resume may change beyond the usual (PBT's), applied to the loaded optimizer

@@ -41,7 +41,7 @@ class Trainer:
         self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, settings, device: torch.device,
         num_classes: int, reporter: Reporter, checkpoint_dir: Path, autocast_dtype: torch.dtype | None,
         generators: dict[str, torch.Generator], checkpoint_extra: dict[str, Any], ranks: Ranks = SINGLE,
-        stop=None, resume_hint: str = "", on_epoch=None,
+        stop=None, resume_hint: str = "", on_epoch=None, pause_after: int | None = None,
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.settings, self.device, self.num_classes, self.reporter = settings, device, num_classes, reporter
@@ -49,6 +49,7 @@ class Trainer:
         self.generators, self.checkpoint_extra = generators, checkpoint_extra
         self.ranks, self.stop, self.resume_hint = ranks, stop, resume_hint  # stop: a signals.StopRequest
         self.on_epoch = on_epoch  # on_epoch(epoch, record) -> True: a sweep's pruner stops the run here
+        self.pause_after = pause_after  # stop after this epoch, to be continued (a PBT member's interval)
         self.scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
         # DDP averages gradients over the ranks in backward; the loop otherwise sees one model.
         self.ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -270,6 +271,8 @@ class Trainer:
         elif judged and self.epoch < s.epochs:
             self.status = RunStatus.PRUNED  # checkpoints kept: the pruned trial is selected and reported like any
             self.reporter.warn(f"pruned after epoch {self.epoch}: the sweep's pruner judged this trial hopeless")
+        elif self.pause_after is not None and self.pause_after <= self.epoch < s.epochs:
+            self.status = RunStatus.PAUSED
         elif self.epoch < s.epochs and self.stop_requested():
             self.preempt()
 

@@ -19,15 +19,22 @@ ALLOWED_ON_RESUME = (
     "trainer.tta_flip", "trainer.tta_shift", "trainer.early_stopping_patience", "trainer.initial_loss_check",
     "data.num_workers", "data.prefetch_factor", "data.eval_batch_size", "paths.*", "sweep.*", "viz.*", "name",
 )
+# What population-based training may change when a member continues (Job.retune): the lectures'
+# learning rate, weight decay, momentum, dropout and augmentation strength (an augmentation op's options).
+RETUNABLE = ("optimizer.lr", "optimizer.weight_decay", "optimizer.momentum", "model.dropout", "augment.ops.*.*")
 _ABSENT = object()
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'key: old -> new' for every difference outside ALLOWED_ON_RESUME."""
+def retunable(key: str) -> bool:
+    return any(fnmatch(key, pattern) for pattern in RETUNABLE)
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any], also_allowed: tuple[str, ...] = ()) -> list[str]:
+    """'key: old -> new' for every difference outside ALLOWED_ON_RESUME and ``also_allowed``."""
     old, new = flatten(saved), flatten(current)
     changes = []
     for key in sorted(old.keys() | new.keys()):
-        if any(fnmatch(key, pattern) for pattern in ALLOWED_ON_RESUME):
+        if any(fnmatch(key, pattern) for pattern in (*ALLOWED_ON_RESUME, *also_allowed)):
             continue
         a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
         if a != b:
@@ -35,8 +42,9 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return changes
 
 
-def check_resumable(state: dict[str, Any], path: Path, current: dict[str, Any], run_dir: Path) -> None:
-    changes = config_changes(state.get("config") or {}, current)
+def check_resumable(state: dict[str, Any], path: Path, current: dict[str, Any], run_dir: Path,
+                    also_allowed: tuple[str, ...] = ()) -> None:
+    changes = config_changes(state.get("config") or {}, current, also_allowed)
     if changes:
         raise CnnlabError(f"cannot resume {run_dir}: the config differs from {path}'s in {'; '.join(changes)} "
                           f"(a resume may change only: {', '.join(ALLOWED_ON_RESUME)})")

@@ -24,7 +24,8 @@ log = logging.getLogger("cnnlab.sweep.study")
 class CnnlabSweeper(Sweeper):
     def __init__(self, sampler: Any = "grid", pruner: str = "none", pruning: Any = None, n_trials: int | None = None,
                  n_jobs: int = 1, storage: str = "sqlite", study_name: str = "cnnlab", direction: str = "auto",
-                 max_failure_rate: float = 1.0, storage_retry_s: float = 120.0, params: Any = None) -> None:
+                 max_failure_rate: float = 1.0, storage_retry_s: float = 120.0, params: Any = None,
+                 scheduler: str = "none", pbt: Any = None) -> None:
         sampler = OmegaConf.to_container(sampler, resolve=True) if isinstance(sampler, DictConfig) else sampler
         sampler = {"name": sampler} if isinstance(sampler, str) else dict(sampler or {})
         self.sampler_name = str(sampler.pop("name", "grid"))
@@ -35,6 +36,8 @@ class CnnlabSweeper(Sweeper):
         self.study_name, self.direction, self.max_failure_rate = str(study_name), str(direction), float(max_failure_rate)
         self.storage_retry_s = storage_retry_s
         self.params = {str(k): str(v) for k, v in (params or {}).items()}
+        self.scheduler = str(scheduler)
+        self.pbt = OmegaConf.to_container(pbt, resolve=True) if isinstance(pbt, DictConfig) else dict(pbt or {})
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
@@ -62,6 +65,7 @@ class CnnlabSweeper(Sweeper):
             settings.n_jobs = 1
         sweep_study.check_settings(settings)
         space, fixed = sweep_study.search_space(sweep_study.merged_overrides(self.params, arguments))
+        pbt = self.pbt_settings(config, settings, space)
         if settings.sampler == "grid":
             sweep_study.build_sampler(settings, space, 0)  # a grid of intervals is refused before anything is written
         in_process = type(self.launcher).__name__ == "BasicLauncher"
@@ -69,7 +73,7 @@ class CnnlabSweeper(Sweeper):
             check_launcher(config)
         storage = open_storage(settings.storage, sweep_dir, settings.storage_retry_s)  # reachable, before anything is written
         record_sweep(config)
-        study = sweep_study.Study(settings, sweep_dir, space, fixed, storage)
+        study = self.study(config, settings, pbt, (sweep_dir, space, fixed, storage))
         helpers = []
         workers = min(settings.n_jobs, study.n_trials)  # never a worker with no trial to run
         if in_process and not helper and settings.n_jobs > (cores := os.cpu_count() or 1):
@@ -112,6 +116,38 @@ class CnnlabSweeper(Sweeper):
             max_failure_rate=self.max_failure_rate, max_epochs=int(config.trainer.epochs),
             storage_retry_s=self.storage_retry_s)
 
+    @staticmethod
+    def study(config: DictConfig, settings, pbt, where: tuple):
+        """The sweep's study (sweep dir, space, fixed overrides, storage): a population's with scheduler=pbt."""
+        from cnnlab.sweep import study as sweep_study
+
+        if pbt is None:
+            return sweep_study.Study(settings, *where)
+        from cnnlab.sweep.pbt import PbtStudy
+        from cnnlab.tasks import monitor_of
+
+        return PbtStudy(settings, pbt, *where, epochs=int(config.trainer.epochs), monitor=monitor_of(config))
+
+    def pbt_settings(self, config: DictConfig, settings, space: dict[str, Any]):
+        """hydra.sweeper.pbt, checked, when hydra.sweeper.scheduler=pbt; None for scheduler none."""
+        from cnnlab.core.errors import CnnlabError, suggestion
+        from cnnlab.sweep.pbt import PbtSettings, check_pbt
+        from cnnlab.tasks import task_name
+
+        if self.scheduler == "none":
+            return None
+        if self.scheduler != "pbt":
+            raise CnnlabError(f"hydra.sweeper.scheduler must be none or pbt, got {self.scheduler!r}"
+                              f"{suggestion(self.scheduler, ['none', 'pbt'])}")
+        known = PbtSettings.__dataclass_fields__
+        for key in self.pbt:
+            if key not in known:
+                raise CnnlabError(f"hydra.sweeper.pbt has no setting {key!r}{suggestion(key, known)}; "
+                                  f"settings: {', '.join(known)}")
+        pbt = PbtSettings(**self.pbt)
+        check_pbt(settings, pbt, space, int(config.trainer.epochs), task_name(config))
+        return pbt
+
     def _helper_args(self, sweep_dir: Path) -> list[str]:
         from cnnlab.cli.hydra_app import CONFIG_DIRS
 
@@ -128,7 +164,7 @@ class CnnlabSweeper(Sweeper):
         while True:
             asked = time.perf_counter()
             claims = []
-            while len(claims) < batch and (claim := study.claim()) is not None:
+            while len(claims) < batch and (claim := study.claim(wait=not claims)) is not None:
                 claims.append(claim)
             if not claims:
                 return
