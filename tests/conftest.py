@@ -155,6 +155,13 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 180) 
     return run_cnnlab(list(args), cwd, full_env, timeout)
 
 
+def start_worker(cwd: Path, *args: str) -> subprocess.Popen:
+    """A cold `cnnlab train -m` worker process (one intra-op thread), its output piped."""
+    env = {**os.environ, "COLUMNS": "80", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "-m", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def lr_values(optimizer, scheduler, steps: int) -> list[float]:
     """The learning rate of each of ``steps`` optimizer updates under ``scheduler``."""
     out = []

@@ -1,16 +1,18 @@
-"""Population-based training: two workers train one population; the bottom member copies the top one's
+"""Population-based training: two worker commands train one population; the bottom member copies the top one's
 checkpoint and explores its values, which reach the member's optimizer, dropout and augmentation;
 `cnnlab train replay=<member>` retrains a member bit for bit; bad settings are one line each."""
 
 import json
 import math
+import signal
+import time
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli, start_worker
 
 EPOCHS, POPULATION = 3, 4
 SEARCH = ["optimizer.lr=tag(log, interval(0.01, 0.5))", "optimizer.weight_decay=tag(log, interval(1e-5, 1e-2))",
@@ -24,14 +26,35 @@ PBT = ["hydra.sweeper.scheduler=pbt", f"hydra.sweeper.pbt.population={POPULATION
        "hydra.sweeper.pbt.resample_probability=0"]
 
 
+def trained_by(folder: Path, pid: int) -> bool:
+    """Whether the worker ``pid`` has started an interval of some member (its trial.json says so)."""
+    return any(json.loads(p.read_text() or "{}").get("pid") == pid for p in folder.glob("*/trial.json"))
+
+
 @pytest.fixture(scope="module")
 def population(tmp_path_factory) -> Path:
-    """A population of 4 trained for 3 one-epoch intervals by two workers (hydra.sweeper.n_jobs=2)."""
+    """A population of 4 trained for 3 one-epoch intervals by two worker commands on one sweep directory."""
     cwd = tmp_path_factory.mktemp("pbt")
-    result = run_cli("train", "-m", *BASE, *SEARCH, *PBT, "hydra.sweeper.n_jobs=2", f"hydra.sweep.dir={cwd / 's'}",
-                     cwd=cwd, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return cwd / "s"
+    folder = cwd / "s"
+    first = start_worker(cwd, *BASE, *SEARCH, *PBT, f"hydra.sweep.dir={folder}")
+    # A start barrier: the first worker is held (SIGSTOP) in its first interval until the second, whose cold
+    # start can outlast this whole tiny population, has started one too.
+    deadline = time.monotonic() + 120
+    while not trained_by(folder, first.pid):
+        assert time.monotonic() < deadline and first.poll() is None, first.communicate()[1][-2000:]
+        time.sleep(0.005)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = start_worker(cwd, *BASE, *SEARCH, *PBT, f"hydra.sweep.dir={folder}")
+        while not trained_by(folder, second.pid):
+            assert time.monotonic() < deadline and second.poll() is None, second.communicate()[1][-2000:]
+            time.sleep(0.05)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    for worker in (first, second):
+        out, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-3000:]
+    return folder
 
 
 def intervals(folder: Path) -> dict[tuple[int, int], optuna.trial.FrozenTrial]:
@@ -47,7 +70,7 @@ def test_the_bottom_member_copies_the_top_one_and_explores_into_its_optimizer(po
     units = intervals(population)
     assert sorted(units) == [(m, g) for m in range(POPULATION) for g in range(EPOCHS)]
     assert all(t.state.name == "COMPLETE" for t in units.values())
-    assert len({t.user_attrs["pbt"]["worker"] for t in units.values()}) == 2  # both workers trained intervals
+    assert len({t.user_attrs["pbt"]["worker"] for t in units.values()}) == 2  # both workers claimed intervals
     space = {"optimizer.lr": (0.01, 0.5), "optimizer.weight_decay": (1e-5, 1e-2), "model.dropout": (0.0, 0.5),
              "augment.ops.random_erasing.p": (0.1, 0.9)}
     for g in range(1, EPOCHS):

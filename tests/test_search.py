@@ -3,12 +3,10 @@ trial at an epoch boundary, failures are told as FAIL, a grid and a range run on
 workers share one study (journal file, SQLite), and a SIGKILLed worker's trial is continued."""
 
 import json
-import math
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from cnnlab.core.plugins import load_components
 from cnnlab.sweep.study import build_pruner, build_sampler, check_settings, grid_points, search_space
 from cnnlab.sweep.trials import FAILED_EXIT_STATUS, short_names, trial_label
 from hydra_plugins.cnnlab_sweeper import CnnlabSweeper
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli, start_worker
 
 SWEEP = [o for o in TINY if not o.startswith("model.hidden")] + ["model.hidden=[16]"]
 
@@ -215,12 +213,6 @@ def test_a_grid_and_a_range_run_on_the_study_in_order(tmp_path):
     assert again.returncode == 0 and len(load_study(folder).trials) == 4 and "Launching" not in again.stdout + again.stderr
 
 
-def start_worker(cwd: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "COLUMNS": "80", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "-m", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 TRIALS = 8
 WORKER = ["sweep=random_lr_wd", f"hydra.sweeper.n_trials={TRIALS}", *SWEEP, "dataset.train_size=480", "trainer.epochs=1"]
 
@@ -373,3 +365,18 @@ def test_the_dashboard_line_runs_as_printed_without_showing_the_password(url):
     expanded = subprocess.run(["bash", "-c", f"CNNLAB_DB_PASSWORD='{password}'; echo {command}"], capture_output=True,
                               text=True, check=True).stdout.split()
     assert expanded[0] == "optuna-dashboard" and make_url(expanded[1]) == make_url(url)  # the shell fills it in
+
+
+def test_budget_epochs_stops_starting_trials_before_the_sweep_would_pass_it(tmp_path):
+    result = run_cli("train", "-m", *[o for o in SWEEP if not o.startswith("trainer.epochs")], "trainer.epochs=3",
+                     "hydra/sweeper/sampler=random", "optimizer.lr=tag(log, interval(0.01, 0.5))",
+                     "hydra.sweeper.budget_epochs=10", "hydra.sweeper.pruner=asha", f"hydra.sweep.dir={tmp_path / 'sw'}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "10 trials inside budget_epochs=10" in result.stdout
+    spent = [len(json.loads((p / "summary.json").read_text())["history"]) for p in (tmp_path / "sw").glob("[0-9]*")]
+    assert sum(spent) <= 10 and 10 - sum(spent) < 3  # no trial of 3 more epochs fitted
+    result = run_cli("train", "-m", *SWEEP, "hydra/sweeper/sampler=random", "optimizer.lr=interval(0.01, 0.5)",
+                     "hydra.sweeper.budget_epochs=1", cwd=tmp_path)
+    assert result.returncode == 2 and "hydra.sweeper.budget_epochs must be a number of epochs >= one trial's " \
+        "trainer.epochs=2, got 1" in result.stderr

@@ -40,6 +40,18 @@ def run_config_groups() -> str:
     if not GlobalHydra.instance().is_initialized():  # resolved after its composition (a whole config resolved later)
         return ""
     loader = GlobalHydra.instance().config_loader()
+    # OmegaConf resolves this node at every merge of a composition (9 times a compose, half its time): one walk a
+    # search path.
+    key = tuple((p.provider, p.path) for p in loader.get_search_path().get_path())
+    if key not in _GROUP_LISTS:
+        _GROUP_LISTS[key] = _group_list(loader)
+    return _GROUP_LISTS[key]
+
+
+_GROUP_LISTS: dict[tuple, str] = {}
+
+
+def _group_list(loader) -> str:
     lines: list[str] = []
 
     def walk(parent: str) -> None:

@@ -75,6 +75,9 @@ def check_pbt(s: SweepSettings, p: PbtSettings, space: dict[str, Any], epochs: i
     if s.sampler not in ("random", "sobol"):
         raise CnnlabError(f"hydra.sweeper.scheduler=pbt draws its first population at random: choose "
                           f"hydra/sweeper/sampler=random or sobol (got {s.sampler})")
+    if s.budget_epochs is not None:
+        raise CnnlabError(f"hydra.sweeper.scheduler=pbt spends population x trainer.epochs = {p.population * epochs} "
+                          "epochs; leave hydra.sweeper.budget_epochs unset")
     if s.n_trials is not None and s.n_trials != p.population:
         raise CnnlabError(f"hydra.sweeper.scheduler=pbt trains {where}.population={p.population} members; "
                           f"leave hydra.sweeper.n_trials unset (got {s.n_trials})")

@@ -62,6 +62,7 @@ class SweepSettings:
     seed: int | None = None
     max_epochs: int = 1
     storage_retry_s: float = 120.0
+    budget_epochs: float | None = None
 
 
 def check_settings(s: SweepSettings) -> None:
@@ -82,8 +83,27 @@ def check_settings(s: SweepSettings) -> None:
     if isinstance(s.storage_retry_s, bool) or not isinstance(s.storage_retry_s, int | float) \
             or not 0 <= s.storage_retry_s < math.inf:
         raise CnnlabError(f"hydra.sweeper.storage_retry_s must be a number of seconds >= 0, got {s.storage_retry_s!r}")
+    if s.budget_epochs is not None and (isinstance(s.budget_epochs, bool) or not isinstance(s.budget_epochs, int | float)
+                                        or not s.max_epochs <= s.budget_epochs < math.inf):
+        raise CnnlabError(f"hydra.sweeper.budget_epochs must be a number of epochs >= one trial's trainer.epochs="
+                          f"{s.max_epochs}, got {s.budget_epochs!r}")
     if not 0 <= s.max_failure_rate <= 1:
         raise CnnlabError(f"hydra.sweeper.max_failure_rate must be in [0, 1], got {s.max_failure_rate!r}")
+
+
+def trial_epochs(trial) -> int:
+    """The epochs a finished trial cost: those it trained, and the one a diverged trial stopped in."""
+    if not trial.state.is_finished():
+        return 0
+    return trial.user_attrs.get("epochs", 0) + (trial.user_attrs.get("status") == RunStatus.DIVERGED)
+
+
+def fits_budget(trials, epochs: int, budget: float) -> bool:
+    """Whether one more trial of ``epochs`` fits in ``budget`` beside what the study's trials spent (those an
+    earlier study ran excepted) and what its running and queued ones may still spend (``epochs`` each)."""
+    spent = sum(trial_epochs(t) for t in trials if COPIED_FROM not in t.user_attrs)
+    reserved = epochs * sum(t.state.name in ("RUNNING", "WAITING") for t in trials)
+    return spent + reserved + epochs <= budget + 1e-9
 
 
 def build_sampler(s: SweepSettings, space: dict[str, Any], trial_number: int):
@@ -227,11 +247,16 @@ class Study:
             self.grid = grid_points(space)
             if self.n_trials is None or self.n_trials > len(self.grid):
                 self.n_trials = len(self.grid)
+        elif self.n_trials is None and settings.budget_epochs is not None:
+            self.n_trials = math.ceil(settings.budget_epochs)  # a trial that fails before its first epoch costs none
         elif self.n_trials is None:
-            raise CnnlabError(f"sampler {settings.sampler!r} needs hydra.sweeper.n_trials (how many trials to run)")
+            raise CnnlabError(f"sampler {settings.sampler!r} needs hydra.sweeper.n_trials (how many trials to run) "
+                              "or hydra.sweeper.budget_epochs")
         self.storage = storage
-        # Called under the claim lock with the study's trials: False when no new trial may start (a tune's budget).
+        # Called under the claim lock with the study's trials: False when no new trial may start (an epoch budget).
         self.admit: Callable[[list], bool] | None = None
+        if settings.budget_epochs is not None:
+            self.admit = lambda trials: fits_budget(trials, settings.max_epochs, settings.budget_epochs)
         pruner = build_pruner(settings)
         with claim_lock(sweep_dir):
             try:

@@ -74,8 +74,3 @@ def make_plan(s: TuneSettings, full_epochs: int, gate_epochs: float) -> Plan:
         stages.append(Stage(f"refine{k}", refine, coarse_part + k * refine_part))
     stages.append(Stage("final", full_epochs, search + final, pruned=False))
     return Plan(s.budget_epochs, gate_epochs, stages, s.top_k, s.seeds)
-
-
-def admits(epochs: int, allotment: float, spent: float, reserved: float) -> bool:
-    """Whether one more trial of ``epochs`` fits beside what its stage spent and has reserved."""
-    return spent + reserved + epochs <= allotment + 1e-9

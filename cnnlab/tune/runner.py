@@ -25,31 +25,23 @@ from rich.console import Console
 from cnnlab.cli.hydra_app import composed, run_one, writer_of
 from cnnlab.core.config import parse_run_config
 from cnnlab.core.errors import CnnlabError
-from cnnlab.core.status import RunStatus
 from cnnlab.runtime.lock import discard_refused
 from cnnlab.runtime.checkpoint import read_json, write_json
 from cnnlab.runtime.distributed import LOCK_HELD_ENV
-from cnnlab.sweep.study import (COPIED_FROM, JOB, Study, SweepSettings, claim_lock, override_value, quoted,
-                                 search_space)
+from cnnlab.sweep.study import (COPIED_FROM, JOB, Study, SweepSettings, claim_lock, fits_budget, override_value,
+                                 quoted, search_space, trial_epochs)
 from cnnlab.sweep.storage import open_storage, storage_target
 from cnnlab.sweep.report import best_curve
 from cnnlab.sweep.trials import direction_of, run_claimed, trial_label
 from cnnlab.tasks import monitor_of
 from cnnlab.tune import boxes
 from cnnlab.tune.gate import sanity_gate
-from cnnlab.tune.plan import Plan, Stage, admits, make_plan
+from cnnlab.tune.plan import Plan, Stage, make_plan
 from cnnlab.tune.settings import TuneSettings, default_space, load_settings, split_arguments
 
 STAGE_FILE, TUNE_FILE = "stage.json", "tune.json"
 CONFIG_KEY = "tune.config"  # the final stage's grid: which of the top configurations, and its seed
 POLL_S = 1.0
-
-
-def trial_epochs(trial) -> int:
-    """The epochs a finished trial cost: those it trained, and the one a diverged trial stopped in."""
-    if not trial.state.is_finished():
-        return 0
-    return trial.user_attrs.get("epochs", 0) + (trial.user_attrs.get("status") == RunStatus.DIVERGED)
 
 
 def top_configurations(trials: list[tuple[dict[str, Any], float, bool]], top_k: int, maximize: bool) -> list[dict[str, Any]]:
@@ -296,12 +288,7 @@ class Tune:
         """Claim and run the stage's trials until its budget or grid is spent and no worker runs one."""
         from optuna.trial import TrialState
 
-        def admit(trials) -> bool:
-            spent = sum(trial_epochs(t) for t in trials if COPIED_FROM not in t.user_attrs)
-            reserved = stage.epochs * sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
-            return admits(stage.epochs, allotment, spent, reserved)
-
-        study.admit = admit
+        study.admit = lambda trials: fits_budget(trials, stage.epochs, allotment)
         while True:
             claim = study.claim()
             if claim is None:

@@ -25,7 +25,7 @@ class CnnlabSweeper(Sweeper):
     def __init__(self, sampler: Any = "grid", pruner: str = "none", pruning: Any = None, n_trials: int | None = None,
                  n_jobs: int = 1, storage: str = "sqlite", study_name: str = "cnnlab", direction: str = "auto",
                  max_failure_rate: float = 1.0, storage_retry_s: float = 120.0, params: Any = None,
-                 scheduler: str = "none", pbt: Any = None) -> None:
+                 scheduler: str = "none", pbt: Any = None, budget_epochs: Any = None) -> None:
         sampler = OmegaConf.to_container(sampler, resolve=True) if isinstance(sampler, DictConfig) else sampler
         sampler = {"name": sampler} if isinstance(sampler, str) else dict(sampler or {})
         self.sampler_name = str(sampler.pop("name", "grid"))
@@ -36,7 +36,7 @@ class CnnlabSweeper(Sweeper):
         self.study_name, self.direction, self.max_failure_rate = str(study_name), str(direction), float(max_failure_rate)
         self.storage_retry_s = storage_retry_s
         self.params = {str(k): str(v) for k, v in (params or {}).items()}
-        self.scheduler = str(scheduler)
+        self.scheduler, self.budget_epochs = str(scheduler), budget_epochs
         self.pbt = OmegaConf.to_container(pbt, resolve=True) if isinstance(pbt, DictConfig) else dict(pbt or {})
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
@@ -87,7 +87,8 @@ class CnnlabSweeper(Sweeper):
             torch.set_num_threads(threads)
             helpers = sweep_study.start_helpers(workers - 1, self._helper_args(sweep_dir), sweep_dir, threads)
         if not helper:
-            print(f"study {settings.study_name!r}: {study.n_trials} trials, sampler {settings.sampler}, "
+            budget = "" if settings.budget_epochs is None else f" inside budget_epochs={settings.budget_epochs}"
+            print(f"study {settings.study_name!r}: {study.n_trials} trials{budget}, sampler {settings.sampler}, "
                   f"pruner {settings.pruner}, {workers} at a time; live view: "
                   f"{dashboard_command(study.target)}", flush=True)
         try:
@@ -114,7 +115,7 @@ class CnnlabSweeper(Sweeper):
             n_jobs=self.n_jobs, storage=self.storage, study_name=self.study_name,
             direction=direction_of(config) if self.direction == "auto" else self.direction,
             max_failure_rate=self.max_failure_rate, max_epochs=int(config.trainer.epochs),
-            storage_retry_s=self.storage_retry_s)
+            storage_retry_s=self.storage_retry_s, budget_epochs=self.budget_epochs)
 
     @staticmethod
     def study(config: DictConfig, settings, pbt, where: tuple):
