@@ -338,33 +338,36 @@ def _key(override: str) -> str:
 def resume_overrides(args: list[str], multirun: bool) -> list[str]:
     """``resume=RUN_DIR``: the run's own overrides (.hydra/overrides.yaml), then the ones given
     now (they win, and must be keys a resume may change), in RUN_DIR itself."""
-    given = [a for a in args if a.startswith("resume=")]
-    if not given:
+    run_dir, rest = folder_argument(args, "resume", multirun,
+                                    "continues one run; a sweep resumes with hydra.sweep.dir=<dir> sweep.resume=true")
+    if run_dir is None:
         return args
-    if multirun:
-        raise CnnlabError("resume= continues one run; a sweep resumes with hydra.sweep.dir=<dir> sweep.resume=true")
-    run_dir = Path(given[-1].split("=", 1)[1]).expanduser()
     from cnnlab.runtime.checkpoint import LAST, PREVIOUS
 
     if not any((run_dir / "checkpoints" / name).is_file() for name in (LAST, PREVIOUS)):
         raise CnnlabError(f"resume={run_dir}: no checkpoint there (looked for {run_dir / 'checkpoints' / LAST})")
-    rest = [a for a in args if not a.startswith("resume=")]
     return saved_overrides(run_dir, rest, "resume") + rest + [f"hydra.run.dir={run_dir}"]
+
+
+def folder_argument(args: list[str], key: str, multirun: bool, single: str) -> tuple[Path | None, list[str]]:
+    """``key=FOLDER`` among ``args`` (the last one wins) and the other arguments; refused in a sweep."""
+    given = [a for a in args if a.startswith(f"{key}=")]
+    if not given:
+        return None, args
+    if multirun:
+        raise CnnlabError(f"{key}= {single}")
+    return Path(given[-1].split("=", 1)[1]).expanduser(), [a for a in args if not a.startswith(f"{key}=")]
 
 
 def replay_overrides(args: list[str], multirun: bool) -> list[str]:
     """``replay=MEMBER_DIR``: the member's own overrides (.hydra/overrides.yaml), then the ones given now;
     the run goes to a new directory and follows the member's schedule (cnnlab.tasks.replay)."""
-    given = [a for a in args if a.startswith("replay=")]
-    if not given:
+    member, rest = folder_argument(args, "replay", multirun, "trains one PBT member again; run it without -m")
+    if member is None:
         return args
-    if multirun:
-        raise CnnlabError("replay= trains one PBT member again; run it without -m")
-    member = Path(given[-1].split("=", 1)[1]).expanduser()
     from cnnlab.tasks.replay import read_schedule
 
     read_schedule(member)  # one line for a folder that is not a member, before anything is composed
-    rest = [a for a in args if not a.startswith("replay=")]
     return saved_overrides(member, rest, "replay") + rest + [f"replay={member.resolve()}"]
 
 

@@ -33,6 +33,7 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.core.status import FAILED, FINISHED, RunStatus
 from cnnlab.core.config import parse_run_config
 from cnnlab.tasks import Job, monitor_of, train
+from cnnlab.runtime.environment import environment
 from cnnlab.runtime.lock import RunDirLock
 from cnnlab.runtime.checkpoint import LAST, load_checkpoint, read_json, write_json
 
@@ -174,13 +175,14 @@ def _attempt(cfg: DictConfig, run_dir: Path, overrides: list[str], settings, *, 
     if os.environ.get("SLURM_JOB_ID"):  # where it ran, when SLURM ran it
         record["slurm"] = {"job": os.environ["SLURM_JOB_ID"], "array_job": os.environ.get("SLURM_ARRAY_JOB_ID"),
                            "array_task": os.environ.get("SLURM_ARRAY_TASK_ID")}
+    record["environment"] = environment([str(p) for p in cfg.get("plugins") or []])
     write_json(run_dir / TRIAL_FILE, record)
     _name_tensorboard(cfg, run_dir, overrides, member=pause_after is not None)
     try:
         summary = train(parse_run_config(cfg), Job(
             run_dir, console=console, test=bool(settings.get("test_trials", False)), resume=resume, on_epoch=on_epoch,
             resume_hint=f"the same command with hydra.sweep.dir={run_dir.parent} sweep.resume=true",
-            pause_after=pause_after, retune=retune))
+            pause_after=pause_after, retune=retune, environment=record["environment"]))
     except Exception as e:  # noqa: BLE001 - a trial's failure is data for the sweep, not the end of it
         first_line = (str(e).strip().splitlines() or [""])[0]
         error = first_line if isinstance(e, CnnlabError) else f"{type(e).__name__}: {first_line}"

@@ -4,12 +4,14 @@ with the run's typed config and its job: ``task(run: RunConfig, job: Job, **its 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from cnnlab.core.config import RunConfig
 from cnnlab.core.plugins import load_components
 from cnnlab.core.registry import TASKS
+from cnnlab.runtime.environment import environment
 from cnnlab.tasks.job import Job
 from cnnlab.tasks.replay import replay
 
@@ -33,6 +35,8 @@ def train(run: RunConfig, job: Job) -> dict[str, Any]:
     """Run the configured task (``replay=``: along a PBT member's schedule); returns its summary (also its run
     directory's summary.json)."""
     load_components()
+    if job.environment is None:
+        job = dataclasses.replace(job, environment=environment(run.resolved.get("plugins") or []))
     if run.replay is not None:
         return replay(run, job, _run_task)
     return _run_task(run, job)

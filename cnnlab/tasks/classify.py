@@ -146,7 +146,7 @@ def cross_validate(run: RunConfig, job: Job, reporter: ConsoleReporter, k: int, 
     monitor = summaries[0]["monitor"]
     status = RunStatus.COMPLETED if all(v is not None for v in values) else RunStatus.DIVERGED
     summary = run_summary(
-        run, job.run_dir, status, wall_start=wall_start, dataset=summaries[0]["dataset"],
+        run, job, status, wall_start=wall_start, dataset=summaries[0]["dataset"],
         parameters=summaries[0]["parameters"], monitor=monitor,
         folds=[{"fold": i, "run_dir": f["run_dir"], "status": f["status"], "best_epoch": f.get("best_epoch"),
                 "best_value": f.get("best_value"), "val": (f.get("selected") or {}).get("val")}
@@ -249,7 +249,7 @@ def fit_select_test(s: Setup, job: Job, console: ConsoleReporter, resume_state: 
     tensorboard = visualizer = None
     if ranks.is_main:  # one writer: rank 0's
         tensorboard = TensorBoardLogger(events_dir(run.resolved, job.run_dir), run.resolved,
-                                        OmegaConf.to_yaml(run.resolved),
+                                        OmegaConf.to_yaml(run.resolved), environment=job.environment,
                                         purge_step=resume_state["step"] + 1 if resume_state else None)
         visualizer = start_visualizer(s, job.run_dir, tensorboard.writer, fresh=resume_state is None)
     n_params = sum(p.numel() for p in s.model.parameters())
@@ -260,7 +260,7 @@ def fit_select_test(s: Setup, job: Job, console: ConsoleReporter, resume_state: 
         ranks.barrier()
         return {"status": trainer.status, "best_value": trainer.best.value}
     summary = run_summary(
-        run, job.run_dir, trainer.status, wall_start=wall_start, tensorboard=str(events_dir(run.resolved, job.run_dir)),
+        run, job, trainer.status, wall_start=wall_start, tensorboard=str(events_dir(run.resolved, job.run_dir)),
         dataset=s.data.name, parameters=n_params, device=str(s.device),
         precision=str(s.autocast_dtype or torch.float32).replace("torch.", ""), processes=ranks.world_size,
         sizes={"train": len(s.train_idx), "val": len(s.val_idx), "test": len(s.data.test_labels)},

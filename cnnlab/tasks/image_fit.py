@@ -136,7 +136,8 @@ def image_fit(run: RunConfig, job: Job, *, image: Optional[str] = None, size: Po
     device = resolve_device(run.trainer.device)
     seed_everything(run.seed)
     fit = CoordinateFit(run, load_image(image, size) if image else procedural_image(size), device)
-    tensorboard = TensorBoardLogger(events_dir(run.resolved, run_dir), run.resolved, OmegaConf.to_yaml(run.resolved))
+    tensorboard = TensorBoardLogger(events_dir(run.resolved, run_dir), run.resolved, OmegaConf.to_yaml(run.resolved),
+                                    environment=job.environment)
     tensorboard.writer.add_image("image_fit/target", fit.image, 0)
     write_png(fit.image, run_dir / "target.png")
     console.print(f"image_fit: {image or 'the bundled procedural image'} at {fit.size}x{fit.size}, "
@@ -149,7 +150,7 @@ def image_fit(run: RunConfig, job: Job, *, image: Optional[str] = None, size: Po
                                                           "epoch": history[-1]["epoch"], "version": __version__})
     best = max(history, key=lambda r: r["psnr"])
     summary = write_summary(run_dir, run_summary(
-        run, run_dir, status, wall_start=wall_start, tensorboard=str(events_dir(run.resolved, run_dir)),
+        run, job, status, wall_start=wall_start, tensorboard=str(events_dir(run.resolved, run_dir)),
         image=image or "procedural", size=fit.size, device=str(device), monitor="psnr", best_epoch=best["epoch"],
         best_value=best["psnr"], final_psnr=history[-1]["psnr"], train_time_s=train_time, history=history))
     tensorboard.scalars({"best/psnr": best["psnr"]}, fit.step)

@@ -20,3 +20,4 @@ class Job:
     on_epoch: Callable[[int, dict[str, Any]], bool] | None = None  # after each epoch; True stops it (a sweep's pruner)
     pause_after: int | None = None  # stop after this epoch with status paused, to be continued (a PBT interval)
     retune: tuple[str, ...] = ()  # keys a resume may change beyond the usual (PBT's), applied to the loaded optimizer
+    environment: dict[str, Any] | None = None  # where the run came from (cnnlab.runtime.environment), at its start

@@ -11,6 +11,8 @@ and only the end knows the status. A sweep also writes an experiment record
 
 from __future__ import annotations
 
+import json
+
 import threading
 import time
 from collections.abc import Mapping
@@ -82,13 +84,17 @@ class EventWriter:
 
 
 class TensorBoardLogger:
-    def __init__(self, log_dir: Path, config: Mapping[str, Any], config_yaml: str, purge_step: int | None = None):
+    def __init__(self, log_dir: Path, config: Mapping[str, Any], config_yaml: str, purge_step: int | None = None,
+                 environment: Mapping[str, Any] | None = None):
         """``config``: the run's config tree; its keys but paths.* become the HParams.
-        purge_step: a resumed run drops what the interrupted one logged after its checkpoint."""
+        purge_step: a resumed run drops what the interrupted one logged after its checkpoint.
+        environment: where the run came from (cnnlab.runtime.environment), as the ``environment`` text."""
         self.writer = EventWriter(log_dir, purge_step=purge_step)
         hparams = flatten({k: v for k, v in config.items() if k != "paths"})
         self.hparams = {k: hparam_value(v) for k, v in hparams.items()}
         self.writer.add_text("config", f"```yaml\n{config_yaml}\n```", 0)
+        if environment is not None:
+            self.writer.add_text("environment", f"```json\n{json.dumps(environment, indent=1)}\n```", 0)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
