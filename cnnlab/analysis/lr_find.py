@@ -18,7 +18,7 @@ from rich.console import Console
 
 from cnnlab.analysis.plotting import pyplot, save_png
 from cnnlab.core.config import RunConfig
-from cnnlab.runtime.checkpoint import write_json
+from cnnlab.runtime.files import write_json
 from cnnlab.training.loop import Trainer
 from cnnlab.training.assemble import setup
 from cnnlab.training.console import make_console

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from cnnlab.runtime.checkpoint import atomic_write
+from cnnlab.runtime.files import atomic_write
 
 
 def pyplot():

@@ -22,7 +22,8 @@ from cnnlab.models.inspect_model import forward_with_hooks
 from cnnlab.core.errors import CnnlabError
 from cnnlab.training.finetune import stages
 from cnnlab.analysis.plotting import pyplot, save_png
-from cnnlab.runtime.checkpoint import atomic_write, read_json, safe_load
+from cnnlab.runtime.checkpoint import safe_load
+from cnnlab.runtime.files import atomic_write, read_json
 
 MAX_FILTERS = 64       # the first layer's filters drawn (all of LeNet's 6, the first 64 of an MLP's)
 MAX_CHANNELS = 16      # feature maps drawn per stage

@@ -44,6 +44,10 @@ commands:
                             every trial of a sweep ranked on validation (also report.csv, .md);
                             flags a best value on the edge of its range with the command to run next;
                             --test-best scores only the chosen trial on the test split
+  runs [DIR ...] [--where KEY=PATTERN|METRIC>=X ...] [--sort=[-]KEY] [--limit N] [--csv|--json]
+                            every run and sweep trial under the output directory (or DIR ...): date,
+                            name, status, task, model, dataset, what varies among them, the best
+                            validation value, test accuracy, epochs and wall time
   viz RUN_DIR               the run's pictures as PNGs in RUN_DIR/viz/: first-layer filters during
                             training, feature maps per stage, augmented samples, the most
                             confidently misclassified test images, the confusion matrix
@@ -52,7 +56,7 @@ commands:
   --version                 print the version
 """
 
-COMMANDS = ("train", "tune", "lr-find", "eval", "report", "viz", "list")
+COMMANDS = ("train", "tune", "lr-find", "eval", "report", "runs", "viz", "list")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,6 +100,8 @@ def _dispatch(argv: list[str]) -> int:
         return _eval(rest)
     if command == "report":
         return _report(rest)
+    if command == "runs":
+        return _runs(rest)
     if command == "viz":
         return _viz(rest)
     if command == "list":
@@ -124,7 +130,7 @@ def _eval(args: list[str]) -> int:
         raise CnnlabError("cnnlab eval: --splits takes train, val and test (comma-separated); --tta-shift >= 0")
     from cnnlab.analysis.evaluation import evaluate_runs
     from cnnlab.core.plugins import load_plugins
-    from cnnlab.runtime.checkpoint import check_writable, write_json
+    from cnnlab.runtime.files import check_writable, write_json
 
     if ns.json:
         check_writable(Path(ns.json), "--json")  # before the work, not after it
@@ -152,6 +158,45 @@ def _report(args: list[str]) -> int:
 
     load_plugins(ns.plugin)
     report(ns.sweep_dir, plot=ns.plot, test_best=ns.test_best, device=ns.device, data_dir=ns.data_dir)
+    return 0
+
+
+def _runs(args: list[str]) -> int:
+    parser = CommandLineParser("cnnlab runs", "every run and sweep trial under the output directory (or DIR ...), "
+                               "one row each")
+    parser.add_argument("dirs", nargs="*", metavar="DIR", help="folders to look in (default: the output directory)")
+    parser.add_argument("--where", action="append", default=[], metavar="FILTER",
+                        help="KEY=PATTERN (model=resnet*, status!=failed, optimizer.lr=0.1) or METRIC>=NUMBER "
+                             "(val/acc>=0.9; also >, <, <=, =, !=); repeatable, all must hold")
+    parser.add_argument("--sort", default="-date", metavar="[-]KEY", help="a field or config key; --sort=-KEY: descending "
+                        "(default: -date, newest first)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="at most N rows")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--csv", action="store_true", help="CSV on stdout, every field")
+    output.add_argument("--json", action="store_true", help="JSON on stdout, every field")
+    ns = parser.parse_args(args)
+    if ns.limit is not None and ns.limit < 1:
+        raise CnnlabError(f"cnnlab runs: --limit must be >= 1, got {ns.limit}")
+    import csv
+    import json
+
+    from cnnlab.records import runs
+    from cnnlab.training.console import make_console
+
+    roots = [Path(d) for d in ns.dirs] or [Path(os.environ.get("CNNLAB_OUTPUT_DIR", "outputs"))]
+    rows, notes = runs.collect(roots)
+    chosen = runs.select(rows, ns.where, ns.sort, ns.limit)
+    for note in notes:
+        print(note, file=sys.stderr)
+    if ns.json:
+        print(json.dumps(runs.as_records(chosen), indent=1))
+    elif ns.csv:
+        records = runs.as_records(chosen)
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(records[0]) if records else list(runs.FIELDS))
+        writer.writeheader()
+        writer.writerows(records)
+    else:
+        runs.render(chosen, len(rows), make_console())
     return 0
 
 

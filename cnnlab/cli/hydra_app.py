@@ -22,7 +22,7 @@ from cnnlab.core.config import (CONF_DIR, GROUP_REGISTRIES, TOP_LEVEL_KEYS, Data
 from cnnlab.core.errors import CnnlabError, JobAborted, ProcessesFailed, suggestion
 from cnnlab.core.plugins import load_components
 from cnnlab.sweep.trials import register_resolvers, run_trial
-from cnnlab.runtime.checkpoint import atomic_write
+from cnnlab.runtime.files import atomic_write
 from cnnlab.runtime.distributed import LOCK_HELD_ENV, Ranks, launch_processes, launched_ranks
 from cnnlab.runtime.lock import RunDirLock, discard_refused
 

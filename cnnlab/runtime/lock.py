@@ -222,12 +222,20 @@ def held() -> set[Path]:
 def check_free(run_dir: Path) -> None:
     """Raise the 'in use' line when a live process holds ``run_dir`` (this process excepted)."""
     run_dir = Path(run_dir).resolve()
-    path = run_dir / LOCK_NAME
-    if run_dir in _held or not path.exists():
+    if run_dir in _held:
         return
+    holder = live_holder(run_dir)
+    if holder is not None:
+        raise _in_use(run_dir, run_dir / LOCK_NAME, holder)
+
+
+def live_holder(run_dir: Path) -> dict[str, Any] | None:
+    """The live process that holds ``run_dir`` (pid, host, since), or None."""
+    path = Path(run_dir) / LOCK_NAME
+    if not path.exists():
+        return None
     holder = _read(path)
-    if holder and stale_reason(path, holder) is None:
-        raise _in_use(run_dir, path, holder)
+    return holder if holder and stale_reason(path, holder) is None else None
 
 
 FRESH: dict[Path, Path] = {}  # a run directory claimed by this process -> the topmost folder its mkdir made

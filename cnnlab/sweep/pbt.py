@@ -35,7 +35,8 @@ from typing import Any
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.status import RunStatus
 from cnnlab.runtime import lock
-from cnnlab.runtime.checkpoint import BEST, LAST, PREVIOUS, write_json
+from cnnlab.runtime.checkpoint import BEST, LAST, PREVIOUS
+from cnnlab.runtime.files import write_json
 from cnnlab.tasks.replay import SCHEDULE_FILE
 from cnnlab.training.resume import RETUNABLE, retunable
 from cnnlab.sweep.study import JOB, RETRY_OF, Claim, Study, SweepSettings, claim_lock

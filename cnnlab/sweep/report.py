@@ -26,7 +26,7 @@ from cnnlab.core.validation import Range, range_of
 from cnnlab.sweep.storage import STORAGE_FILES, storage_target
 from cnnlab.core.status import FAILED, RunStatus
 from cnnlab.sweep.trials import SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, trial_dirs
-from cnnlab.runtime.checkpoint import write_json
+from cnnlab.runtime.files import write_json
 
 EDGE = 0.1  # a best value in the outer 10% of an interval (in log space if log-sampled) is on its edge
 

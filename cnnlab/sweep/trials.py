@@ -35,7 +35,8 @@ from cnnlab.core.config import parse_run_config
 from cnnlab.tasks import Job, monitor_of, train
 from cnnlab.runtime.environment import environment
 from cnnlab.runtime.lock import RunDirLock
-from cnnlab.runtime.checkpoint import LAST, load_checkpoint, read_json, write_json
+from cnnlab.runtime.checkpoint import LAST, load_checkpoint
+from cnnlab.runtime.files import read_json, write_json
 
 log = logging.getLogger("cnnlab.sweep.trials")
 

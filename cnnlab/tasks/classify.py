@@ -24,7 +24,8 @@ from cnnlab.core.config import RunConfig
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import TASKS
 from cnnlab.core.status import FINISHED, RunStatus
-from cnnlab.runtime.checkpoint import load_checkpoint, load_resumable, load_weights, read_json
+from cnnlab.runtime.checkpoint import load_checkpoint, load_resumable, load_weights
+from cnnlab.runtime.files import read_json
 from cnnlab.runtime.distributed import launched_ranks
 from cnnlab.data.split import stratified_folds
 from cnnlab.optim.retune import describe, retune_optimizer

@@ -24,7 +24,8 @@ from cnnlab.core.status import RunStatus
 from cnnlab.tasks.job import Job
 from cnnlab.tasks.summary import run_summary, write_summary
 from cnnlab.core.validation import PositiveInt
-from cnnlab.runtime.checkpoint import atomic_write, save_checkpoint
+from cnnlab.runtime.checkpoint import save_checkpoint
+from cnnlab.runtime.files import atomic_write
 from cnnlab.training.assemble import resolve_device, seed_everything
 from cnnlab.training.tensorboard_log import TensorBoardLogger, events_dir
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from cnnlab import __version__
 from cnnlab.core.config import RunConfig
-from cnnlab.runtime.checkpoint import write_json
+from cnnlab.runtime.files import write_json
 from cnnlab.tasks.job import Job
 
 SUMMARY_FILE = "summary.json"

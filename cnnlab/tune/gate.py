@@ -18,7 +18,7 @@ from typing import Any
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.status import RunStatus
-from cnnlab.runtime.checkpoint import read_json, write_json
+from cnnlab.runtime.files import read_json, write_json
 
 OVERFIT_ACCURACY = 0.9
 GATE_FILE = "gate.json"

@@ -26,7 +26,7 @@ from cnnlab.cli.hydra_app import composed, run_one, writer_of
 from cnnlab.core.config import parse_run_config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.runtime.lock import discard_refused
-from cnnlab.runtime.checkpoint import read_json, write_json
+from cnnlab.runtime.files import read_json, write_json
 from cnnlab.runtime.distributed import LOCK_HELD_ENV
 from cnnlab.sweep.study import (COPIED_FROM, JOB, Study, SweepSettings, claim_lock, fits_budget, override_value,
                                  quoted, search_space, trial_epochs)

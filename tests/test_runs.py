@@ -1,0 +1,111 @@
+"""`cnnlab runs`: every run and sweep trial in one table, with what varies among them; running, cut-off,
+crashed and unreadable runs say so; filters, sorting, limits, CSV and JSON; a cache that follows changes;
+bad paths and filters in one line."""
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cnnlab.runtime import lock
+from tests.conftest import TINY, run_cli
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> Path:
+    """Two runs (lr 0.05 and 0.1, the second with model=linear), a 2-trial sweep, and four runs that did not
+    finish: one running (its lock held here), a cut-off trial, a crashed run, an unreadable summary."""
+    cwd = tmp_path_factory.mktemp("runs")
+    out = cwd / "outputs"
+    for args in (["optimizer.lr=0.05"], ["optimizer.lr=0.1", "model=linear"]):
+        overrides = [o for o in TINY if not (args[-1].startswith("model=") and o.startswith("model."))]
+        result = run_cli("train", *overrides, *args, "trainer.epochs=1", cwd=cwd)
+        assert result.returncode == 0, result.stderr[-2000:]
+    result = run_cli("train", "-m", *TINY, "trainer.epochs=1", "optimizer.lr=0.01,0.02",
+                     f"hydra.sweep.dir={out / 'sweeps' / 'sw'}", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (first,) = [p for p in (out / "runs").glob("*/*") if "optimizer.lr=0.05" in (p / ".hydra" / "overrides.yaml").read_text()]
+    for name in ("running", "crashed", "unreadable"):
+        shutil.copytree(first, out / "odd" / name)
+    for name in ("running", "crashed"):
+        (out / "odd" / name / "summary.json").unlink()
+    (out / "odd" / "unreadable" / "summary.json").write_text("{not json")
+    shutil.copytree(out / "sweeps" / "sw" / "1", out / "sweeps" / "sw" / "2")
+    (out / "sweeps" / "sw" / "2" / "summary.json").unlink()  # a trial whose worker is gone
+    return out
+
+
+def listing(out: Path, *args: str):
+    result = run_cli("runs", *args, cwd=out.parent)
+    return result
+
+
+def records(out: Path, *args: str) -> list[dict]:
+    result = listing(out, *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_every_run_and_trial_is_a_row_and_unfinished_ones_say_why(outputs):
+    lock.acquire(outputs / "odd" / "running")
+    try:
+        rows = records(outputs)
+        result = listing(outputs)
+    finally:
+        lock.release(outputs / "odd" / "running")
+    by_path = {Path(r["path"]).relative_to(outputs).as_posix(): r for r in rows}
+    assert len(rows) == 8
+    assert by_path["odd/running"]["status"] == "running" and by_path["odd/crashed"]["status"] == "crashed"
+    assert by_path["sweeps/sw/2"]["status"] == "cut off" and by_path["odd/unreadable"]["status"] == "unreadable"
+    assert f"warning: {outputs / 'odd' / 'unreadable' / 'summary.json'} cannot be read" in result.stderr
+    single = [r for r in rows if r["path"].startswith(str(outputs / "runs"))]
+    assert sorted((r["model"], r["optimizer.lr"]) for r in single) == [("linear", "0.1"), ("mlp", "0.05")]
+    assert all(r["test/acc"] is not None for r in single)  # a run tests once; a sweep's trials leave it to the report
+    trials = [r for r in rows if r["path"].startswith(str(outputs / "sweeps")) and r["status"] == "completed"]
+    assert sorted(r["optimizer.lr"] for r in trials) == ["0.01", "0.02"] and all(r["test/acc"] is None for r in trials)
+    assert all(r["epochs"] == 1 and r["best"] is not None for r in single + trials)
+    assert "optimizer.lr" in result.stdout and "8 of 8 runs" in result.stdout  # what varies is a column
+    assert [r["date"] for r in rows] == sorted((r["date"] for r in rows), reverse=True)  # newest first
+
+
+def test_where_sort_limit_csv(outputs):
+    assert {r["model"] for r in records(outputs, "--where", "model=lin*")} == {"linear"}
+    assert {r["optimizer.lr"] for r in records(outputs, "--where", "optimizer.lr=0.0?")} == {"0.05", "0.01", "0.02"}
+    done = records(outputs, "--where", "status=completed", "--where", "val/acc>=0", "--sort=-best")
+    assert len(done) == 4 and [r["best"] for r in done] == sorted((r["best"] for r in done), reverse=True)
+    # no lock held now: the run whose summary is missing crashed, as the other one did
+    assert sorted(r["status"] for r in records(outputs, "--where", "status!=completed")) == [
+        "crashed", "crashed", "cut off", "unreadable"]
+    assert len(records(outputs, "--sort", "epochs", "--limit", "2")) == 2
+    result = listing(outputs, "--csv", "--where", "test/acc>0")
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == 2 and {"date", "status", "val/acc", "test/acc", "path"} <= set(rows[0])
+
+
+def test_the_cache_follows_a_changed_and_a_new_run(outputs):
+    records(outputs)
+    assert (outputs / ".cnnlab-runs.json").is_file()
+    (trial,) = [p for p in (outputs / "sweeps" / "sw").glob("0")]
+    summary = json.loads((trial / "summary.json").read_text())
+    summary["best_value"] = 0.123456
+    (trial / "summary.json").write_text(json.dumps(summary))
+    shutil.copytree(trial, outputs / "sweeps" / "sw" / "9")
+    rows = {Path(r["path"]).name: r for r in records(outputs) if "sweeps" in r["path"]}
+    assert rows["0"]["best"] == 0.123456 and rows["9"]["best"] == 0.123456
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["/no/such/folder"], "error: cnnlab runs: /no/such/folder is not a folder"),
+    (["--where", "val/acc~0.9"], "error: cnnlab runs: --where 'val/acc~0.9' is not KEY=PATTERN or METRIC>=NUMBER"),
+    (["--where", "modle=mlp"], "error: cnnlab runs: --where 'modle=mlp': no run has 'modle' (did you mean: model?)"),
+    (["--where", "val/acc>=high"], "error: cnnlab runs: --where 'val/acc>=high': val/acc >= needs a number, got 'high'"),
+    (["--sort=-bset"], "error: cnnlab runs: --sort '-bset': no run has 'bset' (did you mean: best?)"),
+    (["--limit", "0"], "error: cnnlab runs: --limit must be >= 1, got 0"),
+])
+def test_bad_paths_and_filters_are_one_line(outputs, args, message):
+    result = listing(outputs, *args)
+    assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
