@@ -48,6 +48,10 @@ commands:
                             every run and sweep trial under the output directory (or DIR ...): date,
                             name, status, task, model, dataset, what varies among them, the best
                             validation value, test accuracy, epochs and wall time
+  compare RUN RUN [RUN ...] [--all] [--plot [FILE]] [--tensorboard]
+                            runs side by side: the config groups that switched, the values and
+                            the environment that differ, each metric with its change from the
+                            first run, the learning curves as sparklines
   viz RUN_DIR               the run's pictures as PNGs in RUN_DIR/viz/: first-layer filters during
                             training, feature maps per stage, augmented samples, the most
                             confidently misclassified test images, the confusion matrix
@@ -56,7 +60,7 @@ commands:
   --version                 print the version
 """
 
-COMMANDS = ("train", "tune", "lr-find", "eval", "report", "runs", "viz", "list")
+COMMANDS = ("train", "tune", "lr-find", "eval", "report", "runs", "compare", "viz", "list")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,6 +106,8 @@ def _dispatch(argv: list[str]) -> int:
         return _report(rest)
     if command == "runs":
         return _runs(rest)
+    if command == "compare":
+        return _compare(rest)
     if command == "viz":
         return _viz(rest)
     if command == "list":
@@ -197,6 +203,25 @@ def _runs(args: list[str]) -> int:
         writer.writerows(records)
     else:
         runs.render(chosen, len(rows), make_console())
+    return 0
+
+
+def _compare(args: list[str]) -> int:
+    parser = CommandLineParser("cnnlab compare", "runs or sweep trials side by side, the first as the reference")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories (two or more)")
+    parser.add_argument("--all", action="store_true", help="also the keys that are equal")
+    parser.add_argument("--plot", nargs="?", const="compare.png", default=None, metavar="FILE",
+                        help="write the runs' training and validation curves in one PNG (default: compare.png)")
+    parser.add_argument("--tensorboard", action="store_true", help="print the command that opens these runs in TensorBoard")
+    ns = parser.parse_args(args)
+    from cnnlab.records.compare import compare
+    from cnnlab.runtime.files import check_writable
+    from cnnlab.training.console import make_console
+
+    if ns.plot is not None:
+        check_writable(Path(ns.plot), "--plot")  # before the work, not after it
+    compare([Path(r) for r in ns.runs], show_all=ns.all, plot=Path(ns.plot) if ns.plot else None,
+            tensorboard=ns.tensorboard, console=make_console())
     return 0
 
 
