@@ -52,6 +52,9 @@ commands:
                             runs side by side: the config groups that switched, the values and
                             the environment that differ, each metric with its change from the
                             first run, the learning curves as sparklines
+  export RUN --format onnx|torchscript [--out FILE] [--bake-preprocessing] [--weights best|last]
+                            the selected model as a file an app loads (dynamic batch), checked
+                            against torch on the validation images (max |logit difference| <= 1e-4)
   viz RUN_DIR               the run's pictures as PNGs in RUN_DIR/viz/: first-layer filters during
                             training, feature maps per stage, augmented samples, the most
                             confidently misclassified test images, the confusion matrix
@@ -60,7 +63,7 @@ commands:
   --version                 print the version
 """
 
-COMMANDS = ("train", "tune", "lr-find", "eval", "report", "runs", "compare", "viz", "list")
+COMMANDS = ("train", "tune", "lr-find", "eval", "report", "runs", "compare", "export", "viz", "list")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,27 +97,15 @@ def _dispatch(argv: list[str]) -> int:
         print(f"cnnlab {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        return _train(rest)
-    if command == "tune":
-        return _tune(rest)
-    if command == "lr-find":
-        return _lr_find(rest)
-    if command == "eval":
-        return _eval(rest)
-    if command == "report":
-        return _report(rest)
-    if command == "runs":
-        return _runs(rest)
-    if command == "compare":
-        return _compare(rest)
-    if command == "viz":
-        return _viz(rest)
     if command == "list":
         from cnnlab.cli.listing import list_command
 
         return list_command(rest)
-    raise CnnlabError(f"unknown command {command!r}{suggestion(command, COMMANDS)}; see: cnnlab --help")
+    handlers = {"train": _train, "tune": _tune, "lr-find": _lr_find, "eval": _eval, "report": _report, "runs": _runs,
+                "compare": _compare, "export": _export, "viz": _viz}
+    if command not in handlers:
+        raise CnnlabError(f"unknown command {command!r}{suggestion(command, COMMANDS)}; see: cnnlab --help")
+    return handlers[command](rest)
 
 
 def _eval(args: list[str]) -> int:
@@ -222,6 +213,38 @@ def _compare(args: list[str]) -> int:
         check_writable(Path(ns.plot), "--plot")  # before the work, not after it
     compare([Path(r) for r in ns.runs], show_all=ns.all, plot=Path(ns.plot) if ns.plot else None,
             tensorboard=ns.tensorboard, console=make_console())
+    return 0
+
+
+def _export(args: list[str]) -> int:
+    parser = CommandLineParser("cnnlab export", "a run's selected model as ONNX or TorchScript, checked against torch")
+    parser.add_argument("run", metavar="RUN", help="a run directory (or one of its checkpoint files)")
+    parser.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    parser.add_argument("--out", default=None, metavar="FILE", help="default: RUN/model.onnx or RUN/model.pt")
+    parser.add_argument("--bake-preprocessing", action="store_true",
+                        help="the graph takes images in [0, 1] and applies the run's preprocessing itself")
+    parser.add_argument("--weights", default="best", choices=["best", "last"], help="the selected (best) or newest")
+    parser.add_argument("--data-dir", default=None, help="where the dataset is, when not where the run found it")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import this module first (a model the run's plugin registered); repeatable")
+    ns = parser.parse_args(args)
+    from cnnlab.core.plugins import load_plugins
+    from cnnlab.records.export import export
+    from cnnlab.runtime.files import check_writable
+    from cnnlab.training.console import make_console
+
+    if ns.format == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise CnnlabError("cnnlab export --format onnx needs onnx, onnxscript and onnxruntime: "
+                              "pip install 'cnnlab[export]'") from None
+    if ns.out is not None:
+        check_writable(Path(ns.out), "--out")
+    load_plugins(ns.plugin)
+    export(Path(ns.run), ns.format, Path(ns.out) if ns.out else None, bake=ns.bake_preprocessing, weights=ns.weights,
+           data_dir=ns.data_dir, console=make_console())
     return 0
 
 

@@ -1,0 +1,171 @@
+"""`cnnlab export RUN --format onnx|torchscript`: a run's selected model as a file an app can load.
+
+The selected weights (the EMA where the run kept one) in evaluation mode, with a dynamic batch dimension.
+``--bake-preprocessing``: the graph takes images in [0, 1], (N, C, H, W), and applies the run's
+preprocessing itself (per-channel normalisation, the mean image, or whitening); otherwise it takes what the
+model takes, and ``<file>.json`` beside it says how to prepare images (the kind, the mean and std, and the
+whitening matrix). Either way ``<file>.json`` names the input shape and the classes.
+
+After the export the run's validation images go through the exported file (onnxruntime, or the loaded
+TorchScript module) and through torch: the largest absolute difference in logits must be at most 1e-4,
+and both accuracies are printed. A file that fails that check is removed.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnlab.core.errors import CnnlabError
+from cnnlab.runtime.files import write_json
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+TOLERANCE = 1e-4
+
+
+class Preprocess(nn.Module):
+    """The run's preprocessing as graph ops: images in [0, 1] -> the model's input."""
+
+    def __init__(self, preprocessing):
+        super().__init__()
+        self.register_buffer("mean", preprocessing.mean.float().cpu())
+        self.register_buffer("std", preprocessing.std.float().cpu())
+        self.whiten = preprocessing.matrix is not None
+        self.register_buffer("matrix", preprocessing.matrix.float().cpu() if self.whiten else torch.zeros(0))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images - self.mean) / self.std
+        return (x.flatten(1) @ self.matrix).view_as(x) if self.whiten else x
+
+
+class Baked(nn.Module):
+    def __init__(self, preprocess: nn.Module, model: nn.Module):
+        super().__init__()
+        self.preprocess, self.model = preprocess, model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(self.preprocess(images))
+
+
+def export_file(module: nn.Module, example: torch.Tensor, path: Path, fmt: str, model_name: str) -> None:
+    """Write ``module`` as ``fmt``; a model the format cannot express is one line naming the op."""
+    try:
+        if fmt == "onnx":
+            batch = torch.export.Dim("batch", min=1)
+            program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
+                                        dynamic_shapes=({0: batch},), verbose=False)
+            program.save(str(path))
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                torch.jit.save(torch.jit.trace(module, example, check_trace=False), str(path))
+    except Exception as e:  # noqa: BLE001 - the exporters raise many kinds; each ends in the same one line
+        raise CnnlabError(f"cnnlab export: model={model_name} cannot be exported as {fmt}: {unexportable(e)}") from None
+
+
+def unexportable(error: Exception) -> str:
+    """The op an exporter could not express, from its message, or the message's first line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # the exporter colours its messages
+    op = re.search(r"(aten::\w+|aten\.\w+(?:\.\w+)?|torch\.ops\.[\w.]+)", text)
+    first = (text.strip().splitlines() or [type(error).__name__])[0].split(". ")[0].rstrip(".")[:300]
+    return f"the op {op.group(1)} has no {('ONNX' if 'onnx' in text.lower() else 'exported')} form ({first})" if op else first
+
+
+def parity(path: Path, fmt: str, module: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    """The largest |logit difference| between the file and torch over ``batches``, and both accuracies."""
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        run = lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])  # noqa: E731
+    else:
+        with warnings.catch_warnings():  # PyTorch deprecates TorchScript for its own users; this format is asked for
+            warnings.simplefilter("ignore", FutureWarning)
+            loaded = torch.jit.load(str(path))
+        run = lambda x: loaded(x)  # noqa: E731
+    worst, right, right_exported, count = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            reference, exported = module(x), run(x)
+            worst = max(worst, (reference - exported).abs().max().item())
+            right += int((reference.argmax(1) == y).sum())
+            right_exported += int((exported.argmax(1) == y).sum())
+            count += len(y)
+    return {"max_abs_diff": worst, "torch_acc": right / count, "exported_acc": right_exported / count, "images": count}
+
+
+def metadata(preprocessing, shape: tuple[int, int, int], classes: list[str], baked: bool, fmt: str) -> dict[str, Any]:
+    record = {"format": fmt, "input": "images in [0, 1]" if baked else "preprocessed images",
+              "input_shape": ["N", *shape], "classes": list(classes), "preprocessing_baked_in": baked}
+    if not baked:
+        record["preprocessing"] = {"kind": preprocessing.kind, "mean": preprocessing.mean.flatten().tolist(),
+                                   "std": preprocessing.std.flatten().tolist(),
+                                   "matrix": None if preprocessing.matrix is None else preprocessing.matrix.tolist(),
+                                   "apply": "x = (images - mean) / std per channel; then x.flatten(1) @ matrix"}
+    return record
+
+
+def write_metadata(path: Path, record: dict[str, Any]) -> Path:
+    side = path.with_name(path.name + ".json")
+    write_json(side, record)
+    return side
+
+
+def export(run: Path, fmt: str, out: Path | None = None, *, bake: bool = False, weights: str = "best",
+           data_dir: str | None = None, console=None) -> dict[str, Any]:
+    """Export ``run``'s selected model (or ``weights="last"``), check it against torch, write its metadata."""
+    from cnnlab.core.config import parse_run_config
+    from cnnlab.data.statistics import Preprocessing
+    from cnnlab.runtime.checkpoint import load_checkpoint, load_weights
+    from cnnlab.training.assemble import setup
+    from cnnlab.training.state import selected_weights
+
+    path = run / "checkpoints" / f"{weights}.pt" if run.is_dir() else run
+    if not path.is_file():
+        raise CnnlabError(f"cnnlab export: {run} is not a run directory with checkpoints/{weights}.pt")
+    checkpoint = load_checkpoint(path)
+    config = checkpoint.get("config")
+    if not isinstance(config, dict):
+        raise CnnlabError(f"cnnlab export: checkpoint {path} has no config; was it written by cnnlab train?")
+    config = {**config, "trainer": {**config["trainer"], "device": "cpu", "compile": False, "precision": "fp32"},
+              "data": {**config["data"], "in_memory": True}}  # parity is checked on the validation images, in memory
+    if data_dir is not None and "root" in config["dataset"]:
+        config["dataset"] = {**config["dataset"], "root": data_dir}
+    stored = parse_run_config(config, stored=f"checkpoint {path}")
+    recorded = checkpoint.get("preprocess")
+    s = setup(stored, preprocessing=None if recorded is None else Preprocessing.from_state(recorded))
+    model = s.model.to(memory_format=torch.contiguous_format).eval()
+    if getattr(model, "memorises", False):
+        raise CnnlabError(f"cnnlab export: model={stored.components['model'].name} remembers its training images "
+                          "(k-NN); there is no network to export")
+    load_weights(model, selected_weights(checkpoint), path)
+    preprocess = Preprocess(s.preprocessing).eval()
+    module = Baked(preprocess, model).eval() if bake else model
+    batches = []
+    with torch.no_grad():
+        for x, y in s.loader("train", s.val_idx, train=False, raw=True).iterate(0):
+            images = x.float().cpu() / 255
+            batches.append((images if bake else preprocess(images), y.cpu()))
+    out = out or run / f"model{FORMATS[fmt]}" if run.is_dir() else out or run.with_suffix(FORMATS[fmt])
+    export_file(module, batches[0][0][:2], out, fmt, stored.components["model"].name)
+    result = parity(out, fmt, module, batches)
+    if result["max_abs_diff"] > TOLERANCE:
+        out.unlink(missing_ok=True)
+        raise CnnlabError(f"cnnlab export: {fmt} and torch differ by up to {result['max_abs_diff']:.3g} in the logits "
+                          f"(more than {TOLERANCE:g}) on {result['images']} validation images; nothing written")
+    shape = (s.data.channels, s.data.input_size, s.data.input_size)
+    side = write_metadata(out, {**metadata(s.preprocessing, shape, s.data.classes, bake, fmt), "parity": result,
+                                "run": str(run), "weights": str(path)})
+    s.close()
+    if console is not None:
+        console.print(f"exported: {out} ({fmt}, batch dimension dynamic, preprocessing "
+                      f"{'baked in' if bake else 'in ' + side.name}); metadata: {side}", highlight=False)
+        console.print(f"parity on {result['images']} validation images: max |logit difference| "
+                      f"{result['max_abs_diff']:.2e} (at most {TOLERANCE:g}); accuracy torch {100 * result['torch_acc']:.2f}%, "
+                      f"{fmt} {100 * result['exported_acc']:.2f}%", highlight=False)
+    return {"file": str(out), "metadata": str(side), **result}
