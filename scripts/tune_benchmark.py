@@ -15,7 +15,7 @@ The sweeps search conf/tune/space/sgd.yaml (the tune's own default space). Each 
 the table gives the medians and each method's wall time against the fastest's.
 
     python scripts/tune_benchmark.py                                  # budget 40, seeds 0 1 2, every method
-    python scripts/tune_benchmark.py --budget 24 --seeds 0 --methods tune pbt -- dataset.train_size=12000
+    python scripts/tune_benchmark.py --seeds 0 --methods tune pbt -- trainer.limit_train_batches=100
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def space() -> list[str]:
 
 def tune(work: Path, seed: int, a) -> Result:
     wall, _ = cnnlab(["tune", f"seed={seed}", f"trainer.epochs={a.epochs}", f"tune.budget_epochs={a.budget}",
-                      f"tune.dir={work}", *a.extra], work.parent)
+                      f"tune.dir={work}", *a.tune_args, *a.extra], work.parent)
     record = json.loads((work / "tune.json").read_text())
     return Result(record["test"]["acc"], record["chosen"]["mean"], record["epochs_spent"], wall)
 
@@ -131,7 +131,7 @@ def ray_asha(work: Path, seed: int, a) -> Result:
         param_space=search,
         tune_config=ray_tune.TuneConfig(metric="val_acc", mode="max", num_samples=a.budget,
                                         scheduler=ASHAScheduler(max_t=a.epochs, grace_period=1, reduction_factor=3),
-                                        search_alg=None),
+                                        search_alg=None, reuse_actors=True),
         run_config=ray_tune.RunConfig(storage_path=str(work), name="ray", stop=Budget(), verbose=0))
     results = tuner.fit()
     best = results.get_best_result(metric="val_acc", mode="max", scope="all")
@@ -154,12 +154,13 @@ def ray_trainable(config: dict, overrides: list[str], epochs: int) -> None:
     s = setup(run)
     train = s.loader("train", s.train_idx, train=True)
     val = s.loader("train", s.val_idx, train=False)
+    batches = min(len(train), run.trainer.limit_train_batches or len(train))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(s.optimizer, max_lr=config["optimizer.lr"], epochs=epochs,
-                                                    steps_per_epoch=len(train))
+                                                    steps_per_epoch=batches)
     best = 0.0
     for _ in range(epochs):
         s.model.train()
-        for x, y in train.iterate(0):
+        for _, (x, y) in zip(range(batches), train.iterate(0)):
             s.optimizer.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(s.model(x), y).backward()
             s.optimizer.step()
@@ -196,6 +197,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--workdir", default="outputs/tune_benchmark")
+    parser.add_argument("--tune-args", nargs="*", default=["tune.top_k=2", "tune.seeds=2"],
+                        help="tune.* settings of the tune (default: 2 configurations x 2 seeds, which fit 40 epochs)")
     parser.add_argument("extra", nargs="*", help="overrides for every method's runs (after --)")
     a = parser.parse_args()
     runners = {"tune": tune, "random_asha": sweep("random"), "tpe_asha": sweep("tpe"), "pbt": pbt, "ray_asha": ray_asha}

@@ -56,7 +56,18 @@ def read_run(folder: Path, label: str) -> RunRecord:
         raise CnnlabError(f"cnnlab compare: {summary_path} cannot be read: {e}") from None
     hydra = _yaml(folder / ".hydra" / "hydra.yaml", folder).get("hydra") or {}
     choices = {k: v for k, v in ((hydra.get("runtime") or {}).get("choices") or {}).items() if not k.startswith("hydra/")}
-    return RunRecord(folder, label, choices, _yaml(folder / ".hydra" / "config.yaml", folder), summary)
+    return RunRecord(folder, label, choices, resolved(_yaml(folder / ".hydra" / "config.yaml", folder)), summary)
+
+
+def resolved(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with its interpolations resolved (${paths.data_dir} -> data); as written where one cannot be
+    (a resolver of Hydra's, such as ${now:...}, exists only while Hydra runs)."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+    except Exception:  # noqa: BLE001 - OmegaConf raises several kinds; the unresolved config is still the record
+        return config
 
 
 def labels(folders: list[Path]) -> list[str]:
