@@ -69,8 +69,12 @@ def scored_sweep(work: Path, args: list[str]) -> tuple[float, float]:
     """(wall seconds, epochs trained) of a sweep, then its chosen trial tested once (report --test-best)."""
     wall, _ = cnnlab(["train", "-m", *args, f"hydra.sweep.dir={work}"], work.parent)
     more, _ = cnnlab(["report", str(work), "--test-best"], work.parent)
-    epochs = sum(len(json.loads(p.read_text()).get("history") or []) for p in work.glob("[0-9]*/summary.json"))
-    return wall + more, epochs
+    return wall + more, sum(trained_epochs(json.loads(p.read_text())) for p in work.glob("[0-9]*/summary.json"))
+
+
+def trained_epochs(summary: dict) -> int:
+    """As the budget counts them: the epochs a trial finished, and the one a diverged trial stopped in."""
+    return len(summary.get("history") or []) + (summary.get("status") == "diverged")
 
 
 def sweep(sampler: str):
@@ -126,8 +130,8 @@ def ray_asha(work: Path, seed: int, a) -> Result:
     start = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     tuner = ray_tune.Tuner(
-        ray_tune.with_resources(ray_tune.with_parameters(ray_trainable, overrides=overrides, epochs=a.epochs),
-                                {"cpu": os.cpu_count()}),
+        ray_tune.with_resources(ray_tune.with_parameters(ray_trainable, overrides=overrides, epochs=a.epochs,
+                                                         weights=str(work / "weights")), {"cpu": os.cpu_count()}),
         param_space=search,
         tune_config=ray_tune.TuneConfig(metric="val_acc", mode="max", num_samples=a.budget,
                                         scheduler=ASHAScheduler(max_t=a.epochs, grace_period=1, reduction_factor=3),
@@ -135,7 +139,7 @@ def ray_asha(work: Path, seed: int, a) -> Result:
         run_config=ray_tune.RunConfig(storage_path=str(work), name="ray", stop=Budget(), verbose=0))
     results = tuner.fit()
     best = results.get_best_result(metric="val_acc", mode="max", scope="all")
-    state = torch.load(Path(best.path) / "best.pt", weights_only=True)
+    state = torch.load(work / "weights" / f"{best.metrics['trial_id']}.pt", weights_only=True)
     run = cnnlab.compose(overrides + [f"{k}={v}" for k, v in best.config.items()])
     test_acc = hand_written_test(run, state)
     ray.shutdown()
@@ -143,7 +147,7 @@ def ray_asha(work: Path, seed: int, a) -> Result:
     return Result(test_acc, float(best.metrics_dataframe["val_acc"].max()), epochs, time.perf_counter() - start)
 
 
-def ray_trainable(config: dict, overrides: list[str], epochs: int) -> None:
+def ray_trainable(config: dict, overrides: list[str], epochs: int, weights: str) -> None:
     """A hand-written loop over cnnlab's parts: the model, optimizer, data and split `cnnlab train` builds."""
     from ray import tune as ray_tune
 
@@ -168,7 +172,8 @@ def ray_trainable(config: dict, overrides: list[str], epochs: int) -> None:
         acc = accuracy(s.model, val)
         if acc > best:
             best = acc
-            torch.save(s.model.state_dict(), Path(ray_tune.get_context().get_trial_dir()) / "best.pt")
+            Path(weights).mkdir(parents=True, exist_ok=True)  # the trial's own folder is Ray's staging copy
+            torch.save(s.model.state_dict(), Path(weights) / f"{ray_tune.get_context().get_trial_id()}.pt")
         ray_tune.report({"val_acc": acc})
 
 
@@ -202,15 +207,17 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="overrides for every method's runs (after --)")
     a = parser.parse_args()
     runners = {"tune": tune, "random_asha": sweep("random"), "tpe_asha": sweep("tpe"), "pbt": pbt, "ray_asha": ray_asha}
-    results: dict[str, list[Result]] = {}
-    for method in a.methods:
-        for seed in a.seeds:
+    results: dict[str, list[Result]] = {m: [] for m in a.methods}
+    for seed in a.seeds:  # every method once a seed, so a stopped benchmark still compares them all
+        for method in a.methods:
             work = (Path(a.workdir) / f"{method}-seed{seed}").resolve()
             work.parent.mkdir(parents=True, exist_ok=True)
             r = runners[method](work, seed, a)
             print(f"{method} seed {seed}: test {r.test_acc:.4f}, val {r.val:.4f}, {r.epochs:.1f} epochs, {r.wall_s:.0f} s",
                   flush=True)
-            results.setdefault(method, []).append(r)
+            results[method].append(r)
+            (Path(a.workdir) / "results.json").write_text(json.dumps(
+                {m: [vars(x) for x in rs] for m, rs in results.items()}, indent=1))
     print_table(results, a)
 
 
