@@ -81,7 +81,7 @@ def read_overrides(folder: Path) -> dict[str, str]:
     return values
 
 
-def summary_row(folder: Path, summary: dict[str, Any]) -> dict[str, Any]:
+def summary_row(summary: dict[str, Any]) -> dict[str, Any]:
     selected = summary.get("selected") or {}
     row = {"name": summary.get("name"), "status": summary.get("status"), "task": summary.get("task"),
            "model": summary.get("model"), "dataset": summary.get("dataset"), "monitor": summary.get("monitor"),
@@ -105,7 +105,7 @@ def run_row(folder: Path, stats: dict[str, os.stat_result], notes: list[str]) ->
     if SUMMARY in stats:
         try:
             summary = json.loads((folder / SUMMARY).read_text())
-            row.update(summary_row(folder, summary))
+            row.update(summary_row(summary))
         except (OSError, UnicodeDecodeError, ValueError) as e:
             notes.append(f"warning: {folder / SUMMARY} cannot be read ({type(e).__name__}); listed as unreadable")
             row["status"] = "unreadable"

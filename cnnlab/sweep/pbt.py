@@ -186,20 +186,21 @@ class PbtStudy(Study):
         return units
 
     def _next(self, trials):
-        """(member, generation) to start; "wait" while intervals of the newest generation train; None: done."""
+        """(member, generation, its fate; None at generation 0) to start; "wait" while intervals of the newest
+        generation train; None: done."""
         units = self._units(trials)
         if not units:
-            return 0, 0
+            return 0, 0, None
         g = max(generation for _, generation in units)
-        due = range(self.pbt.population) if g == 0 else self._fates(units, g - 1)
+        due = dict.fromkeys(range(self.pbt.population)) if g == 0 else self._fates(units, g - 1)
         missing = [m for m in due if (m, g) not in units]
         if missing:
-            return missing[0], g
+            return missing[0], g, due[missing[0]]
         if any(not units[(m, g)].state.is_finished() for m in due):
             return "wait"
         if g + 1 == len(self.ends) or not (going := self._fates(units, g)):
             return None
-        return min(going), g + 1
+        return min(going), g + 1, going[min(going)]
 
     def _fates(self, units: dict, g: int) -> dict[int, Fate]:
         """Each member's next interval after generation ``g`` ended (all of it): the bottom quantile exploits."""
@@ -230,14 +231,13 @@ class PbtStudy(Study):
 
     # -- starting an interval --
 
-    def _start(self, member: int, g: int, trials) -> Claim:
+    def _start(self, member: int, g: int, fate: Fate | None, trials) -> Claim:
         """Ask for (member, g)'s trial: the sampler's values at generation 0, else its fate's (claim lock held)."""
-        if g == 0:
+        if fate is None:
             self.study.sampler = self.build_sampler(len(trials))
             trial = self.study.ask(fixed_distributions=self.space)
             source, lineage, params = member, [], dict(trial.params)
         else:
-            fate = self._fates(self._units(trials), g - 1)[member]
             self.study.enqueue_trial(fate.params)
             trial = self.study.ask(fixed_distributions=self.space)
             source, lineage, params = fate.source, fate.lineage, fate.params
