@@ -16,15 +16,35 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from rich.console import Console
+# One intra-op thread for every process of the suite (this one, the warm CLI's children, the workers it starts):
+# its models are tiny, and pytest-xdist (-n auto in pyproject.toml) already keeps every core busy.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from cnnlab.core.config import CONF_DIR
-from cnnlab.core.plugins import load_components
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from cnnlab.core.config import CONF_DIR  # noqa: E402
+from cnnlab.core.plugins import load_components  # noqa: E402
 
 load_components()
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """-n auto: a worker a core, at most 4 (each holds a warm CLI and trains on one thread)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist, the tests of a module that shares a module-scoped fixture run on one worker
+    (xdist_group: the fixture is built once, not once a worker), and such groups are handed out first,
+    so that no long group starts at the end while the other workers idle."""
+    for item in items:
+        shared = any(d.scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs)
+        if shared and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
 
 # A run that takes well under a second: 4 classes of 8x8 grayscale synthetic images.
 TINY = [

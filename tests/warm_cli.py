@@ -1,5 +1,6 @@
 """A warm `python -m cnnlab` for the tests: one process imports cnnlab and its dependencies (torch,
-torchvision, Hydra: about 4 s of every cold start) once, then forks a child per command.
+torchvision, Hydra, and what a run imports on its way: about 4 s of every cold start) once, then forks a
+child per command.
 
 Each child is a real process running the real ``cnnlab`` entry point: its own working directory,
 environment, stdout and stderr files and exit status, as ``subprocess.run`` would give. Only the
@@ -18,8 +19,13 @@ import sys
 import threading
 import traceback
 
+import matplotlib
 import torch  # noqa: F401  - the expensive imports, done once
+import torch._dynamo  # noqa: F401  - what the first optimizer imports
 import torchvision  # noqa: F401
+
+matplotlib.use("Agg")
+import matplotlib.pyplot  # noqa: E402, F401  - what a run's first figure imports
 
 import cnnlab.cli.hydra_app  # noqa: F401
 import cnnlab.tasks.classify  # noqa: F401

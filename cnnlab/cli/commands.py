@@ -324,6 +324,10 @@ def _train(overrides: list[str], app=None) -> int:
 
     training = app is None
     app = app or hydra_train
+    if {"-h", "--help"} & set(overrides):
+        from cnnlab.core.config import want_help_group_list
+
+        want_help_group_list()
     last_sweep.clear()
     overrides, multirun = prepared_overrides(overrides, training=training)
     from cnnlab.runtime.distributed import agree_on_run, launched_ranks
