@@ -31,20 +31,45 @@ from cnnlab.core.plugins import load_components  # noqa: E402
 load_components()
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config) -> int:
     """-n auto: a worker a core, at most 4 (each holds a warm CLI and trains on one thread)."""
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
+# The modules whose tests run one after another on one pytest-xdist worker: they share a module-scoped fixture
+# (built once, not once a worker), or, test_cluster.py, the session's cluster and its PostgreSQL restarts.
+SHARED_MODULES = {f"tests/test_{name}.py" for name in (
+    "bad_input", "cluster", "compare", "disk_full", "distributed", "export", "finetune", "packaging", "pbt",
+    "resume", "runs", "sweep", "trust", "viz")}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's load-by-scope scheduling with a scope per test, except a scope per module for SHARED_MODULES;
+    scopes go out largest first, so the shared modules start early and single tests fill the end. (Not
+    --dist loadgroup: with pytest 9.2 its xdist_group marks are silently ignored, pytest-xdist issue #1386.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    if config.getvalue("dist") != "load":  # another --dist asked for on the command line
+        return None
+
+    class SharedModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in SHARED_MODULES else nodeid
+
+    return SharedModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist, the tests of a module that shares a module-scoped fixture run on one worker
-    (xdist_group: the fixture is built once, not once a worker), and such groups are handed out first,
-    so that no long group starts at the end while the other workers idle."""
     for item in items:
-        shared = any(d.scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs)
-        if shared and not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
+        module = item.nodeid.split("::", 1)[0]
+        defs = item._fixtureinfo.name2fixturedefs.values()
+        if module not in SHARED_MODULES and any(d.scope == "module" for found in defs for d in found):
+            raise pytest.UsageError(f"{module} has a module-scoped fixture: add it to SHARED_MODULES in "
+                                    "tests/conftest.py, or under pytest-xdist each worker builds it again")
+
 
 # A run that takes well under a second: 4 classes of 8x8 grayscale synthetic images.
 TINY = [
@@ -132,7 +157,7 @@ class WarmCli:
             slot.update(message)
             slot["done" if "code" in message else "started"].set()
 
-    def run(self, args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    def start(self, args: list[str], cwd: Path, env: dict) -> WarmProcess:
         key = uuid.uuid4().hex
         out, err = self.outputs / f"{key}.out", self.outputs / f"{key}.err"
         slot = {"started": threading.Event(), "done": threading.Event()}
@@ -141,23 +166,70 @@ class WarmCli:
             self.slots[key] = slot
             self.server.stdin.write(json.dumps(request) + "\n")
             self.server.stdin.flush()
-        command = [sys.executable, "-m", "cnnlab", *args]
         if not slot["started"].wait(60):
             raise RuntimeError("the warm cnnlab process did not answer")
-        if not slot["done"].wait(timeout):
-            os.kill(slot["pid"], signal.SIGKILL)
-            slot["done"].wait(30)
-            raise subprocess.TimeoutExpired(command, timeout)
-        result = subprocess.CompletedProcess(command, slot["code"], out.read_text(), err.read_text())
-        out.unlink()
-        err.unlink()
-        return result
+        return WarmProcess([sys.executable, "-m", "cnnlab", *args], slot, out, err)
+
+    def run(self, args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        process = self.start(args, cwd, env)
+        try:
+            out, err = process.communicate(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(30)
+            raise
+        return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
     def close(self) -> None:
         if self.server.poll() is None:
             self.server.kill()
             self.server.wait()
         shutil.rmtree(self.outputs, ignore_errors=True)
+
+
+class WarmProcess:
+    """A `cnnlab` command forked by the warm CLI, used as a subprocess.Popen with text output piped: pid,
+    poll, wait, communicate, send_signal, kill, returncode."""
+
+    def __init__(self, args: list[str], slot: dict, out: Path, err: Path):
+        self.args, self.slot, self.files = args, slot, (out, err)
+        self.pid: int = slot["pid"]
+        self.output: tuple[str, str] | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.slot.get("code")
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self.slot["done"].wait(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        if self.output is None:
+            self.output = tuple(f.read_text() for f in self.files)
+            for f in self.files:
+                f.unlink()
+        return self.output
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # as Popen: nothing once it has ended (its pid may be another's by then)
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def start_cnnlab(args: list[str], cwd: Path, env: dict) -> WarmProcess | subprocess.Popen:
+    """The real `cnnlab` command with ``args`` started in ``cwd`` with exactly ``env``, its output piped."""
+    if os.environ.get("CNNLAB_TESTS_COLD"):
+        return subprocess.Popen([sys.executable, "-m", "cnnlab", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    return WarmCli.get().start(list(args), cwd, env)
 
 
 def run_cnnlab(args: list[str], cwd: Path, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -175,11 +247,9 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 180) 
     return run_cnnlab(list(args), cwd, full_env, timeout)
 
 
-def start_worker(cwd: Path, *args: str) -> subprocess.Popen:
-    """A cold `cnnlab train -m` worker process (one intra-op thread), its output piped."""
-    env = {**os.environ, "COLUMNS": "80", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "-m", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_worker(cwd: Path, *args: str) -> WarmProcess | subprocess.Popen:
+    """A `cnnlab train -m` worker process (one intra-op thread), its output piped."""
+    return start_cnnlab(["train", "-m", *args], cwd, {**os.environ, "COLUMNS": "80", "OMP_NUM_THREADS": "1"})
 
 
 def lr_values(optimizer, scheduler, steps: int) -> list[float]:

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from cnnlab.sweep.storage import database_url, shown
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli, start_cnnlab
 
-# xdist_group: under pytest-xdist (-n 2 --dist loadgroup) these share one worker, one after another: the cluster
-# is brought up once, and the PostgreSQL restarts of the outage tests never land in another test.
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster")]
+# Under pytest-xdist these share one worker, one after another (tests/conftest.py, SHARED_MODULES): the cluster is
+# brought up once, and the PostgreSQL restarts of the outage tests never land in another test.
+pytestmark = pytest.mark.cluster
 LOCAL_CLUSTER = Path(__file__).resolve().parent.parent / "scripts" / "local_cluster.sh"
 
 SWEEP = [o for o in TINY if not o.startswith("model.hidden")] + ["model.hidden=[16]"]
@@ -117,8 +117,7 @@ def test_an_outage_longer_than_storage_retry_s_stops_the_worker_with_75_and_a_re
     args = ["train", "-m", *SWEEP, "dataset.train_size=1200", "optimizer.lr=0.02,0.05", "hydra.sweeper.storage_retry_s=2",
             f"hydra.sweeper.storage={database}", f"hydra.sweeper.study_name={name}", f"hydra.sweep.dir={folder}"]
     env = {**cluster.env, "COLUMNS": "80", "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen([sys.executable, "-m", "cnnlab", *args], cwd=tmp_path, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    worker = start_cnnlab(args, tmp_path, env)
     deadline = time.monotonic() + 120
     while not (folder / "0" / "trial.json").is_file():
         assert time.monotonic() < deadline and worker.poll() is None, worker.communicate()[1][-2000:]

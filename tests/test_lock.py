@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.runtime import lock
-from tests.conftest import TINY, run_cnnlab
+from tests.conftest import TINY, run_cnnlab, start_cnnlab
 
 # Long enough to be caught alive: many steps of the tiny run, a checkpoint every 5 steps.
 LONG = [*[o for o in TINY if not o.startswith(("trainer.epochs", "dataset.train_size"))], "dataset.train_size=2000",
@@ -40,11 +39,10 @@ def wait_for(condition, timeout=120.0):
 
 def test_a_second_start_is_refused_and_a_start_after_kill_9_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    first = subprocess.Popen(command(run_dir, 1000), cwd=tmp_path, env=env(tmp_path), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = start_cnnlab(command(run_dir, 1000)[3:], tmp_path, env(tmp_path))
     try:
         wait_for(lambda: (run_dir / "checkpoints" / "last.pt").is_file() or first.poll() is not None)
-        assert first.poll() is None, first.stderr.read()
+        assert first.poll() is None, first.communicate()[1]
         holder = json.loads((run_dir / lock.LOCK_NAME).read_text())
         assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
         before = {p: p.stat().st_mtime_ns for p in (run_dir / ".hydra").iterdir()}

@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cnnlab.core.errors import CnnlabError
 from cnnlab.runtime.checkpoint import PREVIOUS, load_checkpoint, load_resumable, save_checkpoint
 from cnnlab.runtime.signals import StopRequest
-from tests.conftest import TINY, run_cli as _run_cli, run_tiny
+from tests.conftest import TINY, run_cli as _run_cli, run_tiny, start_cnnlab
 
 WIDE = {"COLUMNS": "40"}  # a narrow terminal width: output to a pipe is never wrapped to it
 
@@ -37,13 +37,11 @@ LONG = [o for o in TINY if not o.startswith(("dataset.train_size", "trainer.log_
 ]
 
 
-def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "CNNLAB_OUTPUT_DIR": str(cwd / "outputs"), **WIDE}
-    return subprocess.Popen([sys.executable, "-m", "cnnlab", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_cli(*args: str, cwd: Path):
+    return start_cnnlab(list(args), cwd, {**os.environ, "CNNLAB_OUTPUT_DIR": str(cwd / "outputs"), **WIDE})
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for(path: Path, process, timeout: float = 120) -> None:
     end = time.monotonic() + timeout
     while not path.exists():
         assert process.poll() is None, process.communicate()

@@ -294,9 +294,21 @@ def test_helpers_stop_with_their_worker_and_a_rerun_continues_both_trials(tmp_pa
             "optimizer.lr=0.05,0.1,0.2", "hydra.sweeper.n_jobs=2", f"hydra.sweep.dir={folder}"]
     parent = start_worker(tmp_path, *args)
     deadline = time.monotonic() + 180
-    while len(list(folder.glob("[0-9]/checkpoints/last.pt"))) < 2:  # both workers are inside a trial
-        assert parent.poll() is None and time.monotonic() < deadline, parent.stderr.read()[-2000:]
-        time.sleep(0.05)
+
+    def trainer(trial: Path) -> int | None:  # the pid training ``trial``, once it has checkpointed
+        done = (trial / "checkpoints" / "last.pt").is_file() and not (trial / "summary.json").exists()
+        return json.loads((trial / "trial.json").read_text())["pid"] if done else None
+
+    while trainer(folder / "0") is None:
+        assert parent.poll() is None and time.monotonic() < deadline, parent.communicate()[1][-2000:]
+        time.sleep(0.01)
+    parent.send_signal(signal.SIGSTOP)  # a start barrier: it cannot finish its trial before the helper is in one
+    try:
+        while not {trainer(t) for t in folder.glob("[0-9]")} - {None, parent.pid}:
+            assert time.monotonic() < deadline, "the helper never trained"
+            time.sleep(0.05)
+    finally:
+        parent.send_signal(signal.SIGCONT)
     pids = {json.loads(p.read_text())["pid"] for p in folder.glob("[0-9]/trial.json")}
     (helper,) = pids - {parent.pid}
     parent.send_signal(signal.SIGKILL)

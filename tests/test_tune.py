@@ -5,15 +5,13 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli, start_cnnlab
 
 E = 4  # trainer.epochs: the final stage's
 TUNE = [o for o in TINY if not o.startswith(("trainer.epochs", "dataset.train_size", "trainer.log_every"))] + [
@@ -116,11 +114,9 @@ def test_the_gate_stops_a_model_that_cannot_learn_before_any_search(tmp_path):
     assert not (folder / "coarse").exists() and json.loads((folder / "gate.json").read_text())["passed"] is False
 
 
-def start_tune(cwd: Path, folder: Path) -> subprocess.Popen:
+def start_tune(cwd: Path, folder: Path):
     env = {**os.environ, "CNNLAB_OUTPUT_DIR": str(cwd / "outputs"), "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "cnnlab", "tune", *TUNE, f"tune.budget_epochs={BUDGET}",
-                             f"tune.dir={folder}"], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return start_cnnlab(["tune", *TUNE, f"tune.budget_epochs={BUDGET}", f"tune.dir={folder}"], cwd, env)
 
 
 def test_a_tune_killed_mid_stage_continues_where_it_stood(tmp_path):
