@@ -6,7 +6,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cnnlab.core.registry import MODELS
 from cnnlab.runtime.checkpoint import load_checkpoint
-from cnnlab.analysis.viz import Record, first_layer_filters, log_spaced, make_grid
+from cnnlab.analysis.viz import Record, first_layer_filters, log_spaced
 from tests.conftest import compose_config, run_tiny, tiny_plus
 
 CNN = ("model=small_resnet", "model.widths=[4,8]", "augment=crop_flip", "optimizer.lr=0.001")  # weak: it errs
@@ -69,18 +69,6 @@ def test_every_n_epochs_and_the_per_image_path(tmp_path):
     assert images(tmp_path / "run")["viz/first_layer_filters"] == [0, 18, 36]
     record = Record.load(tmp_path / "run" / "viz")
     assert record.misclassified is None and record.augmented.shape == (32, 1, 8, 8)
-
-
-@pytest.mark.parametrize(("shape", "nrow", "dtype", "pad"), [
-    ((5, 1, 4, 3), 2, torch.float32, 1.0), ((9, 3, 5, 5), 8, torch.float32, 1.0), ((32, 1, 6, 6), 8, torch.uint8, 255),
-    ((1, 1, 4, 4), 8, torch.float32, 1.0), ((3, 3, 2, 2), 3, torch.uint8, 255)])
-def test_the_grid_is_torchvisions_make_grid_tile_for_tile(shape, nrow, dtype, pad):
-    from torchvision.utils import make_grid as torchvision_grid
-
-    images = torch.randint(0, 255, shape, generator=torch.Generator().manual_seed(0)).to(dtype)
-    ours = make_grid(images, nrow=nrow, padding=1, pad_value=pad)
-    theirs = torchvision_grid(images, nrow=nrow, padding=1, pad_value=pad)
-    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
 
 
 def test_an_mlps_first_layer_is_drawn_as_images():

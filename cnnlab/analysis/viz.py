@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision.utils import make_grid
 
 from cnnlab.models.inspect_model import forward_with_hooks
 from cnnlab.core.errors import CnnlabError
@@ -39,23 +40,6 @@ def first_layer_filters(model: nn.Module, channels: int, size: int) -> torch.Ten
                 return m.weight.detach()[:MAX_FILTERS].float().cpu().view(-1, channels, size, size)
             return None  # the first layer does not see pixels (Fourier features)
     return None
-
-
-def make_grid(images: torch.Tensor, nrow: int, padding: int, pad_value: float) -> torch.Tensor:
-    """torchvision.utils.make_grid's (3, H, W) layout of (N, 1 or 3, h, w) images, ``nrow`` to a row: drawn
-    here because importing torchvision costs every run 1.2 s of CPU before it trains."""
-    if images.shape[1] == 1:
-        images = images.repeat(1, 3, 1, 1)
-    n, c, h, w = images.shape
-    if n == 1:
-        return images[0]
-    cols = min(nrow, n)
-    rows = -(-n // cols)
-    grid = images.new_full((c, rows * (h + padding) + padding, cols * (w + padding) + padding), pad_value)
-    for i, image in enumerate(images):
-        top, left = (i // cols) * (h + padding) + padding, (i % cols) * (w + padding) + padding
-        grid[:, top:top + h, left:left + w] = image
-    return grid
 
 
 def each_scaled(x: torch.Tensor) -> torch.Tensor:

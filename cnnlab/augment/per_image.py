@@ -9,51 +9,33 @@ here. An op with no version on the chosen path is one clear error, before any da
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
-from torch import nn
+from torchvision.transforms import v2
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import AUGMENTS
 from cnnlab.core.validation import PositiveInt, Range
-
-
-class _Deferred:
-    """A module imported on its first use: importing torchvision costs a process 1.2 s of CPU, and most runs
-    never augment per image."""
-
-    def __init__(self, name: str):
-        self._name = name
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(importlib.import_module(self._name), attr)
-
-
-if TYPE_CHECKING:
-    from torchvision.transforms import v2
-else:
-    v2 = _Deferred("torchvision.transforms.v2")
 
 # Ops that only ever run per image (there is no batched version of these policies).
 _PER_IMAGE_ONLY = "per_image_only"
 
 
 @AUGMENTS.register(family="policy", **{_PER_IMAGE_ONLY: True})
-def auto_augment(*, policy: Literal["imagenet", "cifar10", "svhn"] = "cifar10") -> nn.Module:
+def auto_augment(*, policy: Literal["imagenet", "cifar10", "svhn"] = "cifar10") -> v2.Transform:
     """AutoAugment (Cubuk et al. 2019): one of the learned sub-policies per image (DataLoader path only)."""
     return v2.AutoAugment(v2.AutoAugmentPolicy(policy))
 
 
 @AUGMENTS.register(family="policy", **{_PER_IMAGE_ONLY: True})
-def rand_augment(*, num_ops: PositiveInt = 2, magnitude: Annotated[int, Range(ge=0, le=30)] = 9) -> nn.Module:
+def rand_augment(*, num_ops: PositiveInt = 2, magnitude: Annotated[int, Range(ge=0, le=30)] = 9) -> v2.Transform:
     """RandAugment (Cubuk et al. 2020): num_ops random operations of one magnitude per image (DataLoader path only)."""
     return v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
 
 
 @AUGMENTS.register(family="policy", **{_PER_IMAGE_ONLY: True})
-def trivial_augment() -> nn.Module:
+def trivial_augment() -> v2.Transform:
     """TrivialAugmentWide (Müller & Hutter 2021): one random operation at a random strength per image (DataLoader path only)."""
     return v2.TrivialAugmentWide()
 
