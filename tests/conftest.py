@@ -28,7 +28,14 @@ from rich.console import Console  # noqa: E402
 from cnnlab.core.config import CONF_DIR  # noqa: E402
 from cnnlab.core.plugins import load_components  # noqa: E402
 
-load_components()
+
+
+def pytest_configure(config) -> None:
+    """Every component registered before the tests are collected; not in pytest-xdist's controller, which
+    only hands out tests (importing torch and every component costs 4 s of CPU)."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    load_components()
 
 
 @pytest.hookimpl(optionalhook=True)
