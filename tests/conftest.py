@@ -29,7 +29,6 @@ from cnnlab.core.config import CONF_DIR  # noqa: E402
 from cnnlab.core.plugins import load_components  # noqa: E402
 
 
-
 def pytest_configure(config) -> None:
     """Every component registered before the tests are collected; not in pytest-xdist's controller, which
     only hands out tests (importing torch and every component costs 4 s of CPU)."""
@@ -177,16 +176,6 @@ class WarmCli:
             raise RuntimeError("the warm cnnlab process did not answer")
         return WarmProcess([sys.executable, "-m", "cnnlab", *args], slot, out, err)
 
-    def run(self, args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
-        process = self.start(args, cwd, env)
-        try:
-            out, err = process.communicate(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(30)
-            raise
-        return subprocess.CompletedProcess(process.args, process.returncode, out, err)
-
     def close(self) -> None:
         if self.server.poll() is None:
             self.server.kill()
@@ -240,11 +229,15 @@ def start_cnnlab(args: list[str], cwd: Path, env: dict) -> WarmProcess | subproc
 
 
 def run_cnnlab(args: list[str], cwd: Path, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
-    """The real `cnnlab` command with ``args`` in ``cwd`` with exactly ``env``."""
-    if os.environ.get("CNNLAB_TESTS_COLD"):
-        return subprocess.run([sys.executable, "-m", "cnnlab", *args], cwd=cwd, env=env, capture_output=True,
-                              text=True, timeout=timeout)
-    return WarmCli.get().run(list(args), cwd, env, timeout)
+    """The real `cnnlab` command with ``args`` run to its end in ``cwd`` with exactly ``env``."""
+    process = start_cnnlab(args, cwd, env)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(30)
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:

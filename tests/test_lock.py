@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,8 @@ LONG = [*[o for o in TINY if not o.startswith(("trainer.epochs", "dataset.train_
 
 
 def command(run_dir: Path, epochs: int) -> list[str]:
-    return [sys.executable, "-m", "cnnlab", "train", *LONG, f"trainer.epochs={epochs}", f"hydra.run.dir={run_dir}"]
+    """`cnnlab`'s arguments for the long run in ``run_dir``."""
+    return ["train", *LONG, f"trainer.epochs={epochs}", f"hydra.run.dir={run_dir}"]
 
 
 def env(cwd: Path) -> dict[str, str]:
@@ -39,7 +39,7 @@ def wait_for(condition, timeout=120.0):
 
 def test_a_second_start_is_refused_and_a_start_after_kill_9_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    first = start_cnnlab(command(run_dir, 1000)[3:], tmp_path, env(tmp_path))
+    first = start_cnnlab(command(run_dir, 1000), tmp_path, env(tmp_path))
     try:
         wait_for(lambda: (run_dir / "checkpoints" / "last.pt").is_file() or first.poll() is not None)
         assert first.poll() is None, first.communicate()[1]
@@ -48,7 +48,7 @@ def test_a_second_start_is_refused_and_a_start_after_kill_9_resumes(tmp_path):
         before = {p: p.stat().st_mtime_ns for p in (run_dir / ".hydra").iterdir()}
         events = sorted((run_dir / "tensorboard").iterdir())
 
-        second = run_cnnlab(command(run_dir, 1000)[3:], tmp_path, env(tmp_path), timeout=120)
+        second = run_cnnlab(command(run_dir, 1000), tmp_path, env(tmp_path), timeout=120)
         lines = second.stderr.strip().splitlines()
         assert second.returncode == 2 and len(lines) == 1, second.stderr
         assert lines[0].startswith(f"error: run directory {run_dir} is in use by pid {first.pid} on host "
@@ -62,7 +62,7 @@ def test_a_second_start_is_refused_and_a_start_after_kill_9_resumes(tmp_path):
         first.wait()
 
     assert (run_dir / lock.LOCK_NAME).exists()  # a SIGKILLed holder cannot clean up: its lock is stale
-    third = run_cnnlab(command(run_dir, 1)[3:], tmp_path, env(tmp_path), timeout=300)  # cut short to the epoch it was killed in
+    third = run_cnnlab(command(run_dir, 1), tmp_path, env(tmp_path), timeout=300)  # cut short to the epoch it was killed in
     assert third.returncode == 0, third.stderr
     assert f"took over the lock of {run_dir} from pid {first.pid}" in third.stderr
     assert f"pid {first.pid} has exited" in third.stderr
