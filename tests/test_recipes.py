@@ -50,6 +50,7 @@ def test_recipes_set_what_their_papers_say():
     assert wrn.components["scheduler"].options["milestones"] == [60, 120, 160] and wrn.trainer.epochs == 200
     fast = parse_run_config(compose_config("experiment=fmnist_fast"))
     assert fast.trainer.ema_decay == 0.99 and fast.trainer.tta_flip and fast.data.batch_size == 512
+    assert fast.trainer.grad_clip == 1.0 and fast.trainer.grad_clip_mode == "norm"  # calm first steps (docs/gpu_acceptance.md)
     best = parse_run_config(compose_config("experiment=fmnist_best"))
     assert best.components["dataset"].name == "fashion_mnist" and best.components["model"].options["stem"] == "small"
     assert "random_erasing" in best.augment_ops and best.augment_ops["random_crop"]["padding"] == 2
