@@ -101,13 +101,14 @@ def train(overrides: Iterable[str] | None = None, *, config_dirs: Iterable[str |
     selected model. ``console``: where its progress goes (default: this terminal or notebook)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from cnnlab.cli.hydra_app import composed, config_errors_in_one_line, run_one, search_path_restored
+    from cnnlab.cli.hydra_app import composed, config_errors_in_one_line, run_log, run_one, search_path_restored
 
     with search_path_restored(), composed(_overrides(overrides, config_dirs, settings)) as cfg:
         hydra_node = HydraConfig.get()
         with config_errors_in_one_line():  # e.g. a name that is not one path component: the CLI's line
             run_dir = Path(hydra_node.run.dir)  # resolved now: a fresh run directory is claimed
-        summary = run_one(cfg, run_dir, list(hydra_node.overrides.task), console=console)  # a refusal leaves nothing
+        with run_log(run_dir):  # a refusal leaves nothing
+            summary = run_one(cfg, run_dir, list(hydra_node.overrides.task), console=console)
     if summary is None:  # trainer.devices=N: the processes wrote it
         summary = json.loads((run_dir / "summary.json").read_text())
     model = preprocess = None

@@ -81,6 +81,11 @@ def test_a_script_with_no_terminal_trains_and_exits_0(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1].startswith("status completed ")
     assert "\x1b[" not in done.stdout  # not a terminal: no escape codes, no live progress bar
+    # TINY's learning rate draws the babysitter's update/weight warning: once on the screen, and in train.log
+    # as `cnnlab train` writes it (not a second time through Python's last-resort logging handler)
+    assert (done.stdout + done.stderr).count("update/weight ratio") == 1, done.stdout + done.stderr
+    log = (tmp_path / "outputs" / "runs").glob("*/*/train.log")
+    assert "WARNING cnnlab: update/weight ratio" in next(log).read_text()
 
 
 def test_a_jupyter_kernel_trains_twice(tmp_path):

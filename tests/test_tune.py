@@ -64,6 +64,8 @@ def test_a_tiny_tune_runs_every_stage_inside_its_budget(tmp_path):
     finals = [config_of(p) for p in trial_folders(folder, "final")]
     assert len(finals) == 4 and {f["trainer"]["epochs"] for f in finals} == {E}
     assert sorted(f["seed"] for f in finals) == [0, 0, 1, 1]
+    for trial in trial_folders(folder, "final"):  # each trial's log lines in its own train.log, as `cnnlab train`'s
+        assert "INFO cnnlab: val: loss" in (trial / "train.log").read_text()  # (the test split: once, at the end)
     assert len({(f["optimizer"]["lr"], f["optimizer"]["weight_decay"]) for f in finals}) == 2
     # refine: inside a narrower box, told of the coarse trials in it (not run again)
     refine = record["stages"][1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -125,6 +126,34 @@ def composed(overrides: list[str]) -> Iterator[DictConfig]:
     finally:
         HydraConfig.instance().cfg = None
         GlobalHydra.instance().clear()
+
+
+@contextlib.contextmanager
+def run_log(run_dir: Path) -> Iterator[None]:
+    """For a run in this process (cnnlab.train, a tune's trial; inside ``composed``): cnnlab's log lines go to
+    <run_dir>/train.log, as hydra/job_logging's file handler writes them for `cnnlab train`, and nowhere else.
+    The console shows each warning once already; with no handler anywhere, Python's last-resort handler
+    printed it a second time. A job_logging without a file handler (hydra/job_logging=disabled): nowhere."""
+    job_logging = HydraConfig.get().job_logging
+    file = OmegaConf.select(job_logging, "handlers.file")
+    if file is None:
+        handler: logging.Handler = logging.NullHandler()
+    else:
+        handler = logging.FileHandler(run_dir / "train.log", delay=True)  # no line, no file (a refused run)
+        formatter = file.get("formatter")
+        handler.setFormatter(logging.Formatter(OmegaConf.select(job_logging, f"formatters.{formatter}.format")
+                                               if formatter else None))
+    logger = logging.getLogger("cnnlab")
+    before = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(OmegaConf.select(job_logging, "root.level", default="INFO"))
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.level, logger.propagate = before
 
 
 @contextlib.contextmanager

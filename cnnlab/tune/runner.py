@@ -11,7 +11,6 @@ What a stage searches is written once (<stage>/stage.json), so a rerun or anothe
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from cnnlab.cli.hydra_app import composed, run_one, writer_of
+from cnnlab.cli.hydra_app import composed, run_log, run_one, writer_of
 from cnnlab.core.config import parse_run_config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.runtime.lock import discard_refused
@@ -118,26 +117,16 @@ class Tune:
         """One run in ``run_dir``, its terminal output in <run_dir>/console.log; a claimed ``trial`` reports
         its epochs to its study."""
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "console.log", "a") as log, self._run_warnings_in_its_log():
+        # A run's warnings (a diverged loss, a pruned trial) are in its console.log and train.log (run_log), not
+        # on the terminal: the tune prints its own line for the trial.
+        with open(run_dir / "console.log", "a") as log:
             console = Console(file=log, width=120, force_terminal=False)
             args = [*overrides, f"hydra.run.dir={quoted(str(run_dir))}"]
             if trial is None:
-                with composed(args) as cfg:
+                with composed(args) as cfg, run_log(run_dir):
                     return run_one(cfg, run_dir, args, console=console) or {}
-            with self._lock_held(run_dir), composed(args) as cfg, writer_of(run_dir, cfg):
+            with self._lock_held(run_dir), composed(args) as cfg, writer_of(run_dir, cfg), run_log(run_dir):
                 return run_claimed(cfg, run_dir, args, trial, self.base.monitor, console=console)
-
-    @staticmethod
-    @contextmanager
-    def _run_warnings_in_its_log():
-        """A run's warnings (a diverged loss, a pruned trial) are in its console.log, and the tune prints its own
-        line for the trial: the copy the run's console sends to the "cnnlab" logger is left out meanwhile."""
-        logger = logging.getLogger("cnnlab")
-        before, logger.disabled = logger.disabled, True
-        try:
-            yield
-        finally:
-            logger.disabled = before
 
     @staticmethod
     @contextmanager
