@@ -31,8 +31,9 @@ def count(model, kind):
 CIFAR_ONLY = {"resnext29", "wrn", "wrn28_10"}
 
 
+# Grayscale 28x28 with 4 classes: test_config.py's test_every_entry_composes_and_builds runs every model forward.
 @pytest.mark.parametrize("name", MODELS.names())
-@pytest.mark.parametrize(("shape", "classes"), [((1, 28), 10), ((3, 32), 100)])
+@pytest.mark.parametrize(("shape", "classes"), [((3, 32), 100)])
 def test_forward_and_backward_on_small_inputs(name, shape, classes):
     model = build(name, shape, classes)
     x = torch.randn(2, shape[0], shape[1], shape[1])

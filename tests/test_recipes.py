@@ -21,7 +21,7 @@ RECIPES = {
     "fmnist_fast": ("small_resnet", "crop_flip", "sgd"),
     "fmnist_best": ("resnet18", "erasing", "sgd"),
 }
-ONE_STEP = ["dataset=synthetic", "dataset.train_size=200", "dataset.test_size=8", "trainer.device=cpu",
+ONE_STEP = ["dataset=synthetic", "dataset.size=16", "dataset.train_size=200", "dataset.test_size=8", "trainer.device=cpu",
             "trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_eval_batches=1",
             "trainer.eval_train_at_end=false", "data.batch_size=4", "data.eval_batch_size=4"]
 

@@ -239,11 +239,11 @@ def test_four_worker_commands_share_one_journal_study(tmp_path):
 
 
 def test_n_jobs_workers_share_one_sqlite_study(tmp_path):
-    worker = start_worker(tmp_path, *WORKER, "hydra.sweeper.n_jobs=4", f"hydra.sweep.dir={tmp_path / 'sw'}")
+    worker = start_worker(tmp_path, *WORKER, "hydra.sweeper.n_jobs=3", f"hydra.sweep.dir={tmp_path / 'sw'}")
     out, err = worker.communicate(timeout=300)
     assert worker.returncode in (0, FAILED_EXIT_STATUS), err[-2000:]
     pids = check_distinct_trials(tmp_path / "sw", "sqlite")
-    assert len(list((tmp_path / "sw" / "workers").glob("*.log"))) == 3 and worker.pid in pids
+    assert len(list((tmp_path / "sw" / "workers").glob("*.log"))) == 2 and worker.pid in pids
     assert out.strip().splitlines()[-1].startswith(f"sweep: {TRIALS} trials")
 
 
@@ -290,7 +290,8 @@ def _gone(pid: int) -> bool:
 
 def test_helpers_stop_with_their_worker_and_a_rerun_continues_both_trials(tmp_path):
     folder = tmp_path / "sw"
-    args = [*SWEEP, "dataset.train_size=8000", "trainer.epochs=3", "trainer.checkpoint_every_n_steps=20",
+    args = [*SWEEP, "dataset.train_size=3000", "trainer.log_every_n_steps=50", "trainer.epochs=3",
+            "trainer.checkpoint_every_n_steps=20",
             "optimizer.lr=0.05,0.1,0.2", "hydra.sweeper.n_jobs=2", f"hydra.sweep.dir={folder}"]
     parent = start_worker(tmp_path, *args)
     deadline = time.monotonic() + 180
