@@ -47,6 +47,10 @@ REPO = Path(__file__).resolve().parent.parent
 NOT_A_GPU = "not a GPU"
 
 
+# The smoke's Fashion-MNIST runs and the profiled steps draw no figures: no check reads them.
+NO_VIZ = ["viz.every_n_epochs=0", "viz.augment_samples=0", "viz.misclassified=0"]
+
+
 @dataclass
 class Scale:
     """How big each check runs: the GPU's targets, or the CPU smoke's few batches."""
@@ -69,7 +73,7 @@ SMOKE = Scale(
     throughput_epochs=2, short=["trainer.epochs=1", "trainer.limit_train_batches=3"],
     # A one-cycle schedule squeezed into 2 steps can trip the divergence guard; the smoke checks that code runs.
     limits=["trainer.epochs=1", "trainer.limit_train_batches=2", "trainer.limit_eval_batches=1", "data.batch_size=16",
-            "data.eval_batch_size=16", "trainer.divergence_factor=null"],
+            "data.eval_batch_size=16", "trainer.divergence_factor=null", *NO_VIZ],
     seeds=3, profile_steps=3)
 RESNET18 = ["dataset=synthetic", "dataset.channels=3", "dataset.classes=10", "model=resnet18", "model.stem=small",
             "augment=standard_cifar", "trainer.precision=bf16", "trainer.channels_last=true",
@@ -261,8 +265,7 @@ class Acceptance:
         with torch.profiler.profile(activities=activities) as prof:
             self.train(f"{name}_profiled", [*overrides, "trainer.epochs=1",
                                             f"trainer.limit_train_batches={self.scale.profile_steps}",
-                                            "trainer.limit_eval_batches=1", "viz.every_n_epochs=0",
-                                            "viz.augment_samples=0", "viz.misclassified=0"])
+                                            "trainer.limit_eval_batches=1", *NO_VIZ])
         key = "self_cpu_time_total" if self.smoke else "self_device_time_total"
         table = prof.key_averages().table(sort_by=key, row_limit=25)
         (self.work / f"profile_{name}.txt").write_text(table)
