@@ -55,3 +55,4 @@ def test_recipes_set_what_their_papers_say():
     assert best.components["dataset"].name == "fashion_mnist" and best.components["model"].options["stem"] == "small"
     assert "random_erasing" in best.augment_ops and best.augment_ops["random_crop"]["padding"] == 2
     assert (best.trainer.epochs, best.data.batch_size, best.trainer.ema_decay, best.trainer.tta_flip) == (40, 512, 0.995, True)
+    assert best.trainer.grad_clip == 1.0
