@@ -3,6 +3,7 @@ a script would call them: twice in one process, in a subprocess with no terminal
 kernel."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -28,6 +29,8 @@ def test_train_twice_in_one_process_composes_as_the_cli_and_returns_the_selected
     overrides = (first.run_dir / ".hydra" / "overrides.yaml").read_text()
     assert "seed=3" in overrides and "optimizer.lr=0.05" in overrides  # recorded as the CLI records them
     assert not GlobalHydra.instance().is_initialized() and HydraConfig.instance().cfg is None  # nothing left behind
+    logger = logging.getLogger("cnnlab")  # the run's log went to its train.log; the process's logging is as it was
+    assert not logger.handlers and logger.propagate and not logger.isEnabledFor(logging.INFO)
     images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
     logits = first.model(first.preprocess(images))
     assert logits.shape == (5, 4) and not first.model.training

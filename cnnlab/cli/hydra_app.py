@@ -153,7 +153,8 @@ def run_log(run_dir: Path) -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         handler.close()
-        logger.level, logger.propagate = before
+        logger.setLevel(before[0])  # setLevel, not the attribute: it clears logging's cache of enabled levels
+        logger.propagate = before[1]
 
 
 @contextlib.contextmanager
