@@ -120,7 +120,7 @@ def test_model_activation_reaches_every_activation_of_every_family(name, act):
         with pytest.raises(CnnlabError, match="model.activation=maxout does not fit this model"):
             build_model(name, activation=act)
         return
-    model = build_model(name, input_size=16, activation=act).eval()  # 16x16, which every family takes: a quarter of the work
+    model = build_model(name, input_size=16, activation=act).eval()  # 16x16, which every family takes
     found = activations_in(model)
     assert act in found and found <= {act, "sigmoid"}  # sigmoid: squeeze-excitation gates stay gates
     assert not any(isinstance(m, nn.ReLU) for m in model.modules()) or act == "relu"

@@ -21,8 +21,8 @@ RECIPES = {
     "fmnist_fast": ("small_resnet", "crop_flip", "sgd"),
     "fmnist_best": ("resnet18", "erasing", "sgd"),
 }
-ONE_STEP = ["dataset=synthetic", "dataset.size=16", "dataset.train_size=200", "dataset.test_size=8", "trainer.device=cpu",
-            "trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_eval_batches=1",
+ONE_STEP = ["dataset=synthetic", "dataset.size=16", "dataset.train_size=200", "dataset.test_size=8",
+            "trainer.device=cpu", "trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_eval_batches=1",
             "trainer.eval_train_at_end=false", "data.batch_size=4", "data.eval_batch_size=4"]
 
 
@@ -50,7 +50,8 @@ def test_recipes_set_what_their_papers_say():
     assert wrn.components["scheduler"].options["milestones"] == [60, 120, 160] and wrn.trainer.epochs == 200
     fast = parse_run_config(compose_config("experiment=fmnist_fast"))
     assert fast.trainer.ema_decay == 0.99 and fast.trainer.tta_flip and fast.data.batch_size == 512
-    assert fast.trainer.grad_clip == 1.0 and fast.trainer.grad_clip_mode == "norm"  # calm first steps (docs/gpu_acceptance.md)
+    # calm first steps (docs/gpu_acceptance.md)
+    assert fast.trainer.grad_clip == 1.0 and fast.trainer.grad_clip_mode == "norm"
     best = parse_run_config(compose_config("experiment=fmnist_best"))
     assert best.components["dataset"].name == "fashion_mnist" and best.components["model"].options["stem"] == "small"
     assert "random_erasing" in best.augment_ops and best.augment_ops["random_crop"]["padding"] == 2
