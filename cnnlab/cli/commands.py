@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from cnnlab import __version__
+from cnnlab.core.shown import masked, printable
 from cnnlab.core.errors import (CnnlabError, CommandLineParser, JobAborted, Preempted, ProcessesFailed, StorageOutage,
                                 suggestion)
 
@@ -72,14 +73,14 @@ def main(argv: list[str] | None = None) -> None:
         code = _dispatch(argv)
     except CnnlabError as e:
         rank = os.environ.get("RANK", "0")  # under torchrun every rank reports, rank 0 plainly
-        print(f"{'' if rank == '0' else f'rank {rank}: '}error: {e}", file=sys.stderr)
+        print(f"{'' if rank == '0' else f'rank {rank}: '}error: {printable(masked(str(e)))}", file=sys.stderr)
         code = 2
     except Preempted as stopped:
         if os.environ.get("RANK", "0") == "0":
-            print(stopped, file=sys.stderr)
+            print(printable(masked(str(stopped))), file=sys.stderr)
         code = Preempted.EXIT_STATUS
     except StorageOutage as outage:
-        print(f"error: {outage}", file=sys.stderr)
+        print(f"error: {printable(masked(str(outage)))}", file=sys.stderr)
         code = StorageOutage.EXIT_STATUS
     except ProcessesFailed as failed:
         code = failed.status

@@ -11,7 +11,6 @@ import re
 
 import yaml
 from rich.console import Console, Group
-from rich.markup import escape
 from rich.table import Table
 
 from cnnlab.training.console import make_console, titled
@@ -79,7 +78,7 @@ def list_command(args: list[str], console: Console | None = None) -> int:
             table.add_column(column, overflow="fold")
         for name in names:
             entry = registry.get(name)
-            table.add_row(name, entry.family, escape(entry.origin), escape(entry.description))
+            table.add_row(name, entry.family, entry.origin, entry.description)
         console.print(titled(f"{kind} ({len(names)} of {len(registry)})", table))
     if len(names) == 1 or kind != "models":
         console.print(_options_table(registry, names))
@@ -113,7 +112,7 @@ def _models_table(registry: Registry, names: list[str], input_text: str | None, 
             smallest = smallest_input(name, options, channels, size, classes)
             p, f = "-", f"needs >= {channels}x{smallest}x{smallest}" if smallest else str(e).split(": ")[-1][:40]
         shown = f"{name} ({arch})" if arch is not None and "arch" in entry.options else name
-        table.add_row(shown, entry.family, escape(entry.origin), p, f, escape(entry.description))
+        table.add_row(shown, entry.family, entry.origin, p, f, entry.description)
     return titled(title, table)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.text import Text
 
 from cnnlab.core.config import flatten
 from cnnlab.core.errors import CnnlabError
@@ -150,7 +151,7 @@ def compare(folders: list[Path], *, show_all: bool = False, plot: Path | None = 
     table.add_row("wall", *(shown(r.summary.get("wall_time_s")) + " s" for r in runs))
     console.print(table)
     for curve in CURVES:
-        console.print(f"[bold]{curve}[/bold] by epoch")
+        console.print(Text(curve, style="bold").append(" by epoch"))
         for r in runs:
             console.print(f"  {r.label}: {sparkline([h.get(curve) for h in r.summary.get('history') or []])}",
                           highlight=False)

@@ -117,6 +117,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def cnnlab_command(*args: str) -> list[str]:
+    """``cnnlab ARGS`` as a new Python process with this one's import path: ``python -m`` would put the working
+    directory first, and Hydra would import a ``hydra_plugins/`` found there (the folder may be someone else's)."""
+    if sys.version_info >= (3, 11):
+        return [sys.executable, "-P", "-m", "cnnlab", *args]
+    return [sys.executable, "-c", "import runpy, sys; del sys.path[0]; "
+            "runpy.run_module('cnnlab', run_name='__main__', alter_sys=True)", *args]
+
+
 # Set for the ranks trainer.devices starts: their parent holds the run directory's lock for them.
 LOCK_HELD_ENV = "CNNLAB_RUN_LOCK_HELD_BY_PARENT"
 
@@ -131,7 +140,7 @@ def launch_processes(processes: int, args: list[str], run_dir: Path) -> int:
     """
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes), LOCK_HELD_ENV: str(run_dir)}
-    ranks = [subprocess.Popen([sys.executable, "-m", "cnnlab", "train", *args],
+    ranks = [subprocess.Popen(cnnlab_command("train", *args),
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(processes)]
 
     def forward(number, _frame):

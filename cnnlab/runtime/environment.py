@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from cnnlab import __version__
+from cnnlab.core.shown import masked
 
 
 def environment(plugins: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
@@ -34,7 +35,7 @@ def _process() -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return {
         "cnnlab": __version__,
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else [],
+        "command": [masked(a) for a in ([Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else [])],
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": _torchvision(),
@@ -73,18 +74,50 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# A repository's own config can name programs that git runs while it reads the tree: an fsmonitor, hooks, clean
+# filters, textconv and external diffs. The working directory may be someone else's (an unpacked download), so
+# none of them runs: they are switched off on git's command line, which outranks every config file.
+GIT_SAFE = ("-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null", "-c", "core.untrackedCache=false",
+            "-c", "diff.external=", "--no-optional-locks")
+
+
+def repository_top(folder: Path) -> Path | None:
+    """The folder holding the ``.git`` that ``folder`` lies in, when it is the user's own; None otherwise."""
+    for top in (folder, *folder.parents):
+        marker = top / ".git"
+        try:
+            info = marker.lstat()
+        except OSError:
+            continue
+        uid = os.getuid() if hasattr(os, "getuid") else None
+        if uid is not None and (info.st_uid != uid or top.stat().st_uid != uid):
+            return None  # another user's repository: its config is not ours to run
+        return top
+    return None
+
+
 def git_state(folder: Path) -> dict[str, Any] | None:
     """The commit of ``folder``'s repository, whether the tree is dirty, and a hash of the diff against the
-    commit (untracked files listed, not read); None outside a repository or without git."""
-    def git(*args: str) -> str | None:
+    commit (untracked files listed, not read); None outside a repository of the user's own or without git.
+    No program the repository's config names runs (GIT_SAFE, and every clean filter it defines emptied)."""
+    top = repository_top(folder)
+    if top is None:
+        return None
+
+    def git(*args: str, safe: tuple[str, ...] = GIT_SAFE) -> str | None:
         try:
-            done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, timeout=5,
-                                  env={**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"})
+            done = subprocess.run(["git", "-C", str(top), *safe, *args], capture_output=True, timeout=5,
+                                  stdin=subprocess.DEVNULL,
+                                  env={**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C", "GIT_TERMINAL_PROMPT": "0"})
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout.decode(errors="replace") if done.returncode == 0 else None
 
-    status = git("status", "--porcelain=v2", "--branch", "--untracked-files=normal")
+    filters = git("config", "--includes", "--name-only", "--get-regexp", r"^filter\.") or ""  # reading config runs nothing
+    drivers = {line.rsplit(".", 1)[0] for line in filters.split()}
+    safe = (*GIT_SAFE, *(item for name in sorted(drivers) for key in ("clean", "process")
+                         for item in ("-c", f"{name}.{key}=")))
+    status = git("status", "--porcelain=v2", "--branch", "--untracked-files=normal", safe=safe)
     if status is None:
         return None
     lines = status.splitlines()
@@ -93,7 +126,7 @@ def git_state(folder: Path) -> dict[str, Any] | None:
     digest = None
     if changes:  # the diff against the commit, and the names of the files git does not track
         untracked = sorted(line[2:] for line in changes if line.startswith("? "))
-        diff = git("diff", "HEAD", "--no-ext-diff", "--binary") or ""
+        diff = git("diff", "HEAD", "--no-ext-diff", "--no-textconv", "--binary", safe=safe) or ""
         digest = hashlib.sha256(diff.encode() + "\0".join(untracked).encode()).hexdigest()[:16]
     return {"commit": None if commit == "(initial)" else commit, "dirty": bool(changes), "diff_sha256": digest}
 

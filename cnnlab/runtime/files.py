@@ -1,15 +1,23 @@
-"""Files a run writes beside its checkpoints: atomically (a temp file, fsync, rename), in one line on failure.
+"""Files a run writes beside its checkpoints: atomically (a temp file, fsync, rename), in one line on failure;
+never through a symbolic link inside a run, sweep or tune directory. Records read back are read as someone
+else's: size- and depth-limited, plain files only, checked against their schema (cnnlab.core.schema).
 No torch here, so that commands which only read records (cnnlab runs) start fast."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from cnnlab.core.errors import CnnlabError
+from cnnlab.core.schema import Fields, SchemaMismatch, check, depth
+
+MAX_RECORD_BYTES = 64 << 20  # a summary with a long history and a large confusion matrix is a few MB
+MAX_RECORD_DEPTH = 64        # cnnlab's own records nest fewer than 10 levels
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process's umask: mkstemp makes 0600 files, run files should be like any other
@@ -34,6 +42,7 @@ def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
     ``keep_previous``: first make the file ``path`` held reachable under this name, so there is
     always a complete file under ``path`` and, once replaced, its predecessor under the other name.
     """
+    check_inside(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -78,15 +87,149 @@ def check_writable(path: Path, what: str) -> None:
         raise CnnlabError(f"{what} {path}: cannot write there: {e.strerror or e}") from None
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object written by write_json; None when it is missing, unreadable, or not an object."""
+# ---- writes stay inside the folders cnnlab owns ----
+
+_ROOTS: set[str] = set()  # resolved run, sweep and tune directories this process writes in
+
+
+def confine(folder: Path) -> None:
+    """From now on no write below ``folder`` follows a symbolic link that lies inside it (``folder`` itself may be
+    one: the user named it)."""
+    _ROOTS.add(os.path.realpath(folder))
+
+
+def check_inside(path: Path) -> None:
+    """Refuse ``path`` when a folder on its way below the nearest confined folder is a symbolic link: a run
+    directory from someone else could point its checkpoints/ or .hydra/ anywhere."""
+    if not _ROOTS:
+        return
+    target = Path(os.path.abspath(path))
+    for top in target.parents:
+        if os.path.realpath(top) in _ROOTS:
+            folder = top
+            for part in target.relative_to(top).parts[:-1]:
+                folder = folder / part
+                if folder.is_symlink():
+                    raise CnnlabError(f"cannot write {path}: {folder} is a symbolic link inside {top}; "
+                                      "cnnlab writes only inside a run's own folders")
+            return
+
+
+def refuse_link(path: Path) -> None:
+    """Refuse a file cnnlab appends to (train.log, console.log) when it, or a folder on its way inside a
+    confined folder, is a symbolic link: before the run, not when its first line is logged."""
+    check_inside(path)
+    if path.is_symlink():
+        raise CnnlabError(f"cannot write {path}: it is a symbolic link; cnnlab writes only inside a run's own folders")
+
+
+class LogFile(logging.FileHandler):
+    """logging's FileHandler that never follows a symbolic link (conf/hydra/job_logging/cnnlab.yaml)."""
+
+    def _open(self):
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
+def open_append(path: Path):
+    """``path`` opened for appending text, never through a symbolic link (the file's own name included)."""
+    check_inside(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        why = "it is a symbolic link" if e.errno == 40 else e.strerror or e  # ELOOP: O_NOFOLLOW met a link
+        raise CnnlabError(f"cannot write {path}: {why}") from None
+    return os.fdopen(fd, "a")
+
+
+# ---- records read back: someone else's data ----
+
+def read_limited(path: Path, what: str, limit: int = MAX_RECORD_BYTES) -> bytes | None:
+    """The bytes of a plain file of at most ``limit`` bytes; None when it is missing. A FIFO, a device or a
+    folder is refused without waiting on it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    return data if isinstance(data, dict) else None
+    except OSError as e:
+        raise CnnlabError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) else \
+                "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "not a plain file"
+            raise CnnlabError(f"{what} {path} is {kind}; cnnlab reads records only from plain files")
+        if info.st_size > limit:
+            raise CnnlabError(f"{what} {path} holds {info.st_size:,} bytes, more than the {limit:,} such a record may")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise CnnlabError(f"{what} {path} grew past the {limit:,} bytes such a record may hold")
+        return b"".join(chunks)
+    except OSError as e:
+        raise CnnlabError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+def checked(data: Any, path: Path, what: str, spec: Any) -> Any:
+    """``data`` read from ``path`` when it nests no deeper than records do and fits ``spec``; else one line."""
+    if not depth(data, MAX_RECORD_DEPTH):
+        raise CnnlabError(f"{what} {path} nests deeper than {MAX_RECORD_DEPTH} levels; it is not a cnnlab record")
+    try:
+        return check(data, spec)
+    except SchemaMismatch as e:
+        raise CnnlabError(f"{what} {path} is not a valid record: {e}") from None
+
+
+def read_json(path: Path, spec: Any = Fields(), what: str = "record") -> Any:
+    """A JSON record (by default an object); None when the file is missing. Anything else that is wrong with
+    it (not JSON, too large, too deep, a field of the wrong type) is one line naming the file and the field."""
+    data = read_limited(path, what)
+    if data is None:
+        return None
+    try:
+        parsed = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CnnlabError(f"{what} {path} is not valid JSON: {detail[:200]}") from None
+    return checked(parsed, path, what, spec)
+
+
+def read_yaml(path: Path, spec: Any = Any, what: str = "record") -> Any:
+    """A YAML record, as data (no tags, no aliases: a few hundred bytes of nested aliases would expand to
+    gigabytes); None when the file is missing; one line naming the file when it is wrong."""
+    import yaml
+
+    class PlainLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.YAMLError(f"line {event.start_mark.line + 1}: an alias (*{event.anchor}); cnnlab's "
+                                     "records hold none")
+            return super().compose_node(parent, index)
+
+    data = read_limited(path, what)
+    if data is None:
+        return None
+    try:
+        loader = PlainLoader(data.decode("utf-8"))
+        try:
+            parsed = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except (ValueError, RecursionError, yaml.YAMLError) as e:
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise CnnlabError(f"{what} {path} is not valid YAML: {detail[:200]}") from None
+    return checked(parsed, path, what, spec)
+
+
+def write_json(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=2, sort_keys=False).encode()
     atomic_write(path, lambda f: f.write(text))

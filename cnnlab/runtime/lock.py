@@ -30,6 +30,8 @@ from typing import Any
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.validation import check_component
+from cnnlab.core.schema import Fields
+from cnnlab.runtime.files import check_inside, confine, read_json
 
 LOCK_NAME = ".cnnlab.lock"
 HEARTBEAT_S = 10.0      # how often a holder refreshes its lock's mtime
@@ -63,7 +65,10 @@ def _alive(pid: int) -> bool:
 
 
 def _describe(holder: dict[str, Any]) -> str:
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+    try:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+    except (OverflowError, OSError, ValueError):  # a lock from someone else: a date out of any calendar
+        since = "an unknown time"
     return f"pid {holder.get('pid')} on host {holder.get('host')} since {since}"
 
 
@@ -96,13 +101,14 @@ def _beat() -> None:
                 pass  # the run directory went away; its run will say so
 
 
+LOCK_RECORD = Fields(optional={"pid": int, "host": str, "boot": str, "start": (int, None), "since": float, "token": str})
+
+
 def _read(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}  # being written this instant, or damaged: judged by its age alone
+        return read_json(path, LOCK_RECORD, "run lock")
+    except CnnlabError:
+        return {}  # being written this instant, damaged, or not a lock at all: judged by its age alone
 
 
 def stale_reason(path: Path, holder: dict[str, Any]) -> str | None:
@@ -169,6 +175,7 @@ def acquire(run_dir: Path, warn=None) -> None:
     """Hold ``run_dir``'s lock (re-entrant within a process); one line naming the holder when busy.
     ``warn(message)`` is told when a stale lock is taken over."""
     global _heartbeat
+    check_inside(Path(run_dir) / LOCK_NAME)  # a trial's folder that is a link out of its sweep's folder: refused
     run_dir = Path(run_dir).resolve()
     with _guard:
         if run_dir in _held:
@@ -192,6 +199,7 @@ def acquire(run_dir: Path, warn=None) -> None:
             warn(f"took over the lock of {run_dir} from {_describe(holder)}: {reason}")
     else:
         raise CnnlabError(f"cannot lock run directory {run_dir}: its lock {path} keeps changing")
+    confine(run_dir)
     with _guard:
         _held[run_dir] = _Held(path, token)
         if _heartbeat is None:

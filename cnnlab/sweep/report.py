@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from cnnlab.training.console import make_console, titled
@@ -386,7 +385,7 @@ def render_report(r: SweepReport, console: Console) -> None:
         table.add_column(column, overflow="ellipsis" if column == "error" else "fold",
                          max_width=48 if column == "error" else None)
     for row in r.rows:
-        table.add_row(*(escape(c) for c in row), style="bold green" if row[0] else None)
+        table.add_row(*row, style="bold green" if row[0] else None)
     console.print(titled(f"{r.folder}: {r.title}", table))
     console.print(r.budget, highlight=False)
     study = next((r.folder / name for name in (STORAGE_FILES["sqlite"], STORAGE_FILES["journal"])

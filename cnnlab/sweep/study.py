@@ -34,7 +34,8 @@ from cnnlab.core.errors import CnnlabError, suggestion
 from cnnlab.core.registry import PRUNERS, SAMPLERS
 from cnnlab.core.status import FAILED, RANKED, RunStatus
 from cnnlab.runtime import lock
-from cnnlab.runtime.distributed import LOCK_HELD_ENV
+from cnnlab.runtime.files import confine
+from cnnlab.runtime.distributed import LOCK_HELD_ENV, cnnlab_command
 from cnnlab.sweep.storage import RETRY_ENV, STORAGE_FILES, open_storage, retry_seconds, shown, storage_target
 
 log = logging.getLogger("cnnlab.sweep.study")
@@ -181,6 +182,7 @@ def override_value(value: Any) -> str:
 def claim_lock(sweep_dir: Path, timeout_s: float = 900.0) -> Iterator[None]:
     """Held by one worker at a time while it counts trials and asks for the next."""
     folder = sweep_dir / CLAIM_DIR
+    confine(sweep_dir)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -411,7 +413,7 @@ def start_helpers(n: int, args: list[str], sweep_dir: Path, threads: int) -> lis
     for k in range(1, n + 1):
         path = logs / f"worker-{os.getpid()}-{k}.log"
         with path.open("w") as out:
-            process = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "-m", *args], env=env,
+            process = subprocess.Popen(cnnlab_command("train", "-m", *args), env=env,
                                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        preexec_fn=_die_with_parent)
         helpers.append((process, path))

@@ -18,6 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from cnnlab.core.shown import printable
+
 log = logging.getLogger("cnnlab")
 
 
@@ -30,12 +32,24 @@ def _pct(x: float | None) -> str:
 UNWRAPPED_WIDTH = 1000
 
 
+class PlainConsole(Console):
+    """rich's Console for text that may come from someone else's files (run names, overrides, paths): no markup
+    (``[evilplug]`` is shown, not taken for a style) and control characters shown escaped. cnnlab's own styling
+    is given as ``style=`` or a ``Text``."""
+
+    def __init__(self, **options: Any):
+        super().__init__(**{"markup": False, **options})
+
+    def render_str(self, text: str, **options: Any) -> Text:
+        return super().render_str(printable(text), **options)
+
+
 def make_console(**options: Any) -> Console:
-    """A rich Console that wraps lines only on a terminal."""
-    console = Console(**options)
+    """A PlainConsole that wraps lines only on a terminal."""
+    console = PlainConsole(**options)
     if console.is_terminal or "width" in options:
         return console
-    return Console(soft_wrap=True, width=UNWRAPPED_WIDTH, **options)
+    return PlainConsole(soft_wrap=True, width=UNWRAPPED_WIDTH, **options)
 
 
 def titled(title: str, table: Table) -> Group:
@@ -60,7 +74,10 @@ class ConsoleReporter:
         self.progress: Progress | None = None
 
     def start(self, info: dict[str, Any]) -> None:
-        body = "\n".join(f"[bold]{k}[/]: {v}" for k, v in info.items())
+        body = Text()
+        for k, v in info.items():
+            body.append(f"{k}", style="bold").append(f": {printable(v)}\n")
+        body.rstrip()
         self.console.print(Panel(body, title="cnnlab train", expand=False))
         log.info("start: %s", "; ".join(f"{k}={v}" for k, v in info.items()))
 
@@ -124,7 +141,7 @@ class ConsoleReporter:
 
     def warn(self, message: str) -> None:
         if self.progress is not None:
-            self.progress.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+            self.progress.console.print(Text("warning:", style="yellow").append(f" {printable(message)}"), highlight=False)
         else:
             self.console.print(f"warning: {message}", highlight=False, markup=False)
         log.warning(message)

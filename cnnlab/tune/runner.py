@@ -21,6 +21,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from rich.console import Console
 
+from cnnlab.training.console import make_console
+
 from cnnlab.cli.hydra_app import composed, run_log, run_one, writer_of
 from cnnlab.core.config import parse_run_config
 from cnnlab.core.errors import CnnlabError
@@ -120,7 +122,7 @@ class Tune:
         # A run's warnings (a diverged loss, a pruned trial) are in its console.log and train.log (run_log), not
         # on the terminal: the tune prints its own line for the trial.
         with open(run_dir / "console.log", "a") as log:
-            console = Console(file=log, width=120, force_terminal=False)
+            console = make_console(file=log, width=120, force_terminal=False)
             args = [*overrides, f"hydra.run.dir={quoted(str(run_dir))}"]
             if trial is None:
                 with composed(args) as cfg, run_log(run_dir):
@@ -147,7 +149,7 @@ class Tune:
 
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "console.log", "w") as log, composed(overrides) as cfg:
-            console = Console(file=log, width=120, force_terminal=False)
+            console = make_console(file=log, width=120, force_terminal=False)
             return lr_range_test(parse_run_config(cfg), run_dir, 1e-6, 10.0, steps, console)
 
     # ---- the stages ----
@@ -365,7 +367,7 @@ class Tune:
             with open(Path(chosen["run"]) / "console.log", "a") as log:
                 scores = evaluate_runs([chosen["run"]], splits=["test"], tta_flip=False, tta_shift=0,
                                        device=str(self.base.tree["trainer"]["device"]), data_dir=None,
-                                       console=Console(file=log, width=120, force_terminal=False))
+                                       console=make_console(file=log, width=120, force_terminal=False))
             test = {"run": chosen["run"], **scores["splits"]["test"]}
             write_json(self.dir / "test.json", test)
             return test

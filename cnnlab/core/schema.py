@@ -1,0 +1,145 @@
+"""The shape of a record read back from disk (summary.json, trial.json, a stage record, a lock, a stored config):
+every file in a run, sweep or tune directory may come from someone else, so each is checked field by field
+before any value is used. A mismatch is one line naming the field.
+
+A spec is a type or a tuple of types (``int`` never matches a bool; ``float`` takes an int), ``None`` for null,
+``Fields(...)`` for an object with known keys, ``ListOf(spec)`` or ``MapOf(spec)``, or ``Any``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+NUMBER = (int, float)
+MAX_INT_DIGITS = 30  # a count, a seed, a pid or a job number; a 5,000-digit integer is no such thing
+
+
+class SchemaMismatch(ValueError):
+    def __init__(self, where: str, expected: str, got: Any = None, missing: bool = False):
+        shown = "missing" if missing else f"should be {expected}, got {describe(got)}"
+        super().__init__(f"{where or 'the top level'} {shown}")
+
+
+@dataclass(frozen=True)
+class Fields:
+    """An object: ``required`` keys must be there, ``optional`` ones may be; any other key is passed over."""
+
+    required: dict[str, Any] = field(default_factory=dict)
+    optional: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ListOf:
+    item: Any
+
+
+@dataclass(frozen=True)
+class MapOf:
+    value: Any
+
+
+def describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()}"
+    if isinstance(value, int):
+        return "an integer" if len(str(abs(value))) > 20 else str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _name(spec: Any) -> str:
+    if spec is None:
+        return "null"
+    if spec is Any:
+        return "anything"
+    if isinstance(spec, tuple):
+        return " or ".join(_name(s) for s in spec)
+    if isinstance(spec, Fields):
+        return "an object"
+    if isinstance(spec, ListOf):
+        return f"a list of {_name(spec.item)}"
+    if isinstance(spec, MapOf):
+        return f"an object of {_name(spec.value)}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+            dict: "an object"}.get(spec, spec.__name__)
+
+
+def _matches_type(value: Any, kind: Any) -> bool:
+    if kind is None:
+        return value is None
+    if kind is Any:
+        return True
+    if kind is float:
+        return isinstance(value, NUMBER) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool) and len(str(abs(value))) <= MAX_INT_DIGITS
+    if isinstance(kind, type):
+        return isinstance(value, kind)
+    return False
+
+
+def check(value: Any, spec: Any, where: str = "") -> Any:
+    """``value`` when it fits ``spec``; else SchemaMismatch naming the field (``a.b[2].c``)."""
+    if isinstance(spec, tuple):
+        errors = []
+        for option in spec:
+            try:
+                return check(value, option, where)
+            except SchemaMismatch as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise SchemaMismatch(where, _name(spec), value)
+    if isinstance(spec, Fields):
+        if not isinstance(value, dict):
+            raise SchemaMismatch(where, "an object", value)
+        for key, inner in spec.required.items():
+            if key not in value:
+                raise SchemaMismatch(f"{where}.{key}" if where else key, _name(inner), missing=True)
+            check(value[key], inner, f"{where}.{key}" if where else key)
+        for key, inner in spec.optional.items():
+            if key in value:
+                check(value[key], inner, f"{where}.{key}" if where else key)
+        return value
+    if isinstance(spec, ListOf):
+        if not isinstance(value, list):
+            raise SchemaMismatch(where, _name(spec), value)
+        for k, item in enumerate(value):
+            check(item, spec.item, f"{where}[{k}]")
+        return value
+    if isinstance(spec, MapOf):
+        if not isinstance(value, dict):
+            raise SchemaMismatch(where, _name(spec), value)
+        for key, item in value.items():
+            check(item, spec.value, f"{where}.{key}" if where else str(key))
+        return value
+    if not _matches_type(value, spec):
+        raise SchemaMismatch(where, _name(spec), value)
+    if isinstance(value, float) and not math.isfinite(value) and spec is int:
+        raise SchemaMismatch(where, _name(spec), value)
+    return value
+
+
+def depth(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests no deeper than ``limit`` levels (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if level > limit:
+            return False
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return True

@@ -1,0 +1,74 @@
+"""Text that leaves cnnlab for a person or a shell: terminal lines, records, commands to paste.
+
+Values taken from files may be someone else's: control characters (an ANSI escape in a run name) are shown
+escaped, never sent raw to the terminal; a command printed for pasting is shell-quoted word by word. Secrets
+(a password in a storage URL, a value whose name says token, key, secret or password) are masked wherever
+cnnlab writes or prints them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+from collections.abc import Iterable
+from typing import Any
+
+MASK = "***"
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/@\s'\"]*):(?P<secret>[^@\s'\"/]*)@")
+_SECRET_WORDS = {"token", "key", "secret", "password", "passwd", "pwd", "apikey", "credential", "credentials"}
+# NAME=value or NAME: value where a part of NAME (split at . _ - and case changes) is one of _SECRET_WORDS.
+_ASSIGNMENT = re.compile(r"(?P<name>[A-Za-z_][\w.-]*)(?P<sep>\s*[=:]\s*)(?P<quote>['\"]?)(?P<value>[^\s'\",}\]]+)")
+
+
+def printable(text: Any) -> str:
+    """``text`` with every control character but newline and tab shown as an escape (``\\x1b``)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
+def secret_name(name: str) -> bool:
+    """Whether a key or environment variable's name says it holds a secret (WANDB_API_KEY, db.password)."""
+    parts = re.split(r"[._\-\s]+|(?<=[a-z])(?=[A-Z])", name)
+    return any(part.lower() in _SECRET_WORDS for part in parts if part)
+
+
+def masked(text: str) -> str:
+    """``text`` with URL passwords and the values of secret-named assignments replaced by ***."""
+    text = _URL_PASSWORD.sub(lambda m: f"{m.group('head')}:{MASK}@" if m.group("secret") else m.group(), text)
+
+    def assignment(m: re.Match) -> str:
+        if not secret_name(m.group("name").rsplit(".", 1)[-1]) or m.group("value") == MASK:
+            return m.group()
+        return f"{m.group('name')}{m.group('sep')}{m.group('quote')}{MASK}"
+
+    return _ASSIGNMENT.sub(assignment, text)
+
+
+def masked_tree(value: Any) -> Any:
+    """A record (dicts, lists, strings) with every secret masked: by its key's name, or inside a string."""
+    if isinstance(value, dict):
+        return {k: (MASK if isinstance(k, str) and secret_name(k) and isinstance(v, str | int | float) and v != ""
+                    else masked_tree(v)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [masked_tree(v) for v in value]
+    if isinstance(value, str):
+        return masked(value)
+    return value
+
+
+def shell_line(words: Iterable[str]) -> str:
+    """A command to paste into a shell: every word quoted where it needs it, secrets masked, nothing that a
+    terminal would act on."""
+    return printable(masked(shlex.join(str(w) for w in words)))
+
+
+class SecretFilter(logging.Filter):
+    """Masks secrets in every log line a handler writes (conf/hydra/*_logging: the terminal and train.log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        shown = printable(masked(message))
+        if shown != message:
+            record.msg, record.args = shown, None
+        return True
