@@ -39,7 +39,7 @@ from cnnlab.runtime.checkpoint import BEST, LAST, PREVIOUS
 from cnnlab.runtime.files import write_json
 from cnnlab.tasks.replay import SCHEDULE_FILE
 from cnnlab.training.resume import RETUNABLE, retunable
-from cnnlab.sweep.study import JOB, RETRY_OF, Claim, Study, SweepSettings, claim_lock
+from cnnlab.sweep.study import JOB, RETRY_OF, Claim, Study, SweepSettings, claim_lock, number_attr
 
 MEMBER, GENERATION, LINEAGE = "pbt_member", "pbt_generation", "pbt_lineage"  # a trial's user attributes
 SNAPSHOTS = "pbt"  # <member dir>/pbt/<generation>/{last,best}.pt
@@ -182,7 +182,7 @@ class PbtStudy(Study):
         units = {}
         for t in sorted(trials, key=lambda t: t.number):
             if MEMBER in t.user_attrs:
-                units[(t.user_attrs[MEMBER], t.user_attrs[GENERATION])] = t
+                units[(number_attr(t, MEMBER, self.pbt.population), number_attr(t, GENERATION, len(self.ends)))] = t
         return units
 
     def _next(self, trials):
@@ -254,7 +254,7 @@ class PbtStudy(Study):
         return self._claimed(trial)
 
     def _claimed(self, trial) -> Claim:
-        member, g = trial.user_attrs[MEMBER], trial.user_attrs[GENERATION]
+        member, g = number_attr(trial, MEMBER, self.pbt.population), number_attr(trial, GENERATION, len(self.ends))
         lock.acquire(self.sweep_dir / str(member))  # before the claim lock goes: never taken for cut off
         trial.set_user_attr("pbt", {"pause_after": self.ends[g], "retune": [*self.space], "worker": os.getpid()})
         return self._claim_of(trial, member)
@@ -276,8 +276,8 @@ class PbtStudy(Study):
         """Keep the member's checkpoints of this generation, then tell the study the interval's value."""
         from optuna.trial import TrialState
 
-        trial, member = claim.trial, claim.trial.user_attrs[MEMBER]
-        g = trial.user_attrs[GENERATION]
+        trial, member = claim.trial, number_attr(claim.trial, MEMBER, self.pbt.population)
+        g = number_attr(trial, GENERATION, len(self.ends))
         status = (summary or {}).get("status", RunStatus.FAILED) if error is None else RunStatus.FAILED
         value = interval_value(summary, self.monitor)
         trial.set_user_attr("status", status)

@@ -92,6 +92,21 @@ def check_settings(s: SweepSettings) -> None:
         raise CnnlabError(f"hydra.sweeper.max_failure_rate must be in [0, 1], got {s.max_failure_rate!r}")
 
 
+_UNSET = object()
+
+
+def number_attr(trial, key: str, below: int = 10**6, default: Any = _UNSET) -> int:
+    """A trial's user attribute that names a folder or a place (its job, a PBT member or generation): a whole number
+    in [0, below). A study's storage may be someone else's file; anything else there is one line, never a path."""
+    value = trial.user_attrs.get(key, default)
+    if value is _UNSET:
+        raise CnnlabError(f"trial {trial.number} of the study has no {key!r} attribute; the study was not made by cnnlab")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < below:
+        raise CnnlabError(f"trial {trial.number} of the study has {key}={str(value)[:40]!r}, not a whole number in "
+                          f"[0, {below}); the study's storage was changed by hand or is not cnnlab's")
+    return value
+
+
 def trial_epochs(trial) -> int:
     """The epochs a finished trial cost: those it trained, and the one a diverged trial stopped in."""
     if not trial.state.is_finished():
@@ -318,7 +333,7 @@ class Study:
             retry_of = trial.user_attrs.get(RETRY_OF)
             # Directories 0..n_trials-1: a trial's place among the trials that are not retries.
             place = sum(1 for t in slots if t.number < (trial.number if retry_of is None else retry_of))
-            job = int(trial.user_attrs.get(JOB, place))
+            job = number_attr(trial, JOB, default=place)
             trial.set_user_attr(JOB, job)
             lock.acquire(self.sweep_dir / str(job))  # before the claim lock goes: never taken for cut off
         return self._claim_of(trial, job)
@@ -353,7 +368,7 @@ class Study:
         from optuna.trial import TrialState
 
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            job = t.user_attrs.get(JOB)
+            job = number_attr(t, JOB, default=None) if t.user_attrs.get(JOB) is not None else None
             if job is not None:
                 try:
                     lock.check_free(self.sweep_dir / str(job))

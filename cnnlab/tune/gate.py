@@ -18,7 +18,8 @@ from typing import Any
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.status import RunStatus
-from cnnlab.runtime.files import read_json, write_json
+from cnnlab.core.schema import Fields, ListOf
+from cnnlab.runtime.files import checked, read_json, write_json
 
 OVERFIT_ACCURACY = 0.9
 GATE_FILE = "gate.json"
@@ -65,14 +66,25 @@ def lr_window(suggested: float, lowest: float, last: float) -> tuple[float, floa
     return min(suggested, lowest) / 3, min(lowest * 10, last)
 
 
+_NUMBER_OR_NULL = (float, None)
+GATE_RECORD = Fields(optional={"passed": bool}, required={})
+PASSED_GATE = Fields(required={  # what a tune reads back from a gate that passed
+    "passed": bool, "initial_loss": _NUMBER_OR_NULL, "expected_initial_loss": _NUMBER_OR_NULL,
+    "overfit_accuracy": _NUMBER_OR_NULL, "suggested_lr": float, "lowest_loss_lr": float, "lr_window": ListOf(float),
+    "epochs": float})
+
+
 def sanity_gate(tune_dir: Path, fixed: list[str], steps: int, lr_steps: int, batch_size: int,
                 run: Callable[[list[str], Path], dict[str, Any]],
                 lr_find: Callable[[list[str], Path, int], dict[str, Any]], announce: Callable[[], None]) -> dict[str, Any]:
     """gate.json of an earlier pass, or the checks run now from clean folders (``announce()`` first).
     ``run(overrides, dir)`` trains a run and returns its summary; ``lr_find(overrides, dir, steps)`` returns the
     range test's record (lr_find.json)."""
-    done = read_json(tune_dir / GATE_FILE)
-    if done and done.get("passed"):
+    done = read_json(tune_dir / GATE_FILE, GATE_RECORD, "gate record")
+    if done and done.get("passed") is True:
+        window = checked(done, tune_dir / GATE_FILE, "gate record", PASSED_GATE)["lr_window"]
+        if len(window) != 2 or not 0 < window[0] <= window[1] < math.inf:
+            raise CnnlabError(f"gate record {tune_dir / GATE_FILE}: lr_window is not two learning rates, low to high")
         return done
     for probe in ("overfit", "lr_find"):  # a failed or killed earlier pass: its runs start again
         shutil.rmtree(tune_dir / "gate" / probe, ignore_errors=True)

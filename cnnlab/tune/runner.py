@@ -11,6 +11,7 @@ What a stage searches is written once (<stage>/stage.json), so a rerun or anothe
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -26,11 +27,12 @@ from cnnlab.training.console import make_console
 from cnnlab.cli.hydra_app import composed, run_log, run_one, writer_of
 from cnnlab.core.config import parse_run_config
 from cnnlab.core.errors import CnnlabError
+from cnnlab.core.schema import Fields, ListOf, MapOf
 from cnnlab.runtime.lock import discard_refused
-from cnnlab.runtime.files import read_json, write_json
+from cnnlab.runtime.files import confine, open_append, read_json, write_json
 from cnnlab.runtime.distributed import LOCK_HELD_ENV
 from cnnlab.sweep.study import (COPIED_FROM, JOB, Study, SweepSettings, claim_lock, fits_budget, override_value,
-                                 quoted, search_space, trial_epochs)
+                                 number_attr, quoted, search_space, trial_epochs)
 from cnnlab.sweep.storage import open_storage, storage_target
 from cnnlab.sweep.report import best_curve
 from cnnlab.sweep.trials import direction_of, run_claimed, trial_label
@@ -41,6 +43,9 @@ from cnnlab.tune.plan import Plan, Stage, make_plan
 from cnnlab.tune.settings import TuneSettings, default_space, load_settings, split_arguments
 
 STAGE_FILE, TUNE_FILE = "stage.json", "tune.json"
+TEST_RECORD = Fields(required={"run": str, "acc": float, "loss": float})
+STAGE_RECORD = Fields(required={"space": MapOf(str)},
+                      optional={"configs": ListOf(MapOf((int, float, str, bool, None))), "epochs": int, "name": str})
 CONFIG_KEY = "tune.config"  # the final stage's grid: which of the top configurations, and its seed
 POLL_S = 1.0
 
@@ -97,6 +102,7 @@ class Tune:
         self.plan: Plan = make_plan(self.settings, self.base.epochs, 1.0 if self.settings.gate else 0.0)
         self.dir = Path(self.settings.dir or self._fresh_dir()).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
+        confine(self.dir)
         try:
             self.storage = open_storage(self.storage_target, self.dir, setting="tune.storage")
         except CnnlabError:
@@ -121,7 +127,7 @@ class Tune:
         run_dir.mkdir(parents=True, exist_ok=True)
         # A run's warnings (a diverged loss, a pruned trial) are in its console.log and train.log (run_log), not
         # on the terminal: the tune prints its own line for the trial.
-        with open(run_dir / "console.log", "a") as log:
+        with open_append(run_dir / "console.log") as log:
             console = make_console(file=log, width=120, force_terminal=False)
             args = [*overrides, f"hydra.run.dir={quoted(str(run_dir))}"]
             if trial is None:
@@ -148,7 +154,8 @@ class Tune:
         from cnnlab.analysis.lr_find import lr_range_test
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "console.log", "w") as log, composed(overrides) as cfg:
+        (run_dir / "console.log").unlink(missing_ok=True)  # a fresh log, never written through a link
+        with open_append(run_dir / "console.log") as log, composed(overrides) as cfg:
             console = make_console(file=log, width=120, force_terminal=False)
             return lr_range_test(parse_run_config(cfg), run_dir, 1e-6, 10.0, steps, console)
 
@@ -196,12 +203,55 @@ class Tune:
 
         folder = self.dir / stage.name
         with claim_lock(self.dir):
-            record = read_json(folder / STAGE_FILE)
+            record = read_json(folder / STAGE_FILE, STAGE_RECORD, "stage record")
             if record is None:
                 record = self.decide_space(stage, previous, gate)
                 write_json(folder / STAGE_FILE, record)
+        space = self.checked_stage(record, stage, folder / STAGE_FILE)
         self.final_configs = record.get("configs", [])
-        return {k: optuna.distributions.json_to_distribution(v) for k, v in record["space"].items()}
+        return space
+
+    def checked_stage(self, record: dict[str, Any], stage: Stage, path: Path) -> dict[str, Any]:
+        """A stage record's space, once it is shown to search only what this tune searches: its keys, and of strings
+        only the choices the user's own space offers (a tune directory may be someone else's; its values become
+        overrides). Numbers may differ: a refined box is narrower than the space it came from."""
+        import optuna
+
+        final = not stage.pruned
+        allowed = {CONFIG_KEY, "seed"} if final else set(self.space)
+        space = {}
+        for key, text in record["space"].items():
+            if key not in allowed:
+                raise CnnlabError(f"stage record {path} searches {key!r}; this tune searches {', '.join(sorted(allowed))}")
+            try:
+                space[key] = optuna.distributions.json_to_distribution(text)
+            except Exception:  # noqa: BLE001 - optuna raises several kinds for a string that is no distribution
+                raise CnnlabError(f"stage record {path}: space.{key} is not an Optuna distribution") from None
+        configs = record.get("configs", [])
+        if final and set(space) != {CONFIG_KEY, "seed"}:
+            raise CnnlabError(f"stage record {path}: the final stage searches {CONFIG_KEY} and seed, not "
+                              f"{', '.join(sorted(space)) or 'nothing'}")
+        for key, distribution in space.items():
+            if key == CONFIG_KEY:
+                ok = list(getattr(distribution, "choices", ())) == list(range(len(configs)))
+            elif key == "seed":
+                ok = all(isinstance(s, int) and not isinstance(s, bool) for s in getattr(distribution, "choices", [None]))
+            else:
+                ok = all(self.lends(key, choice) for choice in getattr(distribution, "choices", ()))
+            if not ok:
+                raise CnnlabError(f"stage record {path}: space.{key} offers values this tune's space does not")
+        for k, config in enumerate(configs):
+            for key, value in config.items():
+                if key not in self.space or not self.lends(key, value):
+                    raise CnnlabError(f"stage record {path}: configs[{k}].{key} is not a value this tune searches")
+        return space
+
+    def lends(self, key: str, value: Any) -> bool:
+        """Whether ``value`` of ``key`` may come from a record: a number, or a choice the user's own space offers."""
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return math.isfinite(value)
+        choices = getattr(self.space.get(key), "choices", ())
+        return any(type(value) is type(c) and value == c for c in choices)
 
     def decide_space(self, stage: Stage, previous: dict[str, Any] | None, gate: dict[str, Any] | None) -> dict[str, Any]:
         import optuna
@@ -270,7 +320,7 @@ class Tune:
             prior = previous["stage"].name
             for t in previous["study"].study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
                 if boxes.inside(study.space, t.params):
-                    source = t.user_attrs.get(COPIED_FROM) or f"{prior}/{t.user_attrs.get(JOB)}"
+                    source = t.user_attrs.get(COPIED_FROM) or f"{prior}/{number_attr(t, JOB)}"
                     study.study.add_trial(optuna.trial.create_trial(
                         params=t.params, distributions=study.space, value=t.value,
                         user_attrs={COPIED_FROM: source, "epochs": t.user_attrs.get("epochs", 0)}))
@@ -295,6 +345,24 @@ class Tune:
             finally:
                 study.release(claim)
             self.say(self.trial_line(stage, claim, summary, status))
+            self.stop_if_all_failed(stage, study)
+
+    ALL_FAILED_AFTER = 3  # trials of a stage that all failed: the next ones would too (a bad fixed setting)
+
+    def stop_if_all_failed(self, stage: Stage, study: Study) -> None:
+        """Stop the tune when the stage's first trials all failed: their failures cost no epochs, so the budget
+        would never end them. One line: the first trial's error."""
+        from optuna.trial import TrialState
+
+        own = [t for t in study.study.get_trials(deepcopy=False)
+               if COPIED_FROM not in t.user_attrs and "cut_off" not in t.user_attrs and t.state.is_finished()]
+        if len(own) < min(self.ALL_FAILED_AFTER, study.n_trials or self.ALL_FAILED_AFTER) \
+                or any(t.state != TrialState.FAIL for t in own):
+            return
+        first = min(own, key=lambda t: t.number)
+        reason = str(first.user_attrs.get("fail_reason") or "no reason recorded").splitlines()[0]
+        raise CnnlabError(f"tune stopped: the {len(own)} trials of stage {stage.name} all failed; the first "
+                          f"({study.sweep_dir / str(number_attr(first, JOB))}): {reason}")
 
     def trial_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """A trial's values; a final trial's configuration number replaced by the configuration itself."""
@@ -304,6 +372,10 @@ class Tune:
 
     def trial_overrides(self, stage: Stage, claim) -> list[str]:
         params = self.trial_params(claim.trial.params)
+        for key, value in params.items():  # the study's storage may be someone else's file too
+            if key != "seed" and (key not in self.space or not self.lends(key, value)):
+                raise CnnlabError(f"trial {claim.trial.number} of stage {stage.name} has {key}={str(value)[:40]!r}, "
+                                  "which this tune does not search; its study storage was changed by hand")
         label = self.label(stage, claim.job, params)
         return [*self.base.fixed, *(f"{k}={override_value(v)}" for k, v in params.items()),
                 f"trainer.epochs={stage.epochs}", f"paths.tensorboard={quoted(str(self.dir / 'tensorboard' / label))}"]
@@ -330,7 +402,7 @@ class Tune:
                 "pruned": sum(t.state.name == "PRUNED" for t in trials), "failed": sum(t.state.name == "FAIL" for t in trials),
                 "epochs": sum(trial_epochs(t) for t in trials),
                 "best": None if best is None else {"value": best.value, "params": self.trial_params(best.params),
-                                                   "trial": f"{stage.name}/{best.user_attrs.get(JOB)}"},
+                                                   "trial": f"{stage.name}/{number_attr(best, JOB)}"},
                 "curve": [(t.datetime_complete.timestamp(), trial_epochs(t), t.value)
                           for t in trials if t.state.is_finished() and t.datetime_complete is not None]}
 
@@ -350,7 +422,7 @@ class Tune:
             ranked.append({"config": self.final_configs[index], "seeds": [t.params["seed"] for t in trials],
                            "values": values, "mean": statistics.fmean(values),
                            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                           "run": str(study.sweep_dir / str(best.user_attrs[JOB])), "seed": best.params["seed"]})
+                           "run": str(study.sweep_dir / str(number_attr(best, JOB))), "seed": best.params["seed"]})
         ranked.sort(key=lambda r: r["mean"], reverse=self.maximize)
         if not ranked:
             raise CnnlabError(f"no trial of the final stage finished; see the trials' console.log under {self.dir / 'final'}")
@@ -361,10 +433,10 @@ class Tune:
         from cnnlab.analysis.evaluation import evaluate_runs
 
         with claim_lock(self.dir / "test"):
-            done = read_json(self.dir / "test.json")
+            done = read_json(self.dir / "test.json", TEST_RECORD, "test record")
             if done is not None:
                 return done
-            with open(Path(chosen["run"]) / "console.log", "a") as log:
+            with open_append(Path(chosen["run"]) / "console.log") as log:
                 scores = evaluate_runs([chosen["run"]], splits=["test"], tta_flip=False, tta_shift=0,
                                        device=str(self.base.tree["trainer"]["device"]), data_dir=None,
                                        console=make_console(file=log, width=120, force_terminal=False))
