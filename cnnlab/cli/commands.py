@@ -472,69 +472,12 @@ def replay_overrides(args: list[str], multirun: bool) -> list[str]:
 def saved_overrides(run_dir: Path, typed: list[str], what: str) -> list[str]:
     """``run_dir``'s own overrides that ``typed`` does not set, each checked as something from someone else."""
     saved_file = run_dir / ".hydra" / "overrides.yaml"
+    from cnnlab.cli.hydra_app import CONFIG_DIRS
+    from cnnlab.runtime.lent import check_lent_override, read_saved_overrides
+
     saved = read_saved_overrides(saved_file, f"{what}={run_dir}") if saved_file.is_file() else []
     new_keys = {_key(a) for a in typed if not a.startswith("-")}
     kept = [(line, o) for line, o in saved if _key(o) not in new_keys]  # what the user types now wins
     for line, override in kept:
-        check_saved_override(override, f"{what}={run_dir}: {saved_file} line {line}")
+        check_lent_override(override, f"{what}={run_dir}: {saved_file} line {line}", CONFIG_DIRS)
     return [o for _, o in kept]
-
-
-def read_saved_overrides(path, what: str) -> list[tuple[int, str]]:
-    """A run's .hydra/overrides.yaml: (line, override) for each entry of its YAML list of strings."""
-    import yaml
-
-    try:
-        node = yaml.compose(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise CnnlabError(f"{what}: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CnnlabError(f"{what}: cannot read {path}: {e}") from None
-    if node is None:
-        return []
-    if not isinstance(node, yaml.SequenceNode):
-        raise CnnlabError(f"{what}: {path} line {node.start_mark.line + 1}: expected a list of overrides (key=value)")
-    entries = []
-    for item in node.value:
-        if not isinstance(item, yaml.ScalarNode) or item.tag.endswith(":null"):
-            raise CnnlabError(f"{what}: {path} line {item.start_mark.line + 1}: expected an override (key=value)")
-        entries.append((item.start_mark.line + 1, item.value))
-    return entries
-
-
-SAVED_VALUE = re.compile(r"[\w.+-]+")  # a config group's choice: a name, never a path
-
-
-def check_saved_override(override: str, where: str) -> None:
-    """An override read from a run directory (someone else's, possibly): only a setting or group choice of
-    cnnlab's own config, with no Hydra key, no _target_, no resolver call, no sweep and no plugin import."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException, OverrideParseException
-
-    from cnnlab.core.config import CONF_DIR, TOP_LEVEL_KEYS
-    from cnnlab.cli.hydra_app import CONFIG_DIRS
-
-    refuse = f"{where}: {override!r} "
-    try:
-        parsed = OverridesParser.create().parse_override(override)
-    except (OverrideParseException, HydraException) as e:
-        raise CnnlabError(refuse + f"is not an override: {' '.join(str(e).split())}") from None
-    key = parsed.key_or_group
-    root = re.split(r"[./]", key, maxsplit=1)[0]
-    groups = {p.name for folder in [CONF_DIR, *map(Path, CONFIG_DIRS)] for p in folder.iterdir() if p.is_dir()}
-    if root == "hydra" or root not in TOP_LEVEL_KEYS | groups - {"hydra"}:
-        raise CnnlabError(refuse + "is not a cnnlab setting; a run directory lends only cnnlab's own config keys "
-                          "(type anything else on the command line yourself)")
-    if parsed.package is not None or any(part.startswith("_") for part in re.split(r"[./]", key)) or "_target_" in override:
-        raise CnnlabError(refuse + "names a package or a private key; a run directory lends only cnnlab's own config keys")
-    if parsed.is_sweep_override():
-        raise CnnlabError(refuse + "is a sweep; a run's record holds single values")
-    if re.search(r"\$\{[^}]*:", override):
-        raise CnnlabError(refuse + "calls a resolver; a run directory lends plain values only")
-    if root == "plugins":
-        raise CnnlabError(f"{where}: the run was trained with {override}; a run directory's file imports no module: "
-                          f"pass {override} on the command line yourself to load it")
-    if "." not in key and root in groups and not (isinstance(parsed.value(), str) and SAVED_VALUE.fullmatch(parsed.value())):
-        raise CnnlabError(refuse + f"is not the name of a {root} config")

@@ -8,9 +8,9 @@ Writes report.csv and report.md into the sweep directory; ``--plot`` writes repo
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +20,14 @@ from rich.console import Console
 from rich.table import Table
 
 from cnnlab.training.console import make_console, titled
+from cnnlab.core.shown import printable, shell_line
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.validation import Range, range_of
 from cnnlab.sweep.storage import STORAGE_FILES, storage_target
 from cnnlab.core.status import FAILED, RunStatus
 from cnnlab.sweep.trials import SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, trial_dirs
-from cnnlab.runtime.files import write_json
+from cnnlab.core.schema import Fields
+from cnnlab.runtime.files import atomic_write, confine, read_json, read_yaml, write_json
 
 EDGE = 0.1  # a best value in the outer 10% of an interval (in log space if log-sampled) is on its edge
 
@@ -86,14 +88,9 @@ HISTORY_FIELDS = {"val/loss": NUMBER, "val/acc": NUMBER}
 def read_record(path: Path) -> dict[str, Any]:
     """One of a sweep's JSON records ({} when absent), its fields of the types report uses; a file that is
     not JSON, or holds something else, is one line naming it (it may come from anyone)."""
-    if not path.is_file():
+    data = read_json(path, Fields(), "sweep record")
+    if data is None:
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CnnlabError(f"{path}: not a readable JSON record ({e})") from None
-    if not isinstance(data, dict):
-        raise CnnlabError(f"{path}: not a cnnlab record (a JSON object expected, found {type(data).__name__})")
     _check_fields(path, data, RECORD_FIELDS.get(path.name, {}), "")
     if path.name == TRIAL_FILE and not all(isinstance(o, str) for o in data.get("overrides") or []):
         raise CnnlabError(f"{path}: overrides should be a list of strings")
@@ -168,12 +165,10 @@ def searched_parameters(record: dict[str, Any]) -> list[Searched]:
 
 def _trial_config(trials: list[Trial]) -> dict[str, Any]:
     """The composed config of a trial (its .hydra/config.yaml): which components the sweep used."""
-    import yaml
-
     for trial in trials:
         try:
-            config = yaml.safe_load((trial.folder / ".hydra" / "config.yaml").read_text())
-        except (OSError, yaml.YAMLError):
+            config = read_yaml(trial.folder / ".hydra" / "config.yaml", what="stored config")
+        except CnnlabError:
             continue
         if isinstance(config, dict):
             return config
@@ -292,10 +287,26 @@ def option_range(config: dict[str, Any], key: str) -> Range | None:
     return range_of(option_annotation(config, key))
 
 
-def refined_command(record: dict[str, Any], item: Searched, syntax: str) -> str:
-    args = [o for o in record.get("task_overrides", []) if o.partition("=")[0].lstrip("+~") != item.key]
-    args = [a for a in args if not a.startswith(("hydra.sweep.dir=", "sweep.resume="))]
-    return " ".join(["cnnlab train -m", *(shlex.quote(a) for a in args), shlex.quote(f"{item.key}={syntax}")])
+def lent_overrides(record: dict[str, Any], sweep_dir: Path) -> tuple[list[str], list[str]]:
+    """The sweep record's task overrides that a printed command may repeat, and those it may not (a Hydra key, a
+    resolver, a plugin: the user types those again, having read them)."""
+    from cnnlab.runtime.lent import check_lent_override
+
+    kept, left = [], []
+    for override in record.get("task_overrides", []):
+        if override.startswith(("hydra.sweep.dir=", "sweep.resume=")):
+            continue
+        try:
+            check_lent_override(override, str(sweep_dir / SWEEP_FILE), printed=True)
+            kept.append(override)
+        except CnnlabError:
+            left.append(override)
+    return kept, left
+
+
+def refined_command(kept: list[str], item: Searched, syntax: str) -> str:
+    args = [o for o in kept if o.partition("=")[0].lstrip("+~") != item.key]
+    return shell_line(["cnnlab", "train", "-m", *args, f"{item.key}={syntax}"])
 
 
 def _cell(value: Any, pct: bool = False) -> str:
@@ -324,6 +335,7 @@ class SweepReport:
     spent: int
     planned: Any  # trainer.epochs of the trials, when known
     advice: list[dict[str, Any]] = field(default_factory=list)
+    not_repeated: list[str] = field(default_factory=list)  # the record's overrides a printed command leaves out
 
     @property
     def title(self) -> str:
@@ -368,13 +380,14 @@ def compute_report(folder: Path) -> SweepReport:
                          failed=sum(t.status in FAILED for t in trials),
                          pruned=sum(t.status == RunStatus.PRUNED for t in trials),
                          spent=sum(t.epochs for t in trials), planned=(config.get("trainer") or {}).get("epochs"))
+    kept, result.not_repeated = lent_overrides(record, folder)
     for item in searched if best is not None else ():
         value = best.params.get(item.key)
         refined = refine(item, value) if isinstance(value, float) else None
         if refined is not None:
             where, syntax = refined
             result.advice.append({"key": item.key, "best": value, "where": where, "syntax": item.sweep_syntax,
-                                  "command": refined_command(record, item, syntax)})
+                                  "command": refined_command(kept, item, syntax)})
     return result
 
 
@@ -392,26 +405,31 @@ def render_report(r: SweepReport, console: Console) -> None:
                   if (r.folder / name).is_file()), None)
     if study is not None:
         target = storage_target("sqlite" if study.suffix == ".db" else "journal", r.folder)
-        console.print(f"study: optuna-dashboard {target}", highlight=False, soft_wrap=True)
+        console.print(f"study: {shell_line(['optuna-dashboard', target])}", highlight=False, soft_wrap=True)
     if r.best is not None:
         console.print(f"best: trial {r.best.name}, {r.monitor} {_fmt(r.best.value)} ({r.best.folder})", highlight=False)
     for a in r.advice:
         line = (f"{a['key']}={_fmt(a['best'])} is on the edge of the searched range {a['syntax']}: move the window"
                 if a["where"] == "on the edge" else f"{a['key']}={_fmt(a['best'])} lies inside {a['syntax']}: refine around it")
         console.print(f"{line}\n  {a['command']}", highlight=False, soft_wrap=True)
+    if r.advice and r.not_repeated:
+        console.print(f"  not repeated from {r.folder / SWEEP_FILE} (add them yourself if you mean them): "
+                      f"{shell_line(r.not_repeated)}", highlight=False, soft_wrap=True)
 
 
 def write_report(r: SweepReport) -> None:
     """report.csv and report.md in the sweep directory."""
-    with (r.folder / "report.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["best", *r.header[1:]])
-        writer.writerows(r.rows)
+    confine(r.folder)  # a link inside someone else's sweep directory is not followed
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["best", *r.header[1:]])
+    writer.writerows(r.rows)
+    atomic_write(r.folder / "report.csv", lambda f: f.write(table.getvalue().encode()))
     md = ["| " + " | ".join(["best", *r.header[1:]]) + " |", "|" + "---|" * len(r.header)]
-    md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in r.rows]
-    (r.folder / "report.md").write_text("\n".join(
-        [f"# Sweep {r.folder}", "", f"{r.title}; {r.budget}.", "", *md, ""]
-        + [f"- {a['key']} ({a['where']}): `{a['command']}`" for a in r.advice]) + "\n")
+    md += ["| " + " | ".join(printable(c).replace("|", "\\|") for c in row) + " |" for row in r.rows]
+    text = "\n".join([f"# Sweep {printable(r.folder)}", "", f"{r.title}; {r.budget}.", "", *md, ""]
+                     + [f"- {a['key']} ({a['where']}): `{a['command']}`" for a in r.advice]) + "\n"
+    atomic_write(r.folder / "report.md", lambda f: f.write(text.encode()))
 
 
 def report(sweep_dir: str, *, plot: bool = False, test_best: bool = False, device: str = "auto",

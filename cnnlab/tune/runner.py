@@ -199,8 +199,6 @@ class Tune:
 
     def stage_space(self, stage: Stage, previous: dict[str, Any] | None, gate: dict[str, Any] | None) -> dict[str, Any]:
         """What ``stage`` searches, decided once (stage.json) and read back by reruns and other workers."""
-        import optuna
-
         folder = self.dir / stage.name
         with claim_lock(self.dir):
             record = read_json(folder / STAGE_FILE, STAGE_RECORD, "stage record")
