@@ -19,6 +19,10 @@ from pathlib import Path
 # One intra-op thread for every process of the suite (this one, the warm CLI's children, the workers it starts):
 # its models are tiny, and pytest-xdist (-n auto in pyproject.toml) already keeps every core busy.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# `cnnlab runs` caches rows in the user's cache folder: the suite's go to a folder of its own, not ~/.cache.
+if "CNNLAB_CACHE_DIR" not in os.environ:
+    os.environ["CNNLAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="cnnlab-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["CNNLAB_CACHE_DIR"], True)
 
 import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402

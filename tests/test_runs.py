@@ -5,11 +5,13 @@ bad paths and filters in one line."""
 import csv
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from cnnlab.records import runs
 from cnnlab.runtime import lock
 from tests.conftest import TINY, run_cli
 
@@ -60,7 +62,7 @@ def test_every_run_and_trial_is_a_row_and_unfinished_ones_say_why(outputs):
     assert len(rows) == 8
     assert by_path["odd/running"]["status"] == "running" and by_path["odd/crashed"]["status"] == "crashed"
     assert by_path["sweeps/sw/2"]["status"] == "cut off" and by_path["odd/unreadable"]["status"] == "unreadable"
-    assert f"warning: {outputs / 'odd' / 'unreadable' / 'summary.json'} cannot be read" in result.stderr
+    assert f"warning: run summary {outputs / 'odd' / 'unreadable' / 'summary.json'} is not valid JSON" in result.stderr
     single = [r for r in rows if r["path"].startswith(str(outputs / "runs"))]
     assert sorted((r["model"], r["optimizer.lr"]) for r in single) == [("linear", "0.1"), ("mlp", "0.05")]
     assert all(r["test/acc"] is not None for r in single)  # a run tests once; a sweep's trials leave it to the report
@@ -87,14 +89,29 @@ def test_where_sort_limit_csv(outputs):
 
 def test_the_cache_follows_a_changed_and_a_new_run(outputs):
     records(outputs)
-    assert (outputs / ".cnnlab-runs.json").is_file()
+    assert runs.cache_file(outputs).is_file() and not list(outputs.glob(".cnnlab-runs*"))  # the user's, not the folder's
     (trial,) = [p for p in (outputs / "sweeps" / "sw").glob("0")]
-    summary = json.loads((trial / "summary.json").read_text())
-    summary["best_value"] = 0.123456
-    (trial / "summary.json").write_text(json.dumps(summary))
+    before, text = (trial / "summary.json").stat(), (trial / "summary.json").read_text()
+    old = json.dumps(json.loads(text)["best_value"])
+    new = "0." + "9" * (len(old) - 2)  # the same length: the file keeps its size, and its times are put back
+    (trial / "summary.json").write_text(text.replace(f'"best_value": {old}', f'"best_value": {new}'))
+    os.utime(trial / "summary.json", ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (trial / "summary.json").stat().st_size == before.st_size
     shutil.copytree(trial, outputs / "sweeps" / "sw" / "9")
     rows = {Path(r["path"]).name: r for r in records(outputs) if "sweeps" in r["path"]}
-    assert rows["0"]["best"] == 0.123456 and rows["9"]["best"] == 0.123456
+    assert rows["0"]["best"] == float(new) and rows["9"]["best"] == float(new)
+
+
+def test_a_cache_in_the_listed_folder_is_not_read(outputs, tmp_path):
+    """A folder from someone else may hold a cache file of the old kind, with rows of runs that never happened."""
+    root = tmp_path / "outputs"
+    shutil.copytree(outputs / "runs", root)
+    (folder,) = [p for p in root.glob("*/*") if "model=linear" in (p / ".hydra" / "overrides.yaml").read_text()]
+    fake = {"version": 1, "runs": {str(folder): {"key": [1, 2], "row": {"path": str(folder), "values": {},
+                                                                         "name": "fake", "best": 0.999}}}}
+    (root / ".cnnlab-runs.json").write_text(json.dumps(fake))
+    names = {r["name"] for r in records(root)}
+    assert "fake" not in names and len(names) == 2
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -143,3 +143,16 @@ def depth(value: Any, limit: int) -> bool:
         elif isinstance(item, list):
             stack.extend((v, level + 1) for v in item)
     return True
+
+
+# ---- cnnlab's own records, as their readers use them ----
+
+_NUMBER_OR_NULL = (float, None)
+SUMMARY_RECORD = Fields(optional={  # summary.json: what `runs`, `compare`, `report`, the API and sweeps read back
+    "status": str, "name": (str, None), "task": (str, None), "model": (str, None), "dataset": (str, None),
+    "monitor": (str, None), "error": (str, None), "tensorboard": (str, None), "run_dir": (str, None),
+    "best_value": _NUMBER_OR_NULL, "best_epoch": (int, None), "wall_time_s": _NUMBER_OR_NULL,
+    "train_time_s": _NUMBER_OR_NULL, "initial_loss": _NUMBER_OR_NULL, "expected_initial_loss": _NUMBER_OR_NULL,
+    "history": ListOf(MapOf((float, str, None))), "selected": MapOf((MapOf((float, str, None)), None)),
+    "environment": (MapOf(Any), None), "confusion_matrix": (ListOf(ListOf(int)), None), "sizes": (MapOf((int, None)), None),
+})

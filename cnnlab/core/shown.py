@@ -28,9 +28,10 @@ def printable(text: Any) -> str:
 
 
 def secret_name(name: str) -> bool:
-    """Whether a key or environment variable's name says it holds a secret (WANDB_API_KEY, db.password)."""
-    parts = re.split(r"[._\-\s]+|(?<=[a-z])(?=[A-Z])", name)
-    return any(part.lower() in _SECRET_WORDS for part in parts if part)
+    """Whether a key or environment variable's name says it holds a secret: its last word is token, key, secret or
+    password (WANDB_API_KEY, db.password, accessToken; not key_dim, and not a bare KEY, a placeholder)."""
+    parts = [p.lower() for p in re.split(r"[._\-\s]+|(?<=[a-z])(?=[A-Z])", name) if p]
+    return bool(parts) and parts[-1] in _SECRET_WORDS and parts != ["key"]
 
 
 def masked(text: str) -> str:

@@ -2,14 +2,16 @@
 
 A run directory is a folder with a summary.json, a trial.json or a .hydra/ record; the folders inside it are
 its own (checkpoints, folds), so the walk does not enter it. A finished run's row comes from its summary.json
-and .hydra/overrides.yaml, and is cached in ``<root>/.cnnlab-runs.json`` keyed by those files' sizes and
-modification times, so a second listing reads only what changed. A run with no summary yet is running (its
+and .hydra/overrides.yaml, and is cached in the user's own cache folder (``$CNNLAB_CACHE_DIR``, else
+``$XDG_CACHE_HOME/cnnlab`` or ``~/.cache/cnnlab``), never in the folder listed (it may be someone else's), keyed
+by a hash of those files' contents, so a second listing parses only what changed. A run with no summary yet is running (its
 lock is held by a live process), cut off (a sweep trial whose worker is gone) or crashed, and is never cached.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import math
 import operator
@@ -21,11 +23,12 @@ from typing import Any
 
 from cnnlab.core.errors import CnnlabError, suggestion
 from cnnlab.runtime import lock
-from cnnlab.runtime.files import write_json
+from cnnlab.core.schema import SUMMARY_RECORD, Fields, MapOf
+from cnnlab.runtime.files import read_json, read_limited, write_json
 
 SUMMARY, TRIAL, HYDRA = "summary.json", "trial.json", ".hydra"
-CACHE = ".cnnlab-runs.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+CACHE_RECORD = Fields(optional={"version": int, "runs": MapOf(Fields(required={"key": str, "row": MapOf(Any)}))})
 NOT_RUNS = {"checkpoints", "tensorboard", "viz", "workers", "pbt"}  # folders of a run or a sweep, never runs
 FIELDS = ("date", "name", "status", "task", "model", "dataset", "monitor", "best", "val/acc", "val/loss", "test/acc",
           "test/loss", "train/acc", "train/loss", "epochs", "wall", "path")
@@ -64,16 +67,21 @@ def find_run_dirs(root: Path) -> list[tuple[Path, dict[str, os.stat_result]]]:
 def read_overrides(folder: Path) -> dict[str, str]:
     """The run's own overrides (.hydra/overrides.yaml, a YAML list of key=value), hydra.* and paths.* left out."""
     try:
-        text = (folder / HYDRA / "overrides.yaml").read_text()
-    except (OSError, UnicodeDecodeError):
+        text = (read_limited(folder / HYDRA / "overrides.yaml", "overrides file") or b"").decode()
+    except (CnnlabError, UnicodeDecodeError):
         return {}
     values = {}
     for line in text.splitlines():
         if not line.startswith("- "):
             continue
         item = line[2:].strip()
-        if item[:1] in "'\"":  # YAML quoted: 'a=b c'
-            item = item[1:-1].replace("''", "'") if item[0] == "'" else json.loads(item)
+        try:
+            if item[:1] in "'\"":  # YAML quoted: 'a=b c'
+                item = item[1:-1].replace("''", "'") if item[0] == "'" else json.loads(item)
+        except ValueError:
+            continue
+        if not isinstance(item, str):
+            continue
         key, sep, value = item.partition("=")
         key = key.lstrip("+~")
         if sep and not key.startswith(("hydra.", "hydra/", "paths.")):
@@ -104,10 +112,9 @@ def run_row(folder: Path, stats: dict[str, os.stat_result], notes: list[str]) ->
     row: dict[str, Any] = {"path": str(folder), "values": read_overrides(folder)}
     if SUMMARY in stats:
         try:
-            summary = json.loads((folder / SUMMARY).read_text())
-            row.update(summary_row(summary))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            notes.append(f"warning: {folder / SUMMARY} cannot be read ({type(e).__name__}); listed as unreadable")
+            row.update(summary_row(read_json(folder / SUMMARY, SUMMARY_RECORD, "run summary") or {}))
+        except CnnlabError as e:
+            notes.append(f"warning: {e}; listed as unreadable")
             row["status"] = "unreadable"
         finished = stats[SUMMARY].st_mtime
         wall = row.get("wall")
@@ -126,10 +133,26 @@ def run_row(folder: Path, stats: dict[str, os.stat_result], notes: list[str]) ->
     return row
 
 
-def cache_key(stats: dict[str, os.stat_result]) -> list[int] | None:
+def cache_key(folder: Path, stats: dict[str, os.stat_result]) -> str | None:
+    """A hash of the records a row is made of; None for a run with no summary (its status can change without a
+    file changing: a live lock) or one whose records cannot be read."""
     if SUMMARY not in stats:
-        return None  # its status can change without a file changing (a live lock)
-    return [v for name in (SUMMARY, TRIAL) if name in stats for v in (stats[name].st_size, stats[name].st_mtime_ns)]
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    for name in (SUMMARY, TRIAL, f"{HYDRA}/overrides.yaml"):
+        try:
+            data = read_limited(folder / name, "run record")
+        except CnnlabError:
+            return None
+        digest.update(b"-" if data is None else b"+%d:" % len(data) + data)
+    return digest.hexdigest()
+
+
+def cache_file(root: Path) -> Path:
+    """The user's own cache of ``root``'s rows: a folder being listed may be someone else's, and a cache there could
+    show rows of runs that never happened."""
+    base = os.environ.get("CNNLAB_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnlab"
+    return Path(base) / "runs" / f"{hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:24]}.json"
 
 
 def collect(roots: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -138,11 +161,11 @@ def collect(roots: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
     for root in roots:
         if not root.is_dir():
             raise CnnlabError(f"cnnlab runs: {root} is not a folder")
-        cache_path = root / CACHE
+        cache_path = cache_file(root)
         cached = _read_cache(cache_path)
         fresh = {}
         for folder, stats in find_run_dirs(root):
-            key, path = cache_key(stats), str(folder)
+            key, path = cache_key(folder, stats), str(folder)
             entry = cached.get(path)
             if key is not None and entry is not None and entry.get("key") == key:
                 row = entry["row"]
@@ -161,10 +184,10 @@ def collect(roots: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
 
 def _read_cache(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+        data = read_json(path, CACHE_RECORD, "runs cache")
+    except CnnlabError:
         return {}
-    return data.get("runs", {}) if isinstance(data, dict) and data.get("version") == CACHE_VERSION else {}
+    return data.get("runs", {}) if data and data.get("version") == CACHE_VERSION else {}
 
 
 def field(row: dict[str, Any], name: str) -> Any:
