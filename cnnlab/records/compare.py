@@ -1,24 +1,26 @@
 """`cnnlab compare RUN RUN [RUN ...]`: runs side by side, the first as the reference.
 
 What each run's directory says of it: the config groups it chose and its config (``.hydra/hydra.yaml`` and
-``config.yaml``, read as data with yaml.safe_load), its environment and metrics (``summary.json``). Shown:
+``config.yaml``, read as data: no alias, no resolver runs), its environment and metrics (``summary.json``). Shown:
 the groups that switched, the values that differ (every equal one hidden unless --all), the environment
 that differs, each metric with its change from the first run, and the learning curves as sparklines.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.text import Text
 
 from cnnlab.core.config import flatten
 from cnnlab.core.errors import CnnlabError
+from cnnlab.core.schema import SUMMARY_RECORD
+from cnnlab.core.shown import shell_line
+from cnnlab.runtime.files import read_json, read_yaml
 
 METRICS = [("best", None), ("val/acc", ("val", "acc")), ("val/loss", ("val", "loss")), ("test/acc", ("test", "acc")),
            ("test/loss", ("test", "loss")), ("train/acc", ("train", "acc")), ("train/loss", ("train", "loss"))]
@@ -35,13 +37,8 @@ class RunRecord:
     summary: dict[str, Any]
 
 
-def _yaml(path: Path, run: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise CnnlabError(f"cnnlab compare: {path} cannot be read: {str(e).splitlines()[0]}") from None
+def _yaml(path: Path) -> dict[str, Any]:
+    data = read_yaml(path, what="cnnlab compare: stored config")
     return data if isinstance(data, dict) else {}
 
 
@@ -51,24 +48,48 @@ def read_run(folder: Path, label: str) -> RunRecord:
     summary_path = folder / "summary.json"
     if not summary_path.is_file() and not (folder / ".hydra" / "config.yaml").is_file():
         raise CnnlabError(f"cnnlab compare: {folder} is not a run directory (no summary.json, no .hydra/config.yaml)")
-    try:
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CnnlabError(f"cnnlab compare: {summary_path} cannot be read: {e}") from None
-    hydra = _yaml(folder / ".hydra" / "hydra.yaml", folder).get("hydra") or {}
-    choices = {k: v for k, v in ((hydra.get("runtime") or {}).get("choices") or {}).items() if not k.startswith("hydra/")}
-    return RunRecord(folder, label, choices, resolved(_yaml(folder / ".hydra" / "config.yaml", folder)), summary)
+    summary = read_json(summary_path, SUMMARY_RECORD, "cnnlab compare: run summary") or {}
+    hydra = _yaml(folder / ".hydra" / "hydra.yaml").get("hydra")
+    runtime = hydra.get("runtime") if isinstance(hydra, dict) else None
+    choices = runtime.get("choices") if isinstance(runtime, dict) else None
+    choices = {str(k): v for k, v in (choices if isinstance(choices, dict) else {}).items() if not str(k).startswith("hydra/")}
+    return RunRecord(folder, label, choices, resolved(_yaml(folder / ".hydra" / "config.yaml")), summary)
+
+
+INTERPOLATION = re.compile(r"\$\{([\w.\-]+)\}")  # ${paths.data_dir}; a resolver call (${oc.env:X}) has a colon
+MAX_SHOWN = 1000  # characters of one resolved value
 
 
 def resolved(config: dict[str, Any]) -> dict[str, Any]:
-    """The config with its interpolations resolved (${paths.data_dir} -> data); as written where one cannot be
-    (a resolver of Hydra's, such as ${now:...}, exists only while Hydra runs)."""
-    from omegaconf import OmegaConf
+    """The config with its plain interpolations resolved (${paths.data_dir} -> data). Resolver calls stay as
+    written: the config may be someone else's, and ${oc.env:...} would print this machine's environment. Each key
+    is resolved once (a chain of doubling interpolations stays linear) and a value is cut at MAX_SHOWN."""
+    flat = flatten(config)
+    memo: dict[str, Any] = {}
 
-    try:
-        return OmegaConf.to_container(OmegaConf.create(config), resolve=True)
-    except Exception:  # noqa: BLE001 - OmegaConf raises several kinds; the unresolved config is still the record
-        return config
+    def lookup(key: str, seen: frozenset) -> Any:
+        if key in memo:
+            return memo[key]
+        if key in seen or key not in flat:
+            return None
+        value = flat[key]
+        memo[key] = substitute(value, seen | {key}) if isinstance(value, str) else value
+        return memo[key]
+
+    def substitute(text: str, seen: frozenset) -> Any:
+        whole = INTERPOLATION.fullmatch(text)
+        if whole:
+            found = lookup(whole.group(1), seen)
+            return text if found is None else found
+        return INTERPOLATION.sub(lambda m: m.group() if (v := lookup(m.group(1), seen)) is None else str(v),
+                                 text[:MAX_SHOWN])[:MAX_SHOWN]
+
+    def walk(node: Any, prefix: str) -> Any:
+        if isinstance(node, dict) and node:
+            return {k: walk(v, f"{prefix}{k}.") for k, v in node.items()}
+        return lookup(prefix[:-1], frozenset()) if isinstance(node, str) else node
+
+    return walk(config, "")
 
 
 def labels(folders: list[Path]) -> list[str]:
@@ -157,7 +178,7 @@ def compare(folders: list[Path], *, show_all: bool = False, plot: Path | None = 
                           highlight=False)
     if tensorboard:
         spec = ",".join(f"{r.label}:{r.summary.get('tensorboard') or r.folder / 'tensorboard'}" for r in runs)
-        console.print(f"tensorboard --logdir_spec '{spec}'", highlight=False, soft_wrap=True)
+        console.print(shell_line(["tensorboard", "--logdir_spec", spec]), highlight=False, soft_wrap=True)
     if plot is not None:
         write_plot(runs, plot)
         console.print(f"plot: {plot}", highlight=False)
