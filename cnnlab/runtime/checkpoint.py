@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +63,34 @@ def save_same_checkpoint(path: Path, written: Path, data: bytes) -> None:
         save_checkpoint(path, data)
 
 
+def _open_plain(path: Path, what: str) -> io.BufferedReader:
+    """``path`` opened for reading when it is a plain file: a FIFO or a device is refused at once, never waited on."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CnnlabError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise CnnlabError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CnnlabError(f"{what} {path} is not a plain file (a FIFO, a device or a folder); cnnlab reads only files")
+    return os.fdopen(fd, "rb")
+
+
+def _trailer_digest(f: io.BufferedReader) -> tuple[int, bytes | None]:
+    """The size of the archive in ``f`` and the SHA-256 its trailer holds (None: no trailer)."""
+    size = f.seek(0, io.SEEK_END)
+    f.seek(max(0, size - TRAILER_LEN))
+    tail = f.read()
+    if len(tail) == TRAILER_LEN and tail.startswith(TRAILER):
+        return size - TRAILER_LEN, tail[len(TRAILER):-1]
+    return size, None
+
+
 def has_digest(path: Path) -> bool:
     """True for a file that ends with save_checkpoint's SHA-256 trailer (a cnnlab checkpoint)."""
-    with open(path, "rb") as f:
-        f.seek(0, io.SEEK_END)
-        f.seek(max(0, f.tell() - TRAILER_LEN))
-        return f.read().startswith(TRAILER)
+    with _open_plain(path, "checkpoint") as f:
+        return _trailer_digest(f)[1] is not None
 
 
 # Checkpoints written before weights_only loading (cnnlab 0.1.0 up to issue #8) hold numpy's RNG state
@@ -83,7 +106,14 @@ def safe_load(source: Path | bytes, what: str) -> Any:
 
     try:
         with torch.serialization.safe_globals(_LEGACY_NUMPY):
-            return torch.load(opened(), map_location="cpu", weights_only=True)
+            if isinstance(source, bytes):
+                return torch.load(opened(), map_location="cpu", weights_only=True)
+            with _open_plain(source, what.split(" ")[0]):  # a FIFO is refused before torch opens it
+                pass
+            # Memory-mapped: a 2 GB checkpoint is not read into memory whole (nor twice).
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    except CnnlabError:
+        raise
     except Exception as e:  # truncated or foreign files fail in many ways inside torch.load
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(opened())
@@ -99,18 +129,17 @@ def safe_load(source: Path | bytes, what: str) -> Any:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A verified checkpoint; one line naming the file when it is missing, truncated or corrupt."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise CnnlabError(f"checkpoint {path} does not exist") from None
-    except OSError as e:
-        raise CnnlabError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
-    tail = data[-TRAILER_LEN:]
-    if tail.startswith(TRAILER):
-        data = data[:-TRAILER_LEN]
-        if hashlib.sha256(data).hexdigest().encode() != tail[len(TRAILER):-1]:
-            raise CnnlabError(f"checkpoint {path} is corrupt: its SHA-256 does not match the one written with it")
-    state = safe_load(data, f"checkpoint {path}")
+    with _open_plain(Path(path), "checkpoint") as f:
+        size, expected = _trailer_digest(f)
+        if expected is not None:  # checked in pieces: the file is never held in memory whole
+            f.seek(0)
+            digest, left = hashlib.sha256(), size
+            while left > 0 and (chunk := f.read(min(left, 1 << 22))):
+                digest.update(chunk)
+                left -= len(chunk)
+            if digest.hexdigest().encode() != expected:
+                raise CnnlabError(f"checkpoint {path} is corrupt: its SHA-256 does not match the one written with it")
+    state = safe_load(Path(path), f"checkpoint {path}")
     if not isinstance(state, dict) or "model" not in state:
         raise CnnlabError(f"checkpoint {path} is not a cnnlab checkpoint (no model state)")
     return state
