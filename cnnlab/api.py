@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from cnnlab.core.config import RunConfig, parse_run_config
+from cnnlab.core.config import RunConfig, parse_run_config, stored_run_config
 from cnnlab.core.errors import CnnlabError
 
 WEIGHTS = {"best": "best.pt", "last": "last.pt"}
@@ -134,9 +134,7 @@ def load(run: str | Path, weights: str = "best", device: str | torch.device = "c
     if path.is_dir():
         path = path / "checkpoints" / WEIGHTS[weights]
     checkpoint = load_checkpoint(path)
-    if not isinstance(checkpoint.get("config"), dict):
-        raise CnnlabError(f"checkpoint {path} has no config; was it written by cnnlab train?")
-    stored = parse_run_config(checkpoint["config"], stored=f"checkpoint {path}")
+    stored = stored_run_config(checkpoint.get("config"), path)
     device = resolve_device(str(device))
     dataset = functools.cache(stored.components["dataset"].build)  # an older checkpoint's facts: built once at most
     shape = input_shape(checkpoint, dataset)

@@ -123,21 +123,13 @@ def checkpoint_path(target: str) -> Path:
 def evaluate_runs(targets: Sequence[str], *, splits: Sequence[str], tta_flip: bool, tta_shift: int,
                   device: str, data_dir: str | None, console: Console | None = None) -> dict[str, Any]:
     """Score one run or an ensemble of runs on the given splits; print the homework's report table."""
-    from cnnlab.core.config import parse_run_config
+    from cnnlab.core.config import stored_run_config
     from cnnlab.training.assemble import build_model, resolve_device, setup
 
     console = console or make_console()
     checkpoints = [(p, load_checkpoint(p)) for p in map(checkpoint_path, targets)]
-    configs = []
-    for path, ckpt in checkpoints:
-        cfg = ckpt.get("config")
-        if not isinstance(cfg, dict):
-            raise CnnlabError(f"checkpoint {path} has no config; was it written by cnnlab train?")
-        cfg = {**cfg, "trainer": {**cfg["trainer"], "device": device}}
-        if data_dir is not None:
-            cfg["dataset"] = {**cfg["dataset"], "root": data_dir} if "root" in cfg["dataset"] else cfg["dataset"]
-        configs.append(cfg)
-    runs = [parse_run_config(cfg, stored=f"checkpoint {path}") for (path, _), cfg in zip(checkpoints, configs)]
+    runs = [stored_run_config(ckpt.get("config"), path, data_dir=data_dir, trainer={"device": device})
+            for path, ckpt in checkpoints]
     first = runs[0]
     for (path, _), other in zip(checkpoints[1:], runs[1:]):
         if (other.components["dataset"].options, other.components["dataset"].name, other.data.val_fraction,

@@ -244,7 +244,11 @@ def parse_run_config(cfg: DictConfig | Mapping[str, Any], *, stored: str | None 
         options = {k: v for k, v in section.items() if k not in own}
         name = section["name"]
         components[group] = Component(group, name, GROUP_REGISTRIES[group].check_options(name, options, group))
+    if stored is not None and "download" in components["dataset"].options:
+        components["dataset"].options["download"] = False  # a stored config may be someone else's: it fetches nothing
     augment = resolved.get("augment") or {}
+    if not isinstance(augment, Mapping):
+        raise CnnlabError("augment must be a mapping (name and ops)")
     ops = augment.get("ops") or {}
     if not isinstance(ops, Mapping):
         raise CnnlabError("augment.ops must be a mapping of op name to its options")
@@ -264,6 +268,20 @@ def parse_run_config(cfg: DictConfig | Mapping[str, Any], *, stored: str | None 
         resolved=resolved,
         replay=check_value("replay", resolved.get("replay"), Optional[str]),
     )
+
+
+def stored_run_config(config: Any, path: Any, *, data_dir: str | None = None, **sections: dict[str, Any]) -> RunConfig:
+    """A checkpoint's stored config, checked as one from someone else (its plugins must be loaded already, it
+    downloads nothing), with ``sections``' settings laid over it (``trainer={"device": "cpu"}``) and the dataset's
+    root replaced by ``data_dir`` when given."""
+    if not isinstance(config, Mapping):
+        raise CnnlabError(f"checkpoint {path} has no config; was it written by cnnlab train?")
+    config = dict(config)
+    for key, settings in sections.items():
+        config[key] = {**(config.get(key) if isinstance(config.get(key), Mapping) else {}), **settings}
+    if data_dir is not None and isinstance(config.get("dataset"), Mapping) and "root" in config["dataset"]:
+        config["dataset"] = {**config["dataset"], "root": data_dir}
+    return parse_run_config(config, stored=f"checkpoint {path}")
 
 
 def check_task_model(resolved: Mapping[str, Any]) -> None:

@@ -40,6 +40,14 @@ class MapOf:
     value: Any
 
 
+def _container_of(spec: Any) -> type | tuple | None:
+    if isinstance(spec, Fields | MapOf):
+        return dict
+    if isinstance(spec, ListOf):
+        return (list, tuple)
+    return None
+
+
 def describe(value: Any) -> str:
     if value is None:
         return "null"
@@ -97,9 +105,11 @@ def check(value: Any, spec: Any, where: str = "") -> Any:
             try:
                 return check(value, option, where)
             except SchemaMismatch as e:
-                errors.append(e)
-        if len(errors) == 1:
-            raise errors[0]
+                errors.append((option, e))
+        same_kind = [e for option, e in errors if _container_of(option) is not None
+                     and isinstance(value, _container_of(option))]
+        if len(errors) == 1 or len(same_kind) == 1:  # the inner field that is wrong, not "an object or null"
+            raise (same_kind or [errors[0][1]])[0]
         raise SchemaMismatch(where, _name(spec), value)
     if isinstance(spec, Fields):
         if not isinstance(value, dict):
@@ -113,7 +123,7 @@ def check(value: Any, spec: Any, where: str = "") -> Any:
                 check(value[key], inner, f"{where}.{key}" if where else key)
         return value
     if isinstance(spec, ListOf):
-        if not isinstance(value, list):
+        if not isinstance(value, list | tuple):
             raise SchemaMismatch(where, _name(spec), value)
         for k, item in enumerate(value):
             check(item, spec.item, f"{where}[{k}]")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from cnnlab.core.errors import CnnlabError
-from cnnlab.runtime.files import write_json
+from cnnlab.runtime.files import atomic_write_path, confine, write_json
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 TOLERANCE = 1e-4
@@ -59,11 +59,14 @@ def export_file(module: nn.Module, example: torch.Tensor, path: Path, fmt: str, 
             batch = torch.export.Dim("batch", min=1)
             program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
                                         dynamic_shapes=({0: batch},), verbose=False)
-            program.save(str(path))
+            atomic_write_path(path, lambda tmp: program.save(str(tmp)))
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                torch.jit.save(torch.jit.trace(module, example, check_trace=False), str(path))
+                traced = torch.jit.trace(module, example, check_trace=False)
+                atomic_write_path(path, lambda tmp: torch.jit.save(traced, str(tmp)))
+    except CnnlabError:
+        raise
     except Exception as e:  # noqa: BLE001 - the exporters raise many kinds; each ends in the same one line
         raise CnnlabError(f"cnnlab export: model={model_name} cannot be exported as {fmt}: {unexportable(e)}") from None
 
@@ -119,7 +122,7 @@ def write_metadata(path: Path, record: dict[str, Any]) -> Path:
 def export(run: Path, fmt: str, out: Path | None = None, *, bake: bool = False, weights: str = "best",
            data_dir: str | None = None, console=None) -> dict[str, Any]:
     """Export ``run``'s selected model (or ``weights="last"``), check it against torch, write its metadata."""
-    from cnnlab.core.config import parse_run_config
+    from cnnlab.core.config import stored_run_config
     from cnnlab.data.statistics import Preprocessing
     from cnnlab.runtime.checkpoint import load_checkpoint, load_weights
     from cnnlab.training.assemble import setup
@@ -129,14 +132,9 @@ def export(run: Path, fmt: str, out: Path | None = None, *, bake: bool = False, 
     if not path.is_file():
         raise CnnlabError(f"cnnlab export: {run} is not a run directory with checkpoints/{weights}.pt")
     checkpoint = load_checkpoint(path)
-    config = checkpoint.get("config")
-    if not isinstance(config, dict):
-        raise CnnlabError(f"cnnlab export: checkpoint {path} has no config; was it written by cnnlab train?")
-    config = {**config, "trainer": {**config["trainer"], "device": "cpu", "compile": False, "precision": "fp32"},
-              "data": {**config["data"], "in_memory": True}}  # parity is checked on the validation images, in memory
-    if data_dir is not None and "root" in config["dataset"]:
-        config["dataset"] = {**config["dataset"], "root": data_dir}
-    stored = parse_run_config(config, stored=f"checkpoint {path}")
+    stored = stored_run_config(checkpoint.get("config"), path, data_dir=data_dir,
+                               trainer={"device": "cpu", "compile": False, "precision": "fp32"},
+                               data={"in_memory": True})  # parity is checked on the validation images, in memory
     recorded = checkpoint.get("preprocess")
     s = setup(stored, preprocessing=None if recorded is None else Preprocessing.from_state(recorded))
     model = s.model.to(memory_format=torch.contiguous_format).eval()
@@ -152,6 +150,8 @@ def export(run: Path, fmt: str, out: Path | None = None, *, bake: bool = False, 
             images = x.float().cpu() / 255
             batches.append((images if bake else preprocess(images), y.cpu()))
     out = out or run / f"model{FORMATS[fmt]}" if run.is_dir() else out or run.with_suffix(FORMATS[fmt])
+    if run.is_dir():
+        confine(run)  # someone else's run directory: a link in it is not written through
     export_file(module, batches[0][0][:2], out, fmt, stored.components["model"].name)
     result = parity(out, fmt, module, batches)
     if result["max_abs_diff"] > TOLERANCE:

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from cnnlab.core.errors import CnnlabError
-from cnnlab.runtime.files import atomic_write
+from cnnlab.core.schema import Fields, ListOf, MapOf
+from cnnlab.runtime.files import atomic_write, checked
 
 TRAILER = b"\ncnnlab-sha256:"
 TRAILER_LEN = len(TRAILER) + 64 + 1  # marker, hex digest, newline
@@ -142,7 +143,39 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     state = safe_load(Path(path), f"checkpoint {path}")
     if not isinstance(state, dict) or "model" not in state:
         raise CnnlabError(f"checkpoint {path} is not a cnnlab checkpoint (no model state)")
+    check_checkpoint(state, Path(path))
     return state
+
+
+_TENSORS = MapOf(torch.Tensor)
+_MAYBE_TENSOR = (torch.Tensor, None)
+CHECKPOINT_RECORD = Fields(required={"model": _TENSORS}, optional={
+    "ema": (_TENSORS, None), "selected": (str, None), "classes": ListOf((str, int)), "input_shape": ListOf(int),
+    "config": Any, "history": ListOf(MapOf(Any)), "epoch": int, "step": int,
+    "preprocess": (Fields(required={"kind": str, "mean": torch.Tensor, "std": torch.Tensor,
+                                    "matrix": _MAYBE_TENSOR}), None)})
+
+
+def check_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """The parts of a checkpoint that evaluation, export and cnnlab.load use, as they use them: one line naming the
+    field when a checkpoint (anyone can write one) holds something else."""
+    checked(state, path, "checkpoint", CHECKPOINT_RECORD)
+    if state.get("selected") == "ema" and state.get("ema") is None:
+        raise CnnlabError(f"checkpoint {path} is not a valid record: it selected the EMA weights but holds none")
+    shape = state.get("input_shape")
+    if shape is None:
+        return
+    if len(shape) != 3 or min(shape) < 1:
+        raise CnnlabError(f"checkpoint {path} is not a valid record: input_shape should be [channels, height, width]")
+    prep = state.get("preprocess")
+    if prep is not None:
+        c, h, w = shape
+        for key, allowed in (("mean", {(c, 1, 1), (c, h, w)}), ("std", {(c, 1, 1), (c, h, w)}),
+                             ("matrix", {(c * h * w, c * h * w)})):
+            tensor = prep[key]
+            if tensor is not None and tuple(tensor.shape) not in allowed:
+                raise CnnlabError(f"checkpoint {path} is not a valid record: preprocess.{key} has shape "
+                                  f"{tuple(tensor.shape)}, not one for images of {c}x{h}x{w}")
 
 
 def load_resumable(folder: Path) -> tuple[dict[str, Any], Path, list[str]] | None:

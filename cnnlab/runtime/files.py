@@ -72,6 +72,26 @@ def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
         raise
 
 
+def atomic_write_path(path: Path, write_to) -> None:
+    """``write_to(temp_path)`` (a writer that takes only a file name: an exporter), then the temp file renamed over
+    ``path``: never written through a link at ``path``, never half-written."""
+    check_inside(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+        os.close(fd)
+    except OSError as e:
+        raise CnnlabError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        write_to(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CnnlabError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def check_writable(path: Path, what: str) -> None:
     """Refuse, before any work, a file that could not be written at the end: a folder, or a place where no
     file can be made (a probe file is made and removed)."""
