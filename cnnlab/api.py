@@ -16,7 +16,6 @@ with the line the CLI prints. Nothing here calls sys.exit or leaves Hydra's glob
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from cnnlab.core.schema import SUMMARY_RECORD
+from cnnlab.runtime.files import read_json
 from cnnlab.core.config import RunConfig, parse_run_config, stored_run_config
 from cnnlab.core.errors import CnnlabError
 
@@ -110,7 +111,7 @@ def train(overrides: Iterable[str] | None = None, *, config_dirs: Iterable[str |
         with run_log(run_dir):  # a refusal leaves nothing
             summary = run_one(cfg, run_dir, list(hydra_node.overrides.task), console=console)
     if summary is None:  # trainer.devices=N: the processes wrote it
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = read_json(run_dir / "summary.json", SUMMARY_RECORD, "run summary") or {}
     model = preprocess = None
     if (run_dir / "checkpoints" / "best.pt").is_file():
         model, preprocess = load(run_dir)

@@ -20,6 +20,8 @@ from tests.conftest import TINY, quiet_console, run_cli
 
 def test_train_twice_in_one_process_composes_as_the_cli_and_returns_the_selected_model(tmp_path):
     out = {"paths.output_dir": str(tmp_path)}
+    logger = logging.getLogger("cnnlab")
+    found = (list(logger.handlers), logger.propagate, logger.isEnabledFor(logging.INFO))  # as earlier tests left it
     first = cnnlab.train(TINY, console=quiet_console(), seed=3, optimizer__lr=0.05, **out)
     second = cnnlab.train(TINY, console=quiet_console(), seed=3, **{"optimizer.lr": 0.05}, **out)
     assert first.run_dir != second.run_dir and first.status == second.status == "completed"
@@ -29,8 +31,8 @@ def test_train_twice_in_one_process_composes_as_the_cli_and_returns_the_selected
     overrides = (first.run_dir / ".hydra" / "overrides.yaml").read_text()
     assert "seed=3" in overrides and "optimizer.lr=0.05" in overrides  # recorded as the CLI records them
     assert not GlobalHydra.instance().is_initialized() and HydraConfig.instance().cfg is None  # nothing left behind
-    logger = logging.getLogger("cnnlab")  # the run's log went to its train.log; the process's logging is as it was
-    assert not logger.handlers and logger.propagate and not logger.isEnabledFor(logging.INFO)
+    # the run's log went to its train.log; the process's logging is as it was
+    assert (list(logger.handlers), logger.propagate, logger.isEnabledFor(logging.INFO)) == found
     images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
     logits = first.model(first.preprocess(images))
     assert logits.shape == (5, 4) and not first.model.training

@@ -8,6 +8,7 @@ During training they go to TensorBoard (tags viz/*), and what they are drawn fro
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,8 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.training.finetune import stages
 from cnnlab.analysis.plotting import pyplot, save_png
 from cnnlab.runtime.checkpoint import safe_load
-from cnnlab.runtime.files import atomic_write, read_json
+from cnnlab.core.schema import SUMMARY_RECORD, Fields, ListOf, MapOf
+from cnnlab.runtime.files import atomic_write, checked, read_json
 
 MAX_FILTERS = 64       # the first layer's filters drawn (all of LeNet's 6, the first 64 of an MLP's)
 MAX_CHANNELS = 16      # feature maps drawn per stage
@@ -107,10 +109,52 @@ class Record:
         if not path.is_file():
             return None
         state = safe_load(path, f"viz record {path}")
+        if not isinstance(state, dict) or not set(state) <= {f.name for f in dataclasses.fields(cls)}:
+            raise CnnlabError(f"viz record {path} is not a cnnlab viz record; delete it to start a new one")
+        check_record(checked(state, path, "viz record", RECORD_SPEC), path)
         try:
             return cls(**state)
         except TypeError:
             raise CnnlabError(f"viz record {path} is not a cnnlab viz record; delete it to start a new one") from None
+
+
+_TENSOR = torch.Tensor
+RECORD_SPEC = Fields(required={"classes": ListOf((str, int)), "mean": ListOf(float), "std": ListOf(float)}, optional={
+    "filters": MapOf(_TENSOR), "sample": (_TENSOR, None), "features": MapOf(_TENSOR), "features_epoch": (int, None),
+    "augmented": (_TENSOR, None),
+    "misclassified": (Fields(required={"images": _TENSOR, "true": _TENSOR, "predicted": _TENSOR, "confidence": _TENSOR},
+                             optional={"index": _TENSOR}), None)})
+
+
+def check_record(state: dict[str, Any], path: Path) -> None:
+    """The shapes the figures draw: images of the record's channels, labels among its classes."""
+    def bad(field_name: str, wanted: str) -> CnnlabError:
+        return CnnlabError(f"viz record {path} is not a valid record: {field_name} should be {wanted}")
+
+    channels = len(state["mean"])
+    if channels not in (1, 3) or len(state["std"]) != channels:
+        raise bad("mean and std", "one number per channel (1 or 3) each")
+    for name, tensor in state.get("filters", {}).items():
+        if tensor.ndim != 4:
+            raise bad(f"filters.{name}", "first-layer weights (out, in, h, w)")
+    for name, tensor in state.get("features", {}).items():
+        if tensor.ndim != 3:
+            raise bad(f"features.{name}", "feature maps (channels, h, w)")
+    for name in ("sample", "augmented"):
+        tensor = state.get(name)
+        if tensor is not None and (tensor.ndim not in (3, 4) or tensor.shape[-3] != channels):
+            raise bad(name, f"images with {channels} channels")
+    wrong = state.get("misclassified")
+    if wrong is not None and len(wrong["images"]):  # none wrong: empty tensors of any shape
+        n, classes = len(wrong["images"]), len(state["classes"])
+        if wrong["images"].ndim != 4 or wrong["images"].shape[1] != channels:
+            raise bad("misclassified.images", f"images (N, {channels}, H, W)")
+        for name in ("true", "predicted", "confidence"):
+            if wrong[name].ndim != 1 or len(wrong[name]) != n:
+                raise bad(f"misclassified.{name}", f"{n} values, one per image")
+        for name in ("true", "predicted"):
+            if n and (wrong[name].is_floating_point() or int(wrong[name].min()) < 0 or int(wrong[name].max()) >= classes):
+                raise bad(f"misclassified.{name}", f"class numbers below {classes}")
 
 
 def to_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -236,12 +280,16 @@ def write_pngs(run_dir: Path) -> list[Path]:
                "features.png": features_figure if record.features else None,
                "augmented.png": augmented_figure if record.augmented is not None else None,
                "misclassified.png": misclassified_figure if record.misclassified and len(record.misclassified["images"]) else None}
-    confusion = (read_json(run_dir / "summary.json") or {}).get("confusion_matrix")
+    confusion = (read_json(run_dir / "summary.json", SUMMARY_RECORD, "run summary") or {}).get("confusion_matrix")
     written = []
     for name, draw in figures.items():
         if draw is not None:
             save_png(draw(record), folder / name)
             written.append(folder / name)
+    n = len(record.classes)
+    if confusion and (len(confusion) != n or any(len(row) != n for row in confusion)):
+        raise CnnlabError(f"run summary {run_dir / 'summary.json'} is not a valid record: confusion_matrix should be "
+                          f"{n} x {n} (one row and column per class)")
     if confusion:
         save_png(confusion_figure(torch.tensor(confusion), record.classes), folder / "confusion.png")
         written.append(folder / "confusion.png")

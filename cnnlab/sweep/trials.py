@@ -36,6 +36,7 @@ from cnnlab.tasks import Job, monitor_of, train
 from cnnlab.runtime.environment import environment
 from cnnlab.runtime.lock import RunDirLock
 from cnnlab.runtime.checkpoint import LAST, load_checkpoint
+from cnnlab.core.schema import SUMMARY_RECORD, Fields, ListOf, MapOf
 from cnnlab.runtime.files import read_json, write_json
 
 log = logging.getLogger("cnnlab.sweep.trials")
@@ -53,7 +54,7 @@ def _previous_attempt(sweep_dir: Path, overrides: list[str], here: Path) -> Path
     """The trial directory of an earlier attempt at the same overrides (this one's own first)."""
     candidates = [here, *sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p != here)]
     for folder in candidates:
-        trial = read_json(folder / TRIAL_FILE)
+        trial = read_json(folder / TRIAL_FILE, TRIAL_RECORD, "trial record")
         if trial and trial.get("overrides") == overrides and not trial.get("continued_in"):
             return folder
     return None
@@ -107,7 +108,7 @@ def _name_tensorboard(cfg: DictConfig, run_dir: Path, overrides: list[str], memb
     member's to ``member <n>`` (its values change from one interval to the next)."""
     if cfg.paths.get("tensorboard"):
         return
-    searched = (read_json(run_dir.parent / SWEEP_FILE) or {}).get("searched") or []
+    searched = (read_json(run_dir.parent / SWEEP_FILE, SWEEP_RECORD, "sweep record") or {}).get("searched") or []
     label = f"member {run_dir.name}" if member else trial_label(overrides, searched, run_dir.name)
     with open_dict(cfg):
         cfg.paths.tensorboard = str(run_dir.parent / TENSORBOARD_DIR / label)
@@ -147,7 +148,7 @@ def run_trial(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if settings.get("resume"):
         previous = _previous_attempt(run_dir.parent, overrides, run_dir)
         if previous is not None:
-            done = read_json(previous / SUMMARY_FILE)
+            done = read_json(previous / SUMMARY_FILE, SUMMARY_RECORD, "run summary")
             if done and done.get("status") in FINISHED:
                 log.info("trial %s: %s already, skipped (resume)", previous.name, done["status"])
                 return done
@@ -206,7 +207,7 @@ def trial_dirs(sweep_dir: Path) -> list[Path]:
     """The folders of a sweep's trials, in job order (folders that only point to another are left out)."""
     found = []
     for folder in sweep_dir.iterdir():
-        trial = read_json(folder / TRIAL_FILE) if folder.is_dir() else None
+        trial = read_json(folder / TRIAL_FILE, TRIAL_RECORD, "trial record") if folder.is_dir() else None
         if trial is not None and not trial.get("continued_in"):
             found.append(folder)
     return sorted(found, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
@@ -215,13 +216,16 @@ def trial_dirs(sweep_dir: Path) -> list[Path]:
 def sweep_status(sweep_dir: Path) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for folder in trial_dirs(sweep_dir):
-        status = (read_json(folder / SUMMARY_FILE) or {}).get("status", RunStatus.UNFINISHED)
+        status = (read_json(folder / SUMMARY_FILE, SUMMARY_RECORD, "run summary") or {}).get("status", RunStatus.UNFINISHED)
         counts[status] = counts.get(status, 0) + 1
     failed = sum(counts.get(s, 0) for s in FAILED)
     return {"dir": str(sweep_dir), "trials": sum(counts.values()), "failed": failed, "counts": counts}
 
 
 SWEEP_FILE = "sweep.json"
+TRIAL_RECORD = Fields(optional={"overrides": ListOf(str), "continued_in": (str, None), "started": float, "pid": int})
+SWEEP_RECORD = Fields(optional={"searched": ListOf(str), "monitor": str, "task_overrides": ListOf(str),
+                                "sweeper_params": MapOf(Any)})
 
 
 def record_sweep(config: DictConfig) -> None:

@@ -25,6 +25,7 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import TASKS
 from cnnlab.core.status import FINISHED, RunStatus
 from cnnlab.runtime.checkpoint import load_checkpoint, load_resumable, load_weights
+from cnnlab.core.schema import SUMMARY_RECORD
 from cnnlab.runtime.files import read_json
 from cnnlab.runtime.distributed import launched_ranks
 from cnnlab.data.split import stratified_folds
@@ -88,7 +89,7 @@ def load_resume_state(run: RunConfig, run_dir: Path, console: ConsoleReporter | 
     state, path, damaged = found
     for line in damaged if console is not None else ():
         console.warn(f"{line}; falling back to {path}")
-    status = (read_json(run_dir / "summary.json") or {}).get("status")
+    status = (read_json(run_dir / "summary.json", SUMMARY_RECORD, "run summary") or {}).get("status")
     if status in (RunStatus.EARLY_STOPPED, RunStatus.DIVERGED) and state.get("partial") is None:
         raise CnnlabError(f"{run_dir} ended {status}; nothing to resume (choose a new hydra.run.dir)")
     check_resumable(state, path, run.resolved, run_dir, retune)
@@ -130,7 +131,7 @@ def cross_validate(run: RunConfig, job: Job, reporter: ConsoleReporter, k: int, 
     summaries = []
     for i, (train_idx, val_idx) in enumerate(stratified_folds(data.train_labels, k, run.data.split_seed)):
         fold_dir = job.run_dir / f"fold{i}"
-        done = read_json(fold_dir / "summary.json") if job.resume else None
+        done = read_json(fold_dir / "summary.json", SUMMARY_RECORD, "run summary") if job.resume else None
         if done is not None and done.get("status") in FINISHED:
             summaries.append(done)
             continue

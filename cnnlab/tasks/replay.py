@@ -13,7 +13,6 @@ read from it (cnnlab.training.resume.RETUNABLE); everything else is the config t
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 from cnnlab.core.config import RunConfig
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.status import RunStatus
+from cnnlab.runtime.files import read_json
 from cnnlab.runtime.checkpoint import LAST, load_checkpoint, load_resumable
 from cnnlab.tasks.job import Job
 from cnnlab.training.resume import config_changes, retunable
@@ -40,13 +40,10 @@ def read_schedule(member: Path) -> tuple[int, list[Interval]]:
     """(the member's trainer.epochs, its intervals), checked; one line naming the file otherwise."""
     path = member / SCHEDULE_FILE
     where = f"replay={member}: {path}"
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
+    record = read_json(path, Any, f"replay={member}: schedule")
+    if record is None:
         raise CnnlabError(f"replay={member}: no {SCHEDULE_FILE} there; replay retrains a member of a "
-                          "hydra.sweeper.scheduler=pbt sweep (<sweep dir>/<member>)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CnnlabError(f"{where} cannot be read: {e}") from None
+                          "hydra.sweeper.scheduler=pbt sweep (<sweep dir>/<member>)")
     if not isinstance(record, dict) or not isinstance(record.get("schedule"), list) or not record["schedule"]:
         raise CnnlabError(f"{where} has no schedule (a non-empty list under 'schedule')")
     intervals, reached = [], 0
@@ -54,14 +51,14 @@ def read_schedule(member: Path) -> tuple[int, list[Interval]]:
         epochs = entry.get("epochs") if isinstance(entry, dict) else None
         values = entry.get("params") if isinstance(entry, dict) else None
         if not (isinstance(epochs, list) and len(epochs) == 2 and all(type(e) is int for e in epochs)
-                and epochs[0] == reached < epochs[1]):
+                and epochs[0] == reached < epochs[1] <= 10**6):
             raise CnnlabError(f"{where}: interval {i} must be 'epochs': [{reached}, a later epoch]")
         if not isinstance(values, dict):
             raise CnnlabError(f"{where}: interval {i} has no 'params' mapping")
         for key, value in values.items():
             if not retunable(key):
                 raise CnnlabError(f"{where}: interval {i} sets {key}, which PBT does not change; replay refuses it")
-            if type(value) not in (int, float) or not math.isfinite(value):
+            if type(value) not in (int, float) or abs(value) > 1e300 or not math.isfinite(value):
                 raise CnnlabError(f"{where}: interval {i} sets {key} to {value!r}, not a number")
         intervals.append(Interval(epochs[0], epochs[1], values))
         reached = epochs[1]
