@@ -50,7 +50,7 @@ def pytest_xdist_auto_num_workers(config) -> int:
 # The modules whose tests run one after another on one pytest-xdist worker: they share a module-scoped fixture
 # (built once, not once a worker), or, test_cluster.py, the session's cluster and its PostgreSQL restarts.
 SHARED_MODULES = {f"tests/test_{name}.py" for name in (
-    "bad_input", "cluster", "compare", "disk_full", "distributed", "export", "finetune", "packaging", "pbt",
+    "bad_input", "cluster", "compare", "disk_full", "distributed", "export", "finetune", "foreign", "packaging", "pbt",
     "resume", "runs", "sweep", "trust", "viz")}
 
 

@@ -216,6 +216,27 @@ def test_a_wrong_partition_database_or_journal_is_one_line_before_any_trial(clus
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
 
 
+def test_the_storage_password_is_written_and_printed_nowhere(cluster, tmp_path):
+    """A sweep on the PostgreSQL server with a password in its URL: not on the terminal (Hydra's `#0 : ...` lines
+    included), not in trial.json, summary.json, .hydra/*.yaml, train.log or the TensorBoard events."""
+    database = fresh_database(cluster)
+    secret = database.split("://", 1)[1].split("@", 1)[0]  # user:password
+    assert ":" in secret
+    folder = tmp_path / "sw"
+    done = run_cli("train", "-m", *SWEEP, "trainer.epochs=1", "optimizer.lr=0.1,0.2", f"hydra.sweeper.storage={database}",
+                   f"hydra.sweep.dir={folder}", cwd=tmp_path, env=cluster.env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "#0 : " in done.stdout + done.stderr  # Hydra's line for the trial, printed
+    assert secret not in done.stdout + done.stderr
+    files = [p for p in folder.rglob("*") if p.is_file() and not p.name.endswith((".pt", ".png"))]
+    assert {"trial.json", "summary.json", "hydra.yaml", "overrides.yaml", "train.log"} <= {p.name for p in files}
+    assert any("events.out.tfevents" in p.name for p in files)
+    leaked = [p for p in files if secret.encode() in p.read_bytes()]
+    assert not leaked, leaked
+    recorded = json.loads((folder / "0" / "summary.json").read_text())["environment"]["command"]
+    assert any(":***@" in word for word in recorded)
+
+
 ROOT = Path(__file__).resolve().parent.parent
 LONG = [o for o in TINY if not o.startswith(("dataset.train_size", "trainer.log_every"))] + [
     "dataset.train_size=8000", "trainer.deterministic=true", "trainer.checkpoint_every_n_steps=10",

@@ -137,6 +137,8 @@ FOREIGN_LINES = {  # an overrides.yaml entry -> what the one line says
     "optimizer.lr=0.1,0.2": "is a sweep",
     "model=../../../tmp/evil": "is not the name of a model config",
     "plugins=[planted]": "pass plugins=[planted] on the command line yourself",
+    "paths.tensorboard=/tmp/elsewhere": "a run directory lends no path",  # TensorBoard's events went there
+    "dataset.root=/tmp/elsewhere": "a run directory lends no path",
 }
 
 
