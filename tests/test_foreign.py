@@ -89,6 +89,20 @@ def test_a_crafted_tune_stage_record_is_refused_and_runs_nothing(tmp_path, case)
     assert not (tune / "coarse" / "0").exists()  # no trial ran
 
 
+@pytest.mark.parametrize("record, expected", [
+    ({"passed": True, "lr_window": "x"}, "initial_loss missing"),
+    ({"passed": True, "lr_window": [1.0, 0.1], "initial_loss": 1.0, "expected_initial_loss": 1.0,
+      "overfit_accuracy": 1.0, "suggested_lr": 0.1, "lowest_loss_lr": 0.1, "epochs": 0.5}, "lr_window is not two"),
+    ([1, 2], "the top level should be an object"),
+])
+def test_a_crafted_gate_record_is_one_line(tmp_path, record, expected):
+    tune = tmp_path / "tune"
+    tune.mkdir()
+    (tune / "gate.json").write_text(json.dumps(record))
+    args = [a for a in TUNE if a not in ("tune.gate=false", "tune.budget_epochs=8")] + ["tune.budget_epochs=12", f"tune.dir={tune}"]
+    one_line(run_cli("tune", *args, cwd=tmp_path), f"gate record {tune / 'gate.json'}", expected)
+
+
 def test_a_stage_whose_trials_all_fail_stops_the_tune_in_one_line(tmp_path):
     done = run_cli("tune", *TUNE, "model.dropout=1.5,2.0", cwd=tmp_path, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
@@ -223,16 +237,21 @@ def test_a_symlinked_train_log_is_refused_before_anything_is_written(finished, t
     assert target.read_text() == "theirs\n"
 
 
-@pytest.mark.parametrize("folder", ["checkpoints", ".hydra"])
-def test_a_symlinked_folder_inside_a_run_is_not_written_through(finished, tmp_path, folder):
+@pytest.mark.parametrize("folder, command", [
+    ("checkpoints", ["train", *TINY, "trainer.epochs=2", "hydra.run.dir={run}"]),  # continues the run
+    (".hydra", ["train", *TINY, "trainer.epochs=2", "hydra.run.dir={run}"]),
+    ("tensorboard", ["train", *TINY, "trainer.epochs=2", "hydra.run.dir={run}"]),
+    ("viz", ["viz", "{run}"]),
+])
+def test_a_symlinked_folder_inside_a_run_is_not_written_through(finished, tmp_path, folder, command):
     run_dir = copy_run(finished, tmp_path)
     outside = tmp_path / "outside"
     shutil.move(run_dir / folder, outside)
     (run_dir / folder).symlink_to(outside)
-    before = {p.name: p.read_bytes() for p in outside.iterdir()}
-    done = run_cli("train", *TINY, "trainer.epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)  # continues it
+    before = {p.name: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+    done = run_cli(*(c.format(run=run_dir) for c in command), cwd=tmp_path)
     one_line(done, f"is a symbolic link inside {run_dir}")
-    assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in outside.rglob("*") if p.is_file()} == before
 
 
 def test_report_and_export_replace_a_symlink_instead_of_writing_through_it(finished, tmp_path):

@@ -25,7 +25,7 @@ from cnnlab.training.finetune import stages
 from cnnlab.analysis.plotting import pyplot, save_png
 from cnnlab.runtime.checkpoint import safe_load
 from cnnlab.core.schema import SUMMARY_RECORD, Fields, ListOf, MapOf
-from cnnlab.runtime.files import atomic_write, checked, read_json
+from cnnlab.runtime.files import atomic_write, checked, confine, read_json
 
 MAX_FILTERS = 64       # the first layer's filters drawn (all of LeNet's 6, the first 64 of an MLP's)
 MAX_CHANNELS = 16      # feature maps drawn per stage
@@ -272,6 +272,7 @@ def write_pngs(run_dir: Path) -> list[Path]:
     if not run_dir.is_dir():
         raise CnnlabError(f"{run_dir} is not a directory; give a run directory (outputs/runs/<date>/<time>-<name>)")
     folder = run_dir / "viz"
+    confine(run_dir)  # someone else's run directory: its viz/ may link anywhere
     record = Record.load(folder)
     if record is None:
         raise CnnlabError(f"{run_dir} has no viz/{RECORD}: it is not a run directory, or it ran with viz off "

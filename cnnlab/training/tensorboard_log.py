@@ -27,6 +27,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from cnnlab.core.config import flatten
 from cnnlab.core.errors import CnnlabError
+from cnnlab.runtime.files import check_inside
 from cnnlab.core.status import FAILED, RunStatus
 
 
@@ -61,6 +62,7 @@ class EventWriter:
 
     def __init__(self, log_dir: Path, **kwargs):
         self.log_dir = log_dir
+        check_inside(Path(log_dir) / "events")  # a tensorboard/ that links out of the run: not written through
         self._writer = self._call(SummaryWriter, log_dir=str(log_dir), **kwargs)
 
     def _call(self, method, *args, **kwargs):

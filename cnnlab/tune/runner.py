@@ -28,6 +28,7 @@ from cnnlab.cli.hydra_app import composed, run_log, run_one, writer_of
 from cnnlab.core.config import parse_run_config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.schema import Fields, ListOf, MapOf
+from cnnlab.core.shown import shell_line
 from cnnlab.runtime.lock import discard_refused
 from cnnlab.runtime.files import confine, open_append, read_json, write_json
 from cnnlab.runtime.distributed import LOCK_HELD_ENV
@@ -443,8 +444,6 @@ class Tune:
             return test
 
     def finish(self, gate: dict[str, Any] | None, results: list[dict[str, Any]], final: Study) -> dict[str, Any]:
-        import shlex
-
         ranking = self.final_ranking(final)
         chosen = ranking[0]
         test = self.test_once(chosen)
@@ -456,7 +455,7 @@ class Tune:
                   "stages": [{k: v for k, v in r.items() if k != "curve"} for r in results], "final": ranking,
                   "chosen": {k: chosen[k] for k in ("config", "mean", "std", "run", "seed")}, "test": test,
                   "best_so_far": self.best_so_far(gate, results),
-                  "command": shlex.join(["cnnlab", "train", *overrides]), "settings": vars(self.settings)}
+                  "command": shell_line(["cnnlab", "train", *overrides]), "settings": vars(self.settings)}
         write_json(self.dir / TUNE_FILE, record)
         plot_path = self.plot(record)
         self.report(record, plot_path)
