@@ -83,6 +83,33 @@ def _name(spec: Any) -> str:
             dict: "an object"}.get(spec, spec.__name__)
 
 
+_PLAIN = {int: (int,), float: (int, float), str: (str,), None: (type(None),), bool: (bool,)}
+_INT_LIMIT = 10 ** MAX_INT_DIGITS
+
+
+_PLAIN_OF: dict[int, tuple[Any, frozenset | None]] = {}  # id(spec) -> (spec, its plain types): specs live long
+
+
+def _plain_types(spec: Any) -> frozenset | None:
+    """The exact types a spec of plain values takes (a fast path for long lists: a history, a confusion matrix)."""
+    known = _PLAIN_OF.get(id(spec))
+    if known is not None and known[0] is spec:
+        return known[1]
+    options = spec if isinstance(spec, tuple) else (spec,)
+    plain = None
+    if all(any(option is kind for kind in _PLAIN) for option in options):  # identity: a Fields is unhashable
+        plain = frozenset(t for option in options for t in _PLAIN[option])
+    _PLAIN_OF[id(spec)] = (spec, plain)
+    return plain
+
+
+def _plain_ok(value: Any, types: frozenset) -> bool:
+    kind = type(value)
+    if kind not in types:
+        return False
+    return kind is not int or -_INT_LIMIT < value < _INT_LIMIT
+
+
 def _matches_type(value: Any, kind: Any) -> bool:
     if kind is None:
         return value is None
@@ -99,6 +126,9 @@ def _matches_type(value: Any, kind: Any) -> bool:
 
 def check(value: Any, spec: Any, where: str = "") -> Any:
     """``value`` when it fits ``spec``; else SchemaMismatch naming the field (``a.b[2].c``)."""
+    plain = _plain_types(spec)
+    if plain is not None and _plain_ok(value, plain):
+        return value
     if isinstance(spec, tuple):
         errors = []
         for option in spec:
@@ -125,14 +155,18 @@ def check(value: Any, spec: Any, where: str = "") -> Any:
     if isinstance(spec, ListOf):
         if not isinstance(value, list | tuple):
             raise SchemaMismatch(where, _name(spec), value)
+        plain = _plain_types(spec.item)
         for k, item in enumerate(value):
-            check(item, spec.item, f"{where}[{k}]")
+            if plain is None or not _plain_ok(item, plain):  # the slow path names the field
+                check(item, spec.item, f"{where}[{k}]")
         return value
     if isinstance(spec, MapOf):
         if not isinstance(value, dict):
             raise SchemaMismatch(where, _name(spec), value)
+        plain = _plain_types(spec.value)
         for key, item in value.items():
-            check(item, spec.value, f"{where}.{key}" if where else str(key))
+            if plain is None or not _plain_ok(item, plain):
+                check(item, spec.value, f"{where}.{key}" if where else str(key))
         return value
     if not _matches_type(value, spec):
         raise SchemaMismatch(where, _name(spec), value)
@@ -143,15 +177,13 @@ def check(value: Any, spec: Any, where: str = "") -> Any:
 
 def depth(value: Any, limit: int) -> bool:
     """Whether ``value`` nests no deeper than ``limit`` levels (walked without recursion)."""
-    stack = [(value, 1)]
+    stack = [(value, 1)] if isinstance(value, dict | list) else []
     while stack:
         item, level = stack.pop()
         if level > limit:
             return False
-        if isinstance(item, dict):
-            stack.extend((v, level + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, level + 1) for v in item)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((v, level + 1) for v in children if isinstance(v, dict | list))
     return True
 
 

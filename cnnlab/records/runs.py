@@ -24,10 +24,14 @@ from typing import Any
 from cnnlab.core.errors import CnnlabError, suggestion
 from cnnlab.runtime import lock
 from cnnlab.core.schema import SUMMARY_RECORD, Fields, MapOf
-from cnnlab.runtime.files import read_json, read_limited, write_json
+from cnnlab.runtime.files import parse_json, read_json, read_limited, write_json
 
 SUMMARY, TRIAL, HYDRA = "summary.json", "trial.json", ".hydra"
 CACHE_VERSION = 2
+# The fields a row is made of, as summary_row uses them (a listing checks no more: 10,000 summaries).
+SUMMARY_ROW = Fields(optional={
+    **{k: SUMMARY_RECORD.optional[k] for k in ("status", "name", "task", "model", "dataset", "monitor", "best_value",
+                                                 "wall_time_s", "selected")}, "history": list})
 CACHE_RECORD = Fields(optional={"version": int, "runs": MapOf(Fields(required={"key": str, "row": MapOf(Any)}))})
 NOT_RUNS = {"checkpoints", "tensorboard", "viz", "workers", "pbt"}  # folders of a run or a sweep, never runs
 FIELDS = ("date", "name", "status", "task", "model", "dataset", "monitor", "best", "val/acc", "val/loss", "test/acc",
@@ -64,10 +68,10 @@ def find_run_dirs(root: Path) -> list[tuple[Path, dict[str, os.stat_result]]]:
     return found
 
 
-def read_overrides(folder: Path) -> dict[str, str]:
+def read_overrides(folder: Path, data: bytes | None = None) -> dict[str, str]:
     """The run's own overrides (.hydra/overrides.yaml, a YAML list of key=value), hydra.* and paths.* left out."""
     try:
-        text = (read_limited(folder / HYDRA / "overrides.yaml", "overrides file") or b"").decode()
+        text = (data if data is not None else read_limited(folder / HYDRA / "overrides.yaml", "overrides file") or b"").decode()
     except (CnnlabError, UnicodeDecodeError):
         return {}
     values = {}
@@ -107,12 +111,17 @@ def unfinished_status(folder: Path, stats: dict[str, os.stat_result]) -> str:
     return "cut off" if TRIAL in stats else "crashed"
 
 
-def run_row(folder: Path, stats: dict[str, os.stat_result], notes: list[str]) -> dict[str, Any]:
+def run_row(folder: Path, stats: dict[str, os.stat_result], notes: list[str],
+            contents: dict[str, bytes | None] | None = None) -> dict[str, Any]:
+    """``contents``: the records' bytes, where cache_key read them already."""
+    contents = contents or {}
     started = stats[TRIAL].st_mtime if TRIAL in stats else None
-    row: dict[str, Any] = {"path": str(folder), "values": read_overrides(folder)}
+    row: dict[str, Any] = {"path": str(folder), "values": read_overrides(folder, contents.get(RECORDS[2]))}
     if SUMMARY in stats:
         try:
-            row.update(summary_row(read_json(folder / SUMMARY, SUMMARY_RECORD, "run summary") or {}))
+            summary = parse_json(contents[SUMMARY], folder / SUMMARY, SUMMARY_ROW, "run summary") \
+                if contents.get(SUMMARY) is not None else read_json(folder / SUMMARY, SUMMARY_ROW, "run summary")
+            row.update(summary_row(summary or {}))
         except CnnlabError as e:
             notes.append(f"warning: {e}; listed as unreadable")
             row["status"] = "unreadable"
@@ -133,19 +142,22 @@ def run_row(folder: Path, stats: dict[str, os.stat_result], notes: list[str]) ->
     return row
 
 
-def cache_key(folder: Path, stats: dict[str, os.stat_result]) -> str | None:
-    """A hash of the records a row is made of; None for a run with no summary (its status can change without a
-    file changing: a live lock) or one whose records cannot be read."""
+RECORDS = (SUMMARY, TRIAL, f"{HYDRA}/overrides.yaml")  # what a row is made of
+
+
+def cache_key(folder: Path, stats: dict[str, os.stat_result]) -> tuple[str | None, dict[str, bytes | None]]:
+    """A hash of the records a row is made of, and their bytes (read once, for the row too); no key for a run
+    with no summary (its status can change without a file changing: a live lock) or unreadable records."""
     if SUMMARY not in stats:
-        return None
-    digest = hashlib.blake2b(digest_size=16)
-    for name in (SUMMARY, TRIAL, f"{HYDRA}/overrides.yaml"):
+        return None, {}
+    digest, contents = hashlib.blake2b(digest_size=16), {}
+    for name in RECORDS:
         try:
-            data = read_limited(folder / name, "run record")
+            contents[name] = data = read_limited(folder / name, "run record")
         except CnnlabError:
-            return None
+            return None, {}
         digest.update(b"-" if data is None else b"+%d:" % len(data) + data)
-    return digest.hexdigest()
+    return digest.hexdigest(), contents
 
 
 def cache_file(root: Path) -> Path:
@@ -165,12 +177,12 @@ def collect(roots: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
         cached = _read_cache(cache_path)
         fresh = {}
         for folder, stats in find_run_dirs(root):
-            key, path = cache_key(folder, stats), str(folder)
+            (key, contents), path = cache_key(folder, stats), str(folder)
             entry = cached.get(path)
             if key is not None and entry is not None and entry.get("key") == key:
                 row = entry["row"]
             else:
-                row = run_row(folder, stats, notes)
+                row = run_row(folder, stats, notes, contents)
             if key is not None and row.get("status") != "unreadable":
                 fresh[path] = {"key": key, "row": row}
             rows.append(row)

@@ -212,8 +212,11 @@ def read_json(path: Path, spec: Any = Fields(), what: str = "record") -> Any:
     """A JSON record (by default an object); None when the file is missing. Anything else that is wrong with
     it (not JSON, too large, too deep, a field of the wrong type) is one line naming the file and the field."""
     data = read_limited(path, what)
-    if data is None:
-        return None
+    return None if data is None else parse_json(data, path, what=what, spec=spec)
+
+
+def parse_json(data: bytes, path: Path, spec: Any = Fields(), what: str = "record") -> Any:
+    """read_json of bytes already read from ``path``."""
     try:
         parsed = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
