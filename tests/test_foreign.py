@@ -254,6 +254,16 @@ def test_a_symlinked_folder_inside_a_run_is_not_written_through(finished, tmp_pa
     assert {p.name: p.read_bytes() for p in outside.rglob("*") if p.is_file()} == before
 
 
+def test_a_run_inside_a_tune_directory_that_links_out_of_it_is_refused(tmp_path):
+    tune, outside = tmp_path / "tune", tmp_path / "outside"
+    (tune / "gate").mkdir(parents=True)
+    outside.mkdir()
+    (tune / "gate" / "overfit").symlink_to(outside)  # where the gate's first run trains
+    args = [a for a in TUNE if a not in ("tune.gate=false", "tune.budget_epochs=8")] + ["tune.budget_epochs=12"]
+    one_line(run_cli("tune", *args, f"tune.dir={tune}", cwd=tmp_path), f"is a symbolic link inside {tune}")
+    assert not list(outside.iterdir())
+
+
 def test_report_and_export_replace_a_symlink_instead_of_writing_through_it(finished, tmp_path):
     sweep = tmp_path / "sweep"
     crafted_sweep(sweep, ["optimizer.lr=0.01,0.1"])

@@ -114,7 +114,8 @@ _ROOTS: set[str] = set()  # resolved run, sweep and tune directories this proces
 
 def confine(folder: Path) -> None:
     """From now on no write below ``folder`` follows a symbolic link that lies inside it (``folder`` itself may be
-    one: the user named it)."""
+    one: the user named it, unless it lies inside a folder confined before, as a tune's gate run lies in its tune)."""
+    check_inside(Path(folder) / "-")
     _ROOTS.add(os.path.realpath(folder))
 
 

@@ -36,7 +36,7 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.core.status import RunStatus
 from cnnlab.runtime import lock
 from cnnlab.runtime.checkpoint import BEST, LAST, PREVIOUS
-from cnnlab.runtime.files import write_json
+from cnnlab.runtime.files import check_inside, write_json
 from cnnlab.tasks.replay import SCHEDULE_FILE
 from cnnlab.training.resume import RETUNABLE, retunable
 from cnnlab.sweep.study import JOB, RETRY_OF, Claim, Study, SweepSettings, claim_lock, number_attr
@@ -265,6 +265,7 @@ class PbtStudy(Study):
         folder.mkdir(parents=True, exist_ok=True)
         for name in (LAST, BEST):
             copied = folder / f".{name}.copying"
+            check_inside(copied)  # a member's folder in someone else's sweep may link out of it
             shutil.copyfile(self.sweep_dir / str(source) / SNAPSHOTS / str(g) / name, copied)
             os.replace(copied, folder / name)
         (folder / PREVIOUS).unlink(missing_ok=True)
@@ -295,6 +296,7 @@ class PbtStudy(Study):
         (every member has started generation g, so none copies from g - 2 any more)."""
         folder = self.sweep_dir / str(member)
         target = folder / SNAPSHOTS / str(g)
+        check_inside(target / LAST)  # no link on the way out of the member's folder
         target.mkdir(parents=True, exist_ok=True)
         for name in (LAST, BEST):
             (target / name).unlink(missing_ok=True)

@@ -33,7 +33,7 @@ from cnnlab.core.errors import CnnlabError, suggestion
 from cnnlab.core.registry import PRUNERS, SAMPLERS
 from cnnlab.core.status import FAILED, RANKED, RunStatus
 from cnnlab.runtime import lock
-from cnnlab.runtime.files import confine
+from cnnlab.runtime.files import confine, open_append
 from cnnlab.runtime.distributed import LOCK_HELD_ENV, cnnlab_command
 from cnnlab.sweep.storage import RETRY_ENV, STORAGE_FILES, open_storage, retry_seconds, shown, storage_target
 
@@ -426,7 +426,7 @@ def start_helpers(n: int, args: list[str], sweep_dir: Path, threads: int) -> lis
     helpers = []
     for k in range(1, n + 1):
         path = logs / f"worker-{os.getpid()}-{k}.log"
-        with path.open("w") as out:
+        with open_append(path) as out:
             process = subprocess.Popen(cnnlab_command("train", "-m", *args), env=env,
                                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        preexec_fn=_die_with_parent)
