@@ -248,10 +248,14 @@ def test_a_symlinked_folder_inside_a_run_is_not_written_through(finished, tmp_pa
     outside = tmp_path / "outside"
     shutil.move(run_dir / folder, outside)
     (run_dir / folder).symlink_to(outside)
-    before = {p.name: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+    def files(folder: Path) -> dict:
+        return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file() and not p.is_symlink()}
+
+    before, inside = files(outside), files(run_dir)
     done = run_cli(*(c.format(run=run_dir) for c in command), cwd=tmp_path)
     one_line(done, f"is a symbolic link inside {run_dir}")
-    assert {p.name: p.read_bytes() for p in outside.rglob("*") if p.is_file()} == before
+    assert files(run_dir) == inside  # refused before anything was written
+    assert files(outside) == before
 
 
 def test_a_run_inside_a_tune_directory_that_links_out_of_it_is_refused(tmp_path):

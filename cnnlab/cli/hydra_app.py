@@ -24,7 +24,7 @@ from cnnlab.core.errors import CnnlabError, JobAborted, ProcessesFailed, suggest
 from cnnlab.core.plugins import load_components
 from cnnlab.sweep.trials import register_resolvers, run_trial
 from cnnlab.core.shown import masked
-from cnnlab.runtime.files import LogFile, atomic_write, confine, refuse_link
+from cnnlab.runtime.files import LogFile, atomic_write, confine_run
 from cnnlab.runtime.distributed import LOCK_HELD_ENV, Ranks, launch_processes, launched_ranks
 from cnnlab.runtime.lock import RunDirLock, discard_refused
 
@@ -140,7 +140,7 @@ def run_log(run_dir: Path) -> Iterator[None]:
     if file is None:
         handler: logging.Handler = logging.NullHandler()
     else:
-        refuse_link(run_dir / "train.log")
+        confine_run(run_dir)
         handler = LogFile(run_dir / "train.log", delay=True)  # no line, no file (a refused run)
         formatter = file.get("formatter")
         handler.setFormatter(logging.Formatter(OmegaConf.select(job_logging, f"formatters.{formatter}.format")
@@ -166,8 +166,7 @@ def writer_of(run_dir: Path, cfg: DictConfig) -> Iterator[None]:
     process refused here has written nothing). DDP ranks started for a run that holds the lock
     (trainer.devices, or torchrun's ranks other than 0) share it, and so does a sweep's trial that
     another launcher runs (a SLURM job): the sweeper holds its directory's lock for it."""
-    confine(run_dir)
-    refuse_link(run_dir / "train.log")  # hydra/job_logging appends to it
+    confine_run(run_dir)  # hydra/job_logging appends to its train.log
     ranks = launched_ranks()
     held_for_us = os.environ.get(LOCK_HELD_ENV)  # a sweeper or `trainer.devices` holds it for this process
     held_for_us = bool(held_for_us) and Path(held_for_us).resolve() == run_dir.resolve()

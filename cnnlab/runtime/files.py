@@ -136,6 +136,18 @@ def check_inside(path: Path) -> None:
             return
 
 
+RUN_FOLDERS = ("checkpoints", ".hydra", "tensorboard", "viz")  # what a run writes in, below its directory
+
+
+def confine_run(run_dir: Path) -> None:
+    """Confine a run directory and refuse it at once, before anything is written, when one of the folders a run
+    writes in, or its train.log, is a symbolic link (not at its first checkpoint, an epoch later)."""
+    confine(run_dir)
+    for name in RUN_FOLDERS:
+        check_inside(run_dir / name / "-")
+    refuse_link(run_dir / "train.log")
+
+
 def refuse_link(path: Path) -> None:
     """Refuse a file cnnlab appends to (train.log, console.log) when it, or a folder on its way inside a
     confined folder, is a symbolic link: before the run, not when its first line is logged."""
