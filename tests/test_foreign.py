@@ -307,10 +307,13 @@ def test_secrets_are_masked_in_lines_and_records():
     assert shell_line(["cnnlab", "train", "x=$(id)", "token=abc"]) == "cnnlab train 'x=$(id)' token=***"
 
 
-def test_the_storage_password_is_masked_on_the_error_line(tmp_path):
-    done = run_cli("train", "-m", *TINY, "optimizer.lr=0.1,0.2", "hydra.sweeper.storage=postgresql://u:S3CRET@127.0.0.1:9/x",
+@pytest.mark.parametrize("url", ["postgresql://u:S3CRET@127.0.0.1:notaport/x",  # the storage's own error
+                                 "postgresql://u:S3CRET@[::1/x"])  # Hydra's: not an override it can parse
+def test_the_storage_password_is_masked_on_the_error_line(tmp_path, url):
+    done = run_cli("train", "-m", *TINY, "optimizer.lr=0.1,0.2", f"hydra.sweeper.storage={url}",
                    "hydra.sweeper.storage_retry_s=0", cwd=tmp_path)
-    assert done.returncode != 0 and "S3CRET" not in done.stderr + done.stdout and "u:***@" in done.stderr
+    one_line(done, "u:***@")
+    assert "S3CRET" not in done.stderr + done.stdout
 
 
 # ---- hangs and memory ----
