@@ -37,6 +37,7 @@ from cnnlab.runtime.environment import environment
 from cnnlab.runtime.lock import RunDirLock
 from cnnlab.runtime.checkpoint import LAST, load_checkpoint
 from cnnlab.core.schema import SUMMARY_RECORD, Fields, ListOf, MapOf
+from cnnlab.core.shown import shell_line
 from cnnlab.runtime.files import read_json, write_json
 
 log = logging.getLogger("cnnlab.sweep.trials")
@@ -183,7 +184,7 @@ def _attempt(cfg: DictConfig, run_dir: Path, overrides: list[str], settings, *, 
     try:
         summary = train(parse_run_config(cfg), Job(
             run_dir, console=console, test=bool(settings.get("test_trials", False)), resume=resume, on_epoch=on_epoch,
-            resume_hint=f"the same command with hydra.sweep.dir={run_dir.parent} sweep.resume=true",
+            resume_hint=f"the same command with {shell_line([f'hydra.sweep.dir={run_dir.parent}', 'sweep.resume=true'])}",
             pause_after=pause_after, retune=retune, environment=record["environment"]))
     except Exception as e:  # noqa: BLE001 - a trial's failure is data for the sweep, not the end of it
         first_line = (str(e).strip().splitlines() or [""])[0]

@@ -26,6 +26,7 @@ from cnnlab.core.registry import TASKS
 from cnnlab.core.status import FINISHED, RunStatus
 from cnnlab.runtime.checkpoint import load_checkpoint, load_resumable, load_weights
 from cnnlab.core.schema import SUMMARY_RECORD
+from cnnlab.core.shown import shell_line
 from cnnlab.runtime.files import read_json
 from cnnlab.runtime.distributed import launched_ranks
 from cnnlab.data.split import stratified_folds
@@ -116,7 +117,7 @@ def classify(run: RunConfig, job: Job) -> dict[str, Any]:
     s = setup(run, ranks)
     try:
         check_tta_shift(s.run.trainer.tta_shift, s.data.input_size, "trainer.tta_shift")
-        job = dataclasses.replace(job, resume_hint=job.resume_hint or f"cnnlab train resume={job.run_dir}")
+        job = dataclasses.replace(job, resume_hint=job.resume_hint or shell_line(["cnnlab", "train", f"resume={job.run_dir}"]))
         return fit_select_test(s, job, reporter, resume_state, wall_start=wall_start)
     finally:
         s.close()  # DataLoader workers stop now, not whenever the garbage collector gets to them
@@ -137,7 +138,7 @@ def cross_validate(run: RunConfig, job: Job, reporter: ConsoleReporter, k: int, 
             continue
         reporter.console.print(f"fold {i + 1}/{k}: {len(train_idx):,} train / {len(val_idx):,} val", highlight=False)
         fold = fold_run(run, i)
-        fold_job = Job(fold_dir, job.console, test=False, resume=job.resume, resume_hint=f"cnnlab train resume={job.run_dir}")
+        fold_job = Job(fold_dir, job.console, test=False, resume=job.resume, resume_hint=shell_line(["cnnlab", "train", f"resume={job.run_dir}"]))
         resume_state = load_resume_state(fold, fold_dir, reporter) if job.resume else None
         s = setup(fold, split=(train_idx, val_idx), data=data)
         try:
