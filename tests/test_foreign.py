@@ -123,6 +123,20 @@ def test_a_study_attribute_used_in_a_path_is_a_whole_number_or_one_line(value):
     assert number_attr(optuna.trial.create_trial(value=1.0, user_attrs={"job": 7}), "job") == 7
 
 
+def test_study_attributes_of_the_wrong_kind_are_one_line():
+    """A PBT member's lineage and a trial's epochs, read from a study that may be someone else's."""
+    import optuna
+
+    from cnnlab.sweep.pbt import LINEAGE, lineage_of
+    from cnnlab.sweep.study import trial_epochs
+
+    with pytest.raises(CnnlabError, match="not a list of intervals"):
+        lineage_of(optuna.trial.create_trial(value=1.0, user_attrs={LINEAGE: 5}))
+    with pytest.raises(CnnlabError, match="epochs='x', not a whole number"):
+        trial_epochs(optuna.trial.create_trial(value=1.0, user_attrs={"epochs": "x"}))
+    assert trial_epochs(optuna.trial.create_trial(value=1.0, user_attrs={"epochs": 3})) == 3
+
+
 def test_helpers_start_without_the_working_directory_on_the_import_path(tmp_path):
     """n_jobs >= 2 and trainer.devices start their processes with cnnlab_command: Hydra would import a
     hydra_plugins/ in the working directory if `python -m` put it on the path."""

@@ -46,6 +46,15 @@ SNAPSHOTS = "pbt"  # <member dir>/pbt/<generation>/{last,best}.pt
 ENDED = (RunStatus.COMPLETED, RunStatus.EARLY_STOPPED)  # a member that ended so goes on no further
 
 
+def lineage_of(trial) -> list[dict[str, Any]]:
+    """A member's schedule so far (its trial's lineage attribute), checked: the study may be someone else's."""
+    lineage = trial.user_attrs.get(LINEAGE)
+    if not isinstance(lineage, list) or not all(isinstance(step, dict) for step in lineage):
+        raise CnnlabError(f"trial {trial.number} of the study has a {LINEAGE} attribute that is not a list of "
+                          "intervals; the study's storage is not cnnlab's")
+    return list(lineage)
+
+
 @dataclass
 class PbtSettings:
     """hydra.sweeper.pbt (conf/hydra/sweeper/cnnlab.yaml)."""
@@ -216,12 +225,12 @@ class PbtStudy(Study):
         fates = {}
         for m in sorted(ended):
             t = ended[m]
-            params, lineage = dict(t.params), list(t.user_attrs[LINEAGE])
+            params, lineage = dict(t.params), lineage_of(t)
             if m in bottom and top:
                 rng = random.Random(f"{self.s.seed}-{g}-{m}")
                 source = rng.choice(top)
                 params = explore(ended[source].params, self.space, self.pbt, rng)
-                lineage = list(ended[source].user_attrs[LINEAGE])
+                lineage = lineage_of(ended[source])
             elif m in bottom or t.user_attrs.get("status") in ENDED:
                 continue  # failed with no one to copy, or trained to its end
             else:

@@ -110,7 +110,7 @@ def trial_epochs(trial) -> int:
     """The epochs a finished trial cost: those it trained, and the one a diverged trial stopped in."""
     if not trial.state.is_finished():
         return 0
-    return trial.user_attrs.get("epochs", 0) + (trial.user_attrs.get("status") == RunStatus.DIVERGED)
+    return number_attr(trial, "epochs", default=0) + (trial.user_attrs.get("status") == RunStatus.DIVERGED)
 
 
 def fits_budget(trials, epochs: int, budget: float) -> bool:
@@ -329,7 +329,7 @@ class Study:
                 self.study.enqueue_trial(self.grid[len(slots)])
             self.study.sampler = self.build_sampler(len(trials))
             trial = self.study.ask(fixed_distributions=self.space)
-            retry_of = trial.user_attrs.get(RETRY_OF)
+            retry_of = number_attr(trial, RETRY_OF, default=None) if trial.user_attrs.get(RETRY_OF) is not None else None
             # Directories 0..n_trials-1: a trial's place among the trials that are not retries.
             place = sum(1 for t in slots if t.number < (trial.number if retry_of is None else retry_of))
             job = number_attr(trial, JOB, default=place)

@@ -36,7 +36,7 @@ from cnnlab.tasks import Job, monitor_of, train
 from cnnlab.runtime.environment import environment
 from cnnlab.runtime.lock import RunDirLock
 from cnnlab.runtime.checkpoint import LAST, load_checkpoint
-from cnnlab.core.schema import SUMMARY_RECORD, Fields, ListOf, MapOf
+from cnnlab.core.schema import SUMMARY_RECORD, Fields, ListOf, MapOf, SchemaMismatch, check
 from cnnlab.core.shown import shell_line
 from cnnlab.runtime.files import read_json, write_json
 
@@ -167,6 +167,10 @@ def run_claimed(cfg: DictConfig, run_dir: Path, overrides: list[str], trial, mon
     (its trial's "pbt" attribute) pauses at the interval's end and may change the searched keys on resume."""
     _report_history(trial, monitor, _last_history(run_dir))
     pbt = trial.user_attrs.get("pbt") or {}
+    try:  # a study's attributes may be someone else's
+        check(pbt, PBT_ATTR, "pbt")
+    except SchemaMismatch as e:
+        raise CnnlabError(f"trial {trial.number} of the study: {e}; the study's storage is not cnnlab's") from None
     return _attempt(cfg, run_dir, overrides, settings or {}, resume=True, on_epoch=_pruning(trial, monitor),
                     console=console, pause_after=pbt.get("pause_after"), retune=tuple(pbt.get("retune", ())))
 
@@ -225,6 +229,7 @@ def sweep_status(sweep_dir: Path) -> dict[str, Any]:
 
 SWEEP_FILE = "sweep.json"
 TRIAL_RECORD = Fields(optional={"overrides": ListOf(str), "continued_in": (str, None), "started": float, "pid": int})
+PBT_ATTR = Fields(optional={"pause_after": (int, None), "retune": ListOf(str), "worker": int})
 SWEEP_RECORD = Fields(optional={"searched": ListOf(str), "monitor": str, "task_overrides": ListOf(str),
                                 "sweeper_params": MapOf(Any)})
 
