@@ -8,6 +8,7 @@ A spec is a type or a tuple of types (``int`` never matches a bool; ``float`` ta
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,10 @@ class Fields:
 
     required: dict[str, Any] = field(default_factory=dict)
     optional: dict[str, Any] = field(default_factory=dict)
+
+
+class Finite:
+    """A spec: a finite number (a validation loss; never NaN or infinity, which JSON's reader lets through)."""
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,9 @@ def describe(value: Any) -> str:
     if isinstance(value, int):
         return "an integer" if len(str(abs(value))) > 20 else str(value)
     if isinstance(value, float):
-        return repr(value)
+        return json.dumps(value)  # NaN, Infinity: as the file spells them
     if isinstance(value, str):
-        return "a string"
+        return json.dumps(value[:40]) if len(value) <= 40 else "a string"
     if isinstance(value, list):
         return "a list"
     if isinstance(value, dict):
@@ -79,8 +84,8 @@ def _name(spec: Any) -> str:
         return f"a list of {_name(spec.item)}"
     if isinstance(spec, MapOf):
         return f"an object of {_name(spec.value)}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
-            dict: "an object"}.get(spec, spec.__name__)
+    return {int: "an integer", float: "a number", Finite: "a finite number", str: "a string", bool: "true or false",
+            list: "a list", dict: "an object"}.get(spec, spec.__name__)
 
 
 _PLAIN = {int: (int,), float: (int, float), str: (str,), None: (type(None),), bool: (bool,)}
@@ -117,6 +122,8 @@ def _matches_type(value: Any, kind: Any) -> bool:
         return True
     if kind is float:
         return isinstance(value, NUMBER) and not isinstance(value, bool)
+    if kind is Finite:
+        return _matches_type(value, float) and (isinstance(value, int) or math.isfinite(value))
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool) and len(str(abs(value))) <= MAX_INT_DIGITS
     if isinstance(kind, type):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,8 +24,8 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.core.validation import Range, range_of
 from cnnlab.sweep.storage import STORAGE_FILES, storage_target
 from cnnlab.core.status import FAILED, RunStatus
-from cnnlab.sweep.trials import SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, trial_dirs
-from cnnlab.core.schema import Fields
+from cnnlab.sweep.trials import SUMMARY_FILE, SWEEP_FILE, SWEEP_RECORD, TRIAL_FILE, TRIAL_RECORD, trial_dirs
+from cnnlab.core.schema import Fields, Finite, ListOf
 from cnnlab.runtime.files import atomic_write, confine, read_json, read_yaml, write_json
 
 EDGE = 0.1  # a best value in the outer 10% of an interval (in log space if log-sampled) is on its edge
@@ -75,39 +74,22 @@ def _params(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-NUMBER = (int, float)
-# What report reads of each file, and of what type (bool is an int to Python: refused apart below).
-RECORD_FIELDS = {
-    TRIAL_FILE: {"overrides": list},
-    SUMMARY_FILE: {"status": str, "history": list, "best_value": NUMBER, "wall_time_s": NUMBER, "error": str},
-    SWEEP_FILE: {"monitor": str, "sweeper_params": dict, "searched": list},
+_FINITE_OR_NULL = (Finite, None)
+# What report reads of each file, and of what type.
+RECORD_SPECS = {
+    TRIAL_FILE: TRIAL_RECORD,
+    SUMMARY_FILE: Fields(optional={
+        "status": str, "best_value": (float, None), "wall_time_s": _FINITE_OR_NULL, "error": (str, None),
+        "history": ListOf(Fields(optional={"val/loss": _FINITE_OR_NULL, "val/acc": _FINITE_OR_NULL}))}),
+    SWEEP_FILE: SWEEP_RECORD,
 }
-HISTORY_FIELDS = {"val/loss": NUMBER, "val/acc": NUMBER}
+RECORD_NAMES = {TRIAL_FILE: "trial record", SUMMARY_FILE: "run summary", SWEEP_FILE: "sweep record"}
 
 
 def read_record(path: Path) -> dict[str, Any]:
     """One of a sweep's JSON records ({} when absent), its fields of the types report uses; a file that is
-    not JSON, or holds something else, is one line naming it (it may come from anyone)."""
-    data = read_json(path, Fields(), "sweep record")
-    if data is None:
-        return {}
-    _check_fields(path, data, RECORD_FIELDS.get(path.name, {}), "")
-    if path.name == TRIAL_FILE and not all(isinstance(o, str) for o in data.get("overrides") or []):
-        raise CnnlabError(f"{path}: overrides should be a list of strings")
-    for i, row in enumerate(data.get("history") or []):
-        if not isinstance(row, dict):
-            raise CnnlabError(f"{path}: history[{i}] should be an object, found {type(row).__name__}")
-        _check_fields(path, row, HISTORY_FIELDS, f"history[{i}].")
-    return data
-
-
-def _check_fields(path: Path, data: dict[str, Any], fields: dict[str, Any], where: str) -> None:
-    for key, kind in fields.items():
-        value = data.get(key)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)
-                                  or (kind is NUMBER and not math.isfinite(value) and key != "best_value")):
-            wanted = "a number" if kind is NUMBER else f"a {kind.__name__}"
-            raise CnnlabError(f"{path}: {where}{key} should be {wanted}, found {json.dumps(value)[:60]}")
+    not JSON, or holds something else, is one line naming it and the field (it may come from anyone)."""
+    return read_json(path, RECORD_SPECS[path.name], RECORD_NAMES[path.name]) or {}
 
 
 def load_trials(sweep_dir: Path) -> list[Trial]:
