@@ -468,3 +468,15 @@ def test_runs_lists_a_crafted_summary_or_overrides_file_as_unreadable(finished, 
     rows = {Path(r["path"]).name: r for r in json.loads(done.stdout)}
     assert rows["run"]["status"] == "unreadable" and rows["two"]["status"] == "completed"
     assert f"run summary {one / 'summary.json'} is not a valid record" in done.stderr
+
+
+def test_a_sweep_summary_with_a_loss_that_is_not_finite_is_one_line(tmp_path):
+    """JSON's reader takes NaN and Infinity; a report ranks on validation losses, so it refuses them."""
+    from cnnlab.sweep.report import read_record
+
+    path = tmp_path / "summary.json"
+    path.write_text('{"status": "completed", "best_value": 0.5, "history": [{"val/loss": NaN}]}')
+    with pytest.raises(CnnlabError, match=r"history\[0\]\.val/loss should be a finite number or null, got NaN"):
+        read_record(path)
+    path.write_text('{"status": "completed", "best_value": NaN, "history": [{"val/loss": 0.5}]}')  # a diverged run's
+    assert read_record(path)["history"] == [{"val/loss": 0.5}]
