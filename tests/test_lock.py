@@ -14,6 +14,7 @@ import pytest
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.runtime import lock
+from cnnlab.runtime.checkpoint import load_checkpoint
 from tests.conftest import TINY, run_cnnlab, start_cnnlab
 
 # Long enough to be caught alive: many steps of the tiny run, a checkpoint every 5 steps.
@@ -62,7 +63,10 @@ def test_a_second_start_is_refused_and_a_start_after_kill_9_resumes(tmp_path):
         first.wait()
 
     assert (run_dir / lock.LOCK_NAME).exists()  # a SIGKILLed holder cannot clean up: its lock is stale
-    third = run_cnnlab(command(run_dir, 1), tmp_path, env(tmp_path), timeout=300)  # cut short to the epoch it was killed in
+    # Cut short to the epoch it was killed in: on a loaded machine the first run may have finished an epoch or more
+    # before the refusal and the kill (an epoch is 125 steps), so that epoch is read from its newest checkpoint.
+    killed_in = load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] + 1
+    third = run_cnnlab(command(run_dir, killed_in), tmp_path, env(tmp_path), timeout=300)
     assert third.returncode == 0, third.stderr
     assert f"took over the lock of {run_dir} from pid {first.pid}" in third.stderr
     assert f"pid {first.pid} has exited" in third.stderr
