@@ -57,6 +57,18 @@ def test_random_sampler_seeds_each_trial_from_the_runs_seed():
     assert draw(sweeper_settings("hydra/sweeper/sampler=random", "seed=8"), 3) != draw(settings, 3)
 
 
+def test_trials_draw_from_independent_streams():
+    """Seeded `seed + k`, MT19937's first draws clumped (seed 0's 4 lr draws spanned 13% of the log range) and
+    seed 1's trials were seed 0's shifted by one."""
+    import math
+
+    zero, one = (sweeper_settings("hydra/sweeper/sampler=random", f"seed={s}") for s in (0, 1))
+    first = [draw(zero, k) for k in range(8)]
+    assert not set(first) & {draw(one, k) for k in range(8)}
+    logs = [math.log10(v) for v in first[:4]]  # SPACE: log-uniform over 1e-4 .. 1, 4 decades
+    assert (max(logs) - min(logs)) / 4 >= 0.5
+
+
 @pytest.mark.parametrize(("overrides", "kind", "expected"), [
     (["hydra/sweeper/sampler=tpe", "hydra.sweeper.sampler.n_startup_trials=3", "hydra.sweeper.sampler.multivariate=false",
       "hydra.sweeper.sampler.constant_liar=false"], "TPESampler",

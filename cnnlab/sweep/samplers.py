@@ -1,9 +1,11 @@
 """The samplers and pruners a sweep chooses from (``hydra/sweeper/sampler=<name>``,
 ``hydra.sweeper.pruner=<name>``), as Optuna objects.
 
-A sampler is built anew for every trial, seeded with ``seed + trial number``: the values of
-trial k then depend on the sweep's seed and k alone, whichever worker asks for it, so
-parallel workers never draw the same values and a one-worker sweep is reproducible.
+A sampler is built anew for every trial, seeded from trial k's own stream of the sweep's seed (numpy's
+``SeedSequence(seed, spawn_key=(k,))``, as ``SeedSequence(seed).spawn`` makes its children): the values of
+trial k then depend on the sweep's seed and k alone, whichever worker asks for it, so parallel workers never
+draw the same values and a one-worker sweep is reproducible. ``seed + k`` was not independent: MT19937 seeded
+with 0, 1, 2, 3 clumps its first draws, and seed 1's trials were seed 0's shifted by one.
 Sobol is the exception: its points come from one scrambled sequence, indexed in the study.
 Optuna is imported when a sampler or pruner is built, not when cnnlab starts.
 """
@@ -23,7 +25,11 @@ Reduction = Annotated[int, Range(ge=2)]
 
 
 def _seed(seed: int | None, trial_number: int) -> int | None:
-    return None if seed is None else seed + trial_number
+    if seed is None:
+        return None
+    import numpy as np
+
+    return int(np.random.SeedSequence(seed, spawn_key=(trial_number,)).generate_state(1)[0])
 
 
 def _quiet_experimental() -> None:
