@@ -46,18 +46,6 @@ def masked(text: str) -> str:
     return _ASSIGNMENT.sub(assignment, text)
 
 
-def masked_tree(value: Any) -> Any:
-    """A record (dicts, lists, strings) with every secret masked: by its key's name, or inside a string."""
-    if isinstance(value, dict):
-        return {k: (MASK if isinstance(k, str) and secret_name(k) and isinstance(v, str | int | float) and v != ""
-                    else masked_tree(v)) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [masked_tree(v) for v in value]
-    if isinstance(value, str):
-        return masked(value)
-    return value
-
-
 def shell_line(words: Iterable[str]) -> str:
     """A command to paste into a shell: every word quoted where it needs it, secrets masked, nothing that a
     terminal would act on."""
