@@ -282,6 +282,25 @@ def test_a_run_inside_a_tune_directory_that_links_out_of_it_is_refused(tmp_path)
     assert not list(outside.iterdir())
 
 
+def test_a_fresh_log_in_a_linked_folder_is_refused_before_the_file_it_points_to_is_touched(tmp_path):
+    """The tune's LR range test starts its console.log afresh: inside a tune directory whose gate/lr_find links out,
+    neither the file there nor its folder is emptied or made."""
+    from cnnlab.runtime import files
+
+    tune, outside = tmp_path / "tune", tmp_path / "outside"
+    (tune / "gate").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "console.log").write_text("theirs\n")
+    (tune / "gate" / "lr_find").symlink_to(outside)
+    files.confine(tune)
+    try:
+        with pytest.raises(CnnlabError, match="is a symbolic link inside"):
+            files.open_append(tune / "gate" / "lr_find" / "console.log", fresh=True)
+    finally:
+        files._ROOTS.discard(os.path.realpath(tune))  # this process's confined folders, as the test found them
+    assert (outside / "console.log").read_text() == "theirs\n"
+
+
 def test_report_and_export_replace_a_symlink_instead_of_writing_through_it(finished, tmp_path):
     sweep = tmp_path / "sweep"
     crafted_sweep(sweep, ["optimizer.lr=0.01,0.1"])

@@ -112,10 +112,7 @@ class Record:
         if not isinstance(state, dict) or not set(state) <= {f.name for f in dataclasses.fields(cls)}:
             raise CnnlabError(f"viz record {path} is not a cnnlab viz record; delete it to start a new one")
         check_record(checked(state, path, "viz record", RECORD_SPEC), path)
-        try:
-            return cls(**state)
-        except TypeError:
-            raise CnnlabError(f"viz record {path} is not a cnnlab viz record; delete it to start a new one") from None
+        return cls(**state)  # its keys are fields, the required ones checked
 
 
 _TENSOR = torch.Tensor
@@ -153,7 +150,7 @@ def check_record(state: dict[str, Any], path: Path) -> None:
             if wrong[name].ndim != 1 or len(wrong[name]) != n:
                 raise bad(f"misclassified.{name}", f"{n} values, one per image")
         for name in ("true", "predicted"):
-            if n and (wrong[name].is_floating_point() or int(wrong[name].min()) < 0 or int(wrong[name].max()) >= classes):
+            if (wrong[name].is_floating_point() or int(wrong[name].min()) < 0 or int(wrong[name].max()) >= classes):
                 raise bad(f"misclassified.{name}", f"class numbers below {classes}")
 
 
@@ -282,15 +279,15 @@ def write_pngs(run_dir: Path) -> list[Path]:
                "augmented.png": augmented_figure if record.augmented is not None else None,
                "misclassified.png": misclassified_figure if record.misclassified and len(record.misclassified["images"]) else None}
     confusion = (read_json(run_dir / "summary.json", SUMMARY_RECORD, "run summary") or {}).get("confusion_matrix")
+    n = len(record.classes)
+    if confusion and (len(confusion) != n or any(len(row) != n for row in confusion)):  # before any PNG is written
+        raise CnnlabError(f"run summary {run_dir / 'summary.json'} is not a valid record: confusion_matrix should be "
+                          f"{n} x {n} (one row and column per class)")
     written = []
     for name, draw in figures.items():
         if draw is not None:
             save_png(draw(record), folder / name)
             written.append(folder / name)
-    n = len(record.classes)
-    if confusion and (len(confusion) != n or any(len(row) != n for row in confusion)):
-        raise CnnlabError(f"run summary {run_dir / 'summary.json'} is not a valid record: confusion_matrix should be "
-                          f"{n} x {n} (one row and column per class)")
     if confusion:
         save_png(confusion_figure(torch.tensor(confusion), record.classes), folder / "confusion.png")
         written.append(folder / "confusion.png")

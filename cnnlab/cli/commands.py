@@ -471,10 +471,10 @@ def replay_overrides(args: list[str], multirun: bool) -> list[str]:
 
 def saved_overrides(run_dir: Path, typed: list[str], what: str) -> list[str]:
     """``run_dir``'s own overrides that ``typed`` does not set, each checked as something from someone else."""
-    saved_file = run_dir / ".hydra" / "overrides.yaml"
     from cnnlab.cli.hydra_app import CONFIG_DIRS
     from cnnlab.runtime.lent import check_lent_override, read_saved_overrides
 
+    saved_file = run_dir / ".hydra" / "overrides.yaml"
     saved = read_saved_overrides(saved_file, f"{what}={run_dir}") if saved_file.is_file() else []
     new_keys = {_key(a) for a in typed if not a.startswith("-")}
     kept = [(line, o) for line, o in saved if _key(o) not in new_keys]  # what the user types now wins

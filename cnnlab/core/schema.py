@@ -177,8 +177,6 @@ def check(value: Any, spec: Any, where: str = "") -> Any:
         return value
     if not _matches_type(value, spec):
         raise SchemaMismatch(where, _name(spec), value)
-    if isinstance(value, float) and not math.isfinite(value) and spec is int:
-        raise SchemaMismatch(where, _name(spec), value)
     return value
 
 

@@ -27,6 +27,7 @@ from cnnlab.core.schema import SUMMARY_RECORD, Fields, MapOf
 from cnnlab.runtime.files import parse_json, read_json, read_limited, write_json
 
 SUMMARY, TRIAL, HYDRA = "summary.json", "trial.json", ".hydra"
+OVERRIDES = f"{HYDRA}/overrides.yaml"
 CACHE_VERSION = 2
 # The fields a row is made of, as summary_row uses them (a listing checks no more: 10,000 summaries).
 SUMMARY_ROW = Fields(optional={
@@ -71,7 +72,7 @@ def find_run_dirs(root: Path) -> list[tuple[Path, dict[str, os.stat_result]]]:
 def read_overrides(folder: Path, data: bytes | None = None) -> dict[str, str]:
     """The run's own overrides (.hydra/overrides.yaml, a YAML list of key=value), hydra.* and paths.* left out."""
     try:
-        text = (data if data is not None else read_limited(folder / HYDRA / "overrides.yaml", "overrides file") or b"").decode()
+        text = (data if data is not None else read_limited(folder / OVERRIDES, "overrides file") or b"").decode()
     except (CnnlabError, UnicodeDecodeError):
         return {}
     values = {}
@@ -116,7 +117,7 @@ def run_row(folder: Path, stats: dict[str, os.stat_result], notes: list[str],
     """``contents``: the records' bytes, where cache_key read them already."""
     contents = contents or {}
     started = stats[TRIAL].st_mtime if TRIAL in stats else None
-    row: dict[str, Any] = {"path": str(folder), "values": read_overrides(folder, contents.get(RECORDS[2]))}
+    row: dict[str, Any] = {"path": str(folder), "values": read_overrides(folder, contents.get(OVERRIDES))}
     if SUMMARY in stats:
         try:
             summary = parse_json(contents[SUMMARY], folder / SUMMARY, SUMMARY_ROW, "run summary") \
@@ -142,7 +143,7 @@ def run_row(folder: Path, stats: dict[str, os.stat_result], notes: list[str],
     return row
 
 
-RECORDS = (SUMMARY, TRIAL, f"{HYDRA}/overrides.yaml")  # what a row is made of
+RECORDS = (SUMMARY, TRIAL, OVERRIDES)  # what a row is made of
 
 
 def cache_key(folder: Path, stats: dict[str, os.stat_result]) -> tuple[str | None, dict[str, bytes | None]]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.schema import Fields, ListOf, MapOf
-from cnnlab.runtime.files import atomic_write, checked
+from cnnlab.runtime.files import atomic_write, checked, open_plain
 
 TRAILER = b"\ncnnlab-sha256:"
 TRAILER_LEN = len(TRAILER) + 64 + 1  # marker, hex digest, newline
@@ -65,17 +64,7 @@ def save_same_checkpoint(path: Path, written: Path, data: bytes) -> None:
 
 
 def _open_plain(path: Path, what: str) -> io.BufferedReader:
-    """``path`` opened for reading when it is a plain file: a FIFO or a device is refused at once, never waited on."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise CnnlabError(f"{what} {path} does not exist") from None
-    except OSError as e:
-        raise CnnlabError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CnnlabError(f"{what} {path} is not a plain file (a FIFO, a device or a folder); cnnlab reads only files")
-    return os.fdopen(fd, "rb")
+    return os.fdopen(open_plain(path, what), "rb")
 
 
 def _trailer_digest(f: io.BufferedReader) -> tuple[int, bytes | None]:

@@ -156,20 +156,23 @@ def refuse_link(path: Path) -> None:
         raise CnnlabError(f"cannot write {path}: it is a symbolic link; cnnlab writes only inside a run's own folders")
 
 
+_APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC  # a link at the name: ELOOP
+
+
 class LogFile(logging.FileHandler):
     """logging's FileHandler that never follows a symbolic link (conf/hydra/job_logging/cnnlab.yaml)."""
 
     def _open(self):
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+        return os.fdopen(os.open(self.baseFilename, _APPEND, 0o666), "a", encoding=self.encoding, errors=self.errors)
 
 
-def open_append(path: Path):
-    """``path`` opened for appending text, never through a symbolic link (the file's own name included)."""
+def open_append(path: Path, fresh: bool = False):
+    """``path`` opened for appending text (``fresh``: emptied first), never through a symbolic link (the file's own
+    name included); its folder is made once the way to it is checked."""
     check_inside(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        fd = os.open(path, _APPEND | (os.O_TRUNC if fresh else 0), 0o666)
     except OSError as e:
         why = "it is a symbolic link" if e.errno == 40 else e.strerror or e  # ELOOP: O_NOFOLLOW met a link
         raise CnnlabError(f"cannot write {path}: {why}") from None
@@ -178,21 +181,33 @@ def open_append(path: Path):
 
 # ---- records read back: someone else's data ----
 
-def read_limited(path: Path, what: str, limit: int = MAX_RECORD_BYTES) -> bytes | None:
-    """The bytes of a plain file of at most ``limit`` bytes; None when it is missing. A FIFO, a device or a
-    folder is refused without waiting on it."""
+def open_plain(path: Path, what: str, missing_ok: bool = False) -> int | None:
+    """A read-only descriptor of ``path`` when it is a plain file (None when missing and ``missing_ok``): a FIFO, a
+    device or a folder is refused at once (opened without blocking), never waited on."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
-        return None
+        if missing_ok:
+            return None
+        raise CnnlabError(f"{what} {path} does not exist") from None
     except OSError as e:
         raise CnnlabError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "something else"
+        raise CnnlabError(f"{what} {path} is not a plain file: it is {kind}; cnnlab reads only plain files")
+    return fd
+
+
+def read_limited(path: Path, what: str, limit: int = MAX_RECORD_BYTES) -> bytes | None:
+    """The bytes of a plain file (open_plain) of at most ``limit`` bytes; None when it is missing."""
+    fd = open_plain(path, what, missing_ok=True)
+    if fd is None:
+        return None
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) else \
-                "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "not a plain file"
-            raise CnnlabError(f"{what} {path} is {kind}; cnnlab reads records only from plain files")
         if info.st_size > limit:
             raise CnnlabError(f"{what} {path} holds {info.st_size:,} bytes, more than the {limit:,} such a record may")
         chunks, size = [], 0

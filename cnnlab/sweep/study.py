@@ -94,10 +94,12 @@ def check_settings(s: SweepSettings) -> None:
 _UNSET = object()
 
 
-def number_attr(trial, key: str, below: int = 10**6, default: Any = _UNSET) -> int:
+def number_attr(trial, key: str, below: int = 10**6, default: Any = _UNSET) -> int | None:
     """A trial's user attribute that names a folder or a place (its job, a PBT member or generation): a whole number
     in [0, below). A study's storage may be someone else's file; anything else there is one line, never a path."""
     value = trial.user_attrs.get(key, default)
+    if value is None and default is None:  # an optional attribute: absent (or null) is None
+        return None
     if value is _UNSET:
         raise CnnlabError(f"trial {trial.number} of the study has no {key!r} attribute; the study was not made by cnnlab")
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < below:
@@ -329,7 +331,7 @@ class Study:
                 self.study.enqueue_trial(self.grid[len(slots)])
             self.study.sampler = self.build_sampler(len(trials))
             trial = self.study.ask(fixed_distributions=self.space)
-            retry_of = number_attr(trial, RETRY_OF, default=None) if trial.user_attrs.get(RETRY_OF) is not None else None
+            retry_of = number_attr(trial, RETRY_OF, default=None)
             # Directories 0..n_trials-1: a trial's place among the trials that are not retries.
             place = sum(1 for t in slots if t.number < (trial.number if retry_of is None else retry_of))
             job = number_attr(trial, JOB, default=place)
@@ -367,7 +369,7 @@ class Study:
         from optuna.trial import TrialState
 
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            job = number_attr(t, JOB, default=None) if t.user_attrs.get(JOB) is not None else None
+            job = number_attr(t, JOB, default=None)
             if job is not None:
                 try:
                     lock.check_free(self.sweep_dir / str(job))

@@ -67,7 +67,7 @@ def lr_window(suggested: float, lowest: float, last: float) -> tuple[float, floa
 
 
 _NUMBER_OR_NULL = (float, None)
-GATE_RECORD = Fields(optional={"passed": bool}, required={})
+GATE_RECORD = Fields(optional={"passed": bool})
 PASSED_GATE = Fields(required={  # what a tune reads back from a gate that passed
     "passed": bool, "initial_loss": _NUMBER_OR_NULL, "expected_initial_loss": _NUMBER_OR_NULL,
     "overfit_accuracy": _NUMBER_OR_NULL, "suggested_lr": float, "lowest_loss_lr": float, "lr_window": ListOf(float),

@@ -125,7 +125,6 @@ class Tune:
     def train(self, overrides: list[str], run_dir: Path, trial=None) -> dict[str, Any]:
         """One run in ``run_dir``, its terminal output in <run_dir>/console.log; a claimed ``trial`` reports
         its epochs to its study."""
-        run_dir.mkdir(parents=True, exist_ok=True)
         # A run's warnings (a diverged loss, a pruned trial) are in its console.log and train.log (run_log), not
         # on the terminal: the tune prints its own line for the trial.
         with open_append(run_dir / "console.log") as log:
@@ -154,9 +153,7 @@ class Tune:
     def lr_find(self, overrides: list[str], run_dir: Path, steps: int) -> dict[str, Any]:
         from cnnlab.analysis.lr_find import lr_range_test
 
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "console.log").unlink(missing_ok=True)  # a fresh log, never written through a link
-        with open_append(run_dir / "console.log") as log, composed(overrides) as cfg:
+        with open_append(run_dir / "console.log", fresh=True) as log, composed(overrides) as cfg:
             console = make_console(file=log, width=120, force_terminal=False)
             return lr_range_test(parse_run_config(cfg), run_dir, 1e-6, 10.0, steps, console)
 
