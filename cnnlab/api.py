@@ -5,7 +5,8 @@
     result.summary["selected"]["test"]["acc"], result.run_dir
     run = cnnlab.compose(["experiment=fmnist_fast"])                       # the checked config, nothing trained
     model, preprocess = cnnlab.load(result.run_dir)                        # what inference needs
-    model(preprocess(uint8_images)).argmax(1)
+    model(preprocess(["cat.jpg", "dog.png"])).argmax(1)                    # any size: resized as eval did
+    cnnlab.load(result.run_dir).classes                                    # result.classes too
 
 ``train`` and ``compose`` take the overrides `cnnlab train` takes, composed the same way (the same config
 groups, plugins, ``resume=``, and ``config_dirs`` as its --config-dir), then keyword settings, which win:
@@ -15,22 +16,21 @@ with the line the CLI prints. Nothing here calls sys.exit or leaves Hydra's glob
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
 
 from cnnlab.core.schema import SUMMARY_RECORD
 from cnnlab.runtime.files import read_json
-from cnnlab.core.config import RunConfig, parse_run_config, stored_run_config
+from cnnlab.core.config import RunConfig, parse_run_config
 from cnnlab.core.errors import CnnlabError
 
-WEIGHTS = {"best": "best.pt", "last": "last.pt"}
+if TYPE_CHECKING:
+    from cnnlab.data.images import ImageTransform
 
 
 @dataclass
@@ -38,7 +38,8 @@ class RunResult:
     run_dir: Path
     summary: dict[str, Any]  # summary.json: status, best_value, selected scores, history...
     model: torch.nn.Module | None  # the selected weights (checkpoints/best.pt), on the CPU, in eval mode
-    preprocess: Callable[[torch.Tensor], torch.Tensor] | None  # images -> the model's input
+    preprocess: ImageTransform | None  # images (paths, PIL, tensors; any size) -> the model's input
+    classes: list[str] | None = None  # the class names: output i is classes[i]
 
     @property
     def status(self) -> str:
@@ -112,67 +113,38 @@ def train(overrides: Iterable[str] | None = None, *, config_dirs: Iterable[str |
             summary = run_one(cfg, run_dir, list(hydra_node.overrides.task), console=console)
     if summary is None:  # trainer.devices=N: the processes wrote it
         summary = read_json(run_dir / "summary.json", SUMMARY_RECORD, "run summary") or {}
-    model = preprocess = None
     if (run_dir / "checkpoints" / "best.pt").is_file():
-        model, preprocess = load(run_dir)
-    return RunResult(run_dir, summary, model, preprocess)
+        loaded = load(run_dir)
+        return RunResult(run_dir, summary, loaded.model, loaded.preprocess, loaded.classes)
+    return RunResult(run_dir, summary, None, None)
 
 
-def load(run: str | Path, weights: str = "best", device: str | torch.device = "cpu"
-         ) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
-    """``(model, preprocess)`` of a run directory (or a checkpoint file): the model with the weights its run
-    selected (``weights="best"``) or its newest (``"last"``), in eval mode on ``device``; ``preprocess`` turns
-    images at the model's input size, uint8 (0-255) or float (0-1), (N, C, H, W) or (C, H, W), into its input
-    (the run's data.preprocess, statistics and all). Plugins the run used must be imported first."""
-    from cnnlab.data.statistics import Preprocessing
-    from cnnlab.runtime.checkpoint import load_checkpoint, load_weights
-    from cnnlab.training.assemble import build_model, resolve_device
-    from cnnlab.training.state import selected_weights
+class LoadedRun(tuple):
+    """``(model, preprocess)``, as ``model, preprocess = cnnlab.load(...)`` unpacks it, with ``.model``,
+    ``.preprocess`` and ``.classes`` (the class names, index i for output i)."""
 
-    if weights not in WEIGHTS:
-        raise CnnlabError(f"weights={weights!r}: choose best or last")
-    path = Path(run)
-    if path.is_dir():
-        path = path / "checkpoints" / WEIGHTS[weights]
-    checkpoint = load_checkpoint(path)
-    stored = stored_run_config(checkpoint.get("config"), path)
-    device = resolve_device(str(device))
-    dataset = functools.cache(stored.components["dataset"].build)  # an older checkpoint's facts: built once at most
-    shape = input_shape(checkpoint, dataset)
-    model = build_model(stored, shape, device, init=False)
-    load_weights(model, selected_weights(checkpoint), path)
-    model.eval()
-    recorded = checkpoint.get("preprocess")
-    preprocessing = (Preprocessing.from_state(recorded) if recorded is not None else
-                     Preprocessing.per_channel(dataset().mean, dataset().std)).to(device)
-    preprocess = InputPreprocess(preprocessing, shape, device)
-    if getattr(model, "memorises", False):  # k-NN compares its raw memory as it compares the queries
-        model.prepare = preprocess
-    return model, preprocess
+    def __new__(cls, model: torch.nn.Module, preprocess: ImageTransform, classes: list[str]):
+        loaded = super().__new__(cls, (model, preprocess))
+        loaded.classes = classes
+        return loaded
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self[0]
+
+    @property
+    def preprocess(self) -> ImageTransform:
+        return self[1]
 
 
-def input_shape(checkpoint: dict[str, Any], dataset: Callable[[], Any]) -> SimpleNamespace:
-    """The channels, size and classes a run trained on: recorded in its checkpoint since cnnlab 0.1's #25;
-    for an older one, from ``dataset()``, the run's dataset."""
-    if "input_shape" in checkpoint:
-        channels, size, _ = checkpoint["input_shape"]
-        return SimpleNamespace(channels=channels, input_size=size, num_classes=len(checkpoint["classes"]))
-    data = dataset()
-    return SimpleNamespace(channels=data.channels, input_size=data.input_size, num_classes=data.num_classes)
+def load(run: str | Path, weights: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
+    """``(model, preprocess)`` of a run directory (or a checkpoint file), with ``.classes``: the model with the
+    weights its run selected (``weights="best"``) or its newest (``"last"``), in eval mode on ``device``;
+    ``preprocess`` is the run's evaluation preprocessing, as `cnnlab eval`, predict and export apply it
+    (resize, centre crop, normalise, whiten): it takes paths, PIL images, numpy arrays, uint8 (0-255) or float
+    (0-1) tensors (C, H, W) or (N, C, H, W) of any size, or a list of them, and returns the model's input.
+    Plugins the run used must be imported first."""
+    from cnnlab.analysis.inference import load_trained
 
-
-class InputPreprocess:
-    """Images -> the model's input, as the run's evaluation prepared them."""
-
-    def __init__(self, preprocessing, shape: SimpleNamespace, device: torch.device):
-        self.preprocessing, self.shape, self.device = preprocessing, shape, device
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(images)
-        x = x[None] if x.ndim == 3 else x
-        expected = (self.shape.channels, self.shape.input_size, self.shape.input_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise CnnlabError(f"preprocess: expected images of shape (N, {', '.join(map(str, expected))}) or "
-                              f"({', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        x = x.to(self.device)
-        return self.preprocessing.from_uint8(x) if x.dtype == torch.uint8 else self.preprocessing(x.float())
+    trained = load_trained(run, weights, device)
+    return LoadedRun(trained.model, trained.transform, trained.classes)

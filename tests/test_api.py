@@ -71,8 +71,12 @@ def test_load_refuses_a_wrong_choice_or_shape_in_one_line(tmp_path):
     assert isinstance(last, torch.nn.Module)
     with pytest.raises(cnnlab.CnnlabError, match="weights='first': choose best or last"):
         cnnlab.load(result.run_dir, weights="first")
-    with pytest.raises(cnnlab.CnnlabError, match=r"preprocess: expected images of shape \(N, 1, 8, 8\)"):
-        result.preprocess(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(cnnlab.CnnlabError, match="images with 5 channels cannot be given to a model of 1"):
+        result.preprocess(torch.zeros(2, 5, 8, 8))
+    with pytest.raises(cnnlab.CnnlabError, match=r"preprocess: expected images \(C, H, W\) or \(N, C, H, W\)"):
+        result.preprocess(torch.zeros(1, 2, 1, 8, 8))
+    with pytest.raises(cnnlab.CnnlabError, match="should be uint8 .* or float"):
+        result.preprocess(torch.zeros(2, 1, 8, 8, dtype=torch.int64))
 
 
 def test_a_script_with_no_terminal_trains_and_exits_0(tmp_path):

@@ -9,7 +9,7 @@ from torch import nn
 
 from cnnlab.core.config import parse_run_config
 from cnnlab.core.errors import CnnlabError
-from cnnlab.analysis.evaluation import confusion_matrix, evaluate_runs, metrics_from_probs, predict, tta_views
+from cnnlab.analysis.evaluation import confusion_matrix, evaluate_runs, metrics_from_log_probs, predict, tta_views
 from cnnlab.analysis.lr_find import lr_range_test, suggest
 from tests.conftest import compose_config, quiet_console, run_cli, run_tiny, tiny_plus
 
@@ -37,19 +37,31 @@ def test_ensemble_averages_softmax_outputs():
     a = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     b = torch.tensor([[0.0, 3.0], [0.0, 2.0]])
     loader = [(torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]))]
-    probs, labels = predict([Fixed(a), Fixed(b)], loader)
-    assert torch.allclose(probs, (a.softmax(1) + b.softmax(1)) / 2)
-    m = metrics_from_probs(probs, labels)
+    log_probs, labels = predict([Fixed(a), Fixed(b)], loader)
+    probs = (a.softmax(1) + b.softmax(1)) / 2
+    assert torch.allclose(log_probs.exp(), probs)
+    m = metrics_from_log_probs(log_probs, labels)
     assert m.loss == pytest.approx(-(probs[0, 0].log() + probs[1, 1].log()).item() / 2, rel=1e-5)
+
+
+def test_one_model_s_loss_is_the_cross_entropy_of_its_logits_however_confident():
+    """The epoch line (cross-entropy of the logits) and the table and eval (NLL of the averaged probabilities)
+    are one number, even where a softmax underflows: 600632.5 against 21.44 was the same weights before."""
+    logits = torch.tensor([[0.0, 900.0], [1000.0, 0.0], [2.0, 1.0]])
+    labels = torch.tensor([0, 1, 0])
+    log_probs, _ = predict([Fixed(logits)], [(torch.zeros(3, 1, 2, 2), labels)])
+    m = metrics_from_log_probs(log_probs, labels)
+    assert m.loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
+    assert m.loss > 600  # not capped at -log(1e-12) = 27.6
 
 
 def test_tta_averages_over_views():
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     x = torch.randn(4, 1, 4, 4)
     loader = [(x, torch.zeros(4, dtype=torch.long))]
-    probs, _ = predict([model], loader, tta_flip=True)
+    log_probs, _ = predict([model], loader, tta_flip=True)
     expected = (model(x).softmax(1) + model(x.flip(3)).softmax(1)) / 2
-    assert torch.allclose(probs, expected, atol=1e-6)
+    assert torch.allclose(log_probs.exp(), expected, atol=1e-6)
 
 
 def test_confusion_matrix_counts_true_by_predicted():

@@ -2,11 +2,15 @@
 
 An ensemble averages the members' softmax outputs (the lectures' model ensemble);
 test-time augmentation averages over views of each image (mirror, and shifts by a
-few pixels). Loss is the negative log-likelihood of the averaged probabilities.
+few pixels). Loss is the negative log-likelihood of the averaged probabilities, computed in log space
+(logsumexp), so that for one model and one view it is exactly the cross-entropy of the logits: the val
+loss of the epoch lines, of the final table, of `cnnlab eval` and of summary.json is one number.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,9 +21,12 @@ from rich.console import Console
 from torch import nn
 
 from cnnlab.core.errors import CnnlabError
+from cnnlab.core.registry import DATASETS
+from cnnlab.data.images import ImageTransform
 from cnnlab.analysis.plotting import pyplot
 from cnnlab.data.statistics import Preprocessing
 from cnnlab.runtime.checkpoint import load_checkpoint, load_weights
+from cnnlab.runtime.files import write_csv
 from cnnlab.training.console import make_console, report_table
 from cnnlab.training.metrics import Metrics, MetricSums, autocast_for
 from cnnlab.training.state import selected_weights
@@ -50,41 +57,47 @@ def tta_views(x: torch.Tensor, flip: bool, shift: int) -> list[torch.Tensor]:
     return views
 
 
+def averaged_log_probs(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """log of the mean of the softmaxes of ``logits`` (models x views), without leaving log space: one
+    member's is exactly log_softmax, so its NLL is the cross-entropy of its logits however confident."""
+    stacked = torch.stack([F.log_softmax(z.float(), dim=1) for z in logits])
+    return torch.logsumexp(stacked, dim=0) - math.log(len(logits))
+
+
 @torch.inference_mode()
 def predict(models: Sequence[nn.Module], loader, *, autocast_dtype: torch.dtype | None = None,
             tta_flip: bool = False, tta_shift: int = 0, limit: int | None = None,
             on_batch=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class probabilities averaged over models and views, with the labels: (N, C), (N,). ``on_batch()``: called
-    after each batch (a progress)."""
+    """Log-probabilities averaged (in probability) over models and views, with the labels: (N, C), (N,).
+    ``on_batch()``: called after each batch (a progress)."""
     for m in models:
         m.eval()
-    probs, labels = [], []
+    log_probs, labels = [], []
     for i, (x, y) in enumerate(loader):
         if limit is not None and i == limit:
             break
-        total = 0
-        views = tta_views(x, tta_flip, tta_shift)
+        logits = []
         for model in models:
-            for view in views:
+            for view in tta_views(x, tta_flip, tta_shift):
                 with autocast_for(x.device, autocast_dtype):
-                    total = total + F.softmax(model(view).float(), dim=1)
-        probs.append((total / (len(models) * len(views))).cpu())
+                    logits.append(model(view).float())
+        log_probs.append(averaged_log_probs(logits).cpu())
         labels.append(y.cpu())
         if on_batch is not None:
             on_batch()
-    return torch.cat(probs), torch.cat(labels)
+    return torch.cat(log_probs), torch.cat(labels)
 
 
-def metrics_from_probs(probs: torch.Tensor, labels: torch.Tensor) -> Metrics:
-    """Loss (NLL of the probabilities), accuracy and top-5, counted as during training."""
-    sums = MetricSums(probs.device, top5=probs.shape[1] > 5)
-    sums.add(probs, labels, F.nll_loss(probs.clamp_min(1e-12).log(), labels))
+def metrics_from_log_probs(log_probs: torch.Tensor, labels: torch.Tensor) -> Metrics:
+    """Loss (the NLL: cross-entropy), accuracy and top-5, counted as during training."""
+    sums = MetricSums(log_probs.device, top5=log_probs.shape[1] > 5)
+    sums.add(log_probs, labels, F.nll_loss(log_probs, labels))
     return sums.result()
 
 
-def confusion_matrix(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """counts[true, predicted]."""
-    index = labels * num_classes + probs.argmax(1)
+def confusion_matrix(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """counts[true, predicted] (``scores``: probabilities or log-probabilities)."""
+    index = labels * num_classes + scores.argmax(1)
     return torch.bincount(index, minlength=num_classes ** 2).view(num_classes, num_classes)
 
 
@@ -109,6 +122,44 @@ def confusion_figure(matrix: torch.Tensor, classes: Sequence[str]):
     return fig
 
 
+def legacy_resize(stored) -> int | None:
+    """The evaluation resize of a run recorded before checkpoints held it (an image folder's 256/224 rule)."""
+    dataset = stored.components["dataset"]
+    size, resize = dataset.options.get("size", 224), dataset.options.get("resize")
+    if not DATASETS.get(dataset.name).meta.get("reads_files", False) or not isinstance(size, int):
+        return None
+    return resize or round(size * 256 / 224)
+
+
+def recorded_geometry(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """dataset.size and dataset.resize as the checkpoint's run chose them (size=auto chose from the images of
+    the day), for stored_run_config to lay over its config; nothing for a dataset without those options or a
+    checkpoint from before they were recorded."""
+    config = checkpoint.get("config")
+    dataset = config.get("dataset") if isinstance(config, dict) else None
+    name = dataset.get("name") if isinstance(dataset, dict) else None
+    if (not isinstance(name, str) or name not in DATASETS or not {"size", "resize"} <= set(DATASETS.get(name).options)
+            or "input_shape" not in checkpoint or "resize" not in checkpoint):
+        return {}
+    return {"dataset": {"size": checkpoint["input_shape"][1], "resize": checkpoint["resize"]}}
+
+
+def recorded_transform(checkpoint: dict[str, Any], stored, device: torch.device | str = "cpu") -> ImageTransform:
+    """The evaluation preprocessing a checkpoint's run applied: its geometry and data.preprocess, statistics
+    and all. An older checkpoint's missing facts come from its dataset, built once at most."""
+    dataset = functools.cache(stored.components["dataset"].build)
+    if "input_shape" in checkpoint:
+        channels, size, _ = checkpoint["input_shape"]
+        resize = checkpoint["resize"] if "resize" in checkpoint else legacy_resize(stored)
+    else:
+        data = dataset()
+        channels, size, resize = data.channels, data.input_size, data.resize
+    recorded = checkpoint.get("preprocess")
+    preprocessing = (Preprocessing.from_state(recorded) if recorded is not None else
+                     Preprocessing.per_channel(dataset().mean, dataset().std))
+    return ImageTransform(size, resize, channels, preprocessing, device)
+
+
 # --- cnnlab eval ------------------------------------------------------------------------------------
 
 def checkpoint_path(target: str) -> Path:
@@ -120,16 +171,32 @@ def checkpoint_path(target: str) -> Path:
     return path
 
 
+def prediction_rows(data, split: str, source: str, idx: torch.Tensor | None, skipped, log_probs: torch.Tensor,
+                    labels: torch.Tensor) -> list[list[Any]]:
+    """A row per image scored: split, its index in the dataset's ``source`` split, its file (image folders),
+    the true and the predicted class and the predicted class's probability."""
+    positions = idx.tolist() if idx is not None else list(range(len(data.train_labels if source == "train"
+                                                                    else data.test_labels)))
+    positions = [p for j, p in enumerate(positions) if j not in skipped]  # files a loader could not read
+    files = getattr(data, "train_files" if source == "train" else "test_files", None)
+    probs, predicted = log_probs.exp().max(1)
+    return [[split, position, str(files[position]) if files is not None else "", data.classes[label],
+             data.classes[guess], f"{prob:.6f}"]
+            for position, label, guess, prob in zip(positions, labels.tolist(), predicted.tolist(), probs.tolist())]
+
+
 def evaluate_runs(targets: Sequence[str], *, splits: Sequence[str], tta_flip: bool, tta_shift: int,
-                  device: str, data_dir: str | None, console: Console | None = None) -> dict[str, Any]:
-    """Score one run or an ensemble of runs on the given splits; print the homework's report table."""
+                  device: str, data_dir: str | None, console: Console | None = None,
+                  predictions: Path | None = None) -> dict[str, Any]:
+    """Score one run or an ensemble of runs on the given splits; print the homework's report table.
+    ``predictions``: also a CSV of every image's true and predicted class."""
     from cnnlab.core.config import stored_run_config
     from cnnlab.training.assemble import build_model, resolve_device, setup
 
     console = console or make_console()
     checkpoints = [(p, load_checkpoint(p)) for p in map(checkpoint_path, targets)]
-    runs = [stored_run_config(ckpt.get("config"), path, data_dir=data_dir, trainer={"device": device})
-            for path, ckpt in checkpoints]
+    runs = [stored_run_config(ckpt.get("config"), path, data_dir=data_dir, trainer={"device": device},
+                              **recorded_geometry(ckpt)) for path, ckpt in checkpoints]
     first = runs[0]
     for (path, _), other in zip(checkpoints[1:], runs[1:]):
         if (other.components["dataset"].options, other.components["dataset"].name, other.data.val_fraction,
@@ -148,12 +215,17 @@ def evaluate_runs(targets: Sequence[str], *, splits: Sequence[str], tta_flip: bo
         if getattr(model, "memorises", False):  # k-NN's uint8 memory, prepared as the queries are
             model.prepare = base.eval_pipe
     where = {"train": ("train", base.train_idx), "val": ("train", base.val_idx), "test": ("test", None)}
-    report = {}
+    report, rows = {}, []
     for split in splits:
-        probs, labels = predict(models, base.loader(*where[split], train=False), autocast_dtype=base.autocast_dtype,
-                                tta_flip=tta_flip, tta_shift=tta_shift)
-        report[split] = metrics_from_probs(probs, labels).report()
+        loader = base.loader(*where[split], train=False)
+        log_probs, labels = predict(models, loader, autocast_dtype=base.autocast_dtype, tta_flip=tta_flip,
+                                    tta_shift=tta_shift)
+        report[split] = metrics_from_log_probs(log_probs, labels).report()
+        if predictions is not None:
+            rows += prediction_rows(base.data, split, *where[split], getattr(loader, "skipped", ()), log_probs, labels)
     base.close()
+    if predictions is not None:
+        write_csv(predictions, ["split", "index", "file", "label", "predicted", "prob"], rows)
     views = tta_view_count(tta_flip, tta_shift)
     title = (f"{'ensemble of ' + str(len(models)) if len(models) > 1 else 'model'}: "
              f"{', '.join(str(p) for p, _ in checkpoints)}" + (f"; TTA, {views} views" if views > 1 else ""))

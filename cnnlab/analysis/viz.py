@@ -298,12 +298,15 @@ def write_pngs(run_dir: Path) -> list[Path]:
 
 def images_of(setup, split: str, idx: torch.Tensor, *, train: bool) -> torch.Tensor:
     """uint8 images of ``split`` at ``idx`` as the run's data path delivers them (on the per-image
-    path after its per-image transforms), without touching the training's random streams."""
+    path after its per-image transforms, leaving out a file that does not decode: the loader names it), without
+    touching the training's random streams."""
     if setup.in_memory:
         return setup.data.tensors(split, idx.to(setup.data.train_labels.device))[0].cpu()
     dataset = setup.data.per_image(split, idx, setup.per_image[train])
     with torch.random.fork_rng(devices=[]):
-        return torch.stack([dataset[i][0] for i in range(len(idx))])
+        images = [x for x in (dataset[i][0] for i in range(len(idx))) if not isinstance(x, str)]
+    size = setup.data.input_size
+    return torch.stack(images) if images else torch.zeros(0, setup.data.channels, size, size, dtype=torch.uint8)
 
 
 def start_visualizer(setup, run_dir: Path, writer, fresh: bool) -> Visualizer | None:
@@ -313,7 +316,9 @@ def start_visualizer(setup, run_dir: Path, writer, fresh: bool) -> Visualizer | 
         return None
     folder = run_dir / "viz"
     record = (None if fresh else Record.load(folder)) or Record(list(data.classes), tuple(data.mean), tuple(data.std))
-    sample = images_of(setup, "train", setup.val_idx[:1], train=False)
+    sample = images_of(setup, "train", setup.val_idx[:16], train=False)[:1]  # the first that decodes
+    if len(sample) == 0:
+        sample = torch.zeros(1, data.channels, data.input_size, data.input_size, dtype=torch.uint8)
     record.sample = sample[0]
     normalised = setup.eval_pipe(sample.to(setup.device))
     model = getattr(setup.model, "module", setup.model)
@@ -324,7 +329,8 @@ def start_visualizer(setup, run_dir: Path, writer, fresh: bool) -> Visualizer | 
             images = images_of(setup, "train", idx, train=True).to(setup.device)
             pipe = setup.train_pipe
             state = pipe.generator.get_state()  # the training's augmentation draws stay as they were
-            augmented, _ = pipe.apply(images, setup.data.train_labels[idx.to(setup.data.train_labels.device)].to(setup.device))
+            labels = setup.data.train_labels[idx.to(setup.data.train_labels.device)][:len(images)]  # (mixup's)
+            augmented, _ = pipe.apply(images, labels.to(setup.device))
             pipe.generator.set_state(state)
             viz.augmented(to_uint8(augmented, data.mean, data.std))
         viz.epoch_end(0, 0)

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 from torchvision.transforms import v2
 
 from cnnlab.core.errors import CnnlabError
+from cnnlab.data.images import EvaluationView
 from cnnlab.core.registry import AUGMENTS
 from cnnlab.core.validation import PositiveInt, Range
 
@@ -55,9 +56,9 @@ def _sometimes(transform: v2.Transform, p: float, otherwise: v2.Transform | None
     return v2.RandomChoice([transform, otherwise], p=[p, 1 - p])
 
 
-def centre_crop(g: Geometry) -> v2.Transform:
-    """The evaluation view of an image of any size."""
-    return v2.Compose([v2.Resize(g.resize, antialias=True), v2.CenterCrop(g.size)])
+def centre_crop(g: Geometry) -> EvaluationView:
+    """The evaluation view of an image of any size: the one cnnlab.load, predict and export apply."""
+    return EvaluationView(g.size, g.resize)
 
 
 # Batched op -> the torchvision.transforms.v2 transform that does the same to one image.

@@ -28,7 +28,8 @@ commands:
                             --cfg job prints the resolved config; --help lists the config groups
                             resume=RUN_DIR continues a stopped run exactly where it stopped
                             (a run directory reused with hydra.run.dir resumes by itself);
-                            SIGTERM, SIGINT, SIGUSR1 checkpoint and exit with status 75
+                            SIGTERM, SIGINT, SIGUSR1 checkpoint and exit with status 75;
+                            a run whose loss diverged exits with status 4
                             multi-GPU: torchrun --nproc_per_node=N -m cnnlab train ...
   tune [key=value ...] tune.budget_epochs=N
                             the lectures' whole search under a budget of epochs: a sanity gate
@@ -38,7 +39,7 @@ commands:
   lr-find [--min-lr 1e-6] [--max-lr 10] [--steps 200] [key=value ...]
                             LR range test on the configured run: loss vs an exponentially growing
                             lr, to TensorBoard and a PNG, and a suggested optimizer.lr
-  eval RUN [RUN ...] [--splits train,val,test] [--tta-flip] [--tta-shift N] [--data-dir D] [--plugin M]
+  eval RUN [RUN ...] [--splits train,val,test] [--tta-flip] [--tta-shift N] [--predictions FILE.csv]
                             score a run's selected checkpoint, or an ensemble (softmax averaged),
                             with optional test-time augmentation; prints the report table
   report SWEEP_DIR [--plot] [--test-best] [--device D] [--data-dir D] [--plugin M]
@@ -53,6 +54,10 @@ commands:
                             runs side by side: the config groups that switched, the values and
                             the environment that differ, each metric with its change from the
                             first run, the learning curves as sparklines
+  predict RUN|EXPORTED_FILE PATH [PATH ...] [--top-k K] [--csv|--json] [--tta-flip]
+                            class names and top-k probabilities for image files, folders or globs,
+                            prepared as the run's evaluation prepared its images; unreadable files
+                            are a warning each and the rest go on
   export RUN --format onnx|torchscript [--out FILE] [--bake-preprocessing] [--weights best|last]
                             the selected model as a file an app loads (dynamic batch), checked
                             against torch on the validation images (max |logit difference| <= 1e-4)
@@ -64,7 +69,7 @@ commands:
   --version                 print the version
 """
 
-COMMANDS = ("train", "tune", "lr-find", "eval", "report", "runs", "compare", "export", "viz", "list")
+COMMANDS = ("train", "tune", "lr-find", "eval", "predict", "report", "runs", "compare", "export", "viz", "list")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,7 +108,7 @@ def _dispatch(argv: list[str]) -> int:
 
         return list_command(rest)
     handlers = {"train": _train, "tune": _tune, "lr-find": _lr_find, "eval": _eval, "report": _report, "runs": _runs,
-                "compare": _compare, "export": _export, "viz": _viz}
+                "compare": _compare, "export": _export, "viz": _viz, "predict": _predict}
     if command not in handlers:
         raise CnnlabError(f"unknown command {command!r}{suggestion(command, COMMANDS)}; see: cnnlab --help")
     return handlers[command](rest)
@@ -119,6 +124,8 @@ def _eval(args: list[str]) -> int:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--data-dir", default=None, help="where the dataset is, when not where the run found it")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the report here")
+    parser.add_argument("--predictions", default=None, metavar="FILE",
+                        help="also a CSV of every image scored: split, index, file, label, predicted, prob")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="import this module first (a model the run's plugin registered); repeatable")
     ns = parser.parse_args(args)
@@ -132,9 +139,12 @@ def _eval(args: list[str]) -> int:
 
     if ns.json:
         check_writable(Path(ns.json), "--json")  # before the work, not after it
+    if ns.predictions:
+        check_writable(Path(ns.predictions), "--predictions")
     load_plugins(ns.plugin)
     report = evaluate_runs(ns.runs, splits=splits, tta_flip=ns.tta_flip, tta_shift=ns.tta_shift,
-                           device=ns.device, data_dir=ns.data_dir)
+                           device=ns.device, data_dir=ns.data_dir,
+                           predictions=Path(ns.predictions) if ns.predictions else None)
     if ns.json:
         write_json(Path(ns.json), report)
     return 0
@@ -214,6 +224,53 @@ def _compare(args: list[str]) -> int:
         check_writable(Path(ns.plot), "--plot")  # before the work, not after it
     compare([Path(r) for r in ns.runs], show_all=ns.all, plot=Path(ns.plot) if ns.plot else None,
             tensorboard=ns.tensorboard, console=make_console())
+    return 0
+
+
+def _predict(args: list[str]) -> int:
+    parser = CommandLineParser("cnnlab predict", "class names and probabilities for images, from a run or an "
+                               "exported file, prepared as the run's evaluation prepared its images")
+    parser.add_argument("model", metavar="RUN|EXPORTED_FILE",
+                        help="a run directory, a checkpoint, or a file cnnlab export wrote (with its .json)")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
+    parser.add_argument("--top-k", type=int, default=3, metavar="K", help="classes shown per image (default 3)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--csv", action="store_true", help="CSV on stdout: file, class_1, prob_1, ...")
+    output.add_argument("--json", action="store_true", help="a JSON array on stdout")
+    parser.add_argument("--tta-flip", action="store_true", help="also average over each image's mirror image")
+    parser.add_argument("--weights", default="best", choices=["best", "last"], help="a run's selected (best) or newest")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N")
+    parser.add_argument("--workers", type=int, default=2, metavar="N", help="processes decoding images (0: none)")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import this module first (a model the run's plugin registered); repeatable")
+    ns = parser.parse_args(args)
+    if ns.top_k < 1 or ns.batch_size < 1 or ns.workers < 0:
+        raise CnnlabError("cnnlab predict: --top-k and --batch-size must be at least 1, --workers at least 0")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from cnnlab.analysis.inference import image_files, open_predictor, predictions, write_predictions
+    from cnnlab.core.plugins import load_plugins
+    from cnnlab.training.console import make_console, print_warning
+
+    load_plugins(ns.plugin)
+    predictor = open_predictor(ns.model, ns.weights, ns.device)
+    files, passed = image_files(ns.paths)
+    for line in passed:
+        print_warning(line)
+    if not files:
+        raise CnnlabError(f"cnnlab predict: no image files in {' '.join(ns.paths)}")
+    top_k = min(ns.top_k, len(predictor.classes))
+    errors = make_console(stderr=True)
+    with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=errors,
+                  transient=True, disable=not errors.is_terminal) as progress:
+        task = progress.add_task("images", total=len(files))
+        rows = predictions(predictor, files, batch_size=ns.batch_size, workers=ns.workers, top_k=top_k,
+                           tta_flip=ns.tta_flip, warn=print_warning,
+                           on_batch=lambda n: progress.advance(task, n))
+        count = write_predictions(rows, "csv" if ns.csv else "json" if ns.json else "table", top_k, make_console())
+    if count == 0:
+        raise CnnlabError(f"cnnlab predict: none of the {len(files)} files could be read as an image")
     return 0
 
 
@@ -319,7 +376,8 @@ def _lr_find(args: list[str]) -> int:
 
 def _train(overrides: list[str], app=None) -> int:
     """Run the Hydra application ``app`` (default: training) on ``overrides``."""
-    from cnnlab.cli.hydra_app import config_errors_in_one_line, hydra_train
+    from cnnlab.cli.hydra_app import config_errors_in_one_line, hydra_train, last_run
+    from cnnlab.core.status import DIVERGED_EXIT_STATUS, RunStatus
 
     from cnnlab.sweep.trials import FAILED_EXIT_STATUS, last_sweep
 
@@ -330,6 +388,7 @@ def _train(overrides: list[str], app=None) -> int:
 
         want_help_group_list()
     last_sweep.clear()
+    last_run.clear()
     overrides, multirun = prepared_overrides(overrides, training=training)
     from cnnlab.runtime.distributed import agree_on_run, launched_ranks
 
@@ -364,7 +423,9 @@ def _train(overrides: list[str], app=None) -> int:
                 # exception", seen once in a loaded CI run; pytorch/pytorch#179291 describes the exit race).
                 gc.collect()
                 dist.destroy_process_group()
-    return FAILED_EXIT_STATUS if last_sweep.get("failed") else 0
+    if last_sweep.get("failed"):
+        return FAILED_EXIT_STATUS
+    return DIVERGED_EXIT_STATUS if last_run.get("status") == RunStatus.DIVERGED else 0
 
 
 def prepared_overrides(args: list[str], *, training: bool) -> tuple[list[str], bool]:

@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -24,7 +25,8 @@ from cnnlab.core.errors import CnnlabError, JobAborted, ProcessesFailed, suggest
 from cnnlab.core.plugins import load_components
 from cnnlab.sweep.trials import register_resolvers, run_trial
 from cnnlab.core.shown import masked
-from cnnlab.runtime.files import LogFile, atomic_write, confine_run
+from cnnlab.core.schema import SUMMARY_RECORD
+from cnnlab.runtime.files import LogFile, atomic_write, confine_run, read_json
 from cnnlab.runtime.distributed import LOCK_HELD_ENV, Ranks, launch_processes, launched_ranks
 from cnnlab.runtime.lock import RunDirLock, discard_refused
 
@@ -60,6 +62,9 @@ def search_path_restored() -> Iterator[None]:
         CONFIG_DIRS[:], SEARCH_PATH[:] = saved
 
 
+last_run: dict[str, Any] = {}  # how the last single run of `cnnlab train` ended, for its exit status
+
+
 @hydra.main(version_base="1.3", config_path=None, config_name="train")
 def hydra_train(cfg: DictConfig) -> dict | float | None:
     """Hydra's task: one run, or one trial of a sweep. Returns a trial's summary (for the sweeper), or
@@ -71,9 +76,12 @@ def hydra_train(cfg: DictConfig) -> dict | float | None:
             with writer_of(run_dir, cfg):
                 return run_trial(cfg, run_dir)  # records failures instead of raising: the sweep goes on
         summary = run_one(cfg, run_dir, list(hydra_config.overrides.task))
+        if summary is None:  # trainer.devices=N: the processes wrote it
+            summary = read_json(run_dir / "summary.json", SUMMARY_RECORD, "run summary") or {}
     except CnnlabError as e:
         raise JobAborted(e) from None
-    return summary["best_value"] if summary is not None else None
+    last_run["status"] = summary.get("status")
+    return summary.get("best_value")
 
 
 def run_one(cfg: DictConfig, run_dir: Path, task_overrides: list[str], console=None) -> dict | None:

@@ -28,3 +28,8 @@ FAILED = (RunStatus.DIVERGED, RunStatus.FAILED)
 FINISHED = (RunStatus.COMPLETED, RunStatus.EARLY_STOPPED, RunStatus.DIVERGED)
 # Ended with a value the study can rank.
 RANKED = (RunStatus.COMPLETED, RunStatus.EARLY_STOPPED)
+
+# `cnnlab train`'s exit status for a single run the divergence guard stopped: it trained, wrote its summary
+# and checkpoints, and selected nothing (2: the input was refused; 3: some trials of a sweep failed; 75: stopped,
+# resumable).
+DIVERGED_EXIT_STATUS = 4

@@ -8,35 +8,41 @@ Two layouts:
 
 Images of any size are resized (shorter side to ``resize``) and centre-cropped to ``size`` for
 evaluation; training uses the augment pipeline, which may pick its own crop (random_resized_crop).
+``size=auto`` (the default) is the images' own: the median shorter side of a sample of them, at most 224.
+A file that is not an image is skipped with a warning naming it, when the folders are read or, for a file
+that only fails to decode (truncated), when its batch is made.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from cnnlab.data.images import IMAGE_SUFFIXES, Unreadable, read_image
 from cnnlab.data.split import stratified_split
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import DATASETS
 from cnnlab.core.validation import PositiveInt, UnitInterval
 
-# torchvision.datasets.folder.IMG_EXTENSIONS
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+AUTO_LARGEST = 224  # size=auto never trains above ImageNet's crop: larger images are scaled down to it
+AUTO_SAMPLE = 64    # images whose size size=auto reads (headers only)
+UPSCALE_WARNING = 2.0  # dataset.size more than this many times the images' own: a warning
 _LAYOUT_HELP = "dataset=imagefolder reads <root>/<class>/<image>, or <root>/train/<class>/<image> and <root>/val/<class>/<image>"
 
 
-def scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
+def scan_class_folders(root: Path, classes: list[str] | None = None, skipped: list[Path] | None = None
+                       ) -> tuple[list[Path], list[int], list[str]]:
     """Every image under ``root/<class>/`` (recursively, sorted), its class index, and the classes.
 
-    Hidden files are skipped; any other file that is not an image is an error naming it, since
-    a stray file in a class folder is usually a mistake that would otherwise surface mid-epoch.
-    ``classes`` (from the training folder) must match the folders found.
+    Hidden files are passed over; any other file whose name is not an image's is added to ``skipped``
+    (the caller warns, naming it). ``classes`` (from the training folder) must match the folders found.
     """
     if not root.is_dir():
         raise CnnlabError(f"{root} is not a folder; {_LAYOUT_HELP}")
@@ -57,8 +63,9 @@ def scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[li
                     continue
                 path = Path(folder) / file_name
                 if path.suffix.lower() not in IMAGE_SUFFIXES:
-                    raise CnnlabError(f"{path} is not an image file (images end in {', '.join(IMAGE_SUFFIXES)}); "
-                                      "move it out of the class folders")
+                    if skipped is not None:
+                        skipped.append(path)
+                    continue
                 files.append(path)
                 labels.append(label)
                 count += 1
@@ -67,26 +74,47 @@ def scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[li
     return files, labels, found
 
 
+SKIPPED_NAMED = 10  # files passed over that get a warning line each; then one line counts the rest
+
+
+def skipped_lines(paths: list[Path], why: str) -> list[str]:
+    """A warning for each file passed over (the first SKIPPED_NAMED), then one counting the rest."""
+    lines = [f"skipped {path}: {why}" for path in paths[:SKIPPED_NAMED]]
+    if len(paths) > SKIPPED_NAMED:
+        lines.append(f"skipped {len(paths) - SKIPPED_NAMED} more files {why}")
+    return lines
+
+
 class FileImageDataset(Dataset):
-    """Decodes one image file per item into a uint8 tensor (C, H, W), then runs ``transform`` on it."""
+    """Decodes one image file per item into a uint8 tensor (C, H, W), then runs ``transform`` on it. A file that
+    fails to decode gives an ``Unreadable`` line in place of the image: the loader leaves it out and warns."""
 
     def __init__(self, files: list[Path], labels: torch.Tensor, channels: int, transform=None):
-        self.files, self.labels, self.transform = files, labels, transform
-        self.mode = "RGB" if channels == 3 else "L"
+        self.files, self.labels, self.transform, self.channels = files, labels, transform, channels
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from torchvision.transforms.v2.functional import pil_to_tensor
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | Unreadable, torch.Tensor]:
+        try:
+            tensor = read_image(self.files[i], self.channels)
+        except CnnlabError as e:
+            return Unreadable.at(f"{e}; skipped", i), self.labels[i]
+        return (tensor if self.transform is None else self.transform(tensor)), self.labels[i]
 
-        path = self.files[i]
+
+def common_size(files: list[Path], sample: int = AUTO_SAMPLE) -> tuple[int, int] | None:
+    """The median shorter side of up to ``sample`` images spread over ``files`` (their headers only), and how
+    many were read; None when none could be."""
+    picks = files[::max(1, len(files) // sample)][:sample]
+    sides = []
+    for path in picks:
         try:
             with Image.open(path) as image:
-                tensor = pil_to_tensor(image.convert(self.mode))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL's UnidentifiedImageError is an OSError
-            raise CnnlabError(f"{path} is not a readable image ({type(e).__name__}); remove or replace it") from None
-        return (tensor if self.transform is None else self.transform(tensor)), self.labels[i]
+                sides.append(min(image.size))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue  # named when its batch is made
+    return (int(statistics.median_low(sides)), len(sides)) if sides else None
 
 
 @dataclass
@@ -106,6 +134,8 @@ class FolderData:
     resize: int                     # shorter side before the evaluation centre crop
     layout: str                     # how the splits were found, for the run's header
     validation_idx: tuple[torch.Tensor, torch.Tensor] | None = None  # (train, val) into train_files, from val_dir
+    size_note: str = ""             # how dataset.size was chosen, for the run's header
+    warnings: list[str] = field(default_factory=list)  # what reading the folders passed over or found amiss
 
     reads_files = True
 
@@ -127,7 +157,7 @@ _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def imagefolder(
     *,
     root: Optional[str] = None,
-    size: PositiveInt = 224,
+    size: Union[PositiveInt, Literal["auto"]] = "auto",
     resize: Optional[PositiveInt] = None,
     channels: Literal[1, 3] = 3,
     train_dir: str = "train",
@@ -142,8 +172,7 @@ def imagefolder(
     if root is None:
         raise CnnlabError("dataset=imagefolder needs dataset.root=<folder>; " + _LAYOUT_HELP)
     base = Path(root).expanduser()
-    resize = resize or round(size * 256 / 224)  # the usual 0.875 centre crop
-    if resize < size:
+    if size != "auto" and resize is not None and resize < size:
         raise CnnlabError(f"dataset.resize={resize} is smaller than dataset.size={size}")
     gray = (sum(m * w for m, w in zip(_IMAGENET_MEAN, (0.299, 0.587, 0.114))),)
     mean = tuple(mean) if mean is not None else (_IMAGENET_MEAN if channels == 3 else gray)
@@ -151,26 +180,57 @@ def imagefolder(
     if len(mean) != channels or len(std) != channels or min(std) <= 0:
         raise CnnlabError(f"dataset.mean and dataset.std need {channels} values (std > 0), got {list(mean)} and {list(std)}")
 
-    validation_idx = None
+    validation_idx, skipped = None, []
     if (base / train_dir).is_dir():
-        files, labels, classes = scan_class_folders(base / train_dir)
+        files, labels, classes = scan_class_folders(base / train_dir, skipped=skipped)
         if not (base / test_dir).is_dir():
             raise CnnlabError(f"{base / train_dir} exists but the test folder {base / test_dir} does not "
                               "(set dataset.test_dir to it)")
-        test_files, test_labels, _ = scan_class_folders(base / test_dir, classes)
+        test_files, test_labels, _ = scan_class_folders(base / test_dir, classes, skipped)
         layout = f"{train_dir}/ and {test_dir}/ (test)"
         if val_dir is not None:
-            val_files, val_labels, _ = scan_class_folders(base / val_dir, classes)
+            val_files, val_labels, _ = scan_class_folders(base / val_dir, classes, skipped)
             validation_idx = (torch.arange(len(files)), torch.arange(len(files), len(files) + len(val_files)))
             files, labels = files + val_files, labels + val_labels
             layout += f", {val_dir}/ (validation)"
     else:
         if val_dir is not None:
             raise CnnlabError(f"dataset.val_dir={val_dir} needs the train/ layout, but {base / train_dir} is not a folder")
-        all_files, all_labels, classes = scan_class_folders(base)
+        all_files, all_labels, classes = scan_class_folders(base, skipped=skipped)
         keep, held_out = stratified_split(torch.tensor(all_labels), test_fraction, split_seed, what="dataset.test_fraction")
         files, labels = [all_files[i] for i in keep.tolist()], [all_labels[i] for i in keep.tolist()]
         test_files, test_labels = [all_files[i] for i in held_out.tolist()], [all_labels[i] for i in held_out.tolist()]
         layout = f"one tree, {test_fraction:g} of each class held out as test"
+    warnings = skipped_lines(skipped, f"not an image file (images end in {', '.join(IMAGE_SUFFIXES)})")
+    size, resize, size_note, too_large = chosen_size(size, resize, files)
+    if too_large:
+        warnings.append(too_large)
     return FolderData(base.name or "imagefolder", files, torch.tensor(labels), test_files, torch.tensor(test_labels),
-                      classes, mean, std, channels, size, resize, layout, validation_idx)
+                      classes, mean, std, channels, size, resize, layout, validation_idx, size_note, warnings)
+
+
+def chosen_size(size: int | str, resize: int | None, files: list[Path]) -> tuple[int, int, str, str | None]:
+    """(size, resize, how size was chosen, an upscaling warning or None) for dataset.size and dataset.resize.
+
+    ``auto``: the images' median shorter side (at most AUTO_LARGEST), the whole shorter side kept for
+    evaluation unless dataset.resize says otherwise; a number: as given, with the usual 0.875 centre crop."""
+    found = common_size(files)
+    if size == "auto":
+        if found is None:
+            raise CnnlabError(f"dataset.size=auto: none of the {min(len(files), AUTO_SAMPLE)} images sampled could be "
+                              "read; set dataset.size")
+        side, count = found
+        size = min(side, AUTO_LARGEST)
+        note = (f"dataset.size=auto: {size} px, the median shorter side of {count} sampled images"
+                + (f" ({side} px, scaled down to at most {AUTO_LARGEST})" if side > AUTO_LARGEST else ""))
+        resize = resize or size
+        if resize < size:
+            raise CnnlabError(f"dataset.resize={resize} is smaller than dataset.size=auto's {size}")
+        return size, resize, note, None
+    resize = resize or round(size * 256 / 224)  # the usual 0.875 centre crop
+    too_large = None
+    if found is not None and resize > UPSCALE_WARNING * found[0]:
+        too_large = (f"dataset.size={size} upscales these images {resize / found[0]:.1f}x (their median shorter side "
+                     f"is {found[0]} px), which costs about {(size / found[0]) ** 2:.0f}x the work of training at their "
+                     "size; dataset.size=auto trains at the images' own size")
+    return size, resize, f"dataset.size={size}", too_large

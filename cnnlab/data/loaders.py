@@ -15,11 +15,11 @@ same order and takes its share (``shard``) of each global batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.runtime.signals import ignore_stop_signals
@@ -172,6 +172,18 @@ class SeededBatches(Sampler):
             yield [(int(i), int(seeds[i])) for i in idx]
 
 
+def collate_readable(items: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str]]:
+    """A batch of the items whose image decoded, and the lines naming those that did not (a dataset gives a
+    str, an images.Unreadable, in place of an image it could not read): (images, labels, lines); (None, None,
+    lines) when none did."""
+    skipped = [x for x, _ in items if isinstance(x, str)]
+    kept = [item for item in items if not isinstance(item[0], str)]
+    if not kept:
+        return None, None, skipped
+    x, y = default_collate(kept)
+    return x, y, skipped
+
+
 def _worker_error_line(error: CnnlabError) -> CnnlabError:
     """A DataLoader worker's CnnlabError comes back wrapped with its traceback: keep the one line."""
     last = str(error).rstrip().splitlines()[-1] if str(error).strip() else ""
@@ -183,14 +195,16 @@ class StreamingLoader(OrderedLoader):
     def __init__(
         self, dataset: Dataset, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int,
         device: torch.device, transform: BatchTransform, num_workers: int, prefetch_factor: int = 2,
-        rank: int = 0, world_size: int = 1,
+        rank: int = 0, world_size: int = 1, warn: Callable[[str], None] | None = None,
     ):
         self.device, self.transform = device, transform
+        self.warn, self.warned = warn, set()  # each unreadable file is named once
+        self.skipped: set[int] = set()  # the positions in ``dataset`` of the items that could not be read
         self.order = EpochOrder(len(dataset), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed,
                                 rank=rank, world_size=world_size)
         self.sampler = SeededBatches(self.order)
         self.loader = DataLoader(
-            SeededSamples(dataset), batch_sampler=self.sampler,
+            SeededSamples(dataset), batch_sampler=self.sampler, collate_fn=collate_readable,
             num_workers=num_workers, pin_memory=device.type == "cuda",
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
@@ -214,7 +228,14 @@ class StreamingLoader(OrderedLoader):
     def iterate(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.start = start
         try:
-            for x, y in self.loader:
-                yield self.transform.apply(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            for x, y, skipped in self.loader:
+                for line in skipped:
+                    if line not in self.warned and self.warn is not None:
+                        self.warn(str(line))
+                    self.warned.add(str(line))
+                    self.skipped.add(getattr(line, "position", -1))
+                if x is not None:
+                    yield self.transform.apply(x.to(self.device, non_blocking=True),
+                                               y.to(self.device, non_blocking=True))
         except CnnlabError as e:
             raise _worker_error_line(e) from None

@@ -102,15 +102,22 @@ def parity(path: Path, fmt: str, module: nn.Module, batches: list[tuple[torch.Te
     return {"max_abs_diff": worst, "torch_acc": right / count, "exported_acc": right_exported / count, "images": count}
 
 
-def metadata(preprocessing, shape: tuple[int, int, int], classes: list[str], baked: bool, fmt: str) -> dict[str, Any]:
-    record = {"format": fmt, "input": "images in [0, 1]" if baked else "preprocessed images",
-              "input_shape": ["N", *shape], "classes": list(classes), "preprocessing_baked_in": baked}
-    if not baked:
-        record["preprocessing"] = {"kind": preprocessing.kind, "mean": preprocessing.mean.flatten().tolist(),
-                                   "std": preprocessing.std.flatten().tolist(),
-                                   "matrix": None if preprocessing.matrix is None else preprocessing.matrix.tolist(),
-                                   "apply": "x = (images - mean) / std per channel; then x.flatten(1) @ matrix"}
-    return record
+def metadata(transform, classes: list[str], baked: bool, fmt: str) -> dict[str, Any]:
+    """What an app needs beside the file: the input, the classes, and the run's evaluation preprocessing (the
+    one cnnlab.load and cnnlab predict apply), whether or not the graph normalises itself."""
+    p = transform.preprocessing
+    channels, size, _ = transform.input_shape
+    steps = (f"decode as {'RGB' if channels == 3 else 'grey (L)'}; resize the shorter side to "
+             f"{transform.resize or size} (bilinear, antialiased) unless the image is {size}x{size}; "
+             f"centre-crop {size}x{size}; scale to [0, 1]")
+    return {"format": fmt, "input": "images in [0, 1]" if baked else "preprocessed images",
+            "input_shape": ["N", channels, size, size], "resize": transform.resize, "classes": list(classes),
+            "preprocessing_baked_in": baked,
+            "preprocessing": {"kind": p.kind, "mean": p.mean.flatten().tolist(), "std": p.std.flatten().tolist(),
+                              "matrix": None if p.matrix is None else p.matrix.tolist(),
+                              "apply": steps + ("; the graph does the rest" if baked else
+                                                "; then x = (x - mean) / std per channel (per pixel for a mean "
+                                                "image), then x.flatten(1) @ matrix when there is one")}}
 
 
 def write_metadata(path: Path, record: dict[str, Any]) -> Path:
@@ -122,6 +129,7 @@ def write_metadata(path: Path, record: dict[str, Any]) -> Path:
 def export(run: Path, fmt: str, out: Path | None = None, *, bake: bool = False, weights: str = "best",
            data_dir: str | None = None, console=None) -> dict[str, Any]:
     """Export ``run``'s selected model (or ``weights="last"``), check it against torch, write its metadata."""
+    from cnnlab.analysis.evaluation import recorded_geometry, recorded_transform
     from cnnlab.core.config import stored_run_config
     from cnnlab.data.statistics import Preprocessing
     from cnnlab.runtime.checkpoint import load_checkpoint, load_weights
@@ -134,7 +142,7 @@ def export(run: Path, fmt: str, out: Path | None = None, *, bake: bool = False, 
     checkpoint = load_checkpoint(path)
     stored = stored_run_config(checkpoint.get("config"), path, data_dir=data_dir,
                                trainer={"device": "cpu", "compile": False, "precision": "fp32"},
-                               data={"in_memory": True})  # parity is checked on the validation images, in memory
+                               **recorded_geometry(checkpoint))
     recorded = checkpoint.get("preprocess")
     s = setup(stored, preprocessing=None if recorded is None else Preprocessing.from_state(recorded))
     model = s.model.to(memory_format=torch.contiguous_format).eval()
@@ -142,13 +150,17 @@ def export(run: Path, fmt: str, out: Path | None = None, *, bake: bool = False, 
         raise CnnlabError(f"cnnlab export: model={stored.components['model'].name} remembers its training images "
                           "(k-NN); there is no network to export")
     load_weights(model, selected_weights(checkpoint), path)
-    preprocess = Preprocess(s.preprocessing).eval()
+    transform = recorded_transform(checkpoint, stored)
+    preprocess = Preprocess(transform.preprocessing).eval()
     module = Baked(preprocess, model).eval() if bake else model
-    batches = []
+    batches = []  # the validation images through the run's own loader: decoded, resized and cropped as eval does
     with torch.no_grad():
-        for x, y in s.loader("train", s.val_idx, train=False, raw=True).iterate(0):
+        for x, y in s.loader("train", s.val_idx, train=False, raw=True):
             images = x.float().cpu() / 255
             batches.append((images if bake else preprocess(images), y.cpu()))
+    s.close()
+    if not batches:
+        raise CnnlabError(f"cnnlab export: {run} has no readable validation image to check the export on")
     out = out or run / f"model{FORMATS[fmt]}" if run.is_dir() else out or run.with_suffix(FORMATS[fmt])
     if run.is_dir():
         confine(run)  # someone else's run directory: a link in it is not written through
@@ -158,10 +170,8 @@ def export(run: Path, fmt: str, out: Path | None = None, *, bake: bool = False, 
         out.unlink(missing_ok=True)
         raise CnnlabError(f"cnnlab export: {fmt} and torch differ by up to {result['max_abs_diff']:.3g} in the logits "
                           f"(more than {TOLERANCE:g}) on {result['images']} validation images; nothing written")
-    shape = (s.data.channels, s.data.input_size, s.data.input_size)
-    side = write_metadata(out, {**metadata(s.preprocessing, shape, s.data.classes, bake, fmt), "parity": result,
+    side = write_metadata(out, {**metadata(transform, s.data.classes, bake, fmt), "parity": result,
                                 "run": str(run), "weights": str(path)})
-    s.close()
     if console is not None:
         console.print(f"exported: {out} ({fmt}, batch dimension dynamic, preprocessing "
                       f"{'baked in' if bake else 'in ' + side.name}); metadata: {side}", highlight=False)

@@ -140,7 +140,7 @@ _TENSORS = MapOf(torch.Tensor)
 _MAYBE_TENSOR = (torch.Tensor, None)
 CHECKPOINT_RECORD = Fields(required={"model": _TENSORS}, optional={
     "ema": (_TENSORS, None), "selected": (str, None), "classes": ListOf((str, int)), "input_shape": ListOf(int),
-    "config": Any, "history": ListOf(MapOf(Any)), "epoch": int, "step": int,
+    "config": Any, "history": ListOf(MapOf(Any)), "epoch": int, "step": int, "resize": (int, None),
     "preprocess": (Fields(required={"kind": str, "mean": torch.Tensor, "std": torch.Tensor,
                                     "matrix": _MAYBE_TENSOR}), None)})
 
@@ -154,8 +154,11 @@ def check_checkpoint(state: dict[str, Any], path: Path) -> None:
     shape = state.get("input_shape")
     if shape is None:
         return
-    if len(shape) != 3 or min(shape) < 1:
-        raise CnnlabError(f"checkpoint {path} is not a valid record: input_shape should be [channels, height, width]")
+    if len(shape) != 3 or min(shape) < 1 or shape[0] not in (1, 3) or shape[1] != shape[2]:
+        raise CnnlabError(f"checkpoint {path} is not a valid record: input_shape should be [channels (1 or 3), "
+                          "size, size]")
+    if (resize := state.get("resize")) is not None and resize < 1:
+        raise CnnlabError(f"checkpoint {path} is not a valid record: resize should be a positive number of pixels")
     prep = state.get("preprocess")
     if prep is not None:
         c, h, w = shape

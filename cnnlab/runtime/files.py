@@ -5,6 +5,8 @@ No torch here, so that commands which only read records (cnnlab runs) start fast
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
@@ -279,6 +281,15 @@ def read_yaml(path: Path, spec: Any = Any, what: str = "record") -> Any:
         detail = " ".join(str(e).split()) or type(e).__name__
         raise CnnlabError(f"{what} {path} is not valid YAML: {detail[:200]}") from None
     return checked(parsed, path, what, spec)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    """A CSV file, written whole or not at all."""
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(table.getvalue().encode()))
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -7,8 +7,6 @@ Writes report.csv and report.md into the sweep directory; ``--plot`` writes repo
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ from cnnlab.sweep.storage import STORAGE_FILES, storage_target
 from cnnlab.core.status import FAILED, RunStatus
 from cnnlab.sweep.trials import SUMMARY_FILE, SWEEP_FILE, SWEEP_RECORD, TRIAL_FILE, TRIAL_RECORD, trial_dirs
 from cnnlab.core.schema import Fields, Finite, ListOf
-from cnnlab.runtime.files import atomic_write, confine, read_json, read_yaml, write_json
+from cnnlab.runtime.files import atomic_write, confine, read_json, read_yaml, write_csv, write_json
 
 EDGE = 0.1  # a best value in the outer 10% of an interval (in log space if log-sampled) is on its edge
 
@@ -402,11 +400,7 @@ def render_report(r: SweepReport, console: Console) -> None:
 def write_report(r: SweepReport) -> None:
     """report.csv and report.md in the sweep directory."""
     confine(r.folder)  # a link inside someone else's sweep directory is not followed
-    table = io.StringIO(newline="")
-    writer = csv.writer(table)
-    writer.writerow(["best", *r.header[1:]])
-    writer.writerows(r.rows)
-    atomic_write(r.folder / "report.csv", lambda f: f.write(table.getvalue().encode()))
+    write_csv(r.folder / "report.csv", ["best", *r.header[1:]], r.rows)
     md = ["| " + " | ".join(["best", *r.header[1:]]) + " |", "|" + "---|" * len(r.header)]
     md += ["| " + " | ".join(printable(c).replace("|", "\\|") for c in row) + " |" for row in r.rows]
     text = "\n".join([f"# Sweep {printable(r.folder)}", "", f"{r.title}; {r.budget}.", "", *md, ""]

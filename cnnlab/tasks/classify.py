@@ -18,7 +18,7 @@ from rich.console import Console
 
 from cnnlab import __version__
 from cnnlab.analysis.evaluation import (check_tta_shift, confusion_figure, confusion_matrix, evaluate_runs,
-                                        metrics_from_probs, predict, tta_view_count)
+                                        metrics_from_log_probs, predict, tta_view_count)
 from cnnlab.analysis.viz import Visualizer, images_of, start_visualizer
 from cnnlab.core.config import RunConfig
 from cnnlab.core.errors import CnnlabError
@@ -220,6 +220,7 @@ def run_header(s: Setup, run_dir: Path, loaders: Loaders, n_params: int) -> dict
         "run": str(run_dir), "dataset": f"{data.name}: {n_train:,} train / {len(s.val_idx):,} val / "
         f"{len(data.test_labels):,} test, {data.channels}x{data.input_size}x{data.input_size}, {data.num_classes} classes"
         + (f"; {data.layout}" if data.reads_files else ""),
+        **({"input": f"{data.size_note}; evaluation view: {s.transform.describe()}"} if data.reads_files else {}),
         "data path": "in memory on the device (batched augmentation)" if s.in_memory else
                      f"per image: DataLoader, {run.data.num_workers} workers, torchvision.transforms.v2",
         "model": f"{run.components['model'].name}: {n_params:,} parameters",
@@ -258,6 +259,9 @@ def fit_select_test(s: Setup, job: Job, console: ConsoleReporter, resume_state: 
     n_params = sum(p.numel() for p in s.model.parameters())
     console.start(run_header(s, job.run_dir, loaders, n_params))
     reporter = RunReporter(console, tensorboard, visualizer)
+    s.warn = reporter.warn  # files a loader skips
+    for line in getattr(s.data, "warnings", ()):
+        reporter.warn(line)
     trainer = fit(s, job, scheduler, loaders, reporter, resume_state)
     if not ranks.is_main:  # rank 0 alone selects, tests and writes the summary; the others wait for it
         ranks.barrier()
@@ -291,7 +295,7 @@ def fit(s: Setup, job: Job, scheduler, loaders: Loaders, reporter: RunReporter,
             generators={"data_order": loaders.train.generator, "augment": s.train_pipe.generator},
             checkpoint_extra={"config": run.resolved, "version": __version__, "classes": s.data.classes,
                               "input_shape": [s.data.channels, s.data.input_size, s.data.input_size],
-                              "preprocess": s.preprocessing.state_dict()},
+                              "preprocess": s.preprocessing.state_dict(), "resize": s.data.resize},
             ranks=s.ranks, stop=stop, resume_hint=job.resume_hint, on_epoch=job.on_epoch, pause_after=job.pause_after,
         )
         if resume_state is not None:
@@ -346,7 +350,7 @@ def select_and_score(s: Setup, job: Job, trainer: Trainer, loaders: Loaders, sum
             probabilities[split] = predict([model], loader, autocast_dtype=s.autocast_dtype,
                                            tta_flip=run.trainer.tta_flip, tta_shift=run.trainer.tta_shift,
                                            limit=limit, on_batch=tick)
-        return metrics_from_probs(*probabilities[split]).report()
+        return metrics_from_log_probs(*probabilities[split]).report()
 
     selected = {}
     # k-NN's own training images find themselves at distance 0: that score says nothing, and costs the most
@@ -359,7 +363,8 @@ def select_and_score(s: Setup, job: Job, trainer: Trainer, loaders: Loaders, sum
         confusion = confusion_matrix(*probabilities["test"], data.num_classes)
         tensorboard.writer.add_figure("test/confusion_matrix", confusion_figure(confusion, data.classes), trainer.step)
         if visualizer is not None and run.viz.misclassified:
-            visualizer.misclassified(lambda idx: images_of(s, "test", idx, train=False), *probabilities["test"],
+            log_probs, labels = probabilities["test"]
+            visualizer.misclassified(lambda idx: images_of(s, "test", idx, train=False), log_probs.exp(), labels,
                                      trainer.step)
     train_time = sum(r["train_time_s"] for r in history)
     summary.update({

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +21,13 @@ from cnnlab.core.errors import CnnlabError
 from cnnlab.core.registry import DATASETS
 from cnnlab.data.datasets import ImageData
 from cnnlab.data.folder import FolderData
+from cnnlab.data.images import ImageTransform
 from cnnlab.data.loaders import InMemoryLoader, StreamingLoader
 from cnnlab.data.split import stratified_split
 from cnnlab.data.statistics import Preprocessing, color_pca
 from cnnlab.models.measure import check_input_size
 from cnnlab.runtime.distributed import Ranks, check_global_batch, init_process_group
+from cnnlab.training.console import print_warning
 from cnnlab.training.finetune import set_learning_rates, transfer_learning
 
 
@@ -106,7 +109,9 @@ class Setup:
     ranks: Ranks
     transfer: str | None  # what model.pretrained and finetune.* did, for the run's header
     preprocessing: Preprocessing  # data.preprocess with its training-split statistics; checkpoints keep it
+    transform: ImageTransform  # the evaluation preprocessing, as load, predict and export apply it
     streaming: list = field(default_factory=list)  # the per-image loaders made, closed by close()
+    warn: Callable[[str], None] = print_warning  # a file a loader skipped (the run's reporter, once it has one)
 
     def loader(self, split: str, idx: torch.Tensor | None = None, *, train: bool, shuffle: bool | None = None,
                shard: bool = True, raw: bool = False):
@@ -117,14 +122,15 @@ class Setup:
         batch_size = d.batch_size if train else d.eval_batch_size
         size = len(idx) if idx is not None else len(self.data.train_labels if split == "train" else self.data.test_labels)
         ranks = self.ranks if shard else Ranks()
-        transform = RAW if raw and self.in_memory else self.train_pipe if train else self.eval_pipe
+        transform = RAW if raw else self.train_pipe if train else self.eval_pipe
         common = dict(shuffle=shuffle, drop_last=shuffle and size > batch_size,
                       seed=self.run.seed, device=self.device, transform=transform,
                       rank=ranks.rank, world_size=ranks.world_size)
         if self.in_memory:
             return InMemoryLoader(*self.data.tensors(split, idx), batch_size, **common)
         loader = StreamingLoader(self.data.per_image(split, idx, self.per_image[train]), batch_size,
-                                 num_workers=d.num_workers, prefetch_factor=d.prefetch_factor, **common)
+                                 num_workers=d.num_workers, prefetch_factor=d.prefetch_factor,
+                                 warn=lambda line: self.warn(line), **common)
         self.streaming.append(loader)
         return loader
 
@@ -236,5 +242,6 @@ def setup(run: RunConfig, ranks: Ranks = Ranks(), preprocessing: Preprocessing |
     train_pipe = BatchPipeline(batch_ops, data.mean, data.std, device, run.seed + 1 + 7919 * ranks.rank, channels_last,
                                num_classes=data.num_classes, normalise=normalise)  # each rank its own augmentation draws
     eval_pipe = BatchPipeline([], data.mean, data.std, device, run.seed, channels_last, normalise=normalise)
+    transform = ImageTransform(data.input_size, data.resize, data.channels, preprocessing, device)
     return Setup(run, device, autocast_dtype, data, train_idx, val_idx, model, optimizer, train_pipe, eval_pipe,
-                 in_memory, per_image, ranks, transfer.describe(model), preprocessing)
+                 in_memory, per_image, ranks, transfer.describe(model), preprocessing, transform)

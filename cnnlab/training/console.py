@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -50,6 +51,12 @@ def make_console(**options: Any) -> Console:
     if console.is_terminal or "width" in options:
         return console
     return PlainConsole(soft_wrap=True, width=UNWRAPPED_WIDTH, **options)
+
+
+def print_warning(message: str) -> None:
+    """A warning where no run reporter is at hand (eval, export, predict): one line on stderr, and the log."""
+    print(f"warning: {printable(message)}", file=sys.stderr, flush=True)
+    log.warning(message)
 
 
 def titled(title: str, table: Table) -> Group:

@@ -160,8 +160,9 @@ class Trainer:
             train, train_time = self.train_epoch(train_loader, batches)
             if (at := self.guard.tripped_at(self.ranks)) is not None:
                 self.status, self.diverged_at = RunStatus.DIVERGED, at
-                self.reporter.warn(f"loss diverged at step {at} (NaN/inf or > {s.divergence_factor}x the first loss); "
-                                   "stopping this run")
+                self.reporter.warn(f"loss diverged at step {at} (NaN/inf, or the median of the last "
+                                   f"{self.guard.WINDOW} steps > {s.divergence_factor}x the first loss after "
+                                   f"{self.guard.WARMUP_STEPS} steps); stopping this run")
                 break
             self.end_epoch(train, train_time, val_loader)
         if self.status == RunStatus.RUNNING:
@@ -246,7 +247,7 @@ class Trainer:
         """Validate, record and log the epoch, checkpoint it, then ask whether to go on: early stopping,
         a sweep's pruner, a stop request."""
         s = self.settings
-        val = evaluate(self.eval_model, val_loader, num_classes=self.num_classes, loss_fn=self.loss_fn,
+        val = evaluate(self.eval_model, val_loader, num_classes=self.num_classes,
                        autocast_dtype=self.autocast_dtype, limit=s.limit_eval_batches, ranks=self.ranks)
         record = {"epoch": self.epoch, "step": self.step, **train.named("train"), **val.named("val"),
                   "lr": self.optimizer.param_groups[0]["lr"], "train_time_s": train_time,
@@ -294,7 +295,7 @@ class Trainer:
         limit = self.settings.limit_eval_batches
         scoring = getattr(self.reporter, "scoring", None)  # comparing with every remembered image takes minutes
         with scoring("val", val_loader, limit) if scoring else nullcontext() as tick:
-            val = evaluate(self.model, val_loader, num_classes=self.num_classes, loss_fn=self.loss_fn,
+            val = evaluate(self.model, val_loader, num_classes=self.num_classes,
                            autocast_dtype=self.autocast_dtype, limit=limit, ranks=self.ranks, on_batch=tick)
         record = {"epoch": 1, "step": 0, "train/loss": None, "train/acc": None, **val.named("val"),
                   "lr": 0.0, "train_time_s": train_time, "images_per_s": count / train_time}
@@ -352,11 +353,7 @@ class Trainer:
         self.partial = state.get("partial")
         self.best.value, self.best.epoch = state["best"]["value"], state["best"]["epoch"]
         self.initial_loss = state.get("initial_loss")
-        guard = state.get("guard") or {}
-        reference = guard.get("reference", self.initial_loss)
-        if reference is not None and self.guard.factor is not None:
-            self.guard.reference = torch.tensor(reference, device=self.device)
-        self.guard.first_bad.fill_(guard.get("first_bad", -1))
+        self.guard.load_state(state.get("guard") or {}, self.initial_loss)
         restore_rng(state["rng"], self.generators)
 
     def state(self, partial: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -370,8 +367,7 @@ class Trainer:
             "step": self.step, "partial": partial, "history": self.history,
             "best": {"monitor": self.best.monitor, "value": self.best.value, "epoch": self.best.epoch},
             "initial_loss": self.initial_loss,
-            "guard": {"reference": None if self.guard.reference is None else self.guard.reference.item(),
-                      "first_bad": int(self.guard.first_bad)},
+            "guard": self.guard.state(),
             "rng": capture_rng(self.generators),
             **self.checkpoint_extra,
         }

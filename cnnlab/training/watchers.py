@@ -3,6 +3,8 @@ divergence guard (the lectures' "abort a run whose loss explodes")."""
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 
 import torch
@@ -62,36 +64,58 @@ class BestTracker:
 
 
 class DivergenceGuard:
-    """Flags the first step whose loss is NaN/inf or above factor x the first loss.
+    """Flags the first step whose loss is NaN/inf, or, once WARMUP_STEPS have passed, whose smoothed loss
+    (the median of the last WINDOW steps) is above factor x the first loss.
 
-    A step only hands over its loss; the losses are judged together when the flag is read (a
-    sync): at log steps and epoch ends."""
+    A fresh network's first steps may spike (a loss of 40 at step 3 that is back near ln(classes) by step 8
+    is common with a warming learning rate) and then train well: that is not judged. A loss that stays
+    up, or goes NaN, is. A step only hands over its loss; the losses are judged together when the flag is
+    read (one sync): at log steps and epoch ends."""
+
+    WARMUP_STEPS = 10
+    WINDOW = 5
 
     def __init__(self, factor: float | None, device: torch.device):
-        self.factor = factor
-        self.reference: torch.Tensor | None = None
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.factor, self.device = factor, device
+        self.reference: float | None = None
+        self.recent: list[float] = []  # the last WINDOW losses judged
+        self.seen = 0                  # steps judged so far
+        self.first_bad = -1
         self.pending: list[tuple[int, torch.Tensor]] = []
 
     def watch(self, loss: torch.Tensor, step: int) -> None:
-        if self.factor is None:
-            return
-        if self.reference is None:
-            self.reference = loss.detach().float().clone()
-        self.pending.append((step, loss))  # detached by the trainer
+        if self.factor is not None:
+            self.pending.append((step, loss))  # detached by the trainer
 
     def _judge(self) -> None:
         if not self.pending:
             return
         steps, losses = zip(*self.pending)
         self.pending = []
-        losses = torch.stack(losses).float()
-        bad = ~torch.isfinite(losses) | (losses > self.factor * self.reference)
-        steps = torch.tensor(steps, device=losses.device)
-        first = torch.where(bad, steps, torch.iinfo(torch.long).max).min()
-        self.first_bad = torch.where((self.first_bad < 0) & bad.any(), first, self.first_bad)
+        for step, loss in zip(steps, torch.stack(losses).float().tolist()):
+            if self.reference is None:
+                self.reference = loss
+            self.seen += 1
+            self.recent = [*self.recent[-(self.WINDOW - 1):], loss]
+            if self.first_bad >= 0:
+                continue
+            if not math.isfinite(loss) or (self.seen > self.WARMUP_STEPS
+                                           and statistics.median(self.recent) > self.factor * self.reference):
+                self.first_bad = step
 
     def tripped_at(self, ranks: Ranks = SINGLE) -> int | None:
         self._judge()
-        step = ranks.min_step(int(self.first_bad), self.first_bad.device)
+        step = ranks.min_step(self.first_bad, self.device)
         return step if step >= 0 else None
+
+    def state(self) -> dict:
+        self._judge()
+        return {"reference": self.reference, "first_bad": self.first_bad, "recent": self.recent, "seen": self.seen}
+
+    def load_state(self, state: dict, initial_loss: float | None) -> None:
+        """What state() saved; a checkpoint from before the smoothing has no window yet: judged as after warm-up."""
+        reference = state.get("reference", initial_loss)
+        self.reference = None if reference is None else float(reference)
+        self.first_bad = int(state.get("first_bad", -1))
+        self.recent = [float(v) for v in state.get("recent", [])]
+        self.seen = int(state.get("seen", self.WARMUP_STEPS if reference is not None else 0))
