@@ -198,7 +198,7 @@ class StreamingLoader(OrderedLoader):
         rank: int = 0, world_size: int = 1, warn: Callable[[str], None] | None = None,
     ):
         self.device, self.transform = device, transform
-        self.warn, self.warned = warn, set()  # each unreadable file is named once
+        self.warn = warn  # called with each line naming a file that could not be read
         self.skipped: set[int] = set()  # the positions in ``dataset`` of the items that could not be read
         self.order = EpochOrder(len(dataset), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed,
                                 rank=rank, world_size=world_size)
@@ -230,9 +230,8 @@ class StreamingLoader(OrderedLoader):
         try:
             for x, y, skipped in self.loader:
                 for line in skipped:
-                    if line not in self.warned and self.warn is not None:
+                    if self.warn is not None:
                         self.warn(str(line))
-                    self.warned.add(str(line))
                     self.skipped.add(getattr(line, "position", -1))
                 if x is not None:
                     yield self.transform.apply(x.to(self.device, non_blocking=True),

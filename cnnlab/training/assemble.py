@@ -112,6 +112,7 @@ class Setup:
     transform: ImageTransform  # the evaluation preprocessing, as load, predict and export apply it
     streaming: list = field(default_factory=list)  # the per-image loaders made, closed by close()
     warn: Callable[[str], None] = print_warning  # a file a loader skipped (the run's reporter, once it has one)
+    warned: set = field(default_factory=set)  # each file is named once, however many loaders and epochs read it
 
     def loader(self, split: str, idx: torch.Tensor | None = None, *, train: bool, shuffle: bool | None = None,
                shard: bool = True, raw: bool = False):
@@ -130,9 +131,14 @@ class Setup:
             return InMemoryLoader(*self.data.tensors(split, idx), batch_size, **common)
         loader = StreamingLoader(self.data.per_image(split, idx, self.per_image[train]), batch_size,
                                  num_workers=d.num_workers, prefetch_factor=d.prefetch_factor,
-                                 warn=lambda line: self.warn(line), **common)
+                                 warn=self.warn_once, **common)
         self.streaming.append(loader)
         return loader
+
+    def warn_once(self, line: str) -> None:
+        if line not in self.warned:
+            self.warned.add(line)
+            self.warn(line)
 
     def close(self) -> None:
         """Stop the DataLoader workers of every loader made here (a sweep runs trial after trial)."""

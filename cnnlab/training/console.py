@@ -56,7 +56,8 @@ def make_console(**options: Any) -> Console:
 def print_warning(message: str) -> None:
     """A warning where no run reporter is at hand (eval, export, predict): one line on stderr, and the log."""
     print(f"warning: {printable(message)}", file=sys.stderr, flush=True)
-    log.warning(message)
+    if log.hasHandlers():  # a run's train.log; not Python's last-resort handler, which would print it again
+        log.warning(message)
 
 
 def titled(title: str, table: Table) -> Group:
