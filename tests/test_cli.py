@@ -95,6 +95,8 @@ def test_list_shows_registry_entries_with_wildcards(tmp_path):
     one = run_cli("list", "models", "resnet18", "--input", "3x224x224", cwd=tmp_path)
     assert "11.69M" in one.stdout and "3.63G" in one.stdout  # 1.81 G multiply-adds
     assert "variant" in one.stdout and "zero_init_residual" in one.stdout  # a single match shows its options
+    knn = run_cli("list", "models", "knn", "--input", "3x48x48", cwd=tmp_path)
+    assert "13.82k x train images" in knn.stdout and "needs >=" not in knn.stdout  # k-NN takes any size
     bad_input = run_cli("list", "models", "--input", "224", cwd=tmp_path)
     assert bad_input.returncode == 2 and "--input must be CxHxW" in bad_input.stderr
     for kind in ("datasets", "optimizers", "schedulers", "inits", "augments"):

@@ -1,6 +1,7 @@
 """Test-time augmentation, ensembles, the confusion matrix, `cnnlab eval` and `cnnlab lr-find`."""
 
 import json
+import shlex
 
 import pytest
 import torch
@@ -145,9 +146,13 @@ def test_lr_range_test_writes_curve_plot_and_suggestion(tmp_path):
 def test_lr_find_command(tmp_path):
     from tests.conftest import TINY
 
-    result = run_cli("lr-find", "--steps", "20", "--max-lr", "1", *TINY, cwd=tmp_path)
+    result = run_cli("lr-find", "--steps", "20", "--max-lr", "1", *TINY, "optimizer.lr=0.5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "suggested optimizer.lr=" in result.stdout and "cnnlab train optimizer.lr=" in result.stdout
+    assert "suggested optimizer.lr=" in result.stdout
+    tried = next(line for line in result.stdout.splitlines() if line.startswith("try:"))
+    assert tried.startswith("try:  cnnlab train " + shlex.join(TINY) + " optimizer.lr=")
+    assert "optimizer.lr=0.5" not in tried  # the user's own lr gives way to the suggestion
+    assert "20 steps, from" in result.stdout or "of 20 steps, stopped where" in result.stdout
     assert list((tmp_path / "outputs" / "lr_find").glob("*/*/lr_find.png"))
     bad = run_cli("lr-find", "--min-lr", "1", "--max-lr", "0.1", *TINY, cwd=tmp_path)
     assert bad.returncode == 2 and "0 < --min-lr < --max-lr" in bad.stderr

@@ -118,7 +118,9 @@ def test_the_default_run_trains_at_the_images_size_and_says_so(tmp_path):
     result = run_cli("train", f"dataset.root={root}", *FOLDER, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "dataset.size=auto: 12 px" in result.stdout and "3x12x12" in result.stdout
-    assert "warning" not in result.stdout.replace("update/weight", "")  # the default run draws no data warning
+    data_warnings = [line for line in result.stdout.splitlines()
+                     if line.startswith("warning:") and "update/weight ratio" not in line]
+    assert data_warnings == []  # the images at their own size: nothing to warn of
 
 
 # --- one preprocessing: eval, load, predict, export --------------------------------------------------------
@@ -269,3 +271,15 @@ def test_the_epoch_line_the_table_and_the_summary_give_one_val_loss(tmp_path):
     summary = run_tiny(tmp_path / "run", "trainer.epochs=3", "optimizer.lr=0.5")  # confident: the old clamp showed
     chosen = summary["history"][summary["best_epoch"] - 1]
     assert summary["selected"]["val"]["loss"] == pytest.approx(chosen["val/loss"], rel=1e-5)
+
+
+def test_log_every_n_steps_auto_gives_a_short_run_at_least_20_points(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cnnlab.training.loop import log_interval
+
+    assert [log_interval("auto", n) for n in (10, 48, 400, 100_000)] == [1, 2, 20, 50] and log_interval(7, 48) == 7
+    summary = run_tiny(tmp_path / "run", "trainer.log_every_n_steps=auto", "trainer.epochs=4")  # 4 x 9 steps
+    ea = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    ea.Reload()
+    assert len(ea.Scalars("train/step_loss")) >= 20 and summary["status"] == "completed"

@@ -18,6 +18,7 @@ from rich.console import Console
 
 from cnnlab.analysis.plotting import pyplot, save_png
 from cnnlab.core.config import RunConfig
+from cnnlab.core.shown import shell_line
 from cnnlab.runtime.files import write_json
 from cnnlab.training.loop import Trainer
 from cnnlab.training.assemble import setup
@@ -33,7 +34,8 @@ class _Silent:
 
 
 def lr_range_test(run: RunConfig, run_dir: Path, min_lr: float, max_lr: float, steps: int,
-                  console: Console | None = None) -> dict[str, Any]:
+                  console: Console | None = None, overrides: list[str] = ()) -> dict[str, Any]:
+    """``overrides``: the user's, repeated in the `cnnlab train` line it suggests (with the suggested lr)."""
     console = console or make_console()
     s = setup(run)
     data = s.data
@@ -79,9 +81,13 @@ def lr_range_test(run: RunConfig, run_dir: Path, min_lr: float, max_lr: float, s
               "stopped_early": len(lrs) < steps, "lr": lrs, "loss": losses, "smoothed_loss": smoothed,
               "plot": str(plot_path)}
     write_json(run_dir / "lr_find.json", result)
-    console.print(f"lr-find: {len(lrs)} steps from {min_lr:g} to {lrs[-1]:.3g}; suggested optimizer.lr={suggestion:.3g}",
+    stopped = (f"{len(lrs)} of {steps} steps, stopped where the smoothed loss passed 4x its lowest"
+               if len(lrs) < steps else f"{steps} steps")
+    console.print(f"lr-find: {stopped}, from {min_lr:g} to {lrs[-1]:.3g}; suggested optimizer.lr={suggestion:.3g}",
                   highlight=False)
-    console.print(f"plot: {plot_path}\ntry:  cnnlab train optimizer.lr={suggestion:.3g}", highlight=False)
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(("optimizer.lr=", "hydra."))]
+    console.print(f"plot: {plot_path}\ntry:  {shell_line(['cnnlab', 'train', *kept, f'optimizer.lr={suggestion:.3g}'])}",
+                  highlight=False)
     return result
 
 

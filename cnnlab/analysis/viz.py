@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.utils import make_grid
 
 from cnnlab.models.inspect_model import forward_with_hooks
 from cnnlab.core.errors import CnnlabError
@@ -30,6 +29,13 @@ from cnnlab.runtime.files import atomic_write, checked, confine, read_json
 MAX_FILTERS = 64       # the first layer's filters drawn (all of LeNet's 6, the first 64 of an MLP's)
 MAX_CHANNELS = 16      # feature maps drawn per stage
 RECORD = "record.pt"
+
+
+def make_grid(images: torch.Tensor, **options) -> torch.Tensor:
+    """torchvision.utils.make_grid, imported when a grid is drawn (importing torchvision costs a second)."""
+    from torchvision.utils import make_grid as grid
+
+    return grid(images, **options)
 
 
 def first_layer_filters(model: nn.Module, channels: int, size: int) -> torch.Tensor | None:

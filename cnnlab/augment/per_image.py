@@ -12,7 +12,19 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, NamedTuple
 
-from torchvision.transforms import v2
+
+
+class _TorchvisionV2:
+    """torchvision.transforms.v2, imported when first used: importing torchvision costs a second (it brings
+    torch._dynamo), which every `cnnlab list` and `--help` would otherwise pay for registering these ops."""
+
+    def __getattr__(self, name: str):
+        from torchvision.transforms import v2
+
+        return getattr(v2, name)
+
+
+v2 = _TorchvisionV2()
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.data.images import EvaluationView
@@ -24,19 +36,19 @@ _PER_IMAGE_ONLY = "per_image_only"
 
 
 @AUGMENTS.register(family="policy", **{_PER_IMAGE_ONLY: True})
-def auto_augment(*, policy: Literal["imagenet", "cifar10", "svhn"] = "cifar10") -> v2.Transform:
+def auto_augment(*, policy: Literal["imagenet", "cifar10", "svhn"] = "cifar10") -> Callable:
     """AutoAugment (Cubuk et al. 2019): one of the learned sub-policies per image (DataLoader path only)."""
     return v2.AutoAugment(v2.AutoAugmentPolicy(policy))
 
 
 @AUGMENTS.register(family="policy", **{_PER_IMAGE_ONLY: True})
-def rand_augment(*, num_ops: PositiveInt = 2, magnitude: Annotated[int, Range(ge=0, le=30)] = 9) -> v2.Transform:
+def rand_augment(*, num_ops: PositiveInt = 2, magnitude: Annotated[int, Range(ge=0, le=30)] = 9) -> Callable:
     """RandAugment (Cubuk et al. 2020): num_ops random operations of one magnitude per image (DataLoader path only)."""
     return v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
 
 
 @AUGMENTS.register(family="policy", **{_PER_IMAGE_ONLY: True})
-def trivial_augment() -> v2.Transform:
+def trivial_augment() -> Callable:
     """TrivialAugmentWide (Müller & Hutter 2021): one random operation at a random strength per image (DataLoader path only)."""
     return v2.TrivialAugmentWide()
 
@@ -48,7 +60,7 @@ class Geometry(NamedTuple):
     resize: int
 
 
-def _sometimes(transform: v2.Transform, p: float, otherwise: v2.Transform | None = None) -> v2.Transform:
+def _sometimes(transform: Callable, p: float, otherwise: Callable | None = None) -> Callable:
     if p >= 1:
         return transform
     if otherwise is None:

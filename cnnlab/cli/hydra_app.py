@@ -202,7 +202,8 @@ def lr_find_app(min_lr: float, max_lr: float, steps: int):
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             with writer_of(run_dir, cfg):
-                lr_range_test(parse_run_config(cfg), run_dir, min_lr, max_lr, steps)
+                lr_range_test(parse_run_config(cfg), run_dir, min_lr, max_lr, steps,
+                              overrides=list(HydraConfig.get().overrides.task))
         except CnnlabError as e:
             raise JobAborted(e) from None
 

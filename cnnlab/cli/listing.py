@@ -7,7 +7,10 @@ entry shows that entry's options.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
+from pathlib import Path
 
 import yaml
 from rich.console import Console, Group
@@ -18,7 +21,10 @@ from cnnlab.core.errors import CnnlabError, CommandLineParser, suggestion
 from cnnlab.core.plugins import load_plugins
 from cnnlab.core.plugins import load_components
 from cnnlab.core.registry import DATASETS, REGISTRIES, Registry
+from cnnlab.core.schema import ListOf, MapOf
 from cnnlab.core.validation import describe_type
+from cnnlab.runtime.files import read_json, user_cache_dir, write_json
+from cnnlab import __version__
 
 ALIASES = {"model": "models", "dataset": "datasets", "optimizer": "optimizers", "scheduler": "schedulers",
            "init": "inits", "augment": "augments", "augmentations": "augments", "augmentation": "augments",
@@ -98,22 +104,47 @@ def _models_table(registry: Registry, names: list[str], input_text: str | None, 
         source, classes = "--input", classes or 1000
     title = (f"models ({len(names)} of {len(registry)}): {channels}x{size}x{size} input ({source}), "
              f"{classes} classes; forward FLOPs per image")
+    measured = read_measured()
+    before = dict(measured)
     table = Table()
     for column, justify in (("name", "left"), ("family", "left"), ("from", "left"), ("parameters", "right"),
                             ("FLOPs", "right"), ("description", "left")):
         table.add_column(column, justify=justify, overflow="fold")
     for name in names:
         entry = registry.get(name)
-        try:
-            options = {"arch": arch} if arch is not None and "arch" in entry.options else {}
-            params, flops = measure(name, channels, size, classes, options)
-            p, f = _count(params), _count(flops)
-        except (CnnlabError, RuntimeError) as e:  # an input too small for this architecture: the smallest it takes
-            smallest = smallest_input(name, options, channels, size, classes)
-            p, f = "-", f"needs >= {channels}x{smallest}x{smallest}" if smallest else str(e).split(": ")[-1][:40]
+        options = {"arch": arch} if arch is not None and "arch" in entry.options else {}
+        if entry.meta.get("memorises"):  # k-NN: any size; it holds and compares its training images
+            p, f = "-", f"{_count(2 * channels * size * size)} x train images"
+        else:
+            key = json.dumps([__version__, entry.origin, name, channels, size, classes, options])
+            if key not in measured:
+                try:
+                    params, flops = measure(name, channels, size, classes, options)
+                    measured[key] = _count(params), _count(flops)
+                except (CnnlabError, RuntimeError) as e:  # too small for this architecture: the smallest it takes
+                    smallest = smallest_input(name, options, channels, size, classes)
+                    measured[key] = "-", (f"needs >= {channels}x{smallest}x{smallest}" if smallest else
+                                          str(e).split(": ")[-1][:40])
+            p, f = measured[key]
         shown = f"{name} ({arch})" if arch is not None and "arch" in entry.options else name
         table.add_row(shown, entry.family, entry.origin, p, f, entry.description)
+    if measured != before:
+        with contextlib.suppress(CnnlabError, OSError):  # a cache that cannot be written: measured again next time
+            write_json(MEASURED_CACHE(), measured)
     return titled(title, table)
+
+
+def MEASURED_CACHE() -> Path:  # noqa: N802 - a path, read from the environment each time
+    return user_cache_dir("models") / "measured.json"
+
+
+def read_measured() -> dict[str, list[str]]:
+    """Parameters and FLOPs measured before (building 35 models on the meta device takes seconds), keyed by
+    version, model, input and options; an unreadable cache is measured anew."""
+    try:
+        return {k: tuple(v) for k, v in (read_json(MEASURED_CACHE(), MapOf(ListOf(str)), "models cache") or {}).items()}
+    except CnnlabError:
+        return {}
 
 
 def _options_table(registry: Registry, names: list[str]) -> Group:

@@ -15,7 +15,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -98,7 +98,7 @@ class TrainerSettings:
     loss: Literal["cross_entropy", "multi_margin"] = "cross_entropy"  # softmax, or the multiclass SVM (hinge) loss
     label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0
     monitor: Literal["val/acc", "val/loss"] = "val/acc"  # selects the best checkpoint; never a test metric
-    log_every_n_steps: PositiveInt = 50
+    log_every_n_steps: Union[PositiveInt, Literal["auto"]] = "auto"  # auto: at least 20 points a run, at most every 50 steps
     limit_train_batches: Optional[PositiveInt] = None  # debug: cut each epoch short
     limit_eval_batches: Optional[PositiveInt] = None
     eval_train_at_end: bool = True  # the homework's report: the selected model's train loss/error

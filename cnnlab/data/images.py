@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.transforms import v2
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.data.statistics import Preprocessing
@@ -77,6 +76,8 @@ class EvaluationView:
     (for them a resize to more than ``size`` would only blur what the crop keeps)."""
 
     def __init__(self, size: int, resize: int | None):
+        from torchvision.transforms import v2  # here: importing torchvision costs a second (torch._dynamo)
+
         self.size, self.resize = size, resize
         self.steps = v2.Compose([v2.Resize(resize or size, antialias=True), v2.CenterCrop(size)])
 

@@ -77,7 +77,7 @@ class NearestNeighbours(nn.Module):
         return torch.log((votes + 1e-6) / (self.k + 2e-3))
 
 
-@MODELS.register(family="baseline")
+@MODELS.register(family="baseline", memorises=True)
 def knn(
     *, in_channels: int, num_classes: int, input_size: int,
     k: PositiveInt = 1, distance: Literal["l1", "l2"] = "l1",

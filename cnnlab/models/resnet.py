@@ -17,7 +17,6 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torchvision.ops import StochasticDepth
 
 from cnnlab.models.blocks import SqueezeExcite, Stem, norm2d, resolve_stem
 from cnnlab.core.registry import MODELS
@@ -185,6 +184,8 @@ def use_stochastic_depth(model: nn.Module, final_rate: float) -> nn.Module:
     """Stochastic depth (Huang et al. 2016): block l of L drops its residual branch with probability
     l / L x final_rate while training (the linear decay rule), per sample, scaled by 1 / (1 - p) when
     kept (torchvision.ops.StochasticDepth), so evaluation runs every block as it is."""
+    from torchvision.ops import StochasticDepth  # here: importing torchvision costs a second (torch._dynamo)
+
     blocks = [m for m in model.modules() if isinstance(m, _Residual)]
     for depth, block in enumerate(blocks, start=1):
         if final_rate > 0:

@@ -24,7 +24,7 @@ from typing import Any
 from cnnlab.core.errors import CnnlabError, suggestion
 from cnnlab.runtime import lock
 from cnnlab.core.schema import SUMMARY_RECORD, Fields, MapOf
-from cnnlab.runtime.files import parse_json, read_json, read_limited, write_json
+from cnnlab.runtime.files import parse_json, read_json, read_limited, write_json, user_cache_dir
 
 SUMMARY, TRIAL, HYDRA = "summary.json", "trial.json", ".hydra"
 OVERRIDES = f"{HYDRA}/overrides.yaml"
@@ -164,8 +164,7 @@ def cache_key(folder: Path, stats: dict[str, os.stat_result]) -> tuple[str | Non
 def cache_file(root: Path) -> Path:
     """The user's own cache of ``root``'s rows: a folder being listed may be someone else's, and a cache there could
     show rows of runs that never happened."""
-    base = os.environ.get("CNNLAB_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnlab"
-    return Path(base) / "runs" / f"{hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:24]}.json"
+    return user_cache_dir("runs") / f"{hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:24]}.json"
 
 
 def collect(roots: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:

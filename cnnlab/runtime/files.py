@@ -283,6 +283,13 @@ def read_yaml(path: Path, spec: Any = Any, what: str = "record") -> Any:
     return checked(parsed, path, what, spec)
 
 
+def user_cache_dir(kind: str) -> Path:
+    """The user's own cache folder for ``kind`` (runs, models): ``$CNNLAB_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/cnnlab`` or ``~/.cache/cnnlab``; never a folder that could be someone else's."""
+    base = os.environ.get("CNNLAB_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnlab"
+    return Path(base) / kind
+
+
 def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
     """A CSV file, written whole or not at all."""
     table = io.StringIO(newline="")

@@ -4,6 +4,8 @@ measures lives in metrics.py, what watches it in watchers.py, its checkpoint sta
 
 from __future__ import annotations
 
+import math
+
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -36,6 +38,17 @@ class Reporter(Protocol):
     def flush(self) -> None: ...
 
 
+AUTO_LOG_POINTS, AUTO_LOG_MOST = 20, 50
+
+
+def log_interval(setting: int | str, steps: int) -> int:
+    """trainer.log_every_n_steps: a number, or auto: at least AUTO_LOG_POINTS points over the run's ``steps``
+    (a 48-step run logs every 2), and no sparser than every AUTO_LOG_MOST steps."""
+    if setting != "auto":
+        return int(setting)
+    return max(1, min(AUTO_LOG_MOST, steps // AUTO_LOG_POINTS))
+
+
 class Trainer:
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, settings, device: torch.device,
@@ -64,6 +77,7 @@ class Trainer:
         self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
                     if settings.ema_decay else None)
         self.guard = DivergenceGuard(settings.divergence_factor, device)
+        self.log_every = log_interval(settings.log_every_n_steps, 1000)  # fit() knows the run's length
         self.update_ratio = UpdateRatio(model) if settings.log_update_ratio else None
         self.probe: torch.Tensor | None = None  # the fixed validation batch dead units are counted on
         self.best = BestTracker(settings.monitor)
@@ -154,6 +168,7 @@ class Trainer:
             return self.fit_by_memory(train_loader, val_loader)
         s = self.settings
         batches = min(len(train_loader), s.limit_train_batches or len(train_loader))
+        self.log_every = log_interval(s.log_every_n_steps, s.epochs * math.ceil(batches / s.accumulate_steps))
         self.stale_epochs = self.epoch - (self.best.epoch or self.epoch)  # after a resume, from the best epoch so far
         while self.epoch < s.epochs and self.status == RunStatus.RUNNING:
             self.epoch += 1
@@ -203,7 +218,7 @@ class Trainer:
         if compiling:
             self._sync()
             compile_start = time.perf_counter()
-        watching = self.update_ratio is not None and update and (self.step + 1) % s.log_every_n_steps == 0
+        watching = self.update_ratio is not None and update and (self.step + 1) % self.log_every == 0
         if watching:
             self.update_ratio.snapshot(self.optimizer.param_groups[0]["lr"])
         logits, loss = self.train_step(x, y, first=i % s.accumulate_steps == 0, update=update)
@@ -222,7 +237,7 @@ class Trainer:
             self.check_initial_loss(self.data_loss.detach().item())
         if s.log_params_every_n_steps and self.step % s.log_params_every_n_steps == 0:
             self.reporter.log_parameters(self.model, self.step)
-        if self.step % s.log_every_n_steps == 0:
+        if self.step % self.log_every == 0:
             self.reporter.log_step(self.step, loss.item(), self.optimizer.param_groups[0]["lr"])
             return self.guard.tripped_at(self.ranks) is not None
         return False
