@@ -126,3 +126,26 @@ def test_bad_paths_and_filters_are_one_line(outputs, args, message):
     result = listing(outputs, *args)
     assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+
+
+def test_trials_are_named_by_what_they_vary_with_a_path_column_and_no_lr_find_row(outputs, tmp_path):
+    out = tmp_path / "outputs"
+    shutil.copytree(outputs / "sweeps", out / "sweeps")
+    shutil.copytree(outputs / "runs", out / "runs")
+    finder = out / "lr_find" / "2026-01-01" / "10-00-00-synthetic-mlp"  # what `cnnlab lr-find` leaves
+    shutil.copytree(next((outputs / "runs").glob("*/*")) / ".hydra", finder / ".hydra")
+    (finder / "lr_find.json").write_text("{}")
+    gate = out / "tunes" / "t" / "gate" / "lr_find"  # and a tune's gate
+    shutil.copytree(finder, gate)
+    rows = json.loads(run_cli("runs", str(out), "--json", cwd=tmp_path).stdout)
+    assert not any("lr_find" in row["path"] for row in rows) and len(rows) == 5
+    trials = sorted(row["name"] for row in rows if "/sweeps/" in row["path"])
+    assert trials == ["lr=0.01 #0", "lr=0.02 #1", "lr=0.02 #2"]
+    assert {row["where"] for row in rows if "/sweeps/" in row["path"]} == {"sweeps/sw/0", "sweeps/sw/1", "sweeps/sw/2"}
+    table = run_cli("runs", str(out), cwd=tmp_path).stdout
+    header = next(line for line in table.splitlines() if "status" in line)
+    assert header.split().count("name") == 1 and "path" in header and "sweeps/sw/1" in table
+    shown = [c for c in (h.strip() for h in header.split("┃")) if c]
+    as_csv = next(csv.reader(io.StringIO(run_cli("runs", str(out), "--csv", cwd=tmp_path).stdout)))
+    missing = {c.replace("best val/acc", "best") for c in shown} - set(as_csv) - {"path"}
+    assert not missing and "where" in as_csv  # every column of the table (path as "where", relative)

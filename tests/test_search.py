@@ -18,7 +18,8 @@ from cnnlab.core.config import CONF_DIR
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.plugins import load_components
 from cnnlab.sweep.study import build_pruner, build_sampler, check_settings, grid_points, search_space
-from cnnlab.sweep.trials import FAILED_EXIT_STATUS, short_names, trial_label
+from cnnlab.core.shown import short_names, trial_label
+from cnnlab.sweep.trials import FAILED_EXIT_STATUS
 from hydra_plugins.cnnlab_sweeper import CnnlabSweeper
 from tests.conftest import TINY, run_cli, start_worker
 

@@ -61,3 +61,28 @@ class SecretFilter(logging.Filter):
         if shown != message:
             record.msg, record.args = shown, None
         return True
+
+
+SHORT_NAMES = {"weight_decay": "wd", "learning_rate": "lr", "batch_size": "bs", "label_smoothing": "ls"}
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """optimizer.lr -> lr, optimizer.weight_decay -> wd; the whole key where two would read the same."""
+    short = {k: SHORT_NAMES.get(k.rpartition(".")[2], k.rpartition(".")[2]) for k in keys}
+    clashing = {s for s in short.values() if list(short.values()).count(s) > 1}
+    return {k: (k if s in clashing else s) for k, s in short.items()}
+
+
+def _compact(text: str) -> str:
+    try:
+        value = float(text)
+    except ValueError:
+        return text.replace("/", "_")
+    return f"{value:.3g}" if not text.lstrip("-").isdigit() else text
+
+
+def trial_label(overrides: list[str], searched: list[str], job: str) -> str:
+    """What a trial varies, as its TensorBoard run is named: ``lr=0.01 wd=0.0001 #3``."""
+    values = {o.partition("=")[0].lstrip("+~"): o.partition("=")[2] for o in overrides}
+    names = short_names([k for k in searched if k in values])
+    return " ".join([*(f"{names[k]}={_compact(values[k])}" for k in names), f"#{job}"])

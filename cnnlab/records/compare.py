@@ -94,8 +94,8 @@ def resolved(config: dict[str, Any]) -> dict[str, Any]:
 
 def labels(folders: list[Path]) -> list[str]:
     """Short names: the last path parts that tell the runs apart."""
-    for depth in range(1, 6):
-        names = ["/".join(f.resolve().parts[-depth:]) for f in folders]
+    for depth in range(1, 6):  # a trial's own folder is its number: with its sweep stage's (coarse/0), never "0"
+        names = ["/".join(f.resolve().parts[-(depth + (depth == 1 and f.name.isdigit())):]) for f in folders]
         if len(set(names)) == len(names):
             return names
     return [str(f) for f in folders]

@@ -24,6 +24,7 @@ from typing import Any
 from cnnlab.core.errors import CnnlabError, suggestion
 from cnnlab.runtime import lock
 from cnnlab.core.schema import SUMMARY_RECORD, Fields, MapOf
+from cnnlab.core.shown import trial_label
 from cnnlab.runtime.files import parse_json, read_json, read_limited, write_json, user_cache_dir
 
 SUMMARY, TRIAL, HYDRA = "summary.json", "trial.json", ".hydra"
@@ -34,7 +35,8 @@ SUMMARY_ROW = Fields(optional={
     **{k: SUMMARY_RECORD.optional[k] for k in ("status", "name", "task", "model", "dataset", "monitor", "best_value",
                                                  "wall_time_s", "selected")}, "history": list})
 CACHE_RECORD = Fields(optional={"version": int, "runs": MapOf(Fields(required={"key": str, "row": MapOf(Any)}))})
-NOT_RUNS = {"checkpoints", "tensorboard", "viz", "workers", "pbt"}  # folders of a run or a sweep, never runs
+NOT_RUNS = {"checkpoints", "tensorboard", "viz", "workers", "pbt", "lr_find"}  # folders of a run, sweep or tune
+LR_FIND = "lr_find.json"  # an LR range test's folder: not a run (it trains no model to select)
 FIELDS = ("date", "name", "status", "task", "model", "dataset", "monitor", "best", "val/acc", "val/loss", "test/acc",
           "test/loss", "train/acc", "train/loss", "epochs", "wall", "path")
 NUMERIC = {"best", "val/acc", "val/loss", "test/acc", "test/loss", "train/acc", "train/loss", "epochs", "wall"}
@@ -54,6 +56,8 @@ def find_run_dirs(root: Path) -> list[tuple[Path, dict[str, os.stat_result]]]:
         except OSError:
             continue
         names = {e.name: e for e in entries}
+        if LR_FIND in names and SUMMARY not in names:
+            continue
         if SUMMARY in names or TRIAL in names or HYDRA in names:
             stats = {}
             for name in (SUMMARY, TRIAL):
@@ -137,6 +141,7 @@ def run_row(folder: Path, stats: dict[str, os.stat_result], notes: list[str],
         except OSError:
             started = folder.stat().st_mtime
     row["date"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(started))
+    row["trial"] = TRIAL in stats  # a sweep's or tune's trial: named by what it varies (trial_names)
     row["name"] = row.get("name") or folder.name
     for group in ("model", "dataset"):
         row[group] = row.get(group) or row["values"].get(group)
@@ -167,12 +172,27 @@ def cache_file(root: Path) -> Path:
     return user_cache_dir("runs") / f"{hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:24]}.json"
 
 
+def trial_names(rows: list[dict[str, Any]]) -> None:
+    """A sweep's trials share the run's name (imagefolder-small_resnet): each is named instead by what varies
+    among its sweep's trials, as its TensorBoard run is (``lr=0.0027 wd=0.00016 #3``)."""
+    sweeps: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("trial"):
+            sweeps.setdefault(os.path.dirname(row["path"]), []).append(row)
+    for trials in sweeps.values():
+        keys = varying(trials)
+        for row in trials:
+            row["name"] = trial_label([f"{k}={v}" for k, v in row["values"].items()], keys,
+                                      os.path.basename(row["path"]))
+
+
 def collect(roots: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
     """Every run's row under ``roots`` (a root's cache read, refreshed and written back); notes to print."""
     rows, notes = [], []
     for root in roots:
         if not root.is_dir():
             raise CnnlabError(f"cnnlab runs: {root} is not a folder")
+        first = len(rows)
         cache_path = cache_file(root)
         cached = _read_cache(cache_path)
         fresh = {}
@@ -185,7 +205,8 @@ def collect(roots: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
                 row = run_row(folder, stats, notes, contents)
             if key is not None and row.get("status") != "unreadable":
                 fresh[path] = {"key": key, "row": row}
-            rows.append(row)
+            rows.append({**row, "where": os.path.relpath(path, root)})
+        trial_names(rows[first:])
         if fresh != cached:
             try:
                 write_json(cache_path, {"version": CACHE_VERSION, "runs": fresh})
@@ -253,12 +274,13 @@ def select(rows: list[dict[str, Any]], where: list[str], sort: str, limit: int |
 
 def varying(rows: list[dict[str, Any]]) -> list[str]:
     """The config keys whose values differ among ``rows`` (one that some runs lack counts)."""
-    keys = sorted({k for row in rows for k in row["values"]} - {"model", "dataset", "task"})  # columns of their own
+    keys = sorted({k for row in rows for k in row["values"]} - {*FIELDS, "where"})  # columns of their own
     return [k for k in keys if len({row["values"].get(k) for row in rows}) > 1]
 
 
 def columns(rows: list[dict[str, Any]]) -> list[str]:
-    return ["date", "name", "status", "task", "model", "dataset", *varying(rows), "best", "test/acc", "epochs", "wall"]
+    return ["date", "name", "status", "task", "model", "dataset", *varying(rows), "best", "test/acc", "epochs", "wall",
+            "where"]
 
 
 def shown(value: Any, name: str, monitor: str | None = None) -> str:
@@ -284,7 +306,8 @@ def render(rows: list[dict[str, Any]], total: int, console) -> None:
     monitors = {row.get("monitor") for row in rows if row.get("monitor")}
     table = Table(title=f"{len(rows)} of {total} runs", title_justify="left")
     for name in names:
-        header = f"best {next(iter(monitors))}" if name == "best" and len(monitors) == 1 else name
+        header = (f"best {next(iter(monitors))}" if name == "best" and len(monitors) == 1 else
+                  "path" if name == "where" else name)
         table.add_column(header, justify="right" if name in NUMERIC else "left")
     for row in rows:
         table.add_row(*(shown(field(row, name), name, row.get("monitor")) for name in names))
@@ -294,4 +317,5 @@ def render(rows: list[dict[str, Any]], total: int, console) -> None:
 def as_records(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What --json and --csv write: every field, and the varied config keys by name."""
     keys = varying(rows)
-    return [{**{name: field(row, name) for name in FIELDS}, **{k: row["values"].get(k) for k in keys}} for row in rows]
+    return [{**{name: field(row, name) for name in (*FIELDS, "where")}, **{k: row["values"].get(k) for k in keys}}
+            for row in rows]

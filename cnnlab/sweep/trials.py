@@ -37,7 +37,7 @@ from cnnlab.runtime.environment import environment
 from cnnlab.runtime.lock import RunDirLock
 from cnnlab.runtime.checkpoint import LAST, load_checkpoint
 from cnnlab.core.schema import SUMMARY_RECORD, Fields, ListOf, MapOf, SchemaMismatch, check
-from cnnlab.core.shown import shell_line
+from cnnlab.core.shown import shell_line, trial_label
 from cnnlab.runtime.files import read_json, write_json
 
 log = logging.getLogger("cnnlab.sweep.trials")
@@ -48,7 +48,6 @@ FAILED_EXIT_STATUS = 3  # `cnnlab train -m` when some trials failed; 2 stays "yo
 # What the last sweep in this process ended with (set by SweepSummary, read by the CLI).
 last_sweep: dict[str, Any] = {}
 TENSORBOARD_DIR = "tensorboard"  # <sweep dir>/tensorboard: one folder per trial, named by its values
-SHORT_NAMES = {"weight_decay": "wd", "learning_rate": "lr", "batch_size": "bs", "label_smoothing": "ls"}
 
 
 def _previous_attempt(sweep_dir: Path, overrides: list[str], here: Path) -> Path | None:
@@ -80,28 +79,6 @@ def _tensorboard_session(cfg: DictConfig, run_dir: Path) -> None:
     if folder.is_dir() and any(folder.iterdir()):
         return
     TensorBoardLogger(folder, tree, OmegaConf.to_yaml(cfg)).close(RunStatus.FAILED)
-
-
-def short_names(keys: list[str]) -> dict[str, str]:
-    """optimizer.lr -> lr, optimizer.weight_decay -> wd; the whole key where two would read the same."""
-    short = {k: SHORT_NAMES.get(k.rpartition(".")[2], k.rpartition(".")[2]) for k in keys}
-    clashing = {s for s in short.values() if list(short.values()).count(s) > 1}
-    return {k: (k if s in clashing else s) for k, s in short.items()}
-
-
-def _compact(text: str) -> str:
-    try:
-        value = float(text)
-    except ValueError:
-        return text.replace("/", "_")
-    return f"{value:.3g}" if not text.lstrip("-").isdigit() else text
-
-
-def trial_label(overrides: list[str], searched: list[str], job: str) -> str:
-    """What a trial varies, as its TensorBoard run is named: ``lr=0.01 wd=0.0001 #3``."""
-    values = {o.partition("=")[0].lstrip("+~"): o.partition("=")[2] for o in overrides}
-    names = short_names([k for k in searched if k in values])
-    return " ".join([*(f"{names[k]}={_compact(values[k])}" for k in names), f"#{job}"])
 
 
 def _name_tensorboard(cfg: DictConfig, run_dir: Path, overrides: list[str], member: bool = False) -> None:

@@ -36,7 +36,8 @@ from cnnlab.sweep.study import (COPIED_FROM, JOB, Study, SweepSettings, claim_lo
                                  number_attr, quoted, search_space, trial_epochs)
 from cnnlab.sweep.storage import open_storage, storage_target
 from cnnlab.sweep.report import best_curve
-from cnnlab.sweep.trials import direction_of, run_claimed, trial_label
+from cnnlab.core.shown import trial_label
+from cnnlab.sweep.trials import direction_of, run_claimed
 from cnnlab.tasks import monitor_of
 from cnnlab.tune import boxes
 from cnnlab.tune.gate import sanity_gate
