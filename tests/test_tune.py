@@ -84,6 +84,18 @@ def test_a_tiny_tune_runs_every_stage_inside_its_budget(tmp_path):
     assert any(n.startswith("coarse lr=") for n in names) and any(n.startswith("final lr=") and "seed=1" in n for n in names)
     lines = result.stdout.strip().splitlines()
     assert lines[-1] == f"record: {folder / 'tune.json'}" and "train it again: cnnlab train" in result.stdout
+    # planned before it ran: the gate's cost from the steps it takes (as gate.json then records it), and HParams
+    plan = json.loads((folder / "plan.json").read_text())
+    assert math.isclose(plan["gate_epochs"], gate["epochs"]) and plan["train_images"] == gate["train_images"]
+    assert f"gate {gate['epochs']:.1f}" in lines[0] and [s["stage"] for s in plan["stages"]] == ["coarse", "refine1", "final"]
+    assert any(p.name.startswith("events") for p in (folder / "tensorboard").iterdir())  # the HParams experiment
+    # the test score where runs and compare read it: the chosen run's summary, and the tune's own row
+    chosen_summary = json.loads((Path(chosen["run"]) / "summary.json").read_text())
+    assert chosen_summary["selected"]["test"]["acc"] == record["test"]["acc"]
+    rows = json.loads(run_cli("runs", str(folder), "--json", cwd=tmp_path).stdout)
+    (tune_row,) = [r for r in rows if r["task"] == "tune"]
+    assert tune_row["test/acc"] == record["test"]["acc"] and tune_row["best"] == chosen["mean"]
+    assert not any(r["path"].endswith("lr_find") for r in rows)
 
 
 @pytest.mark.parametrize(("args", "message"), [

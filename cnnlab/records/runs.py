@@ -27,13 +27,16 @@ from cnnlab.core.schema import SUMMARY_RECORD, Fields, MapOf
 from cnnlab.core.shown import trial_label
 from cnnlab.runtime.files import parse_json, read_json, read_limited, write_json, user_cache_dir
 
-SUMMARY, TRIAL, HYDRA = "summary.json", "trial.json", ".hydra"
+SUMMARY, TRIAL, HYDRA, TUNE = "summary.json", "trial.json", ".hydra", "tune.json"
 OVERRIDES = f"{HYDRA}/overrides.yaml"
 CACHE_VERSION = 2
 # The fields a row is made of, as summary_row uses them (a listing checks no more: 10,000 summaries).
 SUMMARY_ROW = Fields(optional={
     **{k: SUMMARY_RECORD.optional[k] for k in ("status", "name", "task", "model", "dataset", "monitor", "best_value",
                                                  "wall_time_s", "selected")}, "history": list})
+_NUMBER = (float, None)
+TUNE_ROW = Fields(optional={"monitor": str, "epochs_spent": _NUMBER, "chosen": Fields(optional={"mean": _NUMBER}),
+                            "test": Fields(optional={"acc": _NUMBER, "loss": _NUMBER})})
 CACHE_RECORD = Fields(optional={"version": int, "runs": MapOf(Fields(required={"key": str, "row": MapOf(Any)}))})
 NOT_RUNS = {"checkpoints", "tensorboard", "viz", "workers", "pbt", "lr_find"}  # folders of a run, sweep or tune
 LR_FIND = "lr_find.json"  # an LR range test's folder: not a run (it trains no model to select)
@@ -58,6 +61,11 @@ def find_run_dirs(root: Path) -> list[tuple[Path, dict[str, os.stat_result]]]:
         names = {e.name: e for e in entries}
         if LR_FIND in names and SUMMARY not in names:
             continue
+        if TUNE in names:  # a tune is a row, and so is each of its trials below it
+            try:
+                found.append((Path(folder), {TUNE: names[TUNE].stat()}))
+            except OSError:
+                pass
         if SUMMARY in names or TRIAL in names or HYDRA in names:
             stats = {}
             for name in (SUMMARY, TRIAL):
@@ -120,6 +128,8 @@ def run_row(folder: Path, stats: dict[str, os.stat_result], notes: list[str],
             contents: dict[str, bytes | None] | None = None) -> dict[str, Any]:
     """``contents``: the records' bytes, where cache_key read them already."""
     contents = contents or {}
+    if TUNE in stats:
+        return tune_row(folder, stats[TUNE], notes)
     started = stats[TRIAL].st_mtime if TRIAL in stats else None
     row: dict[str, Any] = {"path": str(folder), "values": read_overrides(folder, contents.get(OVERRIDES))}
     if SUMMARY in stats:
@@ -146,6 +156,22 @@ def run_row(folder: Path, stats: dict[str, os.stat_result], notes: list[str],
     for group in ("model", "dataset"):
         row[group] = row.get(group) or row["values"].get(group)
     return row
+
+
+def tune_row(folder: Path, stat: os.stat_result, notes: list[str]) -> dict[str, Any]:
+    """A finished tune (tune.json): the chosen configuration's mean validation value over its seeds, and its one
+    test score."""
+    row: dict[str, Any] = {"path": str(folder), "values": {}, "name": f"tune {folder.name}", "task": "tune",
+                           "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(stat.st_mtime))}
+    try:
+        record = read_json(folder / TUNE, TUNE_ROW, "tune record") or {}
+    except CnnlabError as e:
+        notes.append(f"warning: {e}; listed as unreadable")
+        return {**row, "status": "unreadable"}
+    test = record.get("test") or {}
+    return {**row, "status": "completed", "monitor": record.get("monitor"),
+            "best": (record.get("chosen") or {}).get("mean"), "test/acc": test.get("acc"),
+            "test/loss": test.get("loss"), "epochs": record.get("epochs_spent")}
 
 
 RECORDS = (SUMMARY, TRIAL, OVERRIDES)  # what a row is made of

@@ -74,6 +74,12 @@ PASSED_GATE = Fields(required={  # what a tune reads back from a gate that passe
     "epochs": float})
 
 
+def gate_epochs(steps: int, lr_steps: int, train_images: int | None, batch_size: int) -> float:
+    """What the gate's steps cost in the budget's unit (epochs of the training split): the tune plans with this
+    before the gate runs, and the gate records it after."""
+    return (steps + lr_steps) / math.ceil((train_images or batch_size) / batch_size)
+
+
 def sanity_gate(tune_dir: Path, fixed: list[str], steps: int, lr_steps: int, batch_size: int,
                 run: Callable[[list[str], Path], dict[str, Any]],
                 lr_find: Callable[[list[str], Path, int], dict[str, Any]], announce: Callable[[], None]) -> dict[str, Any]:
@@ -101,7 +107,6 @@ def sanity_gate(tune_dir: Path, fixed: list[str], steps: int, lr_steps: int, bat
     lowest = found["lr"][min(range(len(found["smoothed_loss"])), key=found["smoothed_loss"].__getitem__)]
     record.update(suggested_lr=found["suggested_lr"], lowest_loss_lr=lowest, lr_find_steps=lr_steps,
                   lr_window=lr_window(found["suggested_lr"], lowest, found["lr"][-1]))
-    batches = math.ceil((record["train_images"] or batch_size) / batch_size)
-    record["epochs"] = (steps + lr_steps) / batches  # what the gate's steps cost, in the budget's unit
+    record["epochs"] = gate_epochs(steps, lr_steps, record["train_images"], batch_size)
     write_json(tune_dir / GATE_FILE, record)
     return record

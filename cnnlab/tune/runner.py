@@ -27,7 +27,7 @@ from cnnlab.training.console import make_console
 from cnnlab.cli.hydra_app import composed, run_log, run_one, writer_of
 from cnnlab.core.config import parse_run_config
 from cnnlab.core.errors import CnnlabError
-from cnnlab.core.schema import Fields, ListOf, MapOf
+from cnnlab.core.schema import SUMMARY_RECORD, Fields, ListOf, MapOf
 from cnnlab.core.shown import shell_line
 from cnnlab.runtime.lock import discard_refused
 from cnnlab.runtime.files import confine, open_append, read_json, write_json
@@ -40,11 +40,11 @@ from cnnlab.core.shown import trial_label
 from cnnlab.sweep.trials import direction_of, run_claimed
 from cnnlab.tasks import monitor_of
 from cnnlab.tune import boxes
-from cnnlab.tune.gate import sanity_gate
+from cnnlab.tune.gate import gate_epochs, sanity_gate
 from cnnlab.tune.plan import Plan, Stage, make_plan
 from cnnlab.tune.settings import TuneSettings, default_space, load_settings, split_arguments
 
-STAGE_FILE, TUNE_FILE = "stage.json", "tune.json"
+STAGE_FILE, TUNE_FILE, PLAN_FILE = "stage.json", "tune.json", "plan.json"
 TEST_RECORD = Fields(required={"run": str, "acc": float, "loss": float})
 STAGE_RECORD = Fields(required={"space": MapOf(str)},
                       optional={"configs": ListOf(MapOf((int, float, str, bool, None))), "epochs": int, "name": str})
@@ -78,14 +78,20 @@ class Base:
     name: str
     output_dir: str
     tree: dict[str, Any]
+    train_images: int  # the training split's size (the dataset read once, to plan the gate's cost)
 
 
 def compose_base(fixed: list[str]) -> Base:
+    from cnnlab.data.split import stratified_split
+
     with composed(fixed) as cfg:
         run = parse_run_config(cfg)
+        data = run.components["dataset"].build()
+        train = (len(data.validation_idx[0]) if data.validation_idx is not None else
+                 len(stratified_split(data.train_labels, run.data.val_fraction, run.data.split_seed)[0]))
         return Base(fixed, run.trainer.epochs, run.seed, run.data.batch_size, monitor_of(cfg), direction_of(cfg),
                     run.components["optimizer"].name, run.name, str(cfg.paths.output_dir),
-                    OmegaConf.to_container(cfg, resolve=True))
+                    OmegaConf.to_container(cfg, resolve=True), train)
 
 
 class Tune:
@@ -101,7 +107,9 @@ class Tune:
             defaults = [o for o in default_space(self.base.optimizer, config_dirs) if o.partition("=")[0] not in typed]
             space = search_space(defaults)[0]
         self.space = space
-        self.plan: Plan = make_plan(self.settings, self.base.epochs, 1.0 if self.settings.gate else 0.0)
+        self.gate_estimate = gate_epochs(self.settings.gate_steps, self.settings.lr_find_steps, self.base.train_images,
+                                         self.base.batch_size) if self.settings.gate else 0.0
+        self.plan: Plan = make_plan(self.settings, self.base.epochs, self.gate_estimate)
         self.dir = Path(self.settings.dir or self._fresh_dir()).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         confine(self.dir)
@@ -162,6 +170,7 @@ class Tune:
 
     def run(self) -> dict[str, Any]:
         self.say(f"tune {self.dir}: {self.plan.describe()}")
+        self.write_plan()
         gate = self.gate() if self.settings.gate else None
         if gate is not None:
             self.plan = make_plan(self.settings, self.base.epochs, gate["epochs"])
@@ -181,6 +190,24 @@ class Tune:
 
     def say(self, line: str) -> None:
         self.console.print(line, highlight=False, soft_wrap=True)
+
+    def write_plan(self) -> None:
+        """plan.json, before anything runs: what each part may spend (the gate's from the steps it will take), and
+        the HParams experiment of the tune's TensorBoard over the keys it searches."""
+        from cnnlab.training.tensorboard_log import sweep_experiment
+
+        if (self.dir / PLAN_FILE).is_file():  # a rerun or another worker: the first plan stays
+            return
+        before, stages = 0.0, []
+        for stage in self.plan.stages:
+            stages.append({"stage": stage.name, "epochs_a_trial": stage.epochs,
+                           "epochs": stage.cumulative - before, "asha": stage.pruned})
+            before = stage.cumulative
+        write_json(self.dir / PLAN_FILE, {"budget_epochs": self.plan.budget, "gate_epochs": self.plan.gate,
+                                          "train_images": self.base.train_images, "stages": stages,
+                                          "searched": list(self.space)})
+        tree = {k: v for k, v in self.base.tree.items() if k != "hydra"}
+        sweep_experiment(self.dir / "tensorboard", [*self.space, "seed"], tree, self.base.monitor)
 
     def gate(self) -> dict[str, Any]:
         def announce() -> None:
@@ -439,6 +466,11 @@ class Tune:
                                        console=make_console(file=log, width=120, force_terminal=False))
             test = {"run": chosen["run"], **scores["splits"]["test"]}
             write_json(self.dir / "test.json", test)
+            summary_path = Path(chosen["run"]) / "summary.json"  # the chosen run's own record shows it too
+            summary = read_json(summary_path, SUMMARY_RECORD, "run summary")
+            if summary is not None:
+                summary["selected"] = {**(summary.get("selected") or {}), "test": scores["splits"]["test"]}
+                write_json(summary_path, summary)
             return test
 
     def finish(self, gate: dict[str, Any] | None, results: list[dict[str, Any]], final: Study) -> dict[str, Any]:
