@@ -99,7 +99,8 @@ def test_a_crafted_gate_record_is_one_line(tmp_path, record, expected):
     tune = tmp_path / "tune"
     tune.mkdir()
     (tune / "gate.json").write_text(json.dumps(record))
-    args = [a for a in TUNE if a not in ("tune.gate=false", "tune.budget_epochs=8")] + ["tune.budget_epochs=12", f"tune.dir={tune}"]
+    args = [a for a in TUNE if a not in ("tune.gate=false", "tune.budget_epochs=8")] + [
+        "tune.budget_epochs=12", "tune.gate_steps=10", "tune.lr_find_steps=10", f"tune.dir={tune}"]
     one_line(run_cli("tune", *args, cwd=tmp_path), f"gate record {tune / 'gate.json'}", expected)
 
 
@@ -277,7 +278,8 @@ def test_a_run_inside_a_tune_directory_that_links_out_of_it_is_refused(tmp_path)
     (tune / "gate").mkdir(parents=True)
     outside.mkdir()
     (tune / "gate" / "overfit").symlink_to(outside)  # where the gate's first run trains
-    args = [a for a in TUNE if a not in ("tune.gate=false", "tune.budget_epochs=8")] + ["tune.budget_epochs=12"]
+    args = [a for a in TUNE if a not in ("tune.gate=false", "tune.budget_epochs=8")] + [
+        "tune.budget_epochs=12", "tune.gate_steps=10", "tune.lr_find_steps=10"]  # the gate: 2 of its 12 epochs
     one_line(run_cli("tune", *args, f"tune.dir={tune}", cwd=tmp_path), f"is a symbolic link inside {tune}")
     assert not list(outside.iterdir())
 

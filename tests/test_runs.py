@@ -87,7 +87,8 @@ def test_where_sort_limit_csv(outputs):
     assert len(rows) == 2 and {"date", "status", "val/acc", "test/acc", "path"} <= set(rows[0])
 
 
-def test_the_cache_follows_a_changed_and_a_new_run(outputs):
+def test_the_cache_follows_a_changed_and_a_new_run(outputs, tmp_path):
+    outputs = Path(shutil.copytree(outputs, tmp_path / "outputs"))  # changed here: the others' rows stay as built
     records(outputs)
     assert runs.cache_file(outputs).is_file() and not list(outputs.glob(".cnnlab-runs*"))  # the user's, not the folder's
     (trial,) = [p for p in (outputs / "sweeps" / "sw").glob("0")]

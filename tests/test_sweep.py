@@ -49,7 +49,7 @@ def test_failing_trials_are_recorded_and_the_sweep_finishes(grid):
     assert result.stdout.strip().splitlines()[-1].startswith("sweep: 4 trials (2 completed, 1 diverged, 1 failed), 2 failed")
     s = summaries(folder)
     assert [s[k]["status"] for k in "0123"] == ["completed", "completed", "diverged", "failed"]
-    assert s["2"]["error"].startswith("loss diverged at step") and s["2"]["history"] == []  # diverged in epoch 1
+    assert s["2"]["error"].startswith("loss diverged at step") and len(s["2"]["history"]) <= 1  # in epoch 1 or 2
     assert s["3"]["error"] == "optimizer.lr must be a number > 0, got -1"
     assert "Traceback" not in result.stderr
 
