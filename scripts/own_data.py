@@ -59,6 +59,7 @@ def cnnlab(*args: str, cwd: Path) -> tuple[int, float, str, str]:
 
 
 def newest(folder: Path) -> Path:
+    """The newest run directory under ``folder`` (<date>/<time>-<name>)."""
     return max((p for p in folder.glob("*/*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
 
 
@@ -97,16 +98,24 @@ def main() -> int:
     print(f"  {header.strip()}\n  test acc {100 * summary['selected']['test']['acc']:.2f}%, "
           f"{summary['train_images_per_s']:.0f} img/s")
 
-    step("sweep", "train", "-m", *data, "trainer.epochs=2", "hydra.sweeper.n_trials=4",
+    step("sweep", "train", "-m", *data, "trainer.epochs=2", "hydra/sweeper/sampler=random", "hydra.sweeper.n_trials=4",
          "optimizer.lr=tag(log, interval(1e-4, 1e-1))")
-    sweep = newest(work / "outputs" / "sweeps")
-    draws = sorted(json.loads(p.read_text())["overrides"] for p in sweep.glob("*/trial.json"))
+    sweeps = list((work / "outputs" / "sweeps").glob("*/*"))
+    draws = [json.loads(p.read_text()).get("overrides", []) for s in sweeps for p in s.glob("*/trial.json")]
     lrs = [float(o.split("=")[1]) for d in draws for o in d if o.startswith("optimizer.lr=")]
     span = (math.log(max(lrs)) - math.log(min(lrs))) / math.log(1e-1 / 1e-4) if lrs else 0.0
     print(f"  lr draws {', '.join(f'{v:.3g}' for v in sorted(lrs))}: {100 * span:.0f}% of the log range")
+    trials = [json.loads(p.read_text()) for s in sweeps for p in s.glob("*/summary.json")]
+    done = [t for t in trials if t.get("best_value") is not None]
+    print(f"  {len(done)} of {len(trials)} trials completed"
+          + (f", best val acc {100 * max(t['best_value'] for t in done):.2f}%" if done else ""))
 
     if not ns.skip_tune:
-        step("tune", "tune", *data, "tune.budget_epochs=24")
+        step("tune", "tune", *data, "tune.budget_epochs=60")
+        for record in (work / "outputs" / "tunes").glob("*/*/tune.json"):
+            tune = json.loads(record.read_text())
+            print(f"  chosen {tune['chosen']['config']}: val acc {100 * tune['chosen']['mean']:.2f}%, "
+                  f"test acc {100 * tune['test']['acc']:.2f}%, {tune['epochs_spent']:.1f} of 60 epochs")
 
     by_predict = predicted(step("predict", "predict", str(run), str(images / "val"), "--csv", "--top-k", "1"))
     step("export", "export", str(run), "--format", "onnx")

@@ -93,8 +93,6 @@ def list_command(args: list[str], console: Console | None = None) -> int:
 
 def _models_table(registry: Registry, names: list[str], input_text: str | None, classes: int | None,
                   arch: str | None = None) -> Group:
-    from cnnlab.models.measure import measure, smallest_input
-
     if input_text is None:
         dataset = DATASETS.get(default_dataset())
         (channels, size, _), source = dataset.meta["input_shape"], f"default dataset {dataset.name}"
@@ -118,6 +116,8 @@ def _models_table(registry: Registry, names: list[str], input_text: str | None, 
         else:
             key = json.dumps([__version__, entry.origin, name, channels, size, classes, options])
             if key not in measured:
+                from cnnlab.models.measure import measure, smallest_input  # torch's FLOP counter: only when measuring
+
                 try:
                     params, flops = measure(name, channels, size, classes, options)
                     measured[key] = _count(params), _count(flops)

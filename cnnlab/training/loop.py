@@ -175,9 +175,9 @@ class Trainer:
             train, train_time = self.train_epoch(train_loader, batches)
             if (at := self.guard.tripped_at(self.ranks)) is not None:
                 self.status, self.diverged_at = RunStatus.DIVERGED, at
-                self.reporter.warn(f"loss diverged at step {at} (NaN/inf, or the median of the last "
-                                   f"{self.guard.WINDOW} steps > {s.divergence_factor}x the first loss after "
-                                   f"{self.guard.WARMUP_STEPS} steps); stopping this run")
+                self.reporter.warn(f"loss diverged at step {at} (NaN/inf, or each of the last {self.guard.WINDOW} "
+                                   f"losses > {s.divergence_factor}x the first, after {self.guard.WARMUP_STEPS} "
+                                   "steps); stopping this run")
                 break
             self.end_epoch(train, train_time, val_loader)
         if self.status == RunStatus.RUNNING:

@@ -4,7 +4,6 @@ divergence guard (the lectures' "abort a run whose loss explodes")."""
 from __future__ import annotations
 
 import math
-import statistics
 import time
 
 import torch
@@ -64,12 +63,12 @@ class BestTracker:
 
 
 class DivergenceGuard:
-    """Flags the first step whose loss is NaN/inf, or, once WARMUP_STEPS have passed, whose smoothed loss
-    (the median of the last WINDOW steps) is above factor x the first loss.
+    """Flags the first step whose loss is NaN/inf, or, once WARMUP_STEPS have passed, the first at which each
+    of the last WINDOW losses is above factor x the first loss (the loss stayed up: it is not coming down).
 
-    A fresh network's first steps may spike (a loss of 40 at step 3 that is back near ln(classes) by step 8
-    is common with a warming learning rate) and then train well: that is not judged. A loss that stays
-    up, or goes NaN, is. A step only hands over its loss; the losses are judged together when the flag is
+    A fresh network's first steps may spike while its learning rate warms up, and come down again: on 48-px
+    JPEGs at lr 0.03 the loss went 1.7, 2.9, 20.7, 40.7, 43.3, 81.3, 37.5, 40.0, 37.9, 7.1, 2.3. That is not
+    judged a divergence; a loss that stays up, or goes NaN, is. A step only hands over its loss; the losses are judged together when the flag is
     read (one sync): at log steps and epoch ends."""
 
     WARMUP_STEPS = 10
@@ -99,8 +98,8 @@ class DivergenceGuard:
             self.recent = [*self.recent[-(self.WINDOW - 1):], loss]
             if self.first_bad >= 0:
                 continue
-            if not math.isfinite(loss) or (self.seen > self.WARMUP_STEPS
-                                           and statistics.median(self.recent) > self.factor * self.reference):
+            if not math.isfinite(loss) or (self.seen > self.WARMUP_STEPS and len(self.recent) == self.WINDOW
+                                           and min(self.recent) > self.factor * self.reference):
                 self.first_bad = step
 
     def tripped_at(self, ranks: Ranks = SINGLE) -> int | None:
