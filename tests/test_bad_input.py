@@ -79,6 +79,10 @@ CASES = [
     ("image size neither a number nor auto", [*FOLDER, "dataset.root={root}/folder_text", "dataset.size=big"],
      "dataset.size"),
     ("predict from no run", ["predict", "{root}/no_such_run", "{root}/folder_text"], "no_such_run: no checkpoint"),
+    ("predict from an ONNX file with no metadata", ["predict", "{root}/bare.onnx", "{root}/folder_text"],
+     "bare.onnx: no bare.onnx.json beside it"),
+    ("predict from a damaged ONNX file", ["predict", "{root}/damaged.onnx", "{root}/folder_text"],
+     "damaged.onnx is not an ONNX model onnxruntime can load"),
     ("empty class folder", [*FOLDER, "dataset.root={root}/folder_empty"], "folder_empty/"),
     ("image folder root missing", [*FOLDER, "dataset.root={root}/no_such_folder"], "no_such_folder"),
     # checkpoints and runs
@@ -172,6 +176,12 @@ def build_corpus(root: Path) -> None:
     (root / "folder_empty" / "bee").mkdir()
 
     (root / "a_file").write_text("a file where a folder is expected")
+    for name in ("bare.onnx", "damaged.onnx"):
+        (root / name).write_bytes(b"\x08\x07 not a model" * 10)
+    (root / "damaged.onnx.json").write_text(json.dumps({
+        "format": "onnx", "input_shape": ["N", 1, 8, 8], "resize": None, "classes": ["ant", "bee"],
+        "preprocessing_baked_in": False,
+        "preprocessing": {"kind": "channel", "mean": [0.5], "std": [0.25], "matrix": None}}))
 
     def sweep(name: str, trial: object, summary: object, record: str = "{}") -> None:
         (root / name / "0").mkdir(parents=True)

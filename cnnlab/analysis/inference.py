@@ -105,6 +105,7 @@ class ExportedModel:
         if prep is None:
             raise CnnlabError(f"{side} is not a valid record: it holds no preprocessing (export again with this cnnlab)")
         size, resize, channels = checked_geometry(size, record.get("resize"), channels, str(side))
+
         def statistic(values) -> torch.Tensor:  # per channel, or per pixel (the mean image)
             t = torch.tensor(values, dtype=torch.float32)
             return t.view(channels, 1, 1) if t.numel() == channels else t.view(channels, size, size)
@@ -129,7 +130,11 @@ class ExportedModel:
                 import onnxruntime
             except ImportError:
                 raise CnnlabError("an .onnx file needs onnxruntime: pip install 'cnnlab[export]'") from None
-            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            try:
+                session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own kinds for a damaged file
+                raise CnnlabError(f"{path} is not an ONNX model onnxruntime can load "
+                                  f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:120]})") from None
             return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
         if fmt == "torchscript":
             import warnings

@@ -119,9 +119,6 @@ class ImageTransform:
     def input_shape(self) -> tuple[int, int, int]:
         return self.channels, self.size, self.size
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "resize": self.resize, "channels": self.channels}
-
     def describe(self) -> str:
         resize = f"shorter side to {self.resize} px, " if self.resize and self.resize != self.size else ""
         return (f"{'RGB' if self.channels == 3 else 'grey'}, {resize}centre {self.size}x{self.size}, "
