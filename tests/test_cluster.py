@@ -58,12 +58,17 @@ def at_instant(when: float) -> str:
     return shlex.join([sys.executable, "-c", f"import time; time.sleep(max(0.0, {when} - time.time()))"])
 
 
-def load_study(database, name: str):
-    """``database``: a URL, or the cluster (its database)."""
+def study_trials(database, name: str) -> list:
+    """The study's trials, read once; ``database``: a URL, or the cluster (its database). The connection is closed
+    here: left to the garbage collector it warns in whichever test runs next."""
     import optuna
 
     url = database if isinstance(database, str) else database.database
-    return optuna.load_study(study_name=name, storage=database_url(url))
+    storage = optuna.storages.RDBStorage(database_url(url))
+    try:
+        return optuna.load_study(study_name=name, storage=storage).trials
+    finally:
+        storage.engine.dispose()
 
 
 def fresh_database(cluster) -> str:
@@ -98,11 +103,11 @@ def test_array_tasks_are_workers_of_one_postgresql_study_and_a_database_restart_
     assert code == 0, "".join(out[-2000:] for out in outs)  # every task: no worker was lost
     assert any("cannot be reached" in out and "is reachable again after" in out for out in outs)  # the outage was met
     assert not any("Traceback" in out or "StorageInternalError" in out for out in outs)
-    study = load_study(database, name)
-    assert [t.state.name for t in study.trials] == ["COMPLETE"] * trials  # exactly n_trials, none failed or lost
-    assert all(sorted(t.intermediate_values) == list(range(1, epochs + 1)) for t in study.trials)  # every epoch's value
-    assert sorted(t.user_attrs["job"] for t in study.trials) == list(range(trials))
-    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == trials  # none twice
+    found = study_trials(database, name)
+    assert [t.state.name for t in found] == ["COMPLETE"] * trials  # exactly n_trials, none failed or lost
+    assert all(sorted(t.intermediate_values) == list(range(1, epochs + 1)) for t in found)  # every epoch's value
+    assert sorted(t.user_attrs["job"] for t in found) == list(range(trials))
+    assert len({tuple(sorted(t.params.items())) for t in found}) == trials  # none twice
     assert sorted(p.name for p in folder.glob("[0-9]*")) == [str(k) for k in range(trials)]  # one sweep directory
     records = [json.loads((folder / str(k) / "trial.json").read_text()) for k in range(trials)]
     assert all(r["slurm"]["array_job"] == array.strip().split(";")[0] for r in records)  # each inside an array task
@@ -141,7 +146,7 @@ def test_an_outage_longer_than_storage_retry_s_stops_the_worker_with_75_and_a_re
     again = run_cli(*args, cwd=tmp_path, env=env, timeout=300)
     assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-2000:]
     assert again.stdout.strip().splitlines()[-1].startswith("sweep: 2 trials (2 completed), 0 failed")
-    trials = load_study(database, name).trials
+    trials = study_trials(database, name)
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"] and "cut_off" in trials[0].user_attrs
     assert [t.user_attrs["job"] for t in trials[1:]] == [0, 1]  # trial 0 continued first, in its own directory
     assert all(sorted(t.intermediate_values) == [1, 2] for t in trials[1:])  # the continued one hears of epoch 1 too
@@ -191,10 +196,10 @@ def test_a_lost_worker_loses_nothing_and_a_resubmitted_sweep_finishes(cluster, t
     out = (tmp_path / "again.out").read_text()
     assert out.strip().splitlines()[-1].startswith("sweep: 3 trials (3 completed), 0 failed")
     assert "resumed from" in out and (folder / "0" / "summary.json").read_text() == finished  # not run again
-    study = load_study(cluster, name)
-    done = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert sorted(t.user_attrs["job"] for t in done) == [0, 1, 2] and len(study.trials) == 4  # + the cut-off one
-    assert [t.user_attrs["job"] for t in study.trials if t.state.name == "FAIL"] == [1]
+    found = study_trials(cluster, name)
+    done = [t for t in found if t.state.name == "COMPLETE"]
+    assert sorted(t.user_attrs["job"] for t in done) == [0, 1, 2] and len(found) == 4  # + the cut-off one
+    assert [t.user_attrs["job"] for t in found if t.state.name == "FAIL"] == [1]
 
 
 @pytest.mark.parametrize(("args", "message"), [
