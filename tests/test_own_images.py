@@ -127,7 +127,7 @@ def test_the_default_run_trains_at_the_images_size_and_says_so(tmp_path):
 
 def test_eval_load_predict_and_onnx_agree_on_every_image_of_a_folder_run(tmp_path):
     pytest.importorskip("onnxruntime")
-    root = write_classes(tmp_path / "tree" / "train", per_class=12)
+    write_classes(tmp_path / "tree" / "train", per_class=12)
     write_classes(tmp_path / "tree" / "val", per_class=6, sizes=((14, 20), (20, 14), (12, 12)))
     result = run_cli("train", f"dataset.root={tmp_path / 'tree'}", *FOLDER, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -39,7 +39,7 @@ from cnnlab.runtime.checkpoint import BEST, LAST, PREVIOUS
 from cnnlab.runtime.files import check_inside, write_json
 from cnnlab.tasks.replay import SCHEDULE_FILE
 from cnnlab.training.resume import RETUNABLE, retunable
-from cnnlab.sweep.study import JOB, RETRY_OF, Claim, Study, SweepSettings, claim_lock, number_attr
+from cnnlab.sweep.study import JOB, Claim, Study, SweepSettings, claim_lock, number_attr
 
 MEMBER, GENERATION, LINEAGE = "pbt_member", "pbt_generation", "pbt_lineage"  # a trial's user attributes
 SNAPSHOTS = "pbt"  # <member dir>/pbt/<generation>/{last,best}.pt
