@@ -290,3 +290,20 @@ def test_log_every_n_steps_auto_gives_a_short_run_at_least_20_points(tmp_path):
     ea = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     ea.Reload()
     assert len(ea.Scalars("train/step_loss")) >= 20 and summary["status"] == "completed"
+
+
+def test_predict_s_weights_batch_size_and_workers_reach_what_they_set(tmp_path, monkeypatch):
+    import cnnlab.analysis.inference as inference
+
+    root = write_classes(tmp_path / "tree")
+    run_tiny(tmp_path / "run", f"dataset.root={root}", *FOLDER)
+    assert inference.open_predictor(str(tmp_path / "run"), "last").path.name == "last.pt"
+    assert inference.open_predictor(str(tmp_path / "run")).path.name == "best.pt"
+    made = []
+    real = inference.DataLoader
+    monkeypatch.setattr(inference, "DataLoader", lambda *a, **kw: made.append(kw) or real(*a, **kw))
+    files, _ = inference.image_files([str(root)])
+    rows = list(inference.predictions(inference.open_predictor(str(tmp_path / "run")), files, batch_size=5,
+                                      workers=0, top_k=2, warn=print))
+    assert made == [{"batch_size": 5, "num_workers": 0, "collate_fn": inference.collate_readable}]
+    assert len(rows) == 30 and all(len(r["top"]) == 2 for r in rows)
