@@ -162,12 +162,19 @@ def recorded_transform(checkpoint: dict[str, Any], stored, device: torch.device 
 
 # --- cnnlab eval ------------------------------------------------------------------------------------
 
-def checkpoint_path(target: str) -> Path:
+WEIGHTS = {"best": "best.pt", "last": "last.pt"}
+
+
+def checkpoint_file(target: str | Path, weights: str = "best") -> Path:
+    """A run directory's checkpoints/best.pt (or last.pt), or a checkpoint file as given."""
+    if weights not in WEIGHTS:
+        raise CnnlabError(f"weights={weights!r}: choose best or last")
     path = Path(target)
     if path.is_dir():
-        path = path / "checkpoints" / "best.pt"
-    if not path.is_file():
-        raise CnnlabError(f"{target}: no checkpoint (give a run directory with checkpoints/best.pt, or a .pt file)")
+        path = path / "checkpoints" / WEIGHTS[weights]
+    if not path.exists():  # a FIFO or a folder is load_checkpoint's to name
+        raise CnnlabError(f"{target}: no checkpoint (give a run directory with checkpoints/{WEIGHTS[weights]}, "
+                          "or a .pt file)")
     return path
 
 
@@ -194,7 +201,7 @@ def evaluate_runs(targets: Sequence[str], *, splits: Sequence[str], tta_flip: bo
     from cnnlab.training.assemble import build_model, resolve_device, setup
 
     console = console or make_console()
-    checkpoints = [(p, load_checkpoint(p)) for p in map(checkpoint_path, targets)]
+    checkpoints = [(p, load_checkpoint(p)) for p in map(checkpoint_file, targets)]
     runs = [stored_run_config(ckpt.get("config"), path, data_dir=data_dir, trainer={"device": device},
                               **recorded_geometry(ckpt)) for path, ckpt in checkpoints]
     first = runs[0]

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cnnlab.analysis.evaluation import averaged_log_probs, recorded_geometry, recorded_transform, tta_views
+from cnnlab.analysis.evaluation import (averaged_log_probs, checkpoint_file, recorded_geometry, recorded_transform,
+                                        tta_views)
 from cnnlab.core.config import stored_run_config
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.schema import Fields, ListOf
@@ -33,19 +34,6 @@ from cnnlab.data.statistics import Preprocessing
 from cnnlab.runtime.checkpoint import load_checkpoint, load_weights
 from cnnlab.runtime.files import read_json
 
-WEIGHTS = {"best": "best.pt", "last": "last.pt"}
-
-
-def checkpoint_file(target: str | Path, weights: str = "best") -> Path:
-    if weights not in WEIGHTS:
-        raise CnnlabError(f"weights={weights!r}: choose best or last")
-    path = Path(target)
-    if path.is_dir():
-        path = path / "checkpoints" / WEIGHTS[weights]
-    if not path.exists():  # a FIFO or a folder is load_checkpoint's to name
-        raise CnnlabError(f"{target}: no checkpoint (give a run directory with checkpoints/{WEIGHTS[weights]}, "
-                          "or a .pt file)")
-    return path
 
 
 @dataclass

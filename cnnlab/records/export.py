@@ -129,7 +129,7 @@ def write_metadata(path: Path, record: dict[str, Any]) -> Path:
 def export(run: Path, fmt: str, out: Path | None = None, *, bake: bool = False, weights: str = "best",
            data_dir: str | None = None, console=None) -> dict[str, Any]:
     """Export ``run``'s selected model (or ``weights="last"``), check it against torch, write its metadata."""
-    from cnnlab.analysis.evaluation import recorded_geometry, recorded_transform
+    from cnnlab.analysis.evaluation import recorded_geometry
     from cnnlab.core.config import stored_run_config
     from cnnlab.data.statistics import Preprocessing
     from cnnlab.runtime.checkpoint import load_checkpoint, load_weights
@@ -150,7 +150,7 @@ def export(run: Path, fmt: str, out: Path | None = None, *, bake: bool = False, 
         raise CnnlabError(f"cnnlab export: model={stored.components['model'].name} remembers its training images "
                           "(k-NN); there is no network to export")
     load_weights(model, selected_weights(checkpoint), path)
-    transform = recorded_transform(checkpoint, stored)
+    transform = s.transform  # the geometry the checkpoint recorded (recorded_geometry), its statistics
     preprocess = Preprocess(transform.preprocessing).eval()
     module = Baked(preprocess, model).eval() if bake else model
     batches = []  # the validation images through the run's own loader: decoded, resized and cropped as eval does
