@@ -4,9 +4,8 @@ From Python: ``cnnlab.train``, ``cnnlab.compose`` and ``cnnlab.load`` (cnnlab/ap
 so that ``import cnnlab`` stays light; a mistake raises ``cnnlab.CnnlabError``.
 """
 
-__version__ = "0.1.0"
-
-from cnnlab.core.errors import CnnlabError  # noqa: E402 - after __version__, which the package's modules read
+from cnnlab.core.errors import CnnlabError
+from cnnlab.core.version import __version__
 
 __all__ = ["CnnlabError", "RunResult", "__version__", "compose", "load", "train"]
 _API = {"train", "compose", "load", "RunResult"}

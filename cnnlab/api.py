@@ -22,12 +22,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from rich.console import Console
 
 from cnnlab.core.schema import SUMMARY_RECORD
 from cnnlab.runtime.files import read_json
-from cnnlab.core.config import RunConfig, parse_run_config
+from cnnlab.core.config import RunConfig
 from cnnlab.core.errors import CnnlabError
+from cnnlab.service.compose import composed, composed_run, config_errors_in_one_line, prepared_overrides, search_path_restored
+from cnnlab.service.run import run_log, start
 
 if TYPE_CHECKING:
     from cnnlab.data.images import ImageTransform
@@ -76,8 +79,6 @@ def override_text(value: Any) -> str:
 
 
 def _overrides(overrides: Iterable[str] | None, config_dirs: Iterable[str | Path], settings: dict[str, Any]):
-    from cnnlab.cli.commands import prepared_overrides
-
     if isinstance(overrides, str):
         raise CnnlabError("overrides: give a list of strings, e.g. ['model=lenet5', 'trainer.epochs=2']")
     args = [*(a for d in config_dirs for a in ("--config-dir", str(d))), *(overrides or ()),
@@ -91,26 +92,20 @@ def _overrides(overrides: Iterable[str] | None, config_dirs: Iterable[str | Path
 def compose(overrides: Iterable[str] | None = None, *, config_dirs: Iterable[str | Path] = (),
             **settings: Any) -> RunConfig:
     """The checked config of the run `cnnlab train <overrides>` would start; nothing is trained or written."""
-    from cnnlab.cli.hydra_app import composed, search_path_restored
-
-    with search_path_restored(), composed(_overrides(overrides, config_dirs, settings)) as cfg:
-        return parse_run_config(cfg)
+    with search_path_restored(), composed_run(_overrides(overrides, config_dirs, settings)) as (run, _):
+        return run
 
 
 def train(overrides: Iterable[str] | None = None, *, config_dirs: Iterable[str | Path] = (),
           console: Console | None = None, **settings: Any) -> RunResult:
     """Train as `cnnlab train <overrides>` does, in this process; returns the run directory, its summary and the
     selected model. ``console``: where its progress goes (default: this terminal or notebook)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from cnnlab.cli.hydra_app import composed, config_errors_in_one_line, run_log, run_one, search_path_restored
-
     with search_path_restored(), composed(_overrides(overrides, config_dirs, settings)) as cfg:
         hydra_node = HydraConfig.get()
         with config_errors_in_one_line():  # e.g. a name that is not one path component: the CLI's line
             run_dir = Path(hydra_node.run.dir)  # resolved now: a fresh run directory is claimed
         with run_log(run_dir):  # a refusal leaves nothing
-            summary = run_one(cfg, run_dir, list(hydra_node.overrides.task), console=console)
+            summary = start(cfg, run_dir, list(hydra_node.overrides.task), console=console)
     if summary is None:  # trainer.devices=N: the processes wrote it
         summary = read_json(run_dir / "summary.json", SUMMARY_RECORD, "run summary") or {}
     if (run_dir / "checkpoints" / "best.pt").is_file():

@@ -390,3 +390,33 @@ def test_accumulation_with_lbfgs_is_refused():
 
     with pytest.raises(CnnlabError, match="accumulate_steps"):
         train(compose_config(*tiny_plus("optimizer=lbfgs", "trainer.accumulate_steps=2")), None, console=quiet_console())
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "adagrad"])
+@pytest.mark.parametrize("kernel", ["fused", "foreach", "for_loop"])
+def test_step_kernel_reaches_the_optimizer_and_gives_the_same_steps(name, kernel):
+    """optimizer.step_kernel picks torch's implementation of the update; the weights after three steps are those
+    of torch's default one (to float32 rounding)."""
+    built = optimizer(name, step_kernel=kernel)
+    group = built.param_groups[0]
+    assert group["fused"] is (kernel == "fused") and group["foreach"] is (kernel == "foreach")
+    assert optimizer(name).param_groups[0]["fused"] in (None, False)  # auto on the CPU: torch's own choice
+
+    def trained(opt):
+        torch.manual_seed(1)
+        x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        model = small_model()
+        rebuilt = OPTIMIZERS.build(name, opt, prefix="optimizer", model=model)
+        for _ in range(3):
+            rebuilt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            rebuilt.step()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    torch.testing.assert_close(trained({"step_kernel": kernel}), trained({}), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, kernel", [("rmsprop", "fused"), ("lbfgs", "foreach")])
+def test_a_step_kernel_torch_does_not_offer_is_one_line(name, kernel):
+    with pytest.raises(CnnlabError, match=rf"optimizer.step_kernel={kernel}: torch has no {kernel} "):
+        optimizer(name, step_kernel=kernel)

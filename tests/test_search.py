@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -124,7 +125,7 @@ def test_every_pruner_setting_reaches_optuna(overrides, kind, expected):
     (["+hydra.sweeper.pruning.min_resorce=2"], "hydra.sweeper.pruning has no setting 'min_resorce' (did you mean: min_resource?)"),
     (["hydra.sweeper.pruner=asha", "hydra.sweeper.pruning.reduction_factor=1"], "hydra.sweeper.pruning.reduction_factor"),
     (["hydra/sweeper/sampler=tpe", "hydra.sweeper.sampler.n_startup_trials=-1"], "hydra.sweeper.sampler.n_startup_trials"),
-    (["hydra.sweeper.n_jobs=0"], "hydra.sweeper.n_jobs must be an integer >= 1, got 0"),
+    (["hydra.sweeper.n_jobs=0"], "hydra.sweeper.n_jobs must be auto or an integer >= 1, got 0"),
 ])
 def test_bad_sweeper_settings_are_one_line(overrides, message):
     with pytest.raises(CnnlabError, match=re.escape(message)):
@@ -406,3 +407,43 @@ def test_budget_epochs_stops_starting_trials_before_the_sweep_would_pass_it(tmp_
                      "hydra.sweeper.budget_epochs=1", cwd=tmp_path)
     assert result.returncode == 2 and "hydra.sweeper.budget_epochs must be a number of epochs >= one trial's " \
         "trainer.epochs=2, got 1" in result.stderr
+
+
+def test_each_local_worker_sees_its_own_gpu_and_the_sweep_says_which(tmp_path):
+    """hydra.sweeper.gpus names two GPUs (this CPU machine has none: the assignment is what is tested, by the
+    environment each worker process received, as trial.json records it): n_jobs=auto gives 2 x trials_per_gpu
+    workers, each a process that sees one GPU, round-robin; this process only supervises them."""
+    result = run_cli("train", "-m", *SWEEP, "optimizer.lr=0.05,0.1,0.2", "hydra.sweeper.gpus=[3,5]",
+                     f"hydra.sweep.dir={tmp_path / 'sw'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"GPUs: worker 0: GPU 3, worker 1: GPU 5; their logs: {tmp_path / 'sw' / 'workers'}" in result.stdout
+    assert "2 at a time" in result.stdout
+    trials = [json.loads(p.read_text()) for p in (tmp_path / "sw").glob("*/trial.json")]
+    assert len(trials) == 3 and {t["cuda_visible_devices"] for t in trials} <= {"3", "5"}
+    by_worker = {}
+    for t in trials:
+        by_worker.setdefault(t["pid"], set()).add(t["cuda_visible_devices"])
+    assert all(len(g) == 1 for g in by_worker.values()) and len(by_worker) <= 2  # a worker keeps its one GPU
+    assert len(list((tmp_path / "sw" / "workers").glob("*.log"))) == 2
+
+
+def test_workers_spread_over_the_gpus_before_sharing_one():
+    from cnnlab.runtime.gpus import local_workers, visible_gpus, worker_gpus
+
+    assert local_workers("auto", ["0", "1"], 3, "n_jobs") == 6 and local_workers("auto", [], 3, "n_jobs") == 1
+    assert local_workers(5, ["0"], 1, "n_jobs") == 5
+    assert worker_gpus(5, ["0", "1"]) == ["0", "1", "0", "1", "0"] and worker_gpus(2, []) == [None, None]
+    assert visible_gpus([0, "GPU-5f2a"]) == ["0", "GPU-5f2a"]
+    if not torch.cuda.is_available():
+        assert visible_gpus("auto") == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ("hydra.sweeper.trials_per_gpu=0", "hydra.sweeper.trials_per_gpu must be an integer >= 1, got 0"),
+    ("hydra.sweeper.n_jobs=many", "hydra.sweeper.n_jobs must be auto or an integer >= 1, got 'many'"),
+    ("hydra.sweeper.gpus=[0,0]", "hydra.sweeper.gpus lists a GPU twice or an empty id: [0, 0]"),
+])
+def test_bad_gpu_settings_are_one_line(tmp_path, override, message):
+    result = run_cli("train", "-m", *SWEEP, "optimizer.lr=0.05,0.1", override, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {message}", result.stderr[-1500:]
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.json"))

@@ -253,6 +253,21 @@ def test_compile_wraps_the_model(tmp_path, monkeypatch):
     assert compiled == [model] and trainer.forward == ("compiled", model)
 
 
+def test_cuda_graphs_compiles_the_step_in_reduce_overhead_mode_and_is_refused_off_cuda(tmp_path, monkeypatch):
+    # A spy again; the capture itself is measured on a GPU (scripts/gpu_acceptance.sh, docs/performance.md).
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: modes.append(mode) or ("compiled", module))
+    from cnnlab.core.config import parse_run_config
+
+    settings = parse_run_config(compose_config("trainer.cuda_graphs=true")).trainer
+    model = torch.nn.Linear(2, 2)
+    assert loop_module.compiled(model, settings) == ("compiled", model) and modes == ["reduce-overhead"]
+    with pytest.raises(CnnlabError, match=r"^trainer.cuda_graphs=true replays the step on a CUDA device; this run's "
+                                          r"device is cpu: leave it false here$"):
+        run_tiny(tmp_path / "run", "trainer.cuda_graphs=true", "trainer.device=cpu")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_compile_time_is_reported_apart_from_training_time(tmp_path, monkeypatch):
     import time
 

@@ -10,11 +10,10 @@ only a bug in cnnlab shows a traceback.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 
-from cnnlab import __version__
+from cnnlab.core.version import __version__
 from cnnlab.core.shown import masked, printable
 from cnnlab.core.errors import (CnnlabError, CommandLineParser, JobAborted, Preempted, ProcessesFailed, StorageOutage,
                                 suggestion)
@@ -347,7 +346,7 @@ def _tune(args: list[str]) -> int:
         return 0
     if any(a in ("-m", "--multirun") for a in args):
         raise CnnlabError("cnnlab tune runs its own search: give the space as sweep overrides, without -m")
-    from cnnlab.cli.hydra_app import CONFIG_DIRS, search_path_restored
+    from cnnlab.service.compose import CONFIG_DIRS, search_path_restored, take_config_dirs
     from cnnlab.training.console import make_console
     from cnnlab.tune.runner import Tune
 
@@ -376,7 +375,8 @@ def _lr_find(args: list[str]) -> int:
 
 def _train(overrides: list[str], app=None) -> int:
     """Run the Hydra application ``app`` (default: training) on ``overrides``."""
-    from cnnlab.cli.hydra_app import config_errors_in_one_line, hydra_train, last_run
+    from cnnlab.cli.hydra_app import hydra_train, last_run
+    from cnnlab.service.compose import config_errors_in_one_line, prepared_overrides
     from cnnlab.core.status import DIVERGED_EXIT_STATUS, RunStatus
 
     from cnnlab.sweep.trials import FAILED_EXIT_STATUS, last_sweep
@@ -428,117 +428,3 @@ def _train(overrides: list[str], app=None) -> int:
     return DIVERGED_EXIT_STATUS if last_run.get("status") == RunStatus.DIVERGED else 0
 
 
-def prepared_overrides(args: list[str], *, training: bool) -> tuple[list[str], bool]:
-    """The command line's overrides made ready for composition, for `cnnlab train` and cnnlab.train alike:
-    --config-dir taken, numbers Python cannot read refused, ``resume=RUN_DIR`` expanded, a run directory's
-    checkpoint checked before anything is written. Returns them and whether they ask for a sweep."""
-    overrides = take_config_dirs(args)
-    for override in overrides:  # Python refuses to read integers of over 4,300 digits (Hydra's parser would fail)
-        if (digits := max(map(len, re.findall(r"\d+", override)), default=0)) > 4300:
-            raise CnnlabError(f"{_key(override)}: a number of {digits:,} digits is not a setting")
-    multirun = any(a in ("-m", "--multirun") for a in overrides)
-    overrides = replay_overrides(resume_overrides(overrides, multirun), multirun)
-    if not multirun and training:
-        refuse_bad_resume(overrides)
-    return overrides, multirun
-
-
-def take_config_dirs(args: list[str]) -> list[str]:
-    """``--config-dir DIR`` (``-cd DIR``, repeatable): the user's config folders, searched before
-    cnnlab's own (cnnlab.cli.hydra_app.SEARCH_PATH); the other arguments are returned for Hydra."""
-    from cnnlab.cli.hydra_app import use_config_dirs
-
-    folders, rest, i = [], [], 0
-    while i < len(args):
-        arg = args[i]
-        if arg in ("--config-dir", "-cd"):
-            if i + 1 == len(args):
-                raise CnnlabError(f"{arg} needs a folder")
-            folders.append(args[i + 1])
-            i += 2
-            continue
-        if arg.startswith("--config-dir="):
-            folders.append(arg.split("=", 1)[1])
-        else:
-            rest.append(arg)
-        i += 1
-    use_config_dirs(folders)
-    return rest
-
-
-def refuse_bad_resume(overrides: list[str]) -> None:
-    """A run directory that holds a checkpoint is continued; check that this config may continue
-    it before Hydra starts the job, which would overwrite the run's .hydra/ record."""
-    from pathlib import Path
-
-    run_dirs = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
-    if not run_dirs or "${" in run_dirs[-1] or any(o.startswith("-") for o in overrides):
-        return
-    run_dir = Path(run_dirs[-1])
-    from cnnlab.runtime.distributed import launched_ranks
-    from cnnlab.runtime.lock import check_free
-
-    if not launched_ranks().enabled:  # DDP ranks share their run's directory (rank 0 or their parent holds it)
-        check_free(run_dir)  # a live run there: say so before anything else is read or written
-    if not (run_dir / "checkpoints").is_dir():
-        return
-    from cnnlab.cli.hydra_app import composed
-    from cnnlab.core.config import parse_run_config
-    from cnnlab.tasks import check_resume
-
-    with composed([o for o in overrides if not o.startswith(("hydra.", "hydra/"))]) as cfg:
-        check_resume(parse_run_config(cfg), run_dir)
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def resume_overrides(args: list[str], multirun: bool) -> list[str]:
-    """``resume=RUN_DIR``: the run's own overrides (.hydra/overrides.yaml), then the ones given
-    now (they win, and must be keys a resume may change), in RUN_DIR itself."""
-    run_dir, rest = folder_argument(args, "resume", multirun,
-                                    "continues one run; a sweep resumes with hydra.sweep.dir=<dir> sweep.resume=true")
-    if run_dir is None:
-        return args
-    from cnnlab.runtime.checkpoint import LAST, PREVIOUS
-
-    if not any((run_dir / "checkpoints" / name).is_file() for name in (LAST, PREVIOUS)):
-        raise CnnlabError(f"resume={run_dir}: no checkpoint there (looked for {run_dir / 'checkpoints' / LAST})")
-    return saved_overrides(run_dir, rest, "resume") + rest + [f"hydra.run.dir={run_dir}"]
-
-
-def folder_argument(args: list[str], key: str, multirun: bool, single: str) -> tuple[Path | None, list[str]]:
-    """``key=FOLDER`` among ``args`` (the last one wins) and the other arguments; refused in a sweep."""
-    given = [a for a in args if a.startswith(f"{key}=")]
-    if not given:
-        return None, args
-    if multirun:
-        raise CnnlabError(f"{key}= {single}")
-    return Path(given[-1].split("=", 1)[1]).expanduser(), [a for a in args if not a.startswith(f"{key}=")]
-
-
-def replay_overrides(args: list[str], multirun: bool) -> list[str]:
-    """``replay=MEMBER_DIR``: the member's own overrides (.hydra/overrides.yaml), then the ones given now;
-    the run goes to a new directory and follows the member's schedule (cnnlab.tasks.replay)."""
-    member, rest = folder_argument(args, "replay", multirun, "trains one PBT member again; run it without -m")
-    if member is None:
-        return args
-    from cnnlab.tasks.replay import read_schedule
-
-    read_schedule(member)  # one line for a folder that is not a member, before anything is composed
-    return saved_overrides(member, rest, "replay") + rest + [f"replay={member.resolve()}"]
-
-
-def saved_overrides(run_dir: Path, typed: list[str], what: str) -> list[str]:
-    """``run_dir``'s own overrides that ``typed`` does not set, each checked as something from someone else."""
-    from cnnlab.cli.hydra_app import CONFIG_DIRS
-    from cnnlab.runtime.lent import check_lent_override, read_saved_overrides
-
-    saved_file = run_dir / ".hydra" / "overrides.yaml"
-    saved = read_saved_overrides(saved_file, f"{what}={run_dir}") if saved_file.is_file() else []
-    new_keys = {_key(a) for a in typed if not a.startswith("-")}
-    kept = [(line, o) for line, o in saved if _key(o) not in new_keys]  # what the user types now wins
-    for line, override in kept:
-        check_lent_override(override, f"{what}={run_dir}: {saved_file} line {line}", CONFIG_DIRS)
-    return [o for _, o in kept]

@@ -24,7 +24,7 @@ from cnnlab.core.registry import DATASETS, REGISTRIES, Registry
 from cnnlab.core.schema import ListOf, MapOf
 from cnnlab.core.validation import describe_type
 from cnnlab.runtime.files import read_json, user_cache_dir, write_json
-from cnnlab import __version__
+from cnnlab.core.version import __version__
 
 ALIASES = {"model": "models", "dataset": "datasets", "optimizer": "optimizers", "scheduler": "schedulers",
            "init": "inits", "augment": "augments", "augmentations": "augments", "augmentation": "augments",

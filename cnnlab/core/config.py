@@ -95,6 +95,7 @@ class TrainerSettings:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = True
     compile: bool = False
+    cuda_graphs: bool = False  # CUDA: replay the training step's forward and backward as CUDA graphs (compile, reduce-overhead)
     loss: Literal["cross_entropy", "multi_margin"] = "cross_entropy"  # softmax, or the multiclass SVM (hinge) loss
     label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0
     monitor: Literal["val/acc", "val/loss"] = "val/acc"  # selects the best checkpoint; never a test metric

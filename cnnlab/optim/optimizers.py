@@ -23,6 +23,7 @@ from cnnlab.core.registry import OPTIMIZERS
 from cnnlab.core.validation import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, UnitInterval
 
 DecayMode = Literal["optimizer", "l2"]
+StepKernel = Literal["auto", "fused", "foreach", "for_loop"]
 
 
 def _common(
@@ -31,6 +32,7 @@ def _common(
     no_decay_norm_bias: bool = False,
     lookahead_steps: NonNegativeInt = 0,
     lookahead_alpha: UnitInterval = 0.5,
+    step_kernel: StepKernel = "auto",
 ) -> None:
     """The options every optimizer takes:
 
@@ -41,6 +43,10 @@ def _common(
     no_decay_norm_bias: normalisation weights and biases get no weight decay (their own parameter group).
     lookahead_steps: k > 0 wraps the optimizer in Lookahead (Zhang et al. 2019): every k steps the slow
       weights move lookahead_alpha of the way to the fast ones, and the fast ones restart from there.
+    step_kernel: how torch runs the update. fused: one kernel for every parameter (SGD, Adam, AdamW; Adagrad
+      on the CPU); foreach: a few kernels over lists of tensors; for_loop: a few kernels per parameter. auto:
+      fused on a GPU where torch offers it (a small network's step is bound by kernel launches there), torch's
+      own choice otherwise.
     """
 
 
@@ -101,6 +107,27 @@ class Lookahead(torch.optim.Optimizer):
                     self.state[p]["slow"] = slow.to(p.device)
 
 
+def with_step_kernel(optimizer: torch.optim.Optimizer, kernel: str) -> torch.optim.Optimizer:
+    """``optimizer`` built again with optimizer.step_kernel (it reads fused and foreach at construction, where it
+    checks that its parameters' device and dtype allow them)."""
+    accepted = inspect.signature(type(optimizer)).parameters
+    offered = "fused" in accepted
+    if kernel == "auto":
+        on_gpu = all(p.is_cuda for g in optimizer.param_groups for p in g["params"])
+        if not (offered and on_gpu):
+            return optimizer
+        kernel = "fused"
+    if kernel in ("fused", "foreach") and kernel not in accepted:
+        raise CnnlabError(f"optimizer.step_kernel={kernel}: torch has no {kernel} {type(optimizer).__name__}; "
+                          "use auto")
+    flags = {k: v for k, v in {"fused": kernel == "fused", "foreach": kernel == "foreach"}.items() if k in accepted}
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    try:
+        return type(optimizer)([{**g, **flags} for g in optimizer.param_groups], **{**defaults, **flags})
+    except (RuntimeError, ValueError) as e:  # e.g. fused Adagrad on a GPU: the device is not supported
+        raise CnnlabError(f"optimizer.step_kernel={kernel}: {str(e).splitlines()[0]}") from None
+
+
 def optimizer_entry(family: str) -> Callable:
     """Register ``build(params, **own)`` with the common options added to its signature.
 
@@ -121,7 +148,7 @@ def optimizer_entry(family: str) -> Callable:
             weight_decay = options.setdefault("weight_decay", own["weight_decay"].default)
             l2 = weight_decay if common["weight_decay_mode"] == "l2" else 0.0
             groups = decay_groups(model, 0.0 if l2 else weight_decay, common["no_decay_norm_bias"])
-            optimizer = build(groups, **options)
+            optimizer = with_step_kernel(build(groups, **options), common["step_kernel"])
             if isinstance(optimizer, torch.optim.LBFGS):
                 l2 = weight_decay  # L-BFGS has no weight decay of its own: it goes into the loss
             if common["lookahead_steps"] > 0:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from cnnlab import __version__
+from cnnlab.core.version import __version__
 from cnnlab.core.shown import masked
 
 

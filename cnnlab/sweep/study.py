@@ -54,7 +54,7 @@ class SweepSettings:
     pruner: str = "none"
     pruning: dict[str, Any] = field(default_factory=dict)
     n_trials: int | None = None
-    n_jobs: int = 1
+    n_jobs: int = 1  # hydra.sweeper.n_jobs, auto resolved (cnnlab.runtime.gpus.local_workers)
     storage: str = "sqlite"
     study_name: str = "cnnlab"
     direction: str = "maximize"
@@ -254,6 +254,7 @@ class Study:
     """One worker's view of the sweep's study."""
 
     carried_attrs: tuple[str, ...] = ()  # user attributes a cut-off trial's retry keeps
+    remote = False  # whether its trials run in processes another launcher starts (the sweeper sets it)
 
     def __init__(self, settings: SweepSettings, sweep_dir: Path, space: dict[str, Any], fixed: list[str], storage):
         import optuna
@@ -314,8 +315,7 @@ class Study:
     def claim(self, wait: bool = True) -> Claim | None:
         """The next trial for this worker, its directory locked; None when the sweep has nothing left to run
         (``wait``: whether a study whose next trial waits for others' may wait; this one never does).
-        Its overrides also carry, through hydra.job.env_set, what a trial run by another launcher's process
-        needs: its trial in the study (for pruning) and that its directory is locked for it."""
+        Its Hydra job's overrides: _claim_of."""
         from optuna.trial import TrialState
 
         with claim_lock(self.sweep_dir):
@@ -340,14 +340,17 @@ class Study:
         return self._claim_of(trial, job)
 
     def _claim_of(self, trial, job: int) -> Claim:
-        """``trial`` as a claim: the overrides of its Hydra job in <sweep dir>/<job>."""
+        """``trial`` as a claim: the overrides of its Hydra job in <sweep dir>/<job>. A job another launcher runs
+        in another process (``remote``: a SLURM job) learns its trial in the study, and that its directory is
+        locked for it, from its environment (hydra.job.env_set); a job in this process needs neither: its claim
+        is ``active`` and its lock this process's own."""
         trial_dir = (self.sweep_dir / str(job)).resolve()
         overrides = [*self.fixed, *(f"{k}={override_value(v)}" for k, v in trial.params.items()),
-                     f"hydra.sweep.subdir={job}",
-                     *(f"+hydra.job.env_set.{k}={quoted(v)}" for k, v in (
-                         (TRIAL_ENV, str(trial._trial_id)), (STUDY_ENV, self.s.study_name), (STORAGE_ENV, self.target),
-                         (RETRY_ENV, repr(float(self.s.storage_retry_s))),
-                         (LOCK_HELD_ENV, str(trial_dir))))]
+                     f"hydra.sweep.subdir={job}"]
+        if self.remote:
+            overrides += [f"+hydra.job.env_set.{k}={quoted(v)}" for k, v in (
+                (TRIAL_ENV, str(trial._trial_id)), (STUDY_ENV, self.s.study_name), (STORAGE_ENV, self.target),
+                (RETRY_ENV, repr(float(self.s.storage_retry_s))), (LOCK_HELD_ENV, str(trial_dir)))]
         return Claim(trial, job, overrides)
 
     def _too_many_failures(self, trials) -> bool:
@@ -420,16 +423,18 @@ class Study:
 
 # ---- helper processes for n_jobs > 1 ----
 
-def start_helpers(n: int, args: list[str], sweep_dir: Path, threads: int) -> list[tuple[subprocess.Popen, Path]]:
-    """``n`` more workers on this machine: the same `cnnlab train -m` command, logging to <sweep dir>/workers/."""
+def start_helpers(args: list[str], sweep_dir: Path, threads: int, gpus: list[str | None]) -> list[tuple[subprocess.Popen, Path]]:
+    """One more worker on this machine for each entry of ``gpus``: the same `cnnlab train -m` command, seeing only
+    that GPU (CUDA_VISIBLE_DEVICES; None: as this process does), logging to <sweep dir>/workers/."""
     logs = sweep_dir / "workers"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, WORKER_ENV: "1", "OMP_NUM_THREADS": str(threads)}
     helpers = []
-    for k in range(1, n + 1):
+    for k, gpu in enumerate(gpus, start=1):
         path = logs / f"worker-{os.getpid()}-{k}.log"
         with open_append(path) as out:
-            process = subprocess.Popen(cnnlab_command("train", "-m", *args), env=env,
+            process = subprocess.Popen(cnnlab_command("train", "-m", *args),
+                                       env=env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu},
                                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        preexec_fn=_die_with_parent)
         helpers.append((process, path))

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -25,13 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.status import FAILED, FINISHED, RunStatus
-from cnnlab.core.config import parse_run_config
+from cnnlab.core.config import RunConfig
 from cnnlab.tasks import Job, monitor_of, train
 from cnnlab.runtime.environment import environment
 from cnnlab.runtime.lock import RunDirLock
@@ -67,29 +67,25 @@ def _last_history(run_dir: Path) -> list[dict[str, Any]]:
         return []
 
 
-def _tensorboard_session(cfg: DictConfig, run_dir: Path) -> None:
+def _tensorboard_session(tree: dict[str, Any], run_dir: Path) -> None:
     """A trial that failed before training began still gets its HParams session, marked failed."""
     from cnnlab.training.tensorboard_log import TensorBoardLogger, events_dir
 
-    try:
-        tree = OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # noqa: BLE001 - the failure may be in the config itself
-        tree = OmegaConf.to_container(cfg, resolve=False)
     folder = events_dir(tree, run_dir)
     if folder.is_dir() and any(folder.iterdir()):
         return
-    TensorBoardLogger(folder, tree, OmegaConf.to_yaml(cfg)).close(RunStatus.FAILED)
+    TensorBoardLogger(folder, tree, OmegaConf.to_yaml(tree)).close(RunStatus.FAILED)
 
 
-def _name_tensorboard(cfg: DictConfig, run_dir: Path, overrides: list[str], member: bool = False) -> None:
-    """The trial's events go to <sweep dir>/tensorboard/<label> (paths.tensorboard), unless set otherwise; a PBT
-    member's to ``member <n>`` (its values change from one interval to the next)."""
-    if cfg.paths.get("tensorboard"):
-        return
+def _named_tensorboard(tree: dict[str, Any], run_dir: Path, overrides: list[str], member: bool = False) -> dict[str, Any]:
+    """The trial's config tree with its events going to <sweep dir>/tensorboard/<label> (paths.tensorboard), unless
+    set otherwise; a PBT member's to ``member <n>`` (its values change from one interval to the next)."""
+    paths = tree.get("paths") or {}
+    if paths.get("tensorboard"):
+        return tree
     searched = (read_json(run_dir.parent / SWEEP_FILE, SWEEP_RECORD, "sweep record") or {}).get("searched") or []
     label = f"member {run_dir.name}" if member else trial_label(overrides, searched, run_dir.name)
-    with open_dict(cfg):
-        cfg.paths.tensorboard = str(run_dir.parent / TENSORBOARD_DIR / label)
+    return {**tree, "paths": {**paths, "tensorboard": str(run_dir.parent / TENSORBOARD_DIR / label)}}
 
 
 def _pruning(trial, monitor: str):
@@ -112,18 +108,14 @@ def _report_history(trial, monitor: str, history: list[dict[str, Any]]) -> None:
             trial.report(float(value), int(record["epoch"]))
 
 
-def run_trial(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """One trial of a sweep; returns its summary and never raises for a failure of the trial itself."""
-    from cnnlab.sweep.study import active_claim
-
-    settings = cfg.get("sweep") or {}
-    monitor = monitor_of(cfg)
-    overrides = list(HydraConfig.get().overrides.task)
-    overrides = [o for o in overrides if not o.startswith(("sweep.resume=", "hydra.sweep.dir="))]
-    claim = active_claim()
-    if claim is not None:  # cnnlab's sweeper: a fresh trial directory, or a cut-off trial's to continue
-        return run_claimed(cfg, run_dir, overrides, claim.trial, monitor, settings=settings)
-    if settings.get("resume"):
+def run_trial(run: RunConfig, run_dir: Path, overrides: list[str], trial=None, *, console=None) -> dict[str, Any]:
+    """One trial of a search (run by the run service, cnnlab.service.run.start); returns its summary and never raises
+    for a failure of the trial itself. ``trial``: the study trial claimed for it (cnnlab's sweeper, a tune stage), a
+    fresh trial directory or a cut-off trial's to continue; None under Hydra's basic sweeper, where
+    ``sweep.resume=true`` skips a finished trial and continues an unfinished one."""
+    if trial is not None:
+        return _run_claimed(run, run_dir, overrides, trial, console)
+    if run.sweep.resume:
         previous = _previous_attempt(run_dir.parent, overrides, run_dir)
         if previous is not None:
             done = read_json(previous / SUMMARY_FILE, SUMMARY_RECORD, "run summary")
@@ -133,55 +125,78 @@ def run_trial(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             if previous != run_dir:  # a rerun numbers its jobs anew: continue in the old folder
                 with RunDirLock(previous):
                     write_json(run_dir / TRIAL_FILE, {"overrides": overrides, "continued_in": str(previous)})
-                    return _attempt(cfg, previous, overrides, settings, resume=True)
-    return _attempt(cfg, run_dir, overrides, settings, resume=bool(settings.get("resume")))
+                    return _attempt(run, previous, overrides, resume=True, console=console)
+    return _attempt(run, run_dir, overrides, resume=run.sweep.resume, console=console)
 
 
-def run_claimed(cfg: DictConfig, run_dir: Path, overrides: list[str], trial, monitor: str, *, settings=None,
-                console=None) -> dict[str, Any]:
+def _run_claimed(run: RunConfig, run_dir: Path, overrides: list[str], trial, console) -> dict[str, Any]:
     """A trial claimed from a study (a sweep's or a tune stage's), fresh or continued from its checkpoint: the
     study hears of every epoch's value and may prune it at an epoch boundary. A PBT member's interval
     (its trial's "pbt" attribute) pauses at the interval's end and may change the searched keys on resume."""
+    monitor = monitor_of(run.resolved)
     _report_history(trial, monitor, _last_history(run_dir))
     pbt = trial.user_attrs.get("pbt") or {}
     try:  # a study's attributes may be someone else's
         check(pbt, PBT_ATTR, "pbt")
     except SchemaMismatch as e:
         raise CnnlabError(f"trial {trial.number} of the study: {e}; the study's storage is not cnnlab's") from None
-    return _attempt(cfg, run_dir, overrides, settings or {}, resume=True, on_epoch=_pruning(trial, monitor),
+    return _attempt(run, run_dir, overrides, resume=True, on_epoch=_pruning(trial, monitor),
                     console=console, pause_after=pbt.get("pause_after"), retune=tuple(pbt.get("retune", ())))
 
 
-def _attempt(cfg: DictConfig, run_dir: Path, overrides: list[str], settings, *, resume: bool,
-             on_epoch=None, console=None, pause_after: int | None = None, retune: tuple[str, ...] = ()) -> dict[str, Any]:
-    start = time.time()
-    record = {"overrides": overrides, "started": start, "pid": os.getpid()}
+def _trial_record(overrides: list[str], plugins) -> dict[str, Any]:
+    """trial.json: what the trial ran, when, where (the SLURM job, the GPU it was given) and with what software."""
+    record = {"overrides": overrides, "started": time.time(), "pid": os.getpid()}
     if os.environ.get("SLURM_JOB_ID"):  # where it ran, when SLURM ran it
         record["slurm"] = {"job": os.environ["SLURM_JOB_ID"], "array_job": os.environ.get("SLURM_ARRAY_JOB_ID"),
                            "array_task": os.environ.get("SLURM_ARRAY_TASK_ID")}
-    record["environment"] = environment([str(p) for p in cfg.get("plugins") or []])
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:  # the GPU its worker was given (hydra.sweeper.gpus)
+        record["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    record["environment"] = environment([str(p) for p in plugins or []])
+    return record
+
+
+def _attempt(run: RunConfig, run_dir: Path, overrides: list[str], *, resume: bool, on_epoch=None, console=None,
+             pause_after: int | None = None, retune: tuple[str, ...] = ()) -> dict[str, Any]:
+    record = _trial_record(overrides, run.resolved.get("plugins"))
     write_json(run_dir / TRIAL_FILE, record)
-    _name_tensorboard(cfg, run_dir, overrides, member=pause_after is not None)
+    run = dataclasses.replace(run, resolved=_named_tensorboard(run.resolved, run_dir, overrides, pause_after is not None))
     try:
-        summary = train(parse_run_config(cfg), Job(
-            run_dir, console=console, test=bool(settings.get("test_trials", False)), resume=resume, on_epoch=on_epoch,
+        summary = train(run, Job(
+            run_dir, console=console, test=run.sweep.test_trials, resume=resume, on_epoch=on_epoch,
             resume_hint=f"the same command with {shell_line([f'hydra.sweep.dir={run_dir.parent}', 'sweep.resume=true'])}",
             pause_after=pause_after, retune=retune, environment=record["environment"]))
     except Exception as e:  # noqa: BLE001 - a trial's failure is data for the sweep, not the end of it
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        error = first_line if isinstance(e, CnnlabError) else f"{type(e).__name__}: {first_line}"
-        if "out of memory" in first_line.lower():
-            error = f"out of memory: {error}"
-        print(f"trial {run_dir.name} failed: {error}", file=sys.stderr, flush=True)
-        history = _last_history(run_dir)
-        _tensorboard_session(cfg, run_dir)
-        summary = {"status": RunStatus.FAILED, "error": error, "run_dir": str(run_dir), "history": history,
-                   "best_value": None, "wall_time_s": time.time() - start}
-        write_json(run_dir / SUMMARY_FILE, summary)
-        return summary
+        return _failed(run.resolved, run_dir, e, record["started"])
     if summary["status"] == RunStatus.DIVERGED:
         summary["error"] = f"loss diverged at step {summary.get('diverged_at_step')}"
         write_json(run_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def failed_trial(cfg: DictConfig, run_dir: Path, overrides: list[str], error: CnnlabError) -> dict[str, Any]:
+    """A trial whose config was refused before it could start (a drawn value out of range): recorded as failed,
+    with its reason, so the search goes on."""
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - the failure may be in the config itself
+        tree = OmegaConf.to_container(cfg, resolve=False)
+    record = _trial_record(overrides, tree.get("plugins") if isinstance(tree.get("plugins"), list) else [])
+    write_json(run_dir / TRIAL_FILE, record)
+    return _failed(_named_tensorboard(tree, run_dir, overrides), run_dir, error, record["started"])
+
+
+def _failed(tree: dict[str, Any], run_dir: Path, e: Exception, start: float) -> dict[str, Any]:
+    first_line = (str(e).strip().splitlines() or [""])[0]
+    error = first_line if isinstance(e, CnnlabError) else f"{type(e).__name__}: {first_line}"
+    if "out of memory" in first_line.lower():
+        error = f"out of memory: {error}"
+    print(f"trial {run_dir.name} failed: {error}", file=sys.stderr, flush=True)
+    history = _last_history(run_dir)
+    _tensorboard_session(tree, run_dir)
+    summary = {"status": RunStatus.FAILED, "error": error, "run_dir": str(run_dir), "history": history,
+               "best_value": None, "wall_time_s": time.time() - start}
+    write_json(run_dir / SUMMARY_FILE, summary)
     return summary
 
 
@@ -205,7 +220,8 @@ def sweep_status(sweep_dir: Path) -> dict[str, Any]:
 
 
 SWEEP_FILE = "sweep.json"
-TRIAL_RECORD = Fields(optional={"overrides": ListOf(str), "continued_in": (str, None), "started": float, "pid": int})
+TRIAL_RECORD = Fields(optional={"overrides": ListOf(str), "continued_in": (str, None), "started": float, "pid": int,
+                                "cuda_visible_devices": str})
 PBT_ATTR = Fields(optional={"pause_after": (int, None), "retune": ListOf(str), "worker": int})
 SWEEP_RECORD = Fields(optional={"searched": ListOf(str), "monitor": str, "task_overrides": ListOf(str),
                                 "sweeper_params": MapOf(Any)})
@@ -256,14 +272,6 @@ class SweepSummary(Callback):
         detail = ", ".join(f"{n} {s}" for s, n in sorted(status["counts"].items()))
         print(f"sweep: {status['trials']} trials ({detail}), {status['failed']} failed; "
               f"results: cnnlab report {sweep_dir}", flush=True)
-
-
-def register_resolvers() -> None:
-    """${cnnlab_fresh_dir:path}: the default run directory, claimed once per run."""
-    if not OmegaConf.has_resolver("cnnlab_fresh_dir"):
-        from cnnlab.runtime.lock import claim_fresh_dir
-
-        OmegaConf.register_new_resolver("cnnlab_fresh_dir", claim_fresh_dir, use_cache=True)
 
 
 def direction_of(cfg) -> str:

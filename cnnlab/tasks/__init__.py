@@ -24,11 +24,11 @@ def task_name(cfg) -> str:
 
 def monitor_of(cfg) -> str:
     """What a run is ranked by: the task's own measure (image_fit: PSNR, maximised), else trainer.monitor.
-    ``cfg``: a composed config, not yet checked (a sweep's, with its hydra node)."""
+    ``cfg``: a composed config (a sweep's, with its hydra node), or a RunConfig's resolved tree."""
     load_components()
     name = task_name(cfg)
     own = TASKS.get(name).meta.get("monitor") if name in TASKS else None
-    return own or str(cfg.trainer.monitor)
+    return own or str((cfg.get("trainer") or {}).get("monitor"))
 
 
 def train(run: RunConfig, job: Job) -> dict[str, Any]:

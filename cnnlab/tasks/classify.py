@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from cnnlab import __version__
+from cnnlab.core.version import __version__
 from cnnlab.analysis.evaluation import (check_tta_shift, confusion_figure, confusion_matrix, evaluate_runs,
                                         metrics_from_log_probs, predict, tta_view_count)
 from cnnlab.analysis.viz import Visualizer, images_of, start_visualizer

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from cnnlab import __version__
+from cnnlab.core.version import __version__
 from cnnlab.core.config import RunConfig
 from cnnlab.training.console import make_console
 from cnnlab.core.errors import CnnlabError

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cnnlab import __version__
+from cnnlab.core.version import __version__
 from cnnlab.core.config import RunConfig
 from cnnlab.runtime.files import write_json
 from cnnlab.tasks.job import Job

@@ -200,6 +200,9 @@ def setup(run: RunConfig, ranks: Ranks = Ranks(), preprocessing: Preprocessing |
     cross-validation fold). ``data``: the dataset, already built (the folds share one)."""
     device = resolve_device(run.trainer.device, ranks)
     autocast_dtype = resolve_precision(run.trainer.precision, device)
+    if run.trainer.cuda_graphs and device.type != "cuda":
+        raise CnnlabError(f"trainer.cuda_graphs=true replays the step on a CUDA device; this run's device is {device}: "
+                          "leave it false here")
     channels_last = uses_channels_last(run, device)
     if run.trainer.devices > 1 and ranks.world_size != run.trainer.devices:
         raise CnnlabError(f"trainer.devices={run.trainer.devices} starts its processes from a single `cnnlab train`"

@@ -49,6 +49,15 @@ def log_interval(setting: int | str, steps: int) -> int:
     return max(1, min(AUTO_LOG_MOST, steps // AUTO_LOG_POINTS))
 
 
+def compiled(module: nn.Module, settings) -> nn.Module:
+    """trainer.cuda_graphs: torch.compile's reduce-overhead mode, which records the step's kernels once as CUDA
+    graphs and replays them (a small network's step is bound by kernel launches); trainer.compile: the default
+    mode; else the module as it is."""
+    if settings.cuda_graphs:
+        return torch.compile(module, mode="reduce-overhead")
+    return torch.compile(module) if settings.compile else module
+
+
 class Trainer:
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, settings, device: torch.device,
@@ -68,7 +77,7 @@ class Trainer:
         self.ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
                     if ranks.enabled else None)
         wrapped = self.ddp if self.ddp is not None else model
-        self.forward = torch.compile(wrapped) if settings.compile else wrapped
+        self.forward = compiled(wrapped, settings)
         self.loss_fn = build_loss(settings.loss, settings.label_smoothing)
         self.l2 = getattr(optimizer, "l2_weight_decay", 0.0)  # weight_decay_mode=l2, or L-BFGS
         self.l1 = getattr(optimizer, "l1_decay", 0.0)  # L1 (with l2: elastic net)
@@ -214,7 +223,7 @@ class Trainer:
                     sums: MetricSums) -> bool:
         """Batch ``i`` of the epoch: a step, its sums, the guard and the logs. True: the loss diverged."""
         s = self.settings
-        compiling = s.compile and self.step == 0
+        compiling = (s.compile or s.cuda_graphs) and self.step == 0
         if compiling:
             self._sync()
             compile_start = time.perf_counter()

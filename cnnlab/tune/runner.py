@@ -12,9 +12,7 @@ What a stage searches is written once (<stage>/stage.json), so a rerun or anothe
 from __future__ import annotations
 
 import math
-import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,20 +22,19 @@ from rich.console import Console
 
 from cnnlab.training.console import make_console
 
-from cnnlab.cli.hydra_app import composed, run_log, run_one, writer_of
-from cnnlab.core.config import parse_run_config
+from cnnlab.service.compose import composed, composed_run
+from cnnlab.service.run import SweepContext, run_log, start
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.schema import SUMMARY_RECORD, Fields, ListOf, MapOf
 from cnnlab.core.shown import shell_line
 from cnnlab.runtime.lock import discard_refused
 from cnnlab.runtime.files import confine, open_append, read_json, write_json
-from cnnlab.runtime.distributed import LOCK_HELD_ENV
 from cnnlab.sweep.study import (COPIED_FROM, JOB, Study, SweepSettings, claim_lock, fits_budget, override_value,
                                  number_attr, quoted, search_space, trial_epochs)
 from cnnlab.sweep.storage import open_storage, storage_target
 from cnnlab.sweep.report import best_curve
 from cnnlab.core.shown import trial_label
-from cnnlab.sweep.trials import direction_of, run_claimed
+from cnnlab.sweep.trials import direction_of
 from cnnlab.tasks import monitor_of
 from cnnlab.tune import boxes
 from cnnlab.tune.gate import gate_epochs, sanity_gate
@@ -84,8 +81,7 @@ class Base:
 def compose_base(fixed: list[str]) -> Base:
     from cnnlab.data.split import stratified_split
 
-    with composed(fixed) as cfg:
-        run = parse_run_config(cfg)
+    with composed_run(fixed) as (run, cfg):
         data = run.components["dataset"].build()
         train = (len(data.validation_idx[0]) if data.validation_idx is not None else
                  len(stratified_split(data.train_labels, run.data.val_fraction, run.data.split_seed)[0]))
@@ -139,32 +135,16 @@ class Tune:
         with open_append(run_dir / "console.log") as log:
             console = make_console(file=log, width=120, force_terminal=False)
             args = [*overrides, f"hydra.run.dir={quoted(str(run_dir))}"]
-            if trial is None:
-                with composed(args) as cfg, run_log(run_dir):
-                    return run_one(cfg, run_dir, args, console=console) or {}
-            with self._lock_held(run_dir), composed(args) as cfg, writer_of(run_dir, cfg), run_log(run_dir):
-                return run_claimed(cfg, run_dir, args, trial, self.base.monitor, console=console)
-
-    @staticmethod
-    @contextmanager
-    def _lock_held(run_dir: Path):
-        """The claim locked the trial's directory for this process: the run takes no second lock."""
-        before = os.environ.get(LOCK_HELD_ENV)
-        os.environ[LOCK_HELD_ENV] = str(run_dir.resolve())
-        try:
-            yield
-        finally:
-            if before is None:
-                os.environ.pop(LOCK_HELD_ENV, None)
-            else:
-                os.environ[LOCK_HELD_ENV] = before
+            sweep = SweepContext(trial) if trial is not None else None  # the claim locked its directory already
+            with composed(args) as cfg, run_log(run_dir):
+                return start(cfg, run_dir, args, console=console, sweep=sweep) or {}
 
     def lr_find(self, overrides: list[str], run_dir: Path, steps: int) -> dict[str, Any]:
         from cnnlab.analysis.lr_find import lr_range_test
 
-        with open_append(run_dir / "console.log", fresh=True) as log, composed(overrides) as cfg:
+        with open_append(run_dir / "console.log", fresh=True) as log, composed_run(overrides) as (run, _):
             console = make_console(file=log, width=120, force_terminal=False)
-            return lr_range_test(parse_run_config(cfg), run_dir, 1e-6, 10.0, steps, console)
+            return lr_range_test(run, run_dir, 1e-6, 10.0, steps, console)
 
     # ---- the stages ----
 

@@ -16,16 +16,17 @@ from typing import Any
 
 from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 log = logging.getLogger("cnnlab.sweep.study")
 
 
 class CnnlabSweeper(Sweeper):
     def __init__(self, sampler: Any = "grid", pruner: str = "none", pruning: Any = None, n_trials: int | None = None,
-                 n_jobs: int = 1, storage: str = "sqlite", study_name: str = "cnnlab", direction: str = "auto",
+                 n_jobs: Any = "auto", storage: str = "sqlite", study_name: str = "cnnlab", direction: str = "auto",
                  max_failure_rate: float = 1.0, storage_retry_s: float = 120.0, params: Any = None,
-                 scheduler: str = "none", pbt: Any = None, budget_epochs: Any = None) -> None:
+                 scheduler: str = "none", pbt: Any = None, budget_epochs: Any = None, gpus: Any = "auto",
+                 trials_per_gpu: Any = 1) -> None:
         sampler = OmegaConf.to_container(sampler, resolve=True) if isinstance(sampler, DictConfig) else sampler
         sampler = {"name": sampler} if isinstance(sampler, str) else dict(sampler or {})
         self.sampler_name = str(sampler.pop("name", "grid"))
@@ -38,6 +39,8 @@ class CnnlabSweeper(Sweeper):
         self.params = {str(k): str(v) for k, v in (params or {}).items()}
         self.scheduler, self.budget_epochs = str(scheduler), budget_epochs
         self.pbt = OmegaConf.to_container(pbt, resolve=True) if isinstance(pbt, DictConfig) else dict(pbt or {})
+        self.gpus = OmegaConf.to_container(gpus, resolve=True) if isinstance(gpus, ListConfig) else gpus
+        self.trials_per_gpu = trials_per_gpu
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
@@ -51,6 +54,7 @@ class CnnlabSweeper(Sweeper):
         from cnnlab.core.plugins import load_components
         from cnnlab.sweep import study as sweep_study
         from cnnlab.sweep.storage import dashboard_command, open_storage
+        from cnnlab.runtime.gpus import described, visible_gpus, worker_gpus
         from cnnlab.sweep.trials import record_sweep
 
         load_components()
@@ -60,7 +64,10 @@ class CnnlabSweeper(Sweeper):
                               "leave hydra.sweep.subdir as ${hydra.job.num}")
         sweep_dir = Path(config.hydra.sweep.dir)
         helper = sweep_study.is_helper()
-        settings = self.settings(config)
+        in_process = type(self.launcher).__name__ == "BasicLauncher"
+        # This machine's GPUs, for its local workers (a helper was given its one; another launcher gives its own).
+        gpus = visible_gpus(self.gpus) if in_process and not helper else []
+        settings = self.settings(config, gpus)
         if helper:
             settings.n_jobs = 1
         sweep_study.check_settings(settings)
@@ -68,31 +75,38 @@ class CnnlabSweeper(Sweeper):
         pbt = self.pbt_settings(config, settings, space)
         if settings.sampler == "grid":
             sweep_study.build_sampler(settings, space, 0)  # a grid of intervals is refused before anything is written
-        in_process = type(self.launcher).__name__ == "BasicLauncher"
         if not in_process:
             check_launcher(config)
         storage = open_storage(settings.storage, sweep_dir, settings.storage_retry_s)  # reachable, before anything is written
         record_sweep(config)
         study = self.study(config, settings, pbt, (sweep_dir, space, fixed, storage))
+        study.remote = not in_process
         helpers = []
         workers = min(settings.n_jobs, study.n_trials)  # never a worker with no trial to run
-        if in_process and not helper and settings.n_jobs > (cores := os.cpu_count() or 1):
+        assigned = worker_gpus(workers, gpus)
+        pinned = bool(gpus) and in_process  # each worker a process of its own that sees its one GPU
+        if in_process and not helper and not gpus and settings.n_jobs > (cores := os.cpu_count() or 1):
             print(f"warning: hydra.sweeper.n_jobs={settings.n_jobs} is more than this machine's {cores} CPU cores; "
                   f"{workers} workers start ({study.n_trials} trials), "
                   f"{'sharing the cores' if workers > cores else 'one core or more each'}", file=sys.stderr, flush=True)
-        if workers > 1 and in_process:
+        if in_process and (workers > 1 or pinned):
             import torch
 
             threads = max(1, (os.cpu_count() or 1) // workers)
             torch.set_num_threads(threads)
-            helpers = sweep_study.start_helpers(workers - 1, self._helper_args(sweep_dir), sweep_dir, threads)
+            # Pinned, this process only supervises: CUDA may be initialised here already, so it cannot narrow its view.
+            helpers = sweep_study.start_helpers(self._helper_args(sweep_dir), sweep_dir, threads,
+                                                assigned if pinned else assigned[1:])
         if not helper:
             budget = "" if settings.budget_epochs is None else f" inside budget_epochs={settings.budget_epochs}"
             print(f"study {settings.study_name!r}: {study.n_trials} trials{budget}, sampler {settings.sampler}, "
                   f"pruner {settings.pruner}, {workers} at a time; live view: "
                   f"{dashboard_command(study.target)}", flush=True)
+            if pinned:
+                print(f"GPUs: {described(assigned)}; their logs: {sweep_dir / 'workers'}", flush=True)
         try:
-            self._work(study, batch=1 if in_process else workers)
+            if not pinned:
+                self._work(study, batch=1 if in_process else workers)
         except BaseException:  # pre-empted, Ctrl-C, a bug: the helpers stop too, after a checkpoint
             sweep_study.stop_helpers(helpers)
             raise
@@ -103,8 +117,10 @@ class CnnlabSweeper(Sweeper):
                     print(f"a helper worker exited with status {code}; its log: {path}", file=sys.stderr, flush=True)
         return None
 
-    def settings(self, config: DictConfig):
-        """hydra.sweeper as cnnlab.sweep.study.SweepSettings (not yet checked)."""
+    def settings(self, config: DictConfig, gpus: list[str] = ()):
+        """hydra.sweeper as cnnlab.sweep.study.SweepSettings (not yet checked); n_jobs=auto from ``gpus``, the GPUs
+        of this machine its workers may use."""
+        from cnnlab.runtime.gpus import check_per_gpu, local_workers
         from cnnlab.sweep.study import SweepSettings
         from cnnlab.sweep.trials import direction_of
 
@@ -112,7 +128,9 @@ class CnnlabSweeper(Sweeper):
         return SweepSettings(
             sampler=self.sampler_name, sampler_options={k: v for k, v in options.items() if k != "seed"},
             seed=options.get("seed"), pruner=self.pruner, pruning=dict(self.pruning), n_trials=self.n_trials,
-            n_jobs=self.n_jobs, storage=self.storage, study_name=self.study_name,
+            n_jobs=local_workers(self.n_jobs, list(gpus), check_per_gpu(self.trials_per_gpu, "hydra.sweeper.trials_per_gpu"),
+                                 "hydra.sweeper.n_jobs"),
+            storage=self.storage, study_name=self.study_name,
             direction=direction_of(config) if self.direction == "auto" else self.direction,
             max_failure_rate=self.max_failure_rate, max_epochs=int(config.trainer.epochs),
             storage_retry_s=self.storage_retry_s, budget_epochs=self.budget_epochs)
@@ -150,7 +168,7 @@ class CnnlabSweeper(Sweeper):
         return pbt
 
     def _helper_args(self, sweep_dir: Path) -> list[str]:
-        from cnnlab.cli.hydra_app import CONFIG_DIRS
+        from cnnlab.service.compose import CONFIG_DIRS
 
         overrides = self.config.hydra.overrides
         hydra_args = [o for o in overrides.hydra if not o.startswith("hydra.sweep.dir=")]
