@@ -109,6 +109,9 @@ def test_a_tiny_tune_runs_every_stage_inside_its_budget(tmp_path):
     (["tune.budget_epochs=100", "-m"], "error: cnnlab tune runs its own search"),
     (["tune.budget_epochs=100", "optimizer.lr=interval(1, 0.1)"], "error: optimizer.lr=interval(1.0, 0.1): the lower end"),
     (["tune.budget_epochs=100", "modle=mlp"], "error: unknown config key 'modle'"),
+    (["tune.budget_epochs=100", "tune.gpus=[1,1]"], "error: tune.gpus lists a GPU twice or an empty id: [1, 1]"),
+    (["tune.budget_epochs=100", "tune.n_jobs=0"], "error: tune.n_jobs must be"),
+    (["tune.budget_epochs=100", "tune.trials_per_gpu=0"], "error: tune.trials_per_gpu must be"),
     (["tune.budget_epochs=100", "tune.storage=postgresql://cnnlab:pw@127.0.0.1:9/cnnlab"],
      "error: tune.storage=postgresql://cnnlab:***@127.0.0.1:9/cnnlab: cannot open the study there: connection failed"),
 ])
@@ -210,3 +213,21 @@ def test_the_final_stage_takes_its_own_finished_trials_first_then_those_it_was_t
     assert top_configurations(trials, 3, maximize=True) == [{"lr": 0.2}, {"lr": 0.3}, {"lr": 0.1}]
     assert top_configurations(trials, 1, maximize=True) == [{"lr": 0.2}]
     assert top_configurations(trials, 2, maximize=False) == [{"lr": 0.2}, {"lr": 0.1}]  # a loss: lowest first
+
+
+def test_tune_workers_each_see_their_own_gpu_and_share_every_stage(tmp_path):
+    """tune.gpus names two GPUs (none here: the assignment is what is tested, by the environment each worker
+    received, as the trials' trial.json records it): two worker processes run the tune, one per GPU, and this
+    process supervises, then reports what they recorded."""
+    result = run_cli("tune", *TUNE, "tune.budget_epochs=24", "tune.refine_stages=0", "tune.gpus=[3,5]",
+                     f"tune.dir={tmp_path / 't'}", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"2 workers; GPUs: worker 0: GPU 3, worker 1: GPU 5; their logs: {tmp_path / 't' / 'workers'}" in result.stdout
+    record = json.loads((tmp_path / "t" / "tune.json").read_text())
+    trials = [json.loads(p.read_text()) for p in (tmp_path / "t").glob("*/*/trial.json")]
+    assert trials and {t["cuda_visible_devices"] for t in trials} <= {"3", "5"}
+    by_worker = {}
+    for t in trials:
+        by_worker.setdefault(t["pid"], set()).add(t["cuda_visible_devices"])
+    assert all(len(g) == 1 for g in by_worker.values()) and len(by_worker) <= 2
+    assert record["test"]["run"] and len(list((tmp_path / "t" / "workers").glob("*.log"))) == 2

@@ -11,7 +11,7 @@ from typing import Any
 from cnnlab.core.errors import CnnlabError
 
 
-def visible_gpus(setting: Any) -> list[str]:
+def visible_gpus(setting: Any, key: str = "hydra.sweeper.gpus") -> list[str]:
     """The GPUs a search may use. ``auto``: every GPU this process sees (the ids CUDA_VISIBLE_DEVICES lists, else
     0..N-1), none on a machine without CUDA; or a list of ids (numbers or UUIDs), as CUDA_VISIBLE_DEVICES names them."""
     if setting is None or setting == "auto":
@@ -26,10 +26,10 @@ def visible_gpus(setting: Any) -> list[str]:
     if isinstance(setting, str | int) and not isinstance(setting, bool):
         setting = [setting]
     if not isinstance(setting, Sequence) or not all(isinstance(g, str | int) and not isinstance(g, bool) for g in setting):
-        raise CnnlabError(f"hydra.sweeper.gpus must be auto or a list of GPU ids, e.g. [0,1], got {setting!r}")
+        raise CnnlabError(f"{key} must be auto or a list of GPU ids, e.g. [0,1], got {setting!r}")
     ids = [str(g).strip() for g in setting]
     if len(set(ids)) != len(ids) or not all(ids):
-        raise CnnlabError(f"hydra.sweeper.gpus lists a GPU twice or an empty id: {setting!r}")
+        raise CnnlabError(f"{key} lists a GPU twice or an empty id: {setting!r}")
     return ids
 
 

@@ -423,17 +423,18 @@ class Study:
 
 # ---- helper processes for n_jobs > 1 ----
 
-def start_helpers(args: list[str], sweep_dir: Path, threads: int, gpus: list[str | None]) -> list[tuple[subprocess.Popen, Path]]:
-    """One more worker on this machine for each entry of ``gpus``: the same `cnnlab train -m` command, seeing only
-    that GPU (CUDA_VISIBLE_DEVICES; None: as this process does), logging to <sweep dir>/workers/."""
-    logs = sweep_dir / "workers"
+def start_helpers(args: list[str], folder: Path, threads: int, gpus: list[str | None]) -> list[tuple[subprocess.Popen, Path]]:
+    """One more worker on this machine for each entry of ``gpus``: the same command (``cnnlab ARGS``: a sweep's
+    `train -m ...`, a tune's `tune ...`), seeing only that GPU (CUDA_VISIBLE_DEVICES; None: as this process
+    does), logging to <folder>/workers/."""
+    logs = folder / "workers"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, WORKER_ENV: "1", "OMP_NUM_THREADS": str(threads)}
     helpers = []
     for k, gpu in enumerate(gpus, start=1):
         path = logs / f"worker-{os.getpid()}-{k}.log"
         with open_append(path) as out:
-            process = subprocess.Popen(cnnlab_command("train", "-m", *args),
+            process = subprocess.Popen(cnnlab_command(*args),
                                        env=env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu},
                                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        preexec_fn=_die_with_parent)

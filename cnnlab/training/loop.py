@@ -8,6 +8,7 @@ import math
 
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,6 +57,17 @@ def compiled(module: nn.Module, settings) -> nn.Module:
     if settings.cuda_graphs:
         return torch.compile(module, mode="reduce-overhead")
     return torch.compile(module) if settings.compile else module
+
+
+@dataclass
+class EpochProgress:
+    """Where an epoch stands: its order's generator state at its start, its first batch, sums and timer."""
+
+    order_state: torch.Tensor
+    start: int
+    sums: MetricSums
+    timer: EpochTimer
+    since_checkpoint: int = 0
 
 
 class Trainer:
@@ -141,17 +153,22 @@ class Trainer:
             logits, loss = self.objective(x, y)
             self.scaler.scale(loss / s.accumulate_steps if s.accumulate_steps > 1 else loss).backward()
         if update:
-            if s.grad_clip is not None:
-                self.scaler.unscale_(self.optimizer)
-                params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                if s.grad_clip_mode == "norm":
-                    nn.utils.clip_grad_norm_(params, s.grad_clip)
-                else:
-                    nn.utils.clip_grad_value_(params, s.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.after_update()
+            self.update()
         return logits, loss
+
+    def update(self) -> None:
+        """The optimizer's step from the gradients backward left (clipped first), then the schedule and the EMA."""
+        s = self.settings
+        if s.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            if s.grad_clip_mode == "norm":
+                nn.utils.clip_grad_norm_(params, s.grad_clip)
+            else:
+                nn.utils.clip_grad_value_(params, s.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.after_update()
 
     def after_update(self) -> None:
         self.scheduler.step()
@@ -182,42 +199,56 @@ class Trainer:
         while self.epoch < s.epochs and self.status == RunStatus.RUNNING:
             self.epoch += 1
             train, train_time = self.train_epoch(train_loader, batches)
-            if (at := self.guard.tripped_at(self.ranks)) is not None:
-                self.status, self.diverged_at = RunStatus.DIVERGED, at
-                self.reporter.warn(f"loss diverged at step {at} (NaN/inf, or each of the last {self.guard.WINDOW} "
-                                   f"losses > {s.divergence_factor}x the first, after {self.guard.WARMUP_STEPS} "
-                                   "steps); stopping this run")
+            if self.diverged():
                 break
             self.end_epoch(train, train_time, val_loader)
         if self.status == RunStatus.RUNNING:
             self.status = RunStatus.COMPLETED
         return self.history
 
+    def diverged(self) -> bool:
+        """At an epoch's end: whether the guard tripped in it (then the run stops, status diverged)."""
+        if (at := self.guard.tripped_at(self.ranks)) is None:
+            return False
+        self.status, self.diverged_at = RunStatus.DIVERGED, at
+        self.reporter.warn(f"loss diverged at step {at} (NaN/inf, or each of the last {self.guard.WINDOW} "
+                           f"losses > {self.settings.divergence_factor}x the first, after {self.guard.WARMUP_STEPS} "
+                           "steps); stopping this run")
+        return True
+
     def train_epoch(self, train_loader, batches: int) -> tuple[Metrics, float]:
         """One epoch of updates (the rest of it, when a resume picks up inside); its metrics and seconds."""
+        epoch = self.begin_epoch(train_loader, batches)
+        for i, (x, y) in enumerate(train_loader.iterate(epoch.start), start=epoch.start):
+            if i == batches:
+                break
+            update = (i + 1) % self.settings.accumulate_steps == 0 or i + 1 == batches
+            if self.train_batch(x, y, i, update, epoch.timer, epoch.sums):
+                break  # diverged: judged at a log step
+            self.between_steps(epoch, i, update, batches)
+        return epoch.sums.result(self.ranks), epoch.timer.stop()
+
+    def begin_epoch(self, train_loader, batches: int) -> EpochProgress:
+        """The epoch's sums, timer and first batch (past those a resumed checkpoint had done), announced."""
         self.model.train()
         partial, self.partial = self.partial, None
         if partial is not None:  # the interrupted epoch: its order again, from the next batch
             train_loader.generator.set_state(partial["order"])
-        order_state = train_loader.generator.get_state()
-        start = partial["batch"] if partial else 0
         sums = MetricSums(self.device, top5=False)  # top-5 is reported for validation and test
         if partial is not None and self.ranks.is_main:  # the saved sums are over all ranks
             sums.load(partial["sums"])
+        start = partial["batch"] if partial else 0
         self.reporter.epoch_start(self.epoch, self.settings.epochs, batches, done=start)
         timer = EpochTimer(self.device)
         timer.start(carried=partial["train_time_s"] if partial else 0.0)
-        since_checkpoint = 0
-        for i, (x, y) in enumerate(train_loader.iterate(start), start=start):
-            if i == batches:
-                break
-            update = (i + 1) % self.settings.accumulate_steps == 0 or i + 1 == batches
-            if self.train_batch(x, y, i, update, timer, sums):
-                break  # diverged: judged at a log step
-            since_checkpoint += 1
-            if update and i + 1 < batches:  # a step boundary inside the epoch
-                since_checkpoint = self.checkpoint_inside(i + 1, order_state, sums, timer, since_checkpoint)
-        return sums.result(self.ranks), timer.stop()
+        return EpochProgress(train_loader.generator.get_state(), start, sums, timer)
+
+    def between_steps(self, epoch: EpochProgress, i: int, update: bool, batches: int) -> None:
+        """After batch ``i``: at a step boundary inside the epoch, a checkpoint when one is due."""
+        epoch.since_checkpoint += 1
+        if update and i + 1 < batches:
+            epoch.since_checkpoint = self.checkpoint_inside(i + 1, epoch.order_state, epoch.sums, epoch.timer,
+                                                            epoch.since_checkpoint)
 
     def train_batch(self, x: torch.Tensor, y: torch.Tensor, i: int, update: bool, timer: EpochTimer,
                     sums: MetricSums) -> bool:
@@ -227,9 +258,7 @@ class Trainer:
         if compiling:
             self._sync()
             compile_start = time.perf_counter()
-        watching = self.update_ratio is not None and update and (self.step + 1) % self.log_every == 0
-        if watching:
-            self.update_ratio.snapshot(self.optimizer.param_groups[0]["lr"])
+        watching = self.watching(update)
         logits, loss = self.train_step(x, y, first=i % s.accumulate_steps == 0, update=update)
         if watching:
             self.watch_updates()
@@ -237,6 +266,18 @@ class Trainer:
             self._sync()
             self.compile_time_s = time.perf_counter() - compile_start
             timer.exclude(self.compile_time_s)
+        return self.record_step(logits, y, loss, sums)
+
+    def watching(self, update: bool) -> bool:
+        """Whether this update's update/weight ratios are logged: if so, the weights before it are kept."""
+        watching = self.update_ratio is not None and update and (self.step + 1) % self.log_every == 0
+        if watching:
+            self.update_ratio.snapshot(self.optimizer.param_groups[0]["lr"])
+        return watching
+
+    def record_step(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor, sums: MetricSums) -> bool:
+        """After a batch's step: its sums, the guard, the initial-loss check and the logs. True: diverged."""
+        s = self.settings
         loss = loss.detach()  # once, for the sums and the guard below
         sums.add(logits, y, loss)  # only argmax of the logits: their precision does not matter
         self.step += 1

@@ -12,6 +12,8 @@ What a stage searches is written once (<stage>/stage.json), so a rerun or anothe
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +31,10 @@ from cnnlab.core.schema import SUMMARY_RECORD, Fields, ListOf, MapOf
 from cnnlab.core.shown import shell_line
 from cnnlab.runtime.lock import discard_refused
 from cnnlab.runtime.files import confine, open_append, read_json, write_json
-from cnnlab.sweep.study import (COPIED_FROM, JOB, Study, SweepSettings, claim_lock, fits_budget, override_value,
-                                 number_attr, quoted, search_space, trial_epochs)
+from cnnlab.runtime.gpus import described, local_workers, visible_gpus, worker_gpus
+from cnnlab.sweep.study import (COPIED_FROM, JOB, Study, SweepSettings, claim_lock, fits_budget, is_helper,
+                                 number_attr, override_value, quoted, search_space, start_helpers, stop_helpers,
+                                 trial_epochs)
 from cnnlab.sweep.storage import open_storage, storage_target
 from cnnlab.sweep.report import best_curve
 from cnnlab.core.shown import trial_label
@@ -40,6 +44,13 @@ from cnnlab.tune import boxes
 from cnnlab.tune.gate import gate_epochs, sanity_gate
 from cnnlab.tune.plan import Plan, Stage, make_plan
 from cnnlab.tune.settings import TuneSettings, default_space, load_settings, split_arguments
+
+def wait_for(helpers) -> None:
+    """Until every helper worker has exited; a failed one is named with its log."""
+    for process, path in helpers:
+        if process.wait() != 0:
+            print(f"a helper worker exited with status {process.returncode}; its log: {path}", file=sys.stderr, flush=True)
+
 
 STAGE_FILE, TUNE_FILE, PLAN_FILE = "stage.json", "tune.json", "plan.json"
 TEST_RECORD = Fields(required={"run": str, "acc": float, "loss": float})
@@ -93,7 +104,11 @@ def compose_base(fixed: list[str]) -> Base:
 class Tune:
     def __init__(self, args: list[str], config_dirs: list[str], console: Console):
         tune_args, run_args = split_arguments(args)
+        self.args, self.config_dirs = args, config_dirs  # what a helper worker is started with
         self.settings: TuneSettings = load_settings(tune_args)
+        self.gpus = visible_gpus(self.settings.gpus, "tune.gpus") if not is_helper() else []
+        self.workers = 1 if is_helper() else local_workers(self.settings.n_jobs, self.gpus, self.settings.trials_per_gpu,
+                                                            "tune.n_jobs")
         self.console = console
         space, fixed = search_space(run_args)
         self.base = compose_base(fixed)
@@ -151,6 +166,36 @@ class Tune:
     def run(self) -> dict[str, Any]:
         self.say(f"tune {self.dir}: {self.plan.describe()}")
         self.write_plan()
+        helpers, pinned = self.start_workers()
+        try:
+            for process, _ in helpers if pinned else ():  # this process supervises: the workers run every
+                process.wait()                            # stage, then it reads what they recorded
+            return self.stages()
+        except BaseException:  # pre-empted, Ctrl-C, a bug: the helpers stop too, after a checkpoint
+            stop_helpers(helpers)
+            raise
+        finally:
+            wait_for(helpers)
+
+    def start_workers(self) -> tuple[list, bool]:
+        """tune.n_jobs - 1 more workers on this machine (the same tune), or with GPUs, one worker per GPU slot,
+        each seeing its GPU only; then this process supervises (CUDA may be initialised here already)."""
+        pinned = bool(self.gpus)
+        if self.workers == 1 and not pinned:
+            return [], False
+        import torch
+
+        assigned = worker_gpus(self.workers, self.gpus)
+        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        torch.set_num_threads(threads)
+        typed = [a for a in self.args if not a.startswith(("tune.dir=", "tune.n_jobs="))]
+        args = ["tune", *(a for d in self.config_dirs for a in ("--config-dir", d)), *typed, f"tune.dir={self.dir}"]
+        helpers = start_helpers(args, self.dir, threads, assigned if pinned else assigned[1:])
+        self.say(f"{self.workers} workers" + (f"; GPUs: {described(assigned)}" if pinned else "")
+                 + f"; their logs: {self.dir / 'workers'}")
+        return helpers, pinned
+
+    def stages(self) -> dict[str, Any]:
         gate = self.gate() if self.settings.gate else None
         if gate is not None:
             self.plan = make_plan(self.settings, self.base.epochs, gate["epochs"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -34,6 +34,9 @@ class TuneSettings:
     lr_find_steps: Annotated[int, Range(ge=3)] = 60
     storage: str = "sqlite"
     dir: str | None = None
+    n_jobs: PositiveInt | Literal["auto"] = "auto"
+    gpus: Any = "auto"  # checked by cnnlab.runtime.gpus.visible_gpus
+    trials_per_gpu: PositiveInt = 1
 
 
 def split_arguments(args: list[str]) -> tuple[list[str], list[str]]:

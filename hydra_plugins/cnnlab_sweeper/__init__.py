@@ -95,7 +95,7 @@ class CnnlabSweeper(Sweeper):
             threads = max(1, (os.cpu_count() or 1) // workers)
             torch.set_num_threads(threads)
             # Pinned, this process only supervises: CUDA may be initialised here already, so it cannot narrow its view.
-            helpers = sweep_study.start_helpers(self._helper_args(sweep_dir), sweep_dir, threads,
+            helpers = sweep_study.start_helpers(["train", "-m", *self._helper_args(sweep_dir)], sweep_dir, threads,
                                                 assigned if pinned else assigned[1:])
         if not helper:
             budget = "" if settings.budget_epochs is None else f" inside budget_epochs={settings.budget_epochs}"
