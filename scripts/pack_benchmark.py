@@ -1,13 +1,19 @@
 """Packed trials against the same trials one at a time, measured side by side in one run.
 
-    python scripts/pack_benchmark.py --step            # the training step: N members stacked vs N models in turn
+    python scripts/pack_benchmark.py --sweep            # 32-trial random searches: unpacked, K processes, packed 8, 16
+    python scripts/pack_benchmark.py --step             # the training step: N members stacked vs N models in turn
+
+--sweep runs `cnnlab train -m` for each way of running the same random search (32 trials of lr and weight decay,
+Fashion-MNIST, 2 epochs, LeNet-5 with crop+flip, the BN-MLP and small_resnet): one trial at a time, K worker
+processes (hydra.sweeper.n_jobs=K), and packs of 8 and 16 (hydra.sweeper.pack). It prints each search's wall time,
+its trials per minute and the ratio to one at a time. ``--limit-train-batches`` shortens every epoch alike
+(a CPU cannot run the full search of every model in an afternoon); the table says so when it is set.
 
 --step times the training step of cnnlab's own models (the registry's lenet5, the BN-MLP, small_resnet) on
 Fashion-MNIST-shaped batches (1x28x28, batch 128): N models stepped one after another with their own SGD
 optimizers, as N trials would, against one Pack of the same N (cnnlab.training.pack). Both do the same
 arithmetic; the ratio is how much faster the pack trains N trials' steps. Prints members-steps per second and
-the ratio for each model and N. (The sweep-level comparison, 32 trials through `cnnlab train -m`, needs packs
-in the sweeper; it is not in this script yet.)
+the ratio for each model and N.
 """
 
 from __future__ import annotations
@@ -27,6 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cnnlab.core.plugins import load_components  # noqa: E402
 from cnnlab.core.registry import MODELS, OPTIMIZERS  # noqa: E402
 from cnnlab.training.pack import Pack, member_losses  # noqa: E402
+
+RECIPES = {  # the searched model, as `cnnlab train` overrides
+    "lenet5 crop+flip": ["model=lenet5", "augment=crop_flip"],
+    "BN-MLP": ["model=mlp", "model.hidden=[256,128]", "model.batch_norm=true"],
+    "small_resnet": ["model=small_resnet"],
+}
+SPACE = ["hydra/sweeper/sampler=random", "optimizer.lr=tag(log, interval(0.003, 0.3))",
+         "optimizer.weight_decay=tag(log, interval(1e-5, 1e-3))"]
 
 MODEL_OPTIONS = {"lenet5": {}, "mlp": {"hidden": [256, 128], "batch_norm": True}, "small_resnet": {}}
 
@@ -83,21 +97,72 @@ def measure(name: str, n: int, steps: int, batch: int, device: torch.device) -> 
     return time_steps(separate, steps, device), time_steps(packed, steps, device)
 
 
+def run_sweep(recipe: list[str], ways: list[str], trials: int, epochs: int, limit: int | None,
+              workdir: Path, device: str) -> float:
+    """Seconds one `cnnlab train -m` search takes; its trials must all complete."""
+    import shutil
+    import subprocess
+
+    from cnnlab.runtime.distributed import cnnlab_command
+
+    folder = workdir / "sweep"
+    shutil.rmtree(folder, ignore_errors=True)
+    args = ["train", "-m", "dataset=fashion_mnist", *recipe, *SPACE, f"hydra.sweeper.n_trials={trials}",
+            f"trainer.epochs={epochs}", f"trainer.device={device}", f"hydra.sweep.dir={folder}", "seed=0",
+            *([f"trainer.limit_train_batches={limit}"] if limit else []), *ways]
+    start = time.perf_counter()
+    done = subprocess.run(cnnlab_command(*args), cwd=workdir, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    last = (done.stdout.strip().splitlines() or [""])[-1]
+    if done.returncode != 0 or f"sweep: {trials} trials ({trials} completed)" not in last:
+        raise SystemExit(f"{' '.join(args)}: exit {done.returncode}; {last or done.stderr.strip()[-600:]}")
+    return seconds
+
+
+def sweeps(args) -> None:
+    import tempfile
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ways = {"one at a time": [], f"{args.processes} processes": [f"hydra.sweeper.n_jobs={args.processes}"],
+            **{f"packed {n}": [f"hydra.sweeper.pack={n}"] for n in args.members}}
+    print(f"{args.trials}-trial random search of lr and weight decay, Fashion-MNIST, {args.epochs} epochs, {device}"
+          + (f", every epoch cut to {args.limit_train_batches} batches" if args.limit_train_batches else "") + "\n")
+    print(f"{'model':<18}{'way':<16}{'wall s':>9}{'trials/min':>12}{'ratio':>8}")
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in args.models:
+            base = None
+            for way, overrides in ways.items():
+                seconds = run_sweep(RECIPES[name], overrides, args.trials, args.epochs, args.limit_train_batches,
+                                    Path(scratch), device)
+                rate = 60 * args.trials / seconds
+                base = base or rate
+                print(f"{name:<18}{way:<16}{seconds:>9.1f}{rate:>12.2f}{rate / base:>7.2f}x", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--step", action="store_true", help="time the training step (the only measure so far)")
+    parser.add_argument("--step", action="store_true", help="time the training step")
+    parser.add_argument("--sweep", action="store_true", help="time whole searches through `cnnlab train -m`")
     parser.add_argument("--members", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--models", nargs="+", default=list(MODEL_OPTIONS))
+    parser.add_argument("--models", nargs="+", default=None)
+    parser.add_argument("--trials", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--processes", type=int, default=2, help="the K of K worker processes")
+    parser.add_argument("--limit-train-batches", type=int, default=None)
     args = parser.parse_args()
-    if not args.step:
-        parser.error("give --step (the sweep-level comparison is not in this script yet)")
-    load_components()
+    if args.step == args.sweep:
+        parser.error("give --step or --sweep")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    if args.sweep:
+        args.models = args.models or list(RECIPES)
+        return sweeps(args)
+    args.models = args.models or list(MODEL_OPTIONS)
+    load_components()
     print(f"batch {args.batch}, {args.steps} timed steps after 3 warm-up steps, SGD (Nesterov) per member\n")
     print(f"{'model':<14}{'N':>4}{'in turn, member-steps/s':>26}{'packed, member-steps/s':>25}{'ratio':>8}")
     for name in args.models:

@@ -3,6 +3,8 @@ losses of the same trial trained alone (with its own seed, optimizer values, sch
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -118,7 +120,106 @@ def test_a_member_saves_its_own_rows_only_and_loads_into_a_model_alone():
 
 
 def test_what_cannot_be_packed_says_why():
-    assert packable([lenet(0)]) == "a pack needs two members or more"
+    assert packable([lenet(0), lenet(1)], torch.rand(3, 1, 28, 28)) is None
     assert packable([lenet(0), bn_mlp(0)]) == "the members' architectures differ (their parameters' names or shapes)"
+    load_components()
+    googlenet = [MODELS.build("googlenet", {"aux_classifiers": True}, "model", in_channels=3, num_classes=10, input_size=32)
+                 for _ in range(2)]
+    for m in googlenet:
+        m.train()
+    assert packable(googlenet, torch.rand(2, 3, 32, 32)).startswith(("the model returns", "torch.func.vmap cannot"))
     with pytest.raises(ValueError, match="architectures differ"):
         Pack([lenet(0), bn_mlp(0)])
+
+
+# ---- packed trials through `cnnlab train -m hydra.sweeper.pack=N` --------------------------------------------
+
+SMALL = ["dataset=synthetic", "dataset.channels=1", "dataset.size=28", "dataset.classes=4", "dataset.train_size=256",
+         "dataset.test_size=64", "trainer.epochs=2", "data.batch_size=32", "trainer.device=cpu",
+         "trainer.deterministic=true"]
+RECIPES = {  # what each member varies, over what the pack shares
+    "lenet5, SGD Nesterov, one-cycle, crop+flip, EMA, label smoothing": [
+        "model=lenet5", "augment=crop_flip", "trainer.ema_decay=0.9", "optimizer.lr=0.02,0.05",
+        "trainer.label_smoothing=0,0.1"],
+    "BN-MLP, AdamW, cosine, seeds": [
+        "model=mlp", "model.hidden=[32,16]", "model.batch_norm=true", "optimizer=adamw", "scheduler=cosine",
+        "optimizer.lr=0.002,0.005", "seed=1,2"],
+}
+
+
+def sweep(cwd: Path, folder: str, *args: str):
+    from tests.conftest import run_cli
+
+    result = run_cli("train", "-m", *SMALL, *args, f"hydra.sweep.dir={cwd / folder}", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def whole_model_difference(a: dict, b: dict) -> float:
+    """||a - b|| / ||a|| over every floating-point tensor of a state_dict, as one vector."""
+    keys = [k for k in a if a[k].is_floating_point()]
+    flat = [torch.cat([s[k].double().flatten() for k in keys]) for s in (a, b)]
+    return ((flat[0] - flat[1]).norm() / flat[0].norm()).item()
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_a_pack_of_4_trials_trains_each_as_it_trains_alone(tmp_path, recipe):
+    """With trainer.deterministic=true, each member of a pack of 4 has the per-epoch metrics (3 decimals) and the
+    weights, BatchNorm statistics and EMA (within 1e-4, relative) of the same trial run unpacked."""
+    import json
+
+    from cnnlab.runtime.checkpoint import load_checkpoint
+
+    packed = sweep(tmp_path, "packed", *RECIPES[recipe], "hydra.sweeper.pack=4")
+    assert "pack of 4: trials 0, 1, 2, 3" in packed.stdout
+    sweep(tmp_path, "alone", *RECIPES[recipe])
+    for k in "0123":
+        alone, member = (json.loads((tmp_path / f / k / "summary.json").read_text()) for f in ("alone", "packed"))
+        assert member["status"] == alone["status"] == "completed"
+        for a, m in zip(alone["history"], member["history"], strict=True):
+            for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+                assert round(a[key], 3) == round(m[key], 3), (k, key, a[key], m[key])
+        states = [load_checkpoint(tmp_path / f / k / "checkpoints" / "last.pt") for f in ("alone", "packed")]
+        for part in ("model", "ema"):
+            if states[0][part] is not None:
+                assert whole_model_difference(states[0][part], states[1][part]) < 1e-4, (k, part)
+        trial = json.loads((tmp_path / "packed" / k / "trial.json").read_text())
+        assert trial["overrides"] == json.loads((tmp_path / "alone" / k / "trial.json").read_text())["overrides"]
+        assert trial["pack"] == [str(tmp_path / "packed" / j) for j in "0123"]
+    # a member is a run like any: its checkpoint loads as the trial alone's does
+    import cnnlab
+
+    x = torch.rand(3, 1, 28, 28)
+    model_alone, prepare = cnnlab.load(tmp_path / "alone" / "2")
+    model_packed, _ = cnnlab.load(tmp_path / "packed" / "2")
+    torch.testing.assert_close(model_packed(prepare(x)), model_alone(prepare(x)), rtol=1e-3, atol=1e-4)
+
+
+def test_trials_that_differ_in_the_model_run_unpacked_after_one_line(tmp_path):
+    from tests.conftest import TINY, run_cli
+
+    result = run_cli("train", "-m", *[o for o in TINY if not o.startswith("model.hidden")],
+                     "model.hidden=[8],[16]", "hydra.sweeper.pack=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("hydra.sweeper.pack=2: the trials run one at a time, not packed: the trials differ in model.hidden, and a "
+            "pack's members share the model, data, batches and epochs") in result.stderr
+    assert "pack of" not in result.stdout and result.stdout.strip().splitlines()[-1].startswith("sweep: 2 trials (2 completed)")
+
+
+def test_a_config_a_pack_cannot_share_runs_its_trials_one_after_another(tmp_path):
+    from tests.conftest import TINY, run_cli
+
+    result = run_cli("train", "-m", *TINY, "trainer.accumulate_steps=2", "optimizer.lr=0.05,0.1",
+                     "hydra.sweeper.pack=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "trials 0, 1 run one after another, not packed: trainer.accumulate_steps > 1" in result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("sweep: 2 trials (2 completed)")
+
+
+def test_pack_must_be_a_whole_number(tmp_path):
+    from tests.conftest import TINY, run_cli
+
+    result = run_cli("train", "-m", *TINY, "optimizer.lr=0.05,0.1", "hydra.sweeper.pack=0", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: hydra.sweeper.pack must be an integer >= 1 (trials trained as one stacked model), got 0")
+    assert not (tmp_path / "outputs").exists()  # a refused command writes nothing

@@ -231,3 +231,18 @@ def test_tune_workers_each_see_their_own_gpu_and_share_every_stage(tmp_path):
         by_worker.setdefault(t["pid"], set()).add(t["cuda_visible_devices"])
     assert all(len(g) == 1 for g in by_worker.values()) and len(by_worker) <= 2
     assert record["test"]["run"] and len(list((tmp_path / "t" / "workers").glob("*.log"))) == 2
+
+
+def test_a_tune_packs_the_trials_of_its_stages(tmp_path):
+    """tune.pack=4: each worker claims up to 4 trials of a stage and trains them as one pack (their trial.json says
+    which); the stages, the budget and the final choice are as without a pack."""
+    result = run_cli("tune", *TUNE, f"tune.budget_epochs={BUDGET}", "tune.pack=4", f"tune.dir={tmp_path / 't'}",
+                     cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "t" / "tune.json").read_text())
+    assert [s["stage"] for s in record["stages"]] == ["coarse", "refine1", "final"] and record["epochs_spent"] <= BUDGET
+    packs = {tuple(json.loads(p.read_text()).get("pack") or ()) for p in (tmp_path / "t").glob("*/*/trial.json")}
+    assert any(len(pack) == 4 for pack in packs)  # the final stage's 2 x 2 trials at least
+    final = [json.loads((tmp_path / "t" / "final" / k / "trial.json").read_text())["pack"] for k in "0123"]
+    assert all(pack == final[0] for pack in final) and len(final[0]) == 4
+

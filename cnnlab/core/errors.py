@@ -86,3 +86,7 @@ class ProcessesFailed(BaseException):
     def __init__(self, status: int):
         super().__init__(f"exit status {status}")
         self.status = status
+
+
+class PackRefused(CnnlabError):
+    """Trials that cannot be trained as one pack (cnnlab.training.pack); the line names why, and they run apart."""

@@ -68,14 +68,17 @@ def search_path_restored() -> Iterator[None]:
 def composed(overrides: list[str]) -> Iterator[DictConfig]:
     """The config `cnnlab train` would compose from ``overrides`` (cnnlab's config groups after the user's
     --config-dir folders, as set by use_config_dirs), with Hydra's node in HydraConfig for the block, as
-    Hydra's own job runner leaves it. Hydra's global state is cleared after, so it can be called again."""
+    Hydra's own job runner leaves it. Hydra's global state is as it was after (none, or the multirun's of a sweeper
+    that composes its packed trials here), so it can be called again."""
     from hydra import compose, initialize
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.utils import setup_globals
 
     if not SEARCH_PATH:
         use_config_dirs([])
-    GlobalHydra.instance().clear()
+    outer = GlobalHydra.instance()
+    before = (outer.hydra if outer.is_initialized() else None), HydraConfig.instance().cfg
+    outer.clear()
     setup_globals()  # ${now:...} and ${hydra:...}
     try:
         with config_errors_in_one_line(), initialize(config_path=None, version_base="1.3"):
@@ -86,8 +89,10 @@ def composed(overrides: list[str]) -> Iterator[DictConfig]:
             del cfg["hydra"]
         yield cfg
     finally:
-        HydraConfig.instance().cfg = None
         GlobalHydra.instance().clear()
+        if before[0] is not None:
+            GlobalHydra.instance().initialize(before[0])
+        HydraConfig.instance().cfg = before[1]
 
 
 

@@ -27,10 +27,10 @@ from cnnlab.core.errors import CnnlabError, ProcessesFailed
 from cnnlab.core.shown import masked
 from cnnlab.runtime import lock
 from cnnlab.runtime.distributed import LOCK_HELD_ENV, Ranks, launch_processes, launched_ranks
-from cnnlab.runtime.files import LogFile, atomic_write, confine_run
+from cnnlab.runtime.files import LogFile, atomic_write, confine_run, open_append
 from cnnlab.runtime.lock import RunDirLock, discard_refused
 from cnnlab.service.compose import CONFIG_DIRS
-from cnnlab.sweep.trials import failed_trial, run_trial
+from cnnlab.sweep.trials import failed_trial, run_packed, run_trial
 from cnnlab.tasks import Job, train
 
 
@@ -57,6 +57,38 @@ def start(cfg: DictConfig, run_dir: Path, overrides: list[str], *, console=None,
                 return failed_trial(cfg, run_dir, overrides, e)
             return run_trial(run, run_dir, overrides, sweep.trial, console=console)
     return run_one(cfg, run_dir, overrides, console=console)
+
+
+def start_pack(trials: list[tuple[list[str], Path, Any]]) -> list[dict[str, Any]]:
+    """Trials of a search (each its overrides, its claimed trial directory and study trial) trained as one pack.
+    Each is composed, recorded in .hydra/ and checked as ``start`` does one trial: a config refused for one trial is
+    that trial's failure, and the others go on. Each member's terminal output goes to <run_dir>/console.log and its
+    log lines to its train.log. Returns their summaries, in order."""
+    from cnnlab.service.compose import composed
+    from cnnlab.sweep.study import quoted
+    from cnnlab.training.console import make_console
+
+    results: dict[int, dict[str, Any]] = {}
+    ready: list[tuple[int, Any, Path, list[str], Any]] = []
+    with contextlib.ExitStack() as held:
+        consoles: dict[Path, Any] = {}
+        for k, (overrides, run_dir, trial) in enumerate(trials):
+            with composed([*overrides, f"hydra.run.dir={quoted(str(run_dir))}"]) as cfg:
+                held.enter_context(run_log(run_dir))  # stays for the pack's training, after Hydra's node is gone
+                with writer_of(run_dir, cfg):
+                    try:
+                        run = parse_run_config(cfg)
+                    except CnnlabError as e:
+                        results[k] = failed_trial(cfg, run_dir, overrides, e)
+                        continue
+            log = held.enter_context(open_append(run_dir / "console.log"))
+            consoles[run_dir] = make_console(file=log, width=120, force_terminal=False)
+            ready.append((k, run, run_dir, overrides, trial))
+        if ready:
+            summaries = run_packed([(run, run_dir, overrides, trial) for _, run, run_dir, overrides, trial in ready],
+                                   consoles.get)
+            results.update({k: summary for (k, *_), summary in zip(ready, summaries)})
+    return [results[k] for k in range(len(trials))]
 
 
 def lock_held_for(run_dir: Path) -> bool:

@@ -29,10 +29,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab.core.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError, PackRefused
 from cnnlab.core.status import FAILED, FINISHED, RunStatus
 from cnnlab.core.config import RunConfig
-from cnnlab.tasks import Job, monitor_of, train
+from cnnlab.tasks import Job, monitor_of, train, train_pack
 from cnnlab.runtime.environment import environment
 from cnnlab.runtime.lock import RunDirLock
 from cnnlab.runtime.checkpoint import LAST, load_checkpoint
@@ -144,6 +144,40 @@ def _run_claimed(run: RunConfig, run_dir: Path, overrides: list[str], trial, con
                     console=console, pause_after=pbt.get("pause_after"), retune=tuple(pbt.get("retune", ())))
 
 
+def run_packed(members: list[tuple[RunConfig, Path, list[str], Any]], console_of) -> list[dict[str, Any]]:
+    """Trials claimed from one study (run, trial directory, overrides, study trial), trained as one pack; each is
+    recorded as a trial alone is (trial.json, its TensorBoard name, every epoch told to its study, its own
+    pruning) and returns its summary. Trials that cannot be packed (PackRefused) run one after another, after one
+    line that says why; a failure of the pack fails each of its trials, with its reason."""
+    runs, jobs, records = [], [], []
+    for run, run_dir, overrides, trial in members:
+        record = {**_trial_record(overrides, run.resolved.get("plugins")), "pack": [str(m[1]) for m in members]}
+        write_json(run_dir / TRIAL_FILE, record)
+        run = dataclasses.replace(run, resolved=_named_tensorboard(run.resolved, run_dir, overrides))
+        monitor = monitor_of(run.resolved)
+        _report_history(trial, monitor, _last_history(run_dir))
+        runs.append(run)
+        records.append(record)
+        jobs.append(Job(run_dir, console=console_of(run_dir), test=run.sweep.test_trials, resume=True,
+                        on_epoch=_pruning(trial, monitor), environment=record["environment"],
+                        resume_hint=f"the same command with {shell_line([f'hydra.sweep.dir={run_dir.parent}', 'sweep.resume=true'])}"))
+    try:
+        summaries = train_pack(runs, jobs)
+    except PackRefused as e:
+        print(f"trials {', '.join(j.run_dir.name for j in jobs)} run one after another, not packed: {e}",
+              file=sys.stderr, flush=True)
+        return [_attempt(run, run_dir, overrides, resume=True, console=console_of(run_dir),
+                         on_epoch=_pruning(trial, monitor_of(run.resolved)))
+                for run, run_dir, overrides, trial in members]
+    except Exception as e:  # noqa: BLE001 - the pack's failure is each trial's, recorded; the sweep goes on
+        return [_failed(run.resolved, job.run_dir, e, record["started"]) for run, job, record in zip(runs, jobs, records)]
+    for summary in summaries:
+        if summary["status"] == RunStatus.DIVERGED:
+            summary["error"] = f"loss diverged at step {summary.get('diverged_at_step')}"
+            write_json(Path(summary["run_dir"]) / SUMMARY_FILE, summary)
+    return summaries
+
+
 def _trial_record(overrides: list[str], plugins) -> dict[str, Any]:
     """trial.json: what the trial ran, when, where (the SLURM job, the GPU it was given) and with what software."""
     record = {"overrides": overrides, "started": time.time(), "pid": os.getpid()}
@@ -221,7 +255,7 @@ def sweep_status(sweep_dir: Path) -> dict[str, Any]:
 
 SWEEP_FILE = "sweep.json"
 TRIAL_RECORD = Fields(optional={"overrides": ListOf(str), "continued_in": (str, None), "started": float, "pid": int,
-                                "cuda_visible_devices": str})
+                                "cuda_visible_devices": str, "pack": ListOf(str)})
 PBT_ATTR = Fields(optional={"pause_after": (int, None), "retune": ListOf(str), "worker": int})
 SWEEP_RECORD = Fields(optional={"searched": ListOf(str), "monitor": str, "task_overrides": ListOf(str),
                                 "sweeper_params": MapOf(Any)})

@@ -15,7 +15,7 @@ from cnnlab.runtime.environment import environment
 from cnnlab.tasks.job import Job
 from cnnlab.tasks.replay import replay
 
-__all__ = ["Job", "check_resume", "monitor_of", "task_name", "train"]
+__all__ = ["Job", "check_resume", "monitor_of", "task_name", "train", "train_pack"]
 
 
 def task_name(cfg) -> str:
@@ -40,6 +40,20 @@ def train(run: RunConfig, job: Job) -> dict[str, Any]:
     if run.replay is not None:
         return replay(run, job, _run_task)
     return _run_task(run, job)
+
+
+def train_pack(runs: list[RunConfig], jobs: list[Job]) -> list[dict[str, Any]]:
+    """Train ``runs`` as one pack (their task's ``pack`` entry); raises PackRefused when they cannot be."""
+    from cnnlab.core.errors import PackRefused
+
+    load_components()
+    names = {run.components["task"].name for run in runs}
+    pack = TASKS.get(next(iter(names))).meta.get("pack") if len(names) == 1 else None
+    if pack is None:
+        raise PackRefused(f"task={', '.join(sorted(names))} trains one run at a time")
+    jobs = [job if job.environment is not None else
+            dataclasses.replace(job, environment=environment(run.resolved.get("plugins") or [])) for run, job in zip(runs, jobs)]
+    return pack(runs, jobs)
 
 
 def _run_task(run: RunConfig, job: Job) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from cnnlab.analysis.evaluation import (check_tta_shift, confusion_figure, confu
                                         metrics_from_log_probs, predict, tta_view_count)
 from cnnlab.analysis.viz import Visualizer, images_of, start_visualizer
 from cnnlab.core.config import RunConfig
-from cnnlab.core.errors import CnnlabError
+from cnnlab.core.errors import CnnlabError, PackRefused
 from cnnlab.core.registry import TASKS
 from cnnlab.core.status import FINISHED, RunStatus
 from cnnlab.runtime.checkpoint import load_checkpoint, load_resumable, load_weights
@@ -37,6 +37,7 @@ from cnnlab.tasks.summary import run_summary, write_summary
 from cnnlab.training.assemble import Setup, setup
 from cnnlab.training.console import ConsoleReporter
 from cnnlab.training.loop import Trainer
+from cnnlab.training.pack import PackedTraining, packable
 from cnnlab.training.state import selected_weights
 from cnnlab.training.losses import expected_initial_loss
 from cnnlab.training.resume import check_resumable
@@ -98,7 +99,75 @@ def load_resume_state(run: RunConfig, run_dir: Path, console: ConsoleReporter | 
     return state
 
 
-@TASKS.register(resume_check=load_resume_state)
+def pack_refusal(run: RunConfig) -> str | None:
+    """Why ``run`` cannot train in a pack, in words (None: it can). What a member does alone and in a pack must be
+    the same arithmetic: one loss (cross-entropy), one update a batch, one process, fp32 or bf16."""
+    t = run.trainer
+    optimizer = run.components["optimizer"]
+    reasons = [
+        (optimizer.name == "lbfgs", "optimizer=lbfgs re-evaluates the loss through a closure"),
+        (optimizer.options.get("weight_decay_mode") == "l2" or optimizer.options.get("l1_decay"),
+         "a weight penalty in the loss (weight_decay_mode=l2, l1_decay)"),
+        (optimizer.options.get("lookahead_steps"), "optimizer.lookahead_steps"),
+        (t.loss != "cross_entropy", f"trainer.loss={t.loss}"),
+        (t.accumulate_steps > 1, "trainer.accumulate_steps > 1"),
+        (t.precision == "fp16", "trainer.precision=fp16 (each member would need its own loss scale)"),
+        (t.compile or t.cuda_graphs, "trainer.compile or trainer.cuda_graphs"),
+        (t.devices > 1, "trainer.devices > 1"),
+        (t.overfit_batches, "trainer.overfit_batches"),
+        (run.data.folds > 1, "data.folds > 1"),
+        (run.pretrained is not None, "model.pretrained (fine-tuning)"),
+        (run.replay is not None, "replay="),
+    ]
+    return next((why for refused, why in reasons if refused), None)
+
+
+def classify_pack(runs: list[RunConfig], jobs: list[Job]) -> list[dict[str, Any]]:
+    """``runs`` (trials of a search that differ only in what a pack may vary: seeds, optimizer and schedule
+    values, label smoothing, augmentation strength) trained as one pack (cnnlab.training.pack): each member
+    its own run in its own directory, with the checkpoints, TensorBoard run and summary it would have alone.
+    Raises PackRefused (before anything is written) when they cannot be packed."""
+    wall_start = time.perf_counter()
+    for run in runs:
+        if (reason := pack_refusal(run)) is not None:
+            raise PackRefused(reason)
+    data = runs[0].components["dataset"].build()  # one dataset for every member
+    members: list[Member] = []
+    setups: list[Setup] = []
+    try:
+        with StopRequest() as stop:
+            resume_states = []
+            for run, job in zip(runs, jobs):
+                console = ConsoleReporter(job.console)
+                resume_states.append((console, load_resume_state(run, job.run_dir, console, job.retune)
+                                      if job.resume else None))
+                setups.append(setup(run, data=data))
+                check_tta_shift(run.trainer.tta_shift, data.input_size, "trainer.tta_shift")
+            points = {(state["epoch"], (state.get("partial") or {}).get("batch", 0)) if state else (0, 0)
+                      for _, state in resume_states}
+            if len(points) > 1:  # a pack steps its members together: they must stand at the same batch
+                raise PackRefused("the trials continue from different points of their checkpoints (epoch, batch): "
+                                  + ", ".join(f"{e}/{b}" for e, b in sorted(points)))
+            sample = next(iter(build_loaders(setups[0]).val))[0][:2]
+            if (reason := packable([s.model for s in setups], sample)) is not None:
+                raise PackRefused(reason)
+            for s, job, (console, resume_state) in zip(setups, jobs, resume_states):
+                job = dataclasses.replace(job, resume_hint=job.resume_hint
+                                          or shell_line(["cnnlab", "train", f"resume={job.run_dir}"]))
+                members.append(prepare(s, job, console, resume_state, stop, wall_start=wall_start))
+            batches = {m.loaders.batches for m in members}
+            if len(batches) != 1:
+                raise PackRefused(f"the members train different numbers of batches an epoch ({sorted(batches)})")
+            with closed_on_failure(*members):
+                PackedTraining([m.trainer for m in members], [(m.loaders.train, m.loaders.val) for m in members],
+                               batches.pop()).fit()
+        return [conclude(m) for m in members]
+    finally:
+        for s in setups:
+            s.close()
+
+
+@TASKS.register(resume_check=load_resume_state, pack=classify_pack)
 def classify(run: RunConfig, job: Job) -> dict[str, Any]:
     """Train an image classifier: choose on validation, test once (the default task).
 
@@ -242,9 +311,35 @@ def run_header(s: Setup, run_dir: Path, loaders: Loaders, n_params: int) -> dict
     }
 
 
+@dataclass
+class Member:
+    """One run's parts around its Trainer: what fit_select_test trains, and what a pack trains N of."""
+
+    s: Setup
+    job: Job
+    console: ConsoleReporter
+    loaders: Loaders
+    tensorboard: TensorBoardLogger | None
+    visualizer: Visualizer | None
+    reporter: RunReporter
+    trainer: Trainer
+    parameters: int
+    wall_start: float
+
+
 def fit_select_test(s: Setup, job: Job, console: ConsoleReporter, resume_state: dict[str, Any] | None,
                     *, wall_start: float) -> dict[str, Any]:
     """Train, select the best epoch on validation, test it once, and write the summary."""
+    with StopRequest() as stop:  # stops (SIGTERM, SIGUSR1) checkpoint
+        member = prepare(s, job, console, resume_state, stop, wall_start=wall_start)
+        with closed_on_failure(member):
+            member.trainer.fit(member.loaders.train, member.loaders.val)
+    return conclude(member)
+
+
+def prepare(s: Setup, job: Job, console: ConsoleReporter, resume_state: dict[str, Any] | None, stop: StopRequest,
+            *, wall_start: float) -> Member:
+    """The run's loaders, schedule, TensorBoard, header and Trainer, continued from ``resume_state`` when given."""
     run, ranks = s.run, s.ranks
     loaders = build_loaders(s)
     updates_per_epoch = math.ceil(loaders.batches / run.trainer.accumulate_steps)
@@ -262,13 +357,50 @@ def fit_select_test(s: Setup, job: Job, console: ConsoleReporter, resume_state: 
     s.warn = reporter.warn  # files a loader skips
     for line in getattr(s.data, "warnings", ()):
         reporter.warn(line)
-    trainer = fit(s, job, scheduler, loaders, reporter, resume_state)
+    trainer = Trainer(
+        s.model, s.optimizer, scheduler, settings=run.trainer, device=s.device, num_classes=s.data.num_classes,
+        reporter=reporter, checkpoint_dir=job.run_dir / "checkpoints", autocast_dtype=s.autocast_dtype,
+        generators={"data_order": loaders.train.generator, "augment": s.train_pipe.generator},
+        checkpoint_extra={"config": run.resolved, "version": __version__, "classes": s.data.classes,
+                          "input_shape": [s.data.channels, s.data.input_size, s.data.input_size],
+                          "preprocess": s.preprocessing.state_dict(), "resize": s.data.resize},
+        ranks=s.ranks, stop=stop, resume_hint=job.resume_hint, on_epoch=job.on_epoch, pause_after=job.pause_after,
+    )
+    if resume_state is not None:
+        trainer.load_state(resume_state)
+        where = f"epoch {trainer.epoch}" + (f", batch {trainer.partial['batch']} of epoch {trainer.epoch + 1}"
+                                            if trainer.partial else "")
+        console.console.print(f"resumed from {resume_state['path']} after {where} (step {trainer.step})",
+                              highlight=False)
+        if job.retune:  # PBT: the loaded optimizer and schedule take this config's hyperparameters
+            changed = retune_optimizer(s.optimizer, scheduler, resume_state["config"]["optimizer"], run.resolved["optimizer"])
+            if changed:
+                console.console.print(f"retuned: {describe(changed)}", highlight=False)
+    return Member(s, job, console, loaders, tensorboard, visualizer, reporter, trainer, n_params, wall_start)
+
+
+@contextlib.contextmanager
+def closed_on_failure(*members: Member):
+    """A loop that raised leaves each run's TensorBoard session closed as failed."""
+    try:
+        yield
+    except BaseException:
+        for member in members:
+            if member.tensorboard is not None:
+                with contextlib.suppress(CnnlabError):  # the disk that failed the run may fail this too
+                    member.tensorboard.close(RunStatus.FAILED)
+        raise
+
+
+def conclude(member: Member) -> dict[str, Any]:
+    """After the loop: select on validation, test once (``job.test``), and write the summary."""
+    s, job, trainer, console, ranks, run = member.s, member.job, member.trainer, member.console, member.s.ranks, member.s.run
     if not ranks.is_main:  # rank 0 alone selects, tests and writes the summary; the others wait for it
         ranks.barrier()
         return {"status": trainer.status, "best_value": trainer.best.value}
     summary = run_summary(
-        run, job, trainer.status, wall_start=wall_start, tensorboard=str(events_dir(run.resolved, job.run_dir)),
-        dataset=s.data.name, parameters=n_params, device=str(s.device),
+        run, job, trainer.status, wall_start=member.wall_start, tensorboard=str(events_dir(run.resolved, job.run_dir)),
+        dataset=s.data.name, parameters=member.parameters, device=str(s.device),
         precision=str(s.autocast_dtype or torch.float32).replace("torch.", ""), processes=ranks.world_size,
         sizes={"train": len(s.train_idx), "val": len(s.val_idx), "test": len(s.data.test_labels)},
         initial_loss=trainer.initial_loss,
@@ -277,45 +409,12 @@ def fit_select_test(s: Setup, job: Job, console: ConsoleReporter, resume_state: 
         selected_weights="ema" if trainer.ema is not None else "model",
         compile_time_s=trainer.compile_time_s)  # with trainer.compile; not in train_time_s
     if trainer.status in (RunStatus.DIVERGED, RunStatus.PAUSED) or trainer.best.epoch is None:
-        summary = end_unselected(trainer, summary, job.run_dir, tensorboard, console)
+        summary = end_unselected(trainer, summary, job.run_dir, member.tensorboard, console)
     else:
-        summary = select_and_score(s, job, trainer, loaders, summary, tensorboard, visualizer, console, wall_start)
+        summary = select_and_score(s, job, trainer, member.loaders, summary, member.tensorboard, member.visualizer,
+                                   console, member.wall_start)
     ranks.barrier()  # nobody leaves (and tears down the process group) while another rank still works
     return summary
-
-
-def fit(s: Setup, job: Job, scheduler, loaders: Loaders, reporter: RunReporter,
-        resume_state: dict[str, Any] | None) -> Trainer:
-    """The loop, from the checkpoint to resume when there is one; stops (SIGTERM, SIGUSR1) checkpoint."""
-    run = s.run
-    with StopRequest() as stop:
-        trainer = Trainer(
-            s.model, s.optimizer, scheduler, settings=run.trainer, device=s.device, num_classes=s.data.num_classes,
-            reporter=reporter, checkpoint_dir=job.run_dir / "checkpoints", autocast_dtype=s.autocast_dtype,
-            generators={"data_order": loaders.train.generator, "augment": s.train_pipe.generator},
-            checkpoint_extra={"config": run.resolved, "version": __version__, "classes": s.data.classes,
-                              "input_shape": [s.data.channels, s.data.input_size, s.data.input_size],
-                              "preprocess": s.preprocessing.state_dict(), "resize": s.data.resize},
-            ranks=s.ranks, stop=stop, resume_hint=job.resume_hint, on_epoch=job.on_epoch, pause_after=job.pause_after,
-        )
-        if resume_state is not None:
-            trainer.load_state(resume_state)
-            where = f"epoch {trainer.epoch}" + (f", batch {trainer.partial['batch']} of epoch {trainer.epoch + 1}"
-                                                if trainer.partial else "")
-            reporter.console.console.print(f"resumed from {resume_state['path']} after {where} (step {trainer.step})",
-                                           highlight=False)
-            if job.retune:  # PBT: the loaded optimizer and schedule take this config's hyperparameters
-                changed = retune_optimizer(s.optimizer, scheduler, resume_state["config"]["optimizer"], run.resolved["optimizer"])
-                if changed:
-                    reporter.console.console.print(f"retuned: {describe(changed)}", highlight=False)
-        try:
-            trainer.fit(loaders.train, loaders.val)
-        except BaseException:
-            if reporter.tensorboard is not None:
-                with contextlib.suppress(CnnlabError):  # the disk that failed the run may fail this too
-                    reporter.tensorboard.close(RunStatus.FAILED)
-            raise
-    return trainer
 
 
 def end_unselected(trainer: Trainer, summary: dict[str, Any], run_dir: Path, tensorboard: TensorBoardLogger,

@@ -24,42 +24,54 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 
-def packable(models: Sequence[nn.Module]) -> str | None:
-    """None when ``models`` can be stacked; else the reason, in words."""
-    if len(models) < 2:
-        return "a pack needs two members or more"
+def packable(models: Sequence[nn.Module], sample: torch.Tensor | None = None) -> str | None:
+    """None when ``models`` can be stacked; else the reason, in words. ``sample``: one batch of the members' input
+    (B, ...), run once through two stacked members to find what vmap cannot batch or a model's output that is not
+    plain logits."""
     shapes = [[(n, tuple(t.shape), t.dtype) for n, t in (*m.named_parameters(), *m.named_buffers())] for m in models]
     if any(s != shapes[0] for s in shapes[1:]):
         return "the members' architectures differ (their parameters' names or shapes)"
     if getattr(models[0], "memorises", False):
         return "the model learns by remembering (k-NN), not by gradient steps"
+    if sample is None or len(models) < 2:
+        return None
+    import copy
+
+    probe = [copy.deepcopy(m).train() for m in models[:2]]  # copies: no statistics of the real members move
+    devices = [sample.device] if sample.is_cuda else []
+    try:  # and no random draw of theirs: dropout's draws here come from a forked generator
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            out = Pack(probe)(sample)
+    except Exception as e:  # noqa: BLE001 - whatever vmap refuses is the reason, in its own first line
+        return f"torch.func.vmap cannot batch the model: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+    if not isinstance(out, torch.Tensor):
+        return f"the model returns {type(out).__name__} (auxiliary outputs), not logits alone"
     return None
 
 
 class Pack(nn.Module):
-    """``members``: N models of one architecture, each initialised as its trial alone initialises it. After
-    construction their parameters and buffers are views of the pack's stacked tensors; build each member's
-    optimizer after it (it must hold the views)."""
+    """``members``: N models of one architecture, each initialised as its trial alone initialises it. Their
+    parameters and buffers become views of the pack's stacked tensors in place (``.data``), so a member's
+    optimizer, built before or after, steps the stack; its state_dict stays its own (copied out on save)."""
 
     def __init__(self, members: Sequence[nn.Module]):
         super().__init__()
-        reason = packable(members)
+        reason = packable(members)  # the shapes only: a pack shrinks to the members still training, down to one
         if reason is not None:
             raise ValueError(reason)
-        self.members = nn.ModuleList(members)
+        self.members = list(members)  # not submodules: each is saved, loaded and stepped as a trial's own model
         params, buffers = stack_module_state(list(members))
         self.stacked_params = {n: p.detach().requires_grad_(members[0].get_parameter(n).requires_grad)
                                for n, p in params.items()}
         self.stacked_buffers = {n: b.detach() for n, b in buffers.items()}
         for i, member in enumerate(members):
             for name, stacked in self.stacked_params.items():
-                module, _, leaf = name.rpartition(".")
-                owner = member.get_submodule(module) if module else member
-                owner._parameters[leaf] = nn.Parameter(stacked.detach()[i], requires_grad=stacked.requires_grad)
+                member.get_parameter(name).data = stacked.detach()[i]
             for name, stacked in self.stacked_buffers.items():
-                module, _, leaf = name.rpartition(".")
-                owner = member.get_submodule(module) if module else member
-                owner._buffers[leaf] = stacked[i]
+                member.get_buffer(name).data = stacked[i]
+            if not getattr(member, "_pack_copies_state", False):  # its state_dict: its rows, not the stack
+                member.register_state_dict_post_hook(_own_rows)
+                member._pack_copies_state = True
         # The stateless template functional_call runs: member 0's structure, its tensors replaced each call.
         self.template = members[0]
 
@@ -71,12 +83,13 @@ class Pack(nn.Module):
             m.train(mode)
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, B, C): every member on the same batch ``x`` (B, ...), or each on its own (N, B, ...)."""
+    def forward(self, x: torch.Tensor, per_member: bool = False) -> torch.Tensor:
+        """Logits (N, B, C): every member on the same batch ``x`` (B, ...), or with ``per_member`` each on its own
+        row of ``x`` (N, B, ...)."""
         def one(params, buffers, images):
             return functional_call(self.template, (params, buffers), (images,))
 
-        in_x = 0 if x.dim() > 0 and x.shape[0] == len(self) and getattr(x, "per_member", False) else None
+        in_x = 0 if per_member else None
         return vmap(one, in_dims=(0, 0, in_x), randomness="different")(self.stacked_params, self.stacked_buffers, x)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -94,15 +107,143 @@ class Pack(nn.Module):
                 member.get_parameter(name).grad = stacked.grad[i]
 
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
-        """Member ``i``'s state_dict, as its trial alone saves it: its own rows, copied out of the stack."""
-        return {k: v.detach().clone() for k, v in self.members[i].state_dict().items()}
+        """Member ``i``'s state_dict, as its trial alone saves it."""
+        return self.members[i].state_dict()
+
+
+def _own_rows(module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
+    """A member's state_dict holds views of the pack's stack: torch.save would write the whole stack for each.
+    Each becomes a copy of its own rows."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.untyped_storage().nbytes() > value.numel() * value.element_size():
+            state[key] = value.detach().clone()
+
+
+def compact(module: nn.Module) -> None:
+    """Give every tensor of ``module`` (a deep copy of a member, e.g. its EMA) storage of its own: copying a view
+    of the stack copied the whole stack."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+            tensor.data = tensor.data.clone()
 
 
 def member_losses(logits: torch.Tensor, y: torch.Tensor, label_smoothing: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each member (N,), with each member's own label smoothing (N,): what
     nn.CrossEntropyLoss(label_smoothing=e) gives for one member, (1 - e) * NLL + e * mean over classes of -log p."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    target = y if y.dim() == logits.dim() - 1 else y.expand(logits.shape[:-1])
-    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).mean(-1)
+    if y.is_floating_point():  # soft targets (mixup, cutmix): (N, B, C) or (B, C)
+        nll = -(y.expand(logp.shape) * logp).sum(-1).mean(-1)
+    else:
+        target = y if y.dim() == logits.dim() - 1 else y.expand(logits.shape[:-1])
+        nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).mean(-1)
     uniform = -logp.mean(-1).mean(-1)
     return (1 - label_smoothing) * nll + label_smoothing * uniform
+
+
+# What the trials of a pack may differ in: what each member builds for itself (its seed, its optimizer, schedule
+# and initialisation, its augmentation's strengths) and its own loss smoothing and stopping rules. Everything else
+# (the model, the data and its batches, the epochs, the device and precision) is the pack's, shared.
+PACKABLE_KEYS = {"seed", "optimizer", "scheduler", "init", "trainer.label_smoothing", "trainer.ema_decay",
+                 "trainer.grad_clip", "trainer.grad_clip_mode", "trainer.early_stopping_patience",
+                 "trainer.divergence_factor"}
+PACKABLE_SECTIONS = ("optimizer.", "scheduler.", "init.", "augment.ops.")
+
+
+def packable_key(key: str) -> bool:
+    key = key.lstrip("+~")
+    return key in PACKABLE_KEYS or key.startswith(PACKABLE_SECTIONS)
+
+
+class PackedTraining:
+    """N Trainers in lock-step, each with its own loaders (its own data order and augmentation draws), one stacked
+    forward and backward a batch, then each member's own update, sums, guard, logs and checkpoints (Trainer's own
+    methods). A member that stops (diverged, pruned, early-stopped, its last epoch) leaves the pack, which shrinks
+    to the members still training."""
+
+    def __init__(self, trainers: Sequence, loaders: Sequence[tuple], batches: int):
+        self.trainers, self.loaders, self.batches = list(trainers), list(loaders), batches
+        first = self.trainers[0]
+        self.device, self.autocast_dtype = first.device, first.autocast_dtype
+
+    def active(self) -> list[int]:
+        from cnnlab.core.status import RunStatus
+
+        return [k for k, t in enumerate(self.trainers)
+                if t.status == RunStatus.RUNNING and t.epoch < t.settings.epochs]
+
+    def fit(self) -> None:
+        from cnnlab.core.errors import Preempted
+        from cnnlab.core.status import RunStatus
+
+        while members := self.active():
+            for k in members:
+                self.trainers[k].epoch += 1
+            progress = {k: self.trainers[k].begin_epoch(self.loaders[k][0], self.batches) for k in members}
+            starts = {p.start for p in progress.values()}
+            if len(starts) != 1:
+                raise RuntimeError(f"the pack's members stopped at different batches {sorted(starts)}; resume them apart")
+            batches = {k: self.loaders[k][0].iterate(progress[k].start) for k in members}
+            running = self.train_epoch(members, progress, batches, starts.pop())
+            preempted = None
+            for k in running:
+                trainer, epoch = self.trainers[k], progress[k]
+                train, train_time = epoch.sums.result(trainer.ranks), epoch.timer.stop()
+                if trainer.diverged():
+                    continue
+                try:
+                    trainer.end_epoch(train, train_time, self.loaders[k][1])
+                except Preempted as e:  # every member checkpoints before the pack stops
+                    preempted = preempted or e
+            if preempted is not None:
+                raise preempted
+        for trainer in self.trainers:
+            if trainer.status == RunStatus.RUNNING:
+                trainer.status = RunStatus.COMPLETED
+
+    def train_epoch(self, members: list[int], progress: dict, batches: dict, start: int) -> list[int]:
+        """The epoch's batches for ``members``, stacked; returns those that did not diverge in it (a member whose
+        guard trips leaves the pack at that step, as a trial alone leaves its epoch)."""
+        from cnnlab.core.errors import Preempted
+        from cnnlab.training.metrics import autocast_for
+
+        running = list(members)
+        pack = Pack([self.trainers[k].model for k in running])
+        smoothing = self.smoothing(running)
+        for i in range(start, self.batches):
+            pairs = [next(batches[k]) for k in running]
+            xs, ys = torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
+            watching = [self.trainers[k].watching(True) for k in running]
+            pack.zero_grad()
+            with autocast_for(self.device, self.autocast_dtype):
+                logits = pack(xs, per_member=True)
+            losses = member_losses(logits, ys, smoothing)
+            losses.sum().backward()
+            pack.share_grads()
+            tripped, preempted = [], None
+            for j, k in enumerate(running):
+                trainer = self.trainers[k]
+                trainer.data_loss = losses[j]
+                trainer.update()
+                if watching[j]:
+                    trainer.watch_updates()
+                if trainer.record_step(logits[j].detach(), ys[j], losses[j], progress[k].sums):
+                    tripped.append(k)
+                    continue
+                try:
+                    trainer.between_steps(progress[k], i, True, self.batches)
+                except Preempted as e:  # every member checkpoints before the pack stops
+                    preempted = preempted or e
+            if preempted is not None:
+                raise preempted
+            if tripped:
+                for k in tripped:
+                    batches[k].close()
+                running = [k for k in running if k not in tripped]
+                if not running:
+                    break
+                pack = Pack([self.trainers[k].model for k in running])
+                smoothing = self.smoothing(running)
+        return members
+
+    def smoothing(self, members: list[int]) -> torch.Tensor:
+        return torch.tensor([self.trainers[k].settings.label_smoothing for k in members], device=self.device)

@@ -25,7 +25,8 @@ from rich.console import Console
 from cnnlab.training.console import make_console
 
 from cnnlab.service.compose import composed, composed_run
-from cnnlab.service.run import SweepContext, run_log, start
+from cnnlab.service.run import SweepContext, run_log, start, start_pack
+from cnnlab.training.pack import packable_key
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.schema import SUMMARY_RECORD, Fields, ListOf, MapOf
 from cnnlab.core.shown import shell_line
@@ -387,14 +388,33 @@ class Tune:
                     return
                 time.sleep(POLL_S)  # another worker's trial: this stage ends when it does
                 continue
+            claims = [claim]
+            while len(claims) < self.pack and (more := study.claim(wait=False)) is not None:
+                claims.append(more)
             try:
-                overrides = self.trial_overrides(stage, claim)
-                summary = self.train(overrides, study.sweep_dir / str(claim.job), trial=claim.trial)
-                status = study.tell(claim, summary, None)
+                if len(claims) == 1:
+                    summaries = [self.train(self.trial_overrides(stage, claim), study.sweep_dir / str(claim.job),
+                                            trial=claim.trial)]
+                else:
+                    summaries = start_pack([(self.trial_overrides(stage, c), study.sweep_dir / str(c.job), c.trial)
+                                            for c in claims])
+                statuses = [study.tell(c, summary, None) for c, summary in zip(claims, summaries)]
             finally:
-                study.release(claim)
-            self.say(self.trial_line(stage, claim, summary, status))
+                for c in claims:
+                    study.release(c)
+            for c, summary, status in zip(claims, summaries, statuses):
+                self.say(self.trial_line(stage, c, summary, status))
             self.stop_if_all_failed(stage, study)
+
+    @property
+    def pack(self) -> int:
+        """tune.pack, where the searched keys allow a pack (else 1, said once)."""
+        if self.settings.pack > 1 and not hasattr(self, "_unpackable"):
+            self._unpackable = next((k for k in self.space if not packable_key(k)), None)
+            if self._unpackable is not None:
+                self.say(f"tune.pack={self.settings.pack}: the trials run one at a time, not packed: they differ in "
+                         f"{self._unpackable}, and a pack's members share the model, data, batches and epochs")
+        return 1 if self.settings.pack == 1 or self._unpackable is not None else self.settings.pack
 
     ALL_FAILED_AFTER = 3  # trials of a stage that all failed: the next ones would too (a bad fixed setting)
 

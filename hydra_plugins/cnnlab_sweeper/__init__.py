@@ -26,7 +26,7 @@ class CnnlabSweeper(Sweeper):
                  n_jobs: Any = "auto", storage: str = "sqlite", study_name: str = "cnnlab", direction: str = "auto",
                  max_failure_rate: float = 1.0, storage_retry_s: float = 120.0, params: Any = None,
                  scheduler: str = "none", pbt: Any = None, budget_epochs: Any = None, gpus: Any = "auto",
-                 trials_per_gpu: Any = 1) -> None:
+                 trials_per_gpu: Any = 1, pack: Any = 1) -> None:
         sampler = OmegaConf.to_container(sampler, resolve=True) if isinstance(sampler, DictConfig) else sampler
         sampler = {"name": sampler} if isinstance(sampler, str) else dict(sampler or {})
         self.sampler_name = str(sampler.pop("name", "grid"))
@@ -41,6 +41,7 @@ class CnnlabSweeper(Sweeper):
         self.pbt = OmegaConf.to_container(pbt, resolve=True) if isinstance(pbt, DictConfig) else dict(pbt or {})
         self.gpus = OmegaConf.to_container(gpus, resolve=True) if isinstance(gpus, ListConfig) else gpus
         self.trials_per_gpu = trials_per_gpu
+        self.pack = pack
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
@@ -77,6 +78,7 @@ class CnnlabSweeper(Sweeper):
             sweep_study.build_sampler(settings, space, 0)  # a grid of intervals is refused before anything is written
         if not in_process:
             check_launcher(config)
+        pack = self.pack_size(space, in_process, pbt)
         storage = open_storage(settings.storage, sweep_dir, settings.storage_retry_s)  # reachable, before anything is written
         record_sweep(config)
         study = self.study(config, settings, pbt, (sweep_dir, space, fixed, storage))
@@ -105,8 +107,8 @@ class CnnlabSweeper(Sweeper):
             if pinned:
                 print(f"GPUs: {described(assigned)}; their logs: {sweep_dir / 'workers'}", flush=True)
         try:
-            if not pinned:
-                self._work(study, batch=1 if in_process else workers)
+            if not pinned:  # pinned, each helper packs its own trials
+                self._work(study, batch=1 if in_process else workers, pack=pack)
         except BaseException:  # pre-empted, Ctrl-C, a bug: the helpers stop too, after a checkpoint
             sweep_study.stop_helpers(helpers)
             raise
@@ -167,6 +169,33 @@ class CnnlabSweeper(Sweeper):
         check_pbt(settings, pbt, space, int(config.trainer.epochs), task_name(config))
         return pbt
 
+    def pack_size(self, space: dict[str, Any], in_process: bool, pbt) -> int:
+        """hydra.sweeper.pack, checked: how many trials train as one pack here (1: each alone). Trials that may not
+        share a pack say so in one line, and run alone."""
+        from cnnlab.core.errors import CnnlabError
+        from cnnlab.training.pack import packable_key
+
+        pack = self.pack
+        if isinstance(pack, bool) or not isinstance(pack, int) or pack < 1:
+            raise CnnlabError(f"hydra.sweeper.pack must be an integer >= 1 (trials trained as one stacked model), "
+                              f"got {pack!r}")
+        if pack == 1:
+            return 1
+        why = None
+        if not in_process:
+            why = "another launcher runs each trial as a job of its own"
+        elif pbt is not None:
+            why = "population-based training changes a member's values between intervals"
+        elif unpackable := [k for k in space if not packable_key(k)]:
+            why = (f"the trials differ in {unpackable[0]}, and a pack's members share the model, data, batches and "
+                   "epochs (they may differ in seed, optimizer.*, scheduler.*, init.*, augment.ops.*, "
+                   "trainer.label_smoothing and the stopping rules)")
+        if why is not None:
+            print(f"hydra.sweeper.pack={pack}: the trials run one at a time, not packed: {why}", file=sys.stderr,
+                  flush=True)
+            return 1
+        return pack
+
     def _helper_args(self, sweep_dir: Path) -> list[str]:
         from cnnlab.service.compose import CONFIG_DIRS
 
@@ -175,29 +204,23 @@ class CnnlabSweeper(Sweeper):
         folders = [arg for path in CONFIG_DIRS for arg in ("--config-dir", path)]
         return [*folders, *hydra_args, *overrides.task, f"hydra.sweep.dir={sweep_dir.resolve()}"]
 
-    def _work(self, study, batch: int) -> None:
+    def _work(self, study, batch: int, pack: int = 1) -> None:
         """Claim, run, tell, until the study has nothing left. In this process (Hydra's basic launcher)
-        one trial at a time; through another launcher (SLURM) ``batch`` trials at a time, one job array."""
+        one trial at a time, or ``pack`` trials as one pack; through another launcher (SLURM) ``batch`` trials at a
+        time, one job array."""
         from cnnlab.sweep import study as sweep_study
 
         while True:
             asked = time.perf_counter()
             claims = []
-            while len(claims) < batch and (claim := study.claim(wait=not claims)) is not None:
+            while len(claims) < max(batch, pack) and (claim := study.claim(wait=not claims)) is not None:
                 claims.append(claim)
             if not claims:
                 return
             started = time.perf_counter()
-            sweep_study.active.extend(claims if batch == 1 else [])
+            sweep_study.active.extend(claims if batch == 1 and len(claims) == 1 else [])
             try:
-                outcomes = []
-                results = self.launcher.launch([c.overrides for c in claims], initial_job_idx=claims[0].job)
-                for result in results:
-                    if result.status == JobStatus.COMPLETED:
-                        outcomes.append((result.return_value, None))
-                    else:
-                        failure = result._return_value  # the job's exception
-                        outcomes.append((None, (str(failure).strip().splitlines() or [type(failure).__name__])[0]))
+                outcomes = self._packed(study, claims) if len(claims) > 1 and pack > 1 else self._launched(claims)
                 ran = time.perf_counter()
                 for claim, (summary, error) in zip(claims, outcomes):
                     # Told before its directory is unlocked: an unlocked RUNNING trial is a cut-off one.
@@ -212,6 +235,29 @@ class CnnlabSweeper(Sweeper):
                 # Pre-empted (a BaseException): the trials stay RUNNING, their directories unlocked: a rerun continues them.
                 for claim in claims:
                     study.release(claim)
+
+
+    def _launched(self, claims) -> list[tuple[Any, str | None]]:
+        """The claims' trials as Hydra jobs through the launcher: (summary, None) or (None, the failure's line)."""
+        outcomes = []
+        for result in self.launcher.launch([c.overrides for c in claims], initial_job_idx=claims[0].job):
+            if result.status == JobStatus.COMPLETED:
+                outcomes.append((result.return_value, None))
+            else:
+                failure = result._return_value  # the job's exception
+                outcomes.append((None, (str(failure).strip().splitlines() or [type(failure).__name__])[0]))
+        return outcomes
+
+    @staticmethod
+    def _packed(study, claims) -> list[tuple[Any, str | None]]:
+        """The claims' trials trained as one pack, by the run service, in this process."""
+        from cnnlab.service.run import start_pack
+
+        members = [([o for o in c.overrides if not o.startswith(("hydra.", "+hydra."))], study.sweep_dir / str(c.job),
+                    c.trial) for c in claims]
+        print(f"pack of {len(claims)}: trials {', '.join(str(c.job) for c in claims)} (each one's output: "
+              f"{study.sweep_dir}/<trial>/console.log)", flush=True)
+        return [(summary, None) for summary in start_pack(members)]
 
 
 def check_launcher(config: DictConfig) -> None:
