@@ -355,6 +355,9 @@ def main() -> None:
             ("(c) cnnlab, channels_last=false", "none"):
                 lambda: cnnlab_loop(args.model, b, e, s, device, ["augment=none", "trainer.channels_last=false"], tmp / "c2"),
         }
+        if device.type == "cuda":  # the step recorded as CUDA graphs and replayed (refused on the CPU)
+            loops[("(c) cnnlab, cuda_graphs=true", "none")] = lambda: cnnlab_loop(
+                args.model, b, e, s, device, ["augment=none", "trainer.cuda_graphs=true"], tmp / "c3")
         rates: dict[tuple[str, str], list[float]] = {key: [] for key in loops}
         for _ in range(args.repeats):
             for key, run in loops.items():

@@ -10,9 +10,12 @@ of --budget-s is reported as not run, never cut short):
   4   trainer.precision=fp16 trains with the grad scaler and no NaN
   5   trainer.deterministic=true, run twice: identical weights
   2   experiment=fmnist_fast: Fashion-MNIST test accuracy, mean of 3 seeds, and each run's training time
-  3   experiment=fmnist_best: test accuracy and training time
+  2b  the same with model.widths=[64,128,256] at 12 epochs (toward 94% within 15 s)
+  7   scripts/pack_benchmark.py --sweep: a random search packed 16 against one trial at a time (trials/min)
+  8   a 64-trial random search of experiment=fmnist_fast, packed 16: wall time
+  6   scripts/benchmark.py: cnnlab against the textbook loop and a hand-written loop (and trainer.cuda_graphs=true)
   1b  1a with trainer.compile=true: images/s, compile time apart
-  6   scripts/benchmark.py: cnnlab against the textbook loop and a hand-written loop
+  3   experiment=fmnist_best: test accuracy and training time
   A missed throughput target adds a profile of that run's kernels (workdir/profile_*.txt).
 
 --smoke runs the same checks on the CPU at a tiny scale (a few batches, tiny images) and writes the same
@@ -368,10 +371,66 @@ class Acceptance:
             if not loop.startswith("(c)"):
                 continue
             hand = r["vs_hand_written"]
+            goal = 1.2 if "cuda_graphs" in loop else 1.0  # the step with no launch overhead (issue #37)
             self.report.add("6", f"scripts/benchmark.py, LeNet-5, batch {16 if self.smoke else 128}: {loop}, {aug}",
                             f"{r['images_per_s']:,.0f} img/s; {r['vs_textbook']:.2f}× textbook, {hand:.2f}× hand-written",
-                            "≥ 1.00× hand-written" if aug == "none" else "reported",
-                            None if self.smoke or aug != "none" else hand >= 1.0)
+                            f"≥ {goal:.2f}× hand-written" if aug == "none" else "reported",
+                            None if self.smoke or aug != "none" else hand >= goal)
+
+    def packed(self) -> None:
+        """7: scripts/pack_benchmark.py --sweep: a random search packed 16 against one trial at a time."""
+        out = self.work / "pack_benchmark.json"
+        scale = (["--trials", "2", "--members", "2", "--epochs", "1", "--limit-train-batches", "2",
+                  "--limit-eval-batches", "1", "--models", "BN-MLP"] if self.smoke else
+                 ["--trials", "16", "--members", "16", "--models", "lenet5 crop+flip", "fmnist_fast"])
+        command = [sys.executable, str(REPO / "scripts" / "pack_benchmark.py"), "--sweep", "--processes", "1",
+                   "--json", str(out), *scale]
+        with open(self.work / "pack_benchmark.log", "w") as log:
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=max(self.left(), 30))
+        if done.returncode != 0:
+            raise RuntimeError(f"scripts/pack_benchmark.py exited {done.returncode} (pack_benchmark.log)")
+        report = json.loads(out.read_text())
+        for r in report["rows"]:
+            if r["way"].startswith("packed"):
+                self.report.add("7", f"scripts/pack_benchmark.py --sweep, {report['trials']}-trial random search, "
+                                f"{r['model']}: {r['way']} against one at a time",
+                                f"{r['trials_per_min']:.1f} trials/min, {r['ratio']:.2f}×", "≥ 8.00×",
+                                None if self.smoke else r["ratio"] >= 8)
+
+    def search64(self) -> None:
+        """8: a 64-trial random search of experiment=fmnist_fast, packed 16, on one GPU."""
+        from cnnlab.runtime.distributed import cnnlab_command
+
+        trials = 4 if self.smoke else 64
+        args = ["train", "-m", "experiment=fmnist_fast", "hydra/sweeper/sampler=random", f"hydra.sweeper.n_trials={trials}",
+                f"hydra.sweeper.pack={2 if self.smoke else 16}", "optimizer.lr=tag(log, interval(0.05, 0.5))",
+                "optimizer.weight_decay=tag(log, interval(1e-4, 1e-3))", f"trainer.device={self.device}",
+                f"hydra.sweep.dir={self.work / 'search64'}", *self.scale.limits]
+        start = time.perf_counter()
+        with open(self.work / "search64.log", "w") as log:
+            done = subprocess.run(cnnlab_command(*args), stdout=log, stderr=subprocess.STDOUT, cwd=self.work,
+                                  timeout=max(self.left(), 30))
+        seconds = time.perf_counter() - start
+        last = ((self.work / "search64.log").read_text().strip().splitlines() or [""])[-1]
+        if done.returncode != 0 or f"sweep: {trials} trials" not in last:
+            raise RuntimeError(f"the search exited {done.returncode}: {last[:200]}")
+        self.report.add("8", f"{trials}-trial random search of experiment=fmnist_fast (lr, weight decay), "
+                        f"hydra.sweeper.pack={2 if self.smoke else 16}, one device: wall time",
+                        f"{seconds:.0f} s; {last.split(';')[0]}", "≤ 120 s", None if self.smoke else seconds <= 120)
+
+    def wide(self) -> None:
+        """2b: fmnist_fast with widths [64, 128, 256], 12 epochs, three seeds: the lead toward 94%."""
+        epochs = [] if self.smoke else ["trainer.epochs=12"]
+        runs = [self.train(f"fmnist_wide_seed{seed}", ["experiment=fmnist_fast", "model.widths=[64,128,256]",
+                                                        f"seed={seed}", *epochs, *self.scale.limits])
+                for seed in range(1 if self.smoke else self.scale.seeds)]  # the smoke: that the code runs, once
+        accs = [r["selected"]["test"]["acc"] for r in runs]
+        times = [r["train_time_s"] for r in runs]
+        mean = statistics.fmean(accs)
+        self.report.add("2b", f"experiment=fmnist_fast with model.widths=[64,128,256], 12 epochs, seeds 0-{len(runs) - 1}: "
+                        f"test accuracy ({', '.join(f'{100 * a:.2f}%' for a in accs)}) and training time",
+                        f"{100 * mean:.2f}%; {max(times):.1f} s at most", "≥ 94.0% mean; ≤ 15 s each",
+                        None if self.smoke else mean >= 0.94 and max(times) <= 15)
 
     def run(self) -> int:
         shutil.rmtree(self.work, ignore_errors=True)
@@ -383,9 +442,14 @@ class Acceptance:
         self.step("5", "deterministic twice", 0 if smoke else 40, self.deterministic, "identical")
         self.step("2", "experiment=fmnist_fast, 3 seeds", 0 if smoke else 75, self.fmnist_fast,
                   "≥ 94.0% mean; ≤ 15 s each")
-        self.step("3", "experiment=fmnist_best", self.best_needs_s(), self.fmnist_best, "≥ 95.0%; ≤ 300 s")
-        self.step("1b", "ResNet-18 with trainer.compile=true", 0 if smoke else 90, self.compiled, "≥ 45,000 img/s")
+        # issue #37's rows before the longest checks: a budget that runs out skips fmnist_best first
+        self.step("2b", "fmnist_fast, widths [64, 128, 256], 12 epochs, 3 seeds", 0 if smoke else 70, self.wide,
+                  "≥ 94.0% mean; ≤ 15 s each")
+        self.step("7", "packed 16 against one trial at a time", 0 if smoke else 150, self.packed, "≥ 8.00×")
+        self.step("8", "a 64-trial search of fmnist_fast, packed", 0 if smoke else 130, self.search64, "≤ 120 s")
         self.step("6", "scripts/benchmark.py", 0 if smoke else 45, self.benchmark, "≥ 1.00× hand-written")
+        self.step("1b", "ResNet-18 with trainer.compile=true", 0 if smoke else 90, self.compiled, "≥ 45,000 img/s")
+        self.step("3", "experiment=fmnist_best", self.best_needs_s(), self.fmnist_best, "≥ 95.0%; ≤ 300 s")
         self.report.header["time"] = f"{time.perf_counter() - self.start:.0f} s in all (budget {self.args.budget_s:.0f} s)"
         self.report.write()
         self.say(f"table: {self.report.path}" + (f"; {self.failed} check(s) failed" if self.failed else ""))

@@ -19,6 +19,7 @@ the ratio for each model and N.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -38,6 +39,7 @@ RECIPES = {  # the searched model, as `cnnlab train` overrides
     "lenet5 crop+flip": ["model=lenet5", "augment=crop_flip"],
     "BN-MLP": ["model=mlp", "model.hidden=[256,128]", "model.batch_norm=true"],
     "small_resnet": ["model=small_resnet"],
+    "fmnist_fast": ["experiment=fmnist_fast"],  # its network, schedule and augmentation; 2 epochs like the rest
 }
 SPACE = ["hydra/sweeper/sampler=random", "optimizer.lr=tag(log, interval(0.003, 0.3))",
          "optimizer.weight_decay=tag(log, interval(1e-5, 1e-3))"]
@@ -98,7 +100,7 @@ def measure(name: str, n: int, steps: int, batch: int, device: torch.device) -> 
 
 
 def run_sweep(recipe: list[str], ways: list[str], trials: int, epochs: int, limit: int | None,
-              workdir: Path, device: str) -> float:
+              workdir: Path, device: str, eval_limit: int | None = None) -> float:
     """Seconds one `cnnlab train -m` search takes; its trials must all complete."""
     import shutil
     import subprocess
@@ -109,12 +111,14 @@ def run_sweep(recipe: list[str], ways: list[str], trials: int, epochs: int, limi
     shutil.rmtree(folder, ignore_errors=True)
     args = ["train", "-m", "dataset=fashion_mnist", *recipe, *SPACE, f"hydra.sweeper.n_trials={trials}",
             f"trainer.epochs={epochs}", f"trainer.device={device}", f"hydra.sweep.dir={folder}", "seed=0",
-            *([f"trainer.limit_train_batches={limit}"] if limit else []), *ways]
+            *([f"trainer.limit_train_batches={limit}"] if limit else []),
+            *([f"trainer.limit_eval_batches={eval_limit}"] if eval_limit else []), *ways]
     start = time.perf_counter()
     done = subprocess.run(cnnlab_command(*args), cwd=workdir, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     last = (done.stdout.strip().splitlines() or [""])[-1]
-    if done.returncode != 0 or f"sweep: {trials} trials ({trials} completed)" not in last:
+    counts = last.partition("(")[2].partition(")")[0]  # "13 completed, 3 diverged": every trial ran to its end
+    if done.returncode not in (0, 3) or not last.startswith(f"sweep: {trials} trials") or "failed" in counts:
         raise SystemExit(f"{' '.join(args)}: exit {done.returncode}; {last or done.stderr.strip()[-600:]}")
     return seconds
 
@@ -123,20 +127,28 @@ def sweeps(args) -> None:
     import tempfile
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ways = {"one at a time": [], f"{args.processes} processes": [f"hydra.sweeper.n_jobs={args.processes}"],
+    ways = {"one at a time": [],
+            **({f"{args.processes} processes": [f"hydra.sweeper.n_jobs={args.processes}"]} if args.processes > 1 else {}),
             **{f"packed {n}": [f"hydra.sweeper.pack={n}"] for n in args.members}}
+    rows = []
     print(f"{args.trials}-trial random search of lr and weight decay, Fashion-MNIST, {args.epochs} epochs, {device}"
-          + (f", every epoch cut to {args.limit_train_batches} batches" if args.limit_train_batches else "") + "\n")
+          + (f", every epoch cut to {args.limit_train_batches} batches" if args.limit_train_batches else "")
+          + (f", every evaluation to {args.limit_eval_batches} batches" if args.limit_eval_batches else "") + "\n")
     print(f"{'model':<18}{'way':<16}{'wall s':>9}{'trials/min':>12}{'ratio':>8}")
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.models:
             base = None
             for way, overrides in ways.items():
                 seconds = run_sweep(RECIPES[name], overrides, args.trials, args.epochs, args.limit_train_batches,
-                                    Path(scratch), device)
+                                    Path(scratch), device, args.limit_eval_batches)
                 rate = 60 * args.trials / seconds
                 base = base or rate
                 print(f"{name:<18}{way:<16}{seconds:>9.1f}{rate:>12.2f}{rate / base:>7.2f}x", flush=True)
+                rows.append({"model": name, "way": way, "seconds": seconds, "trials_per_min": rate,
+                             "ratio": rate / base})
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device, "trials": args.trials, "epochs": args.epochs,
+                                               "rows": rows}, indent=1))
 
 
 def main() -> None:
@@ -149,8 +161,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=None)
     parser.add_argument("--trials", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--processes", type=int, default=2, help="the K of K worker processes")
+    parser.add_argument("--processes", type=int, default=2, help="the K of K worker processes (1: none)")
+    parser.add_argument("--json", default=None, help="also write the sweep rows to this file")
     parser.add_argument("--limit-train-batches", type=int, default=None)
+    parser.add_argument("--limit-eval-batches", type=int, default=None)
     args = parser.parse_args()
     if args.step == args.sweep:
         parser.error("give --step or --sweep")

@@ -41,7 +41,7 @@ def test_the_smoke_run_makes_every_check_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     rows = table_rows(table)
     checks = {row[0] for row in rows}
-    assert checks == {"1a", "1c", "1a+", "1b", "2", "3", "4", "5", "6"}, rows
+    assert checks == {"1a", "1c", "1a+", "1b", "2", "2b", "3", "4", "5", "6", "7", "8"}, rows
     assert all(row[3] == "not a GPU" for row in rows)  # no GPU target is claimed for a CPU run
     assert all(row[4] in ("ran", "met") for row in rows), rows
     by_check = {row[0]: row for row in rows}
@@ -51,6 +51,8 @@ def test_the_smoke_run_makes_every_check_on_the_cpu(tmp_path):
     assert "img/s" in by_check["1a"][2] and by_check["1c"][2].endswith("%")
     assert {row[1].rsplit(": ", 1)[-1] for row in rows if row[0] == "6"} == {
         "(c) cnnlab, none", "(c) cnnlab, crop_flip", "(c) cnnlab, channels_last=false, none"}
+    assert "packed 2 against one at a time" in by_check["7"][1] and "trials/min" in by_check["7"][2]
+    assert "sweep: 4 trials (4 completed)" in by_check["8"][2]
     # seeds 0, 1, 2 of fmnist_fast, and fmnist_best: each a real run with its summary
     for name in ("fmnist_fast_seed0", "fmnist_fast_seed1", "fmnist_fast_seed2", "fmnist_best"):
         assert (work / name / "summary.json").is_file()

@@ -223,3 +223,38 @@ def test_pack_must_be_a_whole_number(tmp_path):
     assert result.returncode == 2 and result.stderr.strip() == (
         "error: hydra.sweeper.pack must be an integer >= 1 (trials trained as one stacked model), got 0")
     assert not (tmp_path / "outputs").exists()  # a refused command writes nothing
+
+
+def test_a_stopped_pack_checkpoints_every_member_and_a_rerun_continues_them_exactly(tmp_path):
+    """SIGTERM inside a pack's second epoch: every member checkpoints where the pack stood; the same command again
+    continues them, and each ends as its trial run alone, unstopped, ends."""
+    import json
+    import signal
+    import time
+
+    from cnnlab.runtime.checkpoint import load_checkpoint
+    from tests.conftest import run_cli, start_worker
+
+    args = [*SMALL, "model=lenet5", "dataset.train_size=3000", "trainer.epochs=3", "optimizer.lr=0.02,0.05"]
+    folder = tmp_path / "packed"
+    worker = start_worker(tmp_path, *args, "hydra.sweeper.pack=2", f"hydra.sweep.dir={folder}")
+    deadline = time.monotonic() + 120
+    while not (folder / "1" / "checkpoints" / "last.pt").is_file():  # the pack's first epoch is over
+        assert worker.poll() is None and time.monotonic() < deadline, worker.communicate()[1][-2000:]
+        time.sleep(0.02)
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode != 0 and "stopped by SIGTERM" in err, err[-2000:]
+    stopped = [load_checkpoint(folder / k / "checkpoints" / "last.pt") for k in "01"]
+    assert not list(folder.glob("*/summary.json")) and all(s["epoch"] < 3 for s in stopped)
+    assert len({(s["epoch"], (s.get("partial") or {}).get("batch")) for s in stopped}) == 1  # where the pack stood
+
+    rerun = run_cli("train", "-m", *args, "hydra.sweeper.pack=2", f"hydra.sweep.dir={folder}", cwd=tmp_path)
+    assert rerun.returncode == 0 and "pack of 2" in rerun.stdout, rerun.stderr[-2000:]
+    sweep(tmp_path, "alone", *args)
+    for k in "01":
+        alone, member = (json.loads((tmp_path / f / k / "summary.json").read_text()) for f in ("alone", "packed"))
+        assert [round(r["val/acc"], 3) for r in member["history"]] == [round(r["val/acc"], 3) for r in alone["history"]]
+        assert [round(r["train/loss"], 3) for r in member["history"]] == [round(r["train/loss"], 3) for r in alone["history"]]
+        states = [load_checkpoint(tmp_path / f / k / "checkpoints" / "last.pt")["model"] for f in ("alone", "packed")]
+        assert whole_model_difference(*states) < 1e-4

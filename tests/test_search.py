@@ -126,6 +126,7 @@ def test_every_pruner_setting_reaches_optuna(overrides, kind, expected):
     (["hydra.sweeper.pruner=asha", "hydra.sweeper.pruning.reduction_factor=1"], "hydra.sweeper.pruning.reduction_factor"),
     (["hydra/sweeper/sampler=tpe", "hydra.sweeper.sampler.n_startup_trials=-1"], "hydra.sweeper.sampler.n_startup_trials"),
     (["hydra.sweeper.n_jobs=0"], "hydra.sweeper.n_jobs must be auto or an integer >= 1, got 0"),
+    (["hydra.sweeper.budget_s=0"], "hydra.sweeper.budget_s must be a number of seconds > 0, got 0"),
 ])
 def test_bad_sweeper_settings_are_one_line(overrides, message):
     with pytest.raises(CnnlabError, match=re.escape(message)):
@@ -447,3 +448,21 @@ def test_bad_gpu_settings_are_one_line(tmp_path, override, message):
     result = run_cli("train", "-m", *SWEEP, "optimizer.lr=0.05,0.1", override, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip() == f"error: {message}", result.stderr[-1500:]
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.json"))
+
+
+def test_budget_s_stops_starting_trials_once_the_sweep_has_run_that_long(tmp_path):
+    """A wall-clock budget bounds a random search with no n_trials: trials start until budget_s has passed since
+    the sweep began, then the sweep ends as any sweep ends; the study records when it began."""
+    started = time.time()
+    result = run_cli("train", "-m", *SWEEP, "hydra/sweeper/sampler=random", "optimizer.lr=interval(0.01, 0.1)",
+                     "hydra.sweeper.budget_s=4", f"hydra.sweep.dir={tmp_path / 'sw'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "trials until the budget ends inside budget_s=4" in result.stdout
+    import optuna
+
+    study = optuna.load_study(study_name="synthetic-mlp", storage=f"sqlite:///{tmp_path / 'sw' / 'optuna.db'}")
+    trials = study.get_trials()
+    assert 1 <= len(trials) < 50 and all(t.state.name == "COMPLETE" for t in trials)
+    begun = study.user_attrs["cnnlab"]["started"]
+    assert started <= begun and all(t.datetime_start.timestamp() < begun + 4 for t in trials)
+    assert result.stdout.strip().splitlines()[-1].startswith(f"sweep: {len(trials)} trials")

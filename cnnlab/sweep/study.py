@@ -42,6 +42,7 @@ log = logging.getLogger("cnnlab.sweep.study")
 CLAIM_DIR = ".claims"           # <sweep dir>/.claims/.cnnlab.lock: held while a worker claims a trial
 WORKER_ENV = "CNNLAB_SWEEP_WORKER"  # set in the helper processes of n_jobs > 1: they start no helpers themselves
 RETRY_OF, JOB = "retry_of", "job"  # user attributes: the trial a retry continues; the trial's directory number
+UNBOUNDED = 10**6  # n_trials of a search that only hydra.sweeper.budget_s ends
 COPIED_FROM = "copied_from"  # user attribute of a trial an earlier study ran (cnnlab tune's refine stages): no slot
 
 
@@ -63,6 +64,7 @@ class SweepSettings:
     max_epochs: int = 1
     storage_retry_s: float = 120.0
     budget_epochs: float | None = None
+    budget_s: float | None = None  # wall-clock: no trial starts once this many seconds have passed since the sweep began
 
 
 def check_settings(s: SweepSettings) -> None:
@@ -87,6 +89,9 @@ def check_settings(s: SweepSettings) -> None:
                                         or not s.max_epochs <= s.budget_epochs < math.inf):
         raise CnnlabError(f"hydra.sweeper.budget_epochs must be a number of epochs >= one trial's trainer.epochs="
                           f"{s.max_epochs}, got {s.budget_epochs!r}")
+    if s.budget_s is not None and (isinstance(s.budget_s, bool) or not isinstance(s.budget_s, int | float)
+                                   or not 0 < s.budget_s < math.inf):
+        raise CnnlabError(f"hydra.sweeper.budget_s must be a number of seconds > 0, got {s.budget_s!r}")
     if not 0 <= s.max_failure_rate <= 1:
         raise CnnlabError(f"hydra.sweeper.max_failure_rate must be in [0, 1], got {s.max_failure_rate!r}")
 
@@ -268,14 +273,18 @@ class Study:
                 self.n_trials = len(self.grid)
         elif self.n_trials is None and settings.budget_epochs is not None:
             self.n_trials = math.ceil(settings.budget_epochs)  # a trial that fails before its first epoch costs none
+        elif self.n_trials is None and settings.budget_s is not None:
+            self.n_trials = UNBOUNDED  # the clock alone ends it
         elif self.n_trials is None:
-            raise CnnlabError(f"sampler {settings.sampler!r} needs hydra.sweeper.n_trials (how many trials to run) "
-                              "or hydra.sweeper.budget_epochs")
+            raise CnnlabError(f"sampler {settings.sampler!r} needs hydra.sweeper.n_trials (how many trials to run), "
+                              "hydra.sweeper.budget_epochs or hydra.sweeper.budget_s")
         self.storage = storage
         # Called under the claim lock with the study's trials: False when no new trial may start (an epoch budget).
         self.admit: Callable[[list], bool] | None = None
-        if settings.budget_epochs is not None:
-            self.admit = lambda trials: fits_budget(trials, settings.max_epochs, settings.budget_epochs)
+        if settings.budget_epochs is not None or settings.budget_s is not None:
+            self.admit = lambda trials: (
+                (settings.budget_epochs is None or fits_budget(trials, settings.max_epochs, settings.budget_epochs))
+                and (settings.budget_s is None or time.time() - self.started < settings.budget_s))
         pruner = build_pruner(settings)
         with claim_lock(sweep_dir):
             try:
@@ -293,12 +302,14 @@ class Study:
 
     def _check_or_record(self) -> None:
         """A study belongs to one sweep: the same directory and the same search space."""
-        mine = {"sweep_dir": str(self.sweep_dir.resolve()), "space": sorted(self.space)}
+        self.started = time.time()
+        mine = {"sweep_dir": str(self.sweep_dir.resolve()), "space": sorted(self.space), "started": self.started}
         attrs = self.study.user_attrs
         if "cnnlab" not in attrs:
             self.study.set_user_attr("cnnlab", mine)
             return
         theirs = attrs["cnnlab"]
+        self.started = float(theirs.get("started") or self.started)  # the first worker's clock: budget_s is the sweep's
         if theirs.get("space") != mine["space"]:
             raise CnnlabError(f"study {self.s.study_name!r} in {shown(self.target)} searches {', '.join(theirs.get('space', []))}; "
                               f"this sweep searches {', '.join(mine['space'])}: choose another hydra.sweeper.study_name")

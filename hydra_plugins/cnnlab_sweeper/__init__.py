@@ -26,7 +26,7 @@ class CnnlabSweeper(Sweeper):
                  n_jobs: Any = "auto", storage: str = "sqlite", study_name: str = "cnnlab", direction: str = "auto",
                  max_failure_rate: float = 1.0, storage_retry_s: float = 120.0, params: Any = None,
                  scheduler: str = "none", pbt: Any = None, budget_epochs: Any = None, gpus: Any = "auto",
-                 trials_per_gpu: Any = 1, pack: Any = 1) -> None:
+                 trials_per_gpu: Any = 1, pack: Any = 1, budget_s: Any = None) -> None:
         sampler = OmegaConf.to_container(sampler, resolve=True) if isinstance(sampler, DictConfig) else sampler
         sampler = {"name": sampler} if isinstance(sampler, str) else dict(sampler or {})
         self.sampler_name = str(sampler.pop("name", "grid"))
@@ -41,7 +41,7 @@ class CnnlabSweeper(Sweeper):
         self.pbt = OmegaConf.to_container(pbt, resolve=True) if isinstance(pbt, DictConfig) else dict(pbt or {})
         self.gpus = OmegaConf.to_container(gpus, resolve=True) if isinstance(gpus, ListConfig) else gpus
         self.trials_per_gpu = trials_per_gpu
-        self.pack = pack
+        self.pack, self.budget_s = pack, budget_s
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
@@ -100,8 +100,10 @@ class CnnlabSweeper(Sweeper):
             helpers = sweep_study.start_helpers(["train", "-m", *self._helper_args(sweep_dir)], sweep_dir, threads,
                                                 assigned if pinned else assigned[1:])
         if not helper:
-            budget = "" if settings.budget_epochs is None else f" inside budget_epochs={settings.budget_epochs}"
-            print(f"study {settings.study_name!r}: {study.n_trials} trials{budget}, sampler {settings.sampler}, "
+            budget = "".join(f" inside {k}={v}" for k, v in (("budget_epochs", settings.budget_epochs),
+                                                             ("budget_s", settings.budget_s)) if v is not None)
+            count = "trials until the budget ends" if study.n_trials == sweep_study.UNBOUNDED else f"{study.n_trials} trials"
+            print(f"study {settings.study_name!r}: {count}{budget}, sampler {settings.sampler}, "
                   f"pruner {settings.pruner}, {workers} at a time; live view: "
                   f"{dashboard_command(study.target)}", flush=True)
             if pinned:
@@ -135,7 +137,7 @@ class CnnlabSweeper(Sweeper):
             storage=self.storage, study_name=self.study_name,
             direction=direction_of(config) if self.direction == "auto" else self.direction,
             max_failure_rate=self.max_failure_rate, max_epochs=int(config.trainer.epochs),
-            storage_retry_s=self.storage_retry_s, budget_epochs=self.budget_epochs)
+            storage_retry_s=self.storage_retry_s, budget_epochs=self.budget_epochs, budget_s=self.budget_s)
 
     @staticmethod
     def study(config: DictConfig, settings, pbt, where: tuple):
