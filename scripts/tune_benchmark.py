@@ -16,6 +16,10 @@ the table gives the medians and each method's wall time against the fastest's.
 
     python scripts/tune_benchmark.py                                  # budget 40, seeds 0 1 2, every method
     python scripts/tune_benchmark.py --seeds 0 --methods tune pbt -- trainer.limit_train_batches=100
+    python scripts/tune_benchmark.py --budget 400 --budget-s 300 --pack 8   # both budgets: epochs and seconds
+
+The table gives, for each method, the epochs it spent and its wall time: with --budget-s the clock may end a search
+before its epochs do, and a pack (--pack) buys more trials inside the same seconds.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ def space() -> list[str]:
 
 def tune(work: Path, seed: int, a) -> Result:
     wall, _ = cnnlab(["tune", f"seed={seed}", f"trainer.epochs={a.epochs}", f"tune.budget_epochs={a.budget}",
+                      *([f"tune.budget_s={a.budget_s}"] if a.budget_s else []),
+                      *([f"tune.pack={a.pack}"] if a.pack > 1 else []),
                       f"tune.dir={work}", *a.tune_args, *a.extra], work.parent)
     record = json.loads((work / "tune.json").read_text())
     return Result(record["test"]["acc"], record["chosen"]["mean"], record["epochs_spent"], wall)
@@ -81,7 +87,9 @@ def sweep(sampler: str):
     def run(work: Path, seed: int, a) -> Result:
         wall, epochs = scored_sweep(work, [
             f"seed={seed}", f"trainer.epochs={a.epochs}", f"hydra/sweeper/sampler={sampler}", *space(),
-            "hydra.sweeper.pruner=asha", f"hydra.sweeper.budget_epochs={a.budget}", *a.extra])
+            "hydra.sweeper.pruner=asha", f"hydra.sweeper.budget_epochs={a.budget}",
+            *([f"hydra.sweeper.budget_s={a.budget_s}"] if a.budget_s else []),
+            *([f"hydra.sweeper.pack={a.pack}"] if a.pack > 1 else []), *a.extra])
         return Result(*tested(work), epochs, wall)
     return run
 
@@ -198,6 +206,9 @@ def hand_written_test(run, state: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=int, default=40, help="epochs every method may spend")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="also a wall-clock budget (tune.budget_s, hydra.sweeper.budget_s) for tune and the sweeps")
+    parser.add_argument("--pack", type=int, default=1, help="tune.pack and hydra.sweeper.pack for tune and the sweeps")
     parser.add_argument("--epochs", type=int, default=4, help="trainer.epochs: a full trial's")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)

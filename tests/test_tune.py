@@ -238,3 +238,16 @@ def test_tune_workers_each_see_their_own_gpu_and_pack_the_trials_of_every_stage(
     packs = {tuple(t.get("pack") or ()) for t in trials}
     assert any(len(pack) > 1 for pack in packs)  # two workers share each stage's claims: packs of up to 4
 
+
+
+def test_tune_budget_s_stops_the_search_stages_in_time_for_the_final_one(tmp_path):
+    """tune.budget_s beside a large budget_epochs: the search stages stop starting trials once the final stage would
+    not fit in the time left (at the speed measured so far), the final stage runs whole, and tune.json says so."""
+    result = run_cli("tune", *TUNE, "tune.budget_epochs=400", "tune.budget_s=6", f"tune.dir={tmp_path / 't'}",
+                     cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "t" / "tune.json").read_text())
+    assert record["budget_s"] == 6 and record["epochs_spent"] < 100  # the clock, not the epochs, ended the search
+    assert "tune.budget_s=6 leaves no time for another trial" in result.stdout
+    final = [s for s in record["stages"] if s["stage"] == "final"][0]
+    assert final["trials"] == 4 and record["test"]["run"]

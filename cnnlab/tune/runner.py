@@ -54,6 +54,7 @@ def wait_for(helpers) -> None:
 
 
 STAGE_FILE, TUNE_FILE, PLAN_FILE = "stage.json", "tune.json", "plan.json"
+PLAN_RECORD = Fields(optional={"started": float, "budget_s": (float, int, None)})
 TEST_RECORD = Fields(required={"run": str, "acc": float, "loss": float})
 STAGE_RECORD = Fields(required={"space": MapOf(str)},
                       optional={"configs": ListOf(MapOf((int, float, str, bool, None))), "epochs": int, "name": str})
@@ -230,6 +231,7 @@ class Tune:
                            "epochs": stage.cumulative - before, "asha": stage.pruned})
             before = stage.cumulative
         write_json(self.dir / PLAN_FILE, {"budget_epochs": self.plan.budget, "gate_epochs": self.plan.gate,
+                                          "budget_s": self.settings.budget_s, "started": time.time(),
                                           "train_images": self.base.train_images, "stages": stages,
                                           "searched": list(self.space)})
         tree = {k: v for k, v in self.base.tree.items() if k != "hydra"}
@@ -379,7 +381,7 @@ class Tune:
         """Claim and run the stage's trials until its budget or grid is spent and no worker runs one."""
         from optuna.trial import TrialState
 
-        study.admit = lambda trials: fits_budget(trials, stage.epochs, allotment)
+        study.admit = lambda trials: fits_budget(trials, stage.epochs, allotment) and self.in_time(stage)
         while True:
             claim = study.claim()
             if claim is None:
@@ -391,6 +393,7 @@ class Tune:
             claims = [claim]
             while len(claims) < self.pack and (more := study.claim(wait=False)) is not None:
                 claims.append(more)
+            began = time.perf_counter()
             try:
                 if len(claims) == 1:
                     summaries = [self.train(self.trial_overrides(stage, claim), study.sweep_dir / str(claim.job),
@@ -402,9 +405,31 @@ class Tune:
             finally:
                 for c in claims:
                     study.release(c)
+            self.busy_s += time.perf_counter() - began
+            self.busy_epochs += sum(len(s.get("history") or []) for s in summaries)
             for c, summary, status in zip(claims, summaries, statuses):
                 self.say(self.trial_line(stage, c, summary, status))
             self.stop_if_all_failed(stage, study)
+
+    busy_s, busy_epochs = 0.0, 0  # this worker's time running trials, and the epochs they trained in it
+    out_of_time: set[str] = set()  # the stages tune.budget_s stopped (said once)
+
+    def in_time(self, stage: Stage) -> bool:
+        """tune.budget_s: a search stage may start a trial while the time since the tune began (plan.json), with
+        what the final stage would take at the trial-epochs per second measured so far, fits; the final always."""
+        budget = self.settings.budget_s
+        if budget is None or stage.name == "final":
+            return True
+        started = float((read_json(self.dir / PLAN_FILE, PLAN_RECORD, "tune plan") or {}).get("started") or time.time())
+        rate = self.busy_epochs / self.busy_s if self.busy_s > 0 and self.busy_epochs else None
+        final_s = self.plan.stages[-1].epochs * self.plan.final_configs * self.plan.seeds / rate if rate else 0.0
+        if time.time() - started + final_s <= budget:
+            return True
+        if stage.name not in self.out_of_time:
+            self.out_of_time.add(stage.name)
+            self.say(f"{stage.name}: tune.budget_s={budget:g} leaves no time for another trial (the final stage needs "
+                     f"about {final_s:.0f} s at the {rate or 0:.2f} trial-epochs/s measured so far)")
+        return False
 
     @property
     def pack(self) -> int:
@@ -525,7 +550,10 @@ class Tune:
         overrides = [*self.base.fixed, *(f"{k}={override_value(v)}" for k, v in chosen["config"].items()),
                      f"seed={chosen['seed']}"]
         spent = (gate["epochs"] if gate else 0.0) + sum(r["epochs"] for r in results)
+        started = (read_json(self.dir / PLAN_FILE, PLAN_RECORD, "tune plan") or {}).get("started")
         record = {"dir": str(self.dir), "budget_epochs": self.settings.budget_epochs, "epochs_spent": spent,
+                  "budget_s": self.settings.budget_s,
+                  "wall_time_s": time.time() - started if started is not None else None,
                   "monitor": self.base.monitor, "direction": self.base.direction, "gate": gate,
                   "stages": [{k: v for k, v in r.items() if k != "curve"} for r in results], "final": ranking,
                   "chosen": {k: chosen[k] for k in ("config", "mean", "std", "run", "seed")}, "test": test,

@@ -11,7 +11,7 @@ import yaml
 
 from cnnlab.core.config import CONF_DIR, check_settings
 from cnnlab.core.errors import CnnlabError, suggestion
-from cnnlab.core.validation import NonNegativeInt, PositiveInt, Range
+from cnnlab.core.validation import NonNegativeInt, PositiveFloat, PositiveInt, Range
 
 Share = Annotated[float, Range(gt=0, lt=1)]
 Fraction = Annotated[float, Range(gt=0, le=1)]
@@ -20,6 +20,7 @@ Fraction = Annotated[float, Range(gt=0, le=1)]
 @dataclass
 class TuneSettings:
     budget_epochs: PositiveInt | None = None
+    budget_s: PositiveFloat | None = None  # wall-clock, beside budget_epochs: see Tune.in_time
     coarse_epochs: PositiveInt | None = None
     refine_epochs: PositiveInt | None = None
     refine_stages: NonNegativeInt = 1
