@@ -77,7 +77,7 @@ SMOKE = Scale(
     # A one-cycle schedule squeezed into 2 steps can trip the divergence guard; the smoke checks that code runs.
     limits=["trainer.epochs=1", "trainer.limit_train_batches=2", "trainer.limit_eval_batches=1", "data.batch_size=16",
             "data.eval_batch_size=16", "trainer.divergence_factor=null", *NO_VIZ],
-    seeds=3, profile_steps=3)
+    seeds=1, profile_steps=3)  # the smoke: that each check's code runs, once
 RESNET18 = ["dataset=synthetic", "dataset.channels=3", "dataset.classes=10", "model=resnet18", "model.stem=small",
             "augment=standard_cifar", "trainer.precision=bf16", "trainer.channels_last=true",
             "trainer.eval_train_at_end=false",
@@ -406,7 +406,7 @@ class Acceptance:
         """8: a 64-trial random search of experiment=fmnist_fast, packed 16, on one GPU."""
         from cnnlab.runtime.distributed import cnnlab_command
 
-        trials = 4 if self.smoke else 64
+        trials = 2 if self.smoke else 64
         args = ["train", "-m", "experiment=fmnist_fast", "hydra/sweeper/sampler=random", f"hydra.sweeper.n_trials={trials}",
                 f"hydra.sweeper.pack={2 if self.smoke else 16}", "optimizer.lr=tag(log, interval(0.05, 0.5))",
                 "optimizer.weight_decay=tag(log, interval(1e-4, 1e-3))", f"trainer.device={self.device}",
@@ -427,7 +427,7 @@ class Acceptance:
         """2b: fmnist_fast with widths [64, 128, 256], 12 epochs, three seeds: the lead toward 94%."""
         epochs = [] if self.smoke else ["trainer.epochs=12"]
         self.seeds_of("2b", "experiment=fmnist_fast with model.widths=[64,128,256], 12 epochs", "fmnist_wide",
-                      ["model.widths=[64,128,256]", *epochs], 1 if self.smoke else self.scale.seeds)  # smoke: it runs
+                      ["model.widths=[64,128,256]", *epochs], self.scale.seeds)
 
     def run(self) -> int:
         shutil.rmtree(self.work, ignore_errors=True)

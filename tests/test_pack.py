@@ -235,7 +235,7 @@ def test_a_stopped_pack_checkpoints_every_member_and_a_rerun_continues_them_exac
     from cnnlab.runtime.checkpoint import load_checkpoint
     from tests.conftest import run_cli, start_worker
 
-    args = [*SMALL, "model=lenet5", "dataset.train_size=3000", "trainer.epochs=3", "optimizer.lr=0.02,0.05"]
+    args = [*SMALL, "model=lenet5", "dataset.train_size=2000", "trainer.epochs=3", "optimizer.lr=0.02,0.05"]
     folder = tmp_path / "packed"
     worker = start_worker(tmp_path, *args, "hydra.sweeper.pack=2", f"hydra.sweep.dir={folder}")
     deadline = time.monotonic() + 120
@@ -258,3 +258,24 @@ def test_a_stopped_pack_checkpoints_every_member_and_a_rerun_continues_them_exac
         assert [round(r["train/loss"], 3) for r in member["history"]] == [round(r["train/loss"], 3) for r in alone["history"]]
         states = [load_checkpoint(tmp_path / f / k / "checkpoints" / "last.pt")["model"] for f in ("alone", "packed")]
         assert whole_model_difference(*states) < 1e-4
+
+
+def test_a_pbt_population_trains_its_intervals_as_packs_with_the_same_exploits(tmp_path):
+    """scheduler=pbt with pack=4: each generation's intervals train as one pack; the exploit copies a member's
+    checkpoint into another's between intervals, as unpacked, so the schedules and the members' metrics match."""
+    import json
+
+    args = ["model=mlp", "model.hidden=[32]", "trainer.epochs=3", "hydra.sweeper.scheduler=pbt", "hydra/sweeper/sampler=random",
+            "optimizer.lr=tag(log, interval(0.001, 0.5))", "hydra.sweeper.pbt.population=4"]
+    packed = sweep(tmp_path, "packed", *args, "hydra.sweeper.pack=4")
+    assert packed.stdout.count("pack of 4") == 3  # one pack a generation
+    sweep(tmp_path, "alone", *args)
+    copies = 0
+    for k in "0123":
+        schedules = [json.loads((tmp_path / f / k / "pbt.json").read_text())["schedule"] for f in ("alone", "packed")]
+        assert [(s["epochs"], s["params"], s["copied_from"]) for s in schedules[0]] == \
+               [(s["epochs"], s["params"], s["copied_from"]) for s in schedules[1]]
+        copies += sum(s["copied_from"] is not None for s in schedules[1])
+        alone, member = (json.loads((tmp_path / f / k / "summary.json").read_text()) for f in ("alone", "packed"))
+        assert [round(r["val/acc"], 3) for r in member["history"]] == [round(r["val/acc"], 3) for r in alone["history"]]
+    assert copies >= 1  # an exploit happened, inside the packed search too

@@ -135,11 +135,7 @@ def _run_claimed(run: RunConfig, run_dir: Path, overrides: list[str], trial, con
     (its trial's "pbt" attribute) pauses at the interval's end and may change the searched keys on resume."""
     monitor = monitor_of(run.resolved)
     _report_history(trial, monitor, _last_history(run_dir))
-    pbt = trial.user_attrs.get("pbt") or {}
-    try:  # a study's attributes may be someone else's
-        check(pbt, PBT_ATTR, "pbt")
-    except SchemaMismatch as e:
-        raise CnnlabError(f"trial {trial.number} of the study: {e}; the study's storage is not cnnlab's") from None
+    pbt = _pbt_interval(trial)
     return _attempt(run, run_dir, overrides, resume=True, on_epoch=_pruning(trial, monitor),
                     console=console, pause_after=pbt.get("pause_after"), retune=tuple(pbt.get("retune", ())))
 
@@ -153,21 +149,23 @@ def run_packed(members: list[tuple[RunConfig, Path, list[str], Any]], console_of
     for run, run_dir, overrides, trial in members:
         record = {**_trial_record(overrides, run.resolved.get("plugins")), "pack": [str(m[1]) for m in members]}
         write_json(run_dir / TRIAL_FILE, record)
-        run = dataclasses.replace(run, resolved=_named_tensorboard(run.resolved, run_dir, overrides))
+        pbt = _pbt_interval(trial)
+        run = dataclasses.replace(run, resolved=_named_tensorboard(run.resolved, run_dir, overrides,
+                                                                   pbt.get("pause_after") is not None))
         monitor = monitor_of(run.resolved)
         _report_history(trial, monitor, _last_history(run_dir))
         runs.append(run)
         records.append(record)
         jobs.append(Job(run_dir, console=console_of(run_dir), test=run.sweep.test_trials, resume=True,
                         on_epoch=_pruning(trial, monitor), environment=record["environment"],
+                        pause_after=pbt.get("pause_after"), retune=tuple(pbt.get("retune", ())),
                         resume_hint=f"the same command with {shell_line([f'hydra.sweep.dir={run_dir.parent}', 'sweep.resume=true'])}"))
     try:
         summaries = train_pack(runs, jobs)
     except PackRefused as e:
         print(f"trials {', '.join(j.run_dir.name for j in jobs)} run one after another, not packed: {e}",
               file=sys.stderr, flush=True)
-        return [_attempt(run, run_dir, overrides, resume=True, console=console_of(run_dir),
-                         on_epoch=_pruning(trial, monitor_of(run.resolved)))
+        return [_run_claimed(run, run_dir, overrides, trial, console_of(run_dir))
                 for run, run_dir, overrides, trial in members]
     except Exception as e:  # noqa: BLE001 - the pack's failure is each trial's, recorded; the sweep goes on
         return [_failed(run.resolved, job.run_dir, e, record["started"]) for run, job, record in zip(runs, jobs, records)]
@@ -176,6 +174,16 @@ def run_packed(members: list[tuple[RunConfig, Path, list[str], Any]], console_of
             summary["error"] = f"loss diverged at step {summary.get('diverged_at_step')}"
             write_json(Path(summary["run_dir"]) / SUMMARY_FILE, summary)
     return summaries
+
+
+def _pbt_interval(trial) -> dict[str, Any]:
+    """A PBT member's interval (its trial's "pbt" attribute: where it pauses, the keys it may retune); {} else."""
+    pbt = trial.user_attrs.get("pbt") or {}
+    try:  # a study's attributes may be someone else's
+        check(pbt, PBT_ATTR, "pbt")
+    except SchemaMismatch as e:
+        raise CnnlabError(f"trial {trial.number} of the study: {e}; the study's storage is not cnnlab's") from None
+    return pbt
 
 
 def _trial_record(overrides: list[str], plugins) -> dict[str, Any]:

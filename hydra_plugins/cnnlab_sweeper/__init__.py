@@ -78,7 +78,7 @@ class CnnlabSweeper(Sweeper):
             sweep_study.build_sampler(settings, space, 0)  # a grid of intervals is refused before anything is written
         if not in_process:
             check_launcher(config)
-        pack = self.pack_size(space, in_process, pbt)
+        pack = self.pack_size(space, in_process)
         storage = open_storage(settings.storage, sweep_dir, settings.storage_retry_s)  # reachable, before anything is written
         record_sweep(config)
         study = self.study(config, settings, pbt, (sweep_dir, space, fixed, storage))
@@ -171,7 +171,7 @@ class CnnlabSweeper(Sweeper):
         check_pbt(settings, pbt, space, int(config.trainer.epochs), task_name(config))
         return pbt
 
-    def pack_size(self, space: dict[str, Any], in_process: bool, pbt) -> int:
+    def pack_size(self, space: dict[str, Any], in_process: bool) -> int:
         """hydra.sweeper.pack, checked: how many trials train as one pack here (1: each alone). Trials that may not
         share a pack say so in one line, and run alone."""
         from cnnlab.core.errors import CnnlabError
@@ -186,8 +186,6 @@ class CnnlabSweeper(Sweeper):
         why = None
         if not in_process:
             why = "another launcher runs each trial as a job of its own"
-        elif pbt is not None:
-            why = "population-based training changes a member's values between intervals"
         elif unpackable := [k for k in space if not packable_key(k)]:
             why = (f"the trials differ in {unpackable[0]}, and a pack's members share the model, data, batches and "
                    "epochs (they may differ in seed, optimizer.*, scheduler.*, init.*, augment.ops.*, "
