@@ -141,9 +141,9 @@ RECIPES = {  # what each member varies, over what the pack shares
     "lenet5, SGD Nesterov, one-cycle, crop+flip, EMA, label smoothing": [
         "model=lenet5", "augment=crop_flip", "trainer.ema_decay=0.9", "optimizer.lr=0.02,0.05",
         "trainer.label_smoothing=0,0.1"],
-    "BN-MLP, AdamW, cosine, seeds": [
-        "model=mlp", "model.hidden=[32,16]", "model.batch_norm=true", "optimizer=adamw", "scheduler=cosine",
-        "optimizer.lr=0.002,0.005", "seed=1,2"],
+    "BN-MLP, dropout, AdamW, cosine, seeds": [
+        "model=mlp", "model.hidden=[32,16]", "model.batch_norm=true", "model.dropout=0.2", "optimizer=adamw",
+        "scheduler=cosine", "optimizer.lr=0.002,0.005", "seed=1,2"],
 }
 
 

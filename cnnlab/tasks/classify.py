@@ -136,12 +136,13 @@ def classify_pack(runs: list[RunConfig], jobs: list[Job]) -> list[dict[str, Any]
     setups: list[Setup] = []
     try:
         with StopRequest() as stop:
-            resume_states = []
+            resume_states, rng = [], []
             for run, job in zip(runs, jobs):
                 console = ConsoleReporter(job.console)
                 resume_states.append((console, load_resume_state(run, job.run_dir, console, job.retune)
                                       if job.resume else None))
                 setups.append(setup(run, data=data))
+                rng.append(torch.get_rng_state())  # where its run alone stands after its setup
                 check_tta_shift(run.trainer.tta_shift, data.input_size, "trainer.tta_shift")
             points = {(state["epoch"], (state.get("partial") or {}).get("batch", 0)) if state else (0, 0)
                       for _, state in resume_states}
@@ -151,16 +152,18 @@ def classify_pack(runs: list[RunConfig], jobs: list[Job]) -> list[dict[str, Any]
             sample = next(iter(build_loaders(setups[0]).val))[0][:2]
             if (reason := packable([s.model for s in setups], sample)) is not None:
                 raise PackRefused(reason)
-            for s, job, (console, resume_state) in zip(setups, jobs, resume_states):
+            for k, (s, job, (console, resume_state)) in enumerate(zip(setups, jobs, resume_states)):
                 job = dataclasses.replace(job, resume_hint=job.resume_hint
                                           or shell_line(["cnnlab", "train", f"resume={job.run_dir}"]))
+                torch.set_rng_state(rng[k])  # each member prepared from its own random state, as alone
                 members.append(prepare(s, job, console, resume_state, stop, wall_start=wall_start))
+                rng[k] = torch.get_rng_state()  # a resumed member's: its checkpoint's
             batches = {m.loaders.batches for m in members}
             if len(batches) != 1:
                 raise PackRefused(f"the members train different numbers of batches an epoch ({sorted(batches)})")
             with closed_on_failure(*members):
                 PackedTraining([m.trainer for m in members], [(m.loaders.train, m.loaders.val) for m in members],
-                               batches.pop()).fit()
+                               batches.pop(), rng).fit()
         return [conclude(m) for m in members]
     finally:
         for s in setups:

@@ -17,6 +17,7 @@ smoothing. ``packable`` says why a model cannot be packed, in one line, and the 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -74,6 +75,7 @@ class Pack(nn.Module):
                 member._pack_copies_state = True
         # The stateless template functional_call runs: member 0's structure, its tensors replaced each call.
         self.template = members[0]
+        self._calls: dict[tuple, list] = {}  # the template's dropout calls, by input shape (_dropout_calls)
 
     def __len__(self) -> int:
         return len(self.members)
@@ -83,14 +85,48 @@ class Pack(nn.Module):
             m.train(mode)
         return self
 
-    def forward(self, x: torch.Tensor, per_member: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, per_member: bool = False,
+                generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
         """Logits (N, B, C): every member on the same batch ``x`` (B, ...), or with ``per_member`` each on its own
-        row of ``x`` (N, B, ...)."""
-        def one(params, buffers, images):
-            return functional_call(self.template, (params, buffers), (images,))
+        row of ``x`` (N, B, ...). ``generators``: each member's own stream of random draws (on the CPU), from which
+        its dropout masks come in the order its trial alone draws them from the global generator; without them,
+        vmap draws every member's masks at once, different but not the trial alone's."""
+        calls = self._dropout_calls(x[0] if per_member else x) if generators is not None and self.template.training else []
 
+        modules = [module for module, _, _ in calls]
+
+        def one(params, buffers, images, noises):
+            with _masked_dropouts(list(zip(modules, noises))):
+                return functional_call(self.template, (params, buffers), (images,))
+
+        noises = [torch.stack([torch.empty(shape, dtype=dtype, device=x.device).bernoulli_(1 - module.p, generator=g)
+                               for g in generators]) for module, shape, dtype in calls]
         in_x = 0 if per_member else None
-        return vmap(one, in_dims=(0, 0, in_x), randomness="different")(self.stacked_params, self.stacked_buffers, x)
+        return vmap(one, in_dims=(0, 0, in_x, 0), randomness="different")(
+            self.stacked_params, self.stacked_buffers, x, noises)
+
+    def _dropout_calls(self, sample: torch.Tensor) -> list[tuple[nn.Module, tuple, torch.dtype]]:
+        """The template's nn.Dropout calls for a batch shaped like ``sample``, in the order a forward makes them
+        (a module called twice is listed twice), each with its input's shape and dtype: found once per shape by a
+        forward of a copy (its statistics and the random state untouched)."""
+        key = (tuple(sample.shape), torch.is_autocast_enabled(sample.device.type))
+        if key not in self._calls:
+            import copy
+
+            probe = copy.deepcopy(self.template).train()
+            originals = dict(zip(probe.modules(), self.template.modules()))
+            seen: list[tuple[nn.Module, tuple, torch.dtype]] = []
+            hooks = [m.register_forward_pre_hook(lambda m, args: seen.append((originals[m], tuple(args[0].shape),
+                                                                               args[0].dtype)))
+                     for m in probe.modules() if type(m) is nn.Dropout and 0 < m.p < 1]
+            try:
+                with torch.no_grad(), torch.random.fork_rng(devices=[sample.device] if sample.is_cuda else []):
+                    probe(sample)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            self._calls[key] = seen
+        return self._calls[key]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.stacked_params.values():
@@ -127,6 +163,31 @@ def compact(module: nn.Module) -> None:
             tensor.data = tensor.data.clone()
 
 
+@contextlib.contextmanager
+def _masked_dropouts(noises: list[tuple[nn.Module, torch.Tensor]]):
+    """Inside the vmapped forward: each nn.Dropout call takes the next of ``noises`` (this member's row) and does
+    what F.dropout does with the noise it draws: x * noise / (1 - p)."""
+    if not noises:
+        yield
+        return
+    queue = iter(noises)
+    modules = {id(m): m for m, _ in noises}
+
+    def masked(x, module):
+        called, noise = next(queue)
+        if called is not module:  # the model's forward took another path than the probe's: no mask is right
+            raise RuntimeError("a dropout of the packed model was called out of the order its probe saw")
+        return x * noise.div(1 - module.p)
+
+    for module in modules.values():
+        module.forward = lambda x, module=module: masked(x, module)
+    try:
+        yield
+    finally:
+        for module in modules.values():
+            del module.forward
+
+
 def member_losses(logits: torch.Tensor, y: torch.Tensor, label_smoothing: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each member (N,), with each member's own label smoothing (N,): what
     nn.CrossEntropyLoss(label_smoothing=e) gives for one member, (1 - e) * NLL + e * mean over classes of -log p."""
@@ -160,10 +221,21 @@ class PackedTraining:
     methods). A member that stops (diverged, pruned, early-stopped, its last epoch) leaves the pack, which shrinks
     to the members still training."""
 
-    def __init__(self, trainers: Sequence, loaders: Sequence[tuple], batches: int):
+    def __init__(self, trainers: Sequence, loaders: Sequence[tuple], batches: int,
+                 rng_states: Sequence[torch.Tensor] | None = None):
         self.trainers, self.loaders, self.batches = list(trainers), list(loaders), batches
         first = self.trainers[0]
         self.device, self.autocast_dtype = first.device, first.autocast_dtype
+        # Each member's own global random stream (CPU: what its dropout draws from alone), from where its run stood
+        # when its loop would have begun; on a GPU, vmap draws the masks (CUDA's fused dropout draws differently).
+        self.generators = None
+        if rng_states is not None and self.device.type == "cpu":
+            self.generators = [torch.Generator().set_state(state) for state in rng_states]
+
+    def as_member(self, k: int) -> None:
+        """The global random state is member k's while its Trainer may checkpoint it (capture_rng)."""
+        if self.generators is not None:
+            torch.set_rng_state(self.generators[k].get_state())
 
     def active(self) -> list[int]:
         from cnnlab.core.status import RunStatus
@@ -190,6 +262,7 @@ class PackedTraining:
                 train, train_time = epoch.sums.result(trainer.ranks), epoch.timer.stop()
                 if trainer.diverged():
                     continue
+                self.as_member(k)
                 try:
                     trainer.end_epoch(train, train_time, self.loaders[k][1])
                 except Preempted as e:  # every member checkpoints before the pack stops
@@ -215,7 +288,8 @@ class PackedTraining:
             watching = [self.trainers[k].watching(True) for k in running]
             pack.zero_grad()
             with autocast_for(self.device, self.autocast_dtype):
-                logits = pack(xs, per_member=True)
+                logits = pack(xs, per_member=True, generators=None if self.generators is None
+                              else [self.generators[k] for k in running])
             losses = member_losses(logits, ys, smoothing)
             losses.sum().backward()
             pack.share_grads()
@@ -229,6 +303,7 @@ class PackedTraining:
                 if trainer.record_step(logits[j].detach(), ys[j], losses[j], progress[k].sums):
                     tripped.append(k)
                     continue
+                self.as_member(k)
                 try:
                     trainer.between_steps(progress[k], i, True, self.batches)
                 except Preempted as e:  # every member checkpoints before the pack stops
