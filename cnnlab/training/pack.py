@@ -91,8 +91,8 @@ class Pack(nn.Module):
         row of ``x`` (N, B, ...). ``generators``: each member's own stream of random draws (on the CPU), from which
         its dropout masks come in the order its trial alone draws them from the global generator; without them,
         vmap draws every member's masks at once, different but not the trial alone's."""
-        calls = self._dropout_calls(x[0] if per_member else x) if generators is not None and self.template.training else []
-
+        masked = generators is not None and self.template.training
+        calls = self._dropout_calls(x[0] if per_member else x) if masked else []
         modules = [module for module, _, _ in calls]
 
         def one(params, buffers, images, noises):
