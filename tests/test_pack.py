@@ -186,6 +186,11 @@ def test_a_pack_of_4_trials_trains_each_as_it_trains_alone(tmp_path, recipe):
         trial = json.loads((tmp_path / "packed" / k / "trial.json").read_text())
         assert trial["overrides"] == json.loads((tmp_path / "alone" / k / "trial.json").read_text())["overrides"]
         assert trial["pack"] == [str(tmp_path / "packed" / j) for j in "0123"]
+        # its train.log holds its own lines only: its start and its epochs, none of the other members'
+        log = (tmp_path / "packed" / k / "train.log").read_text()
+        starts = [line for line in log.splitlines() if "start: run=" in line]
+        assert len(starts) == 1 and f"run={tmp_path / 'packed' / k};" in starts[0]
+        assert sum("epoch 2/2" in line for line in log.splitlines()) == 1
     # a member is a run like any: its checkpoint loads as the trial alone's does
     import cnnlab
 

@@ -66,7 +66,7 @@ def start_pack(trials: list[tuple[list[str], Path, Any]]) -> list[dict[str, Any]
     log lines to its train.log. Returns their summaries, in order."""
     from cnnlab.service.compose import composed
     from cnnlab.sweep.study import quoted
-    from cnnlab.training.console import make_console
+    from cnnlab.training.console import make_console, member_log_name
 
     results: dict[int, dict[str, Any]] = {}
     ready: list[tuple[int, Any, Path, list[str], Any]] = []
@@ -74,7 +74,8 @@ def start_pack(trials: list[tuple[list[str], Path, Any]]) -> list[dict[str, Any]
         consoles: dict[Path, Any] = {}
         for k, (overrides, run_dir, trial) in enumerate(trials):
             with composed([*overrides, f"hydra.run.dir={quoted(str(run_dir))}"]) as cfg:
-                held.enter_context(run_log(run_dir))  # stays for the pack's training, after Hydra's node is gone
+                # its own logger: every member's lines on cnnlab's would reach every member's train.log
+                held.enter_context(run_log(run_dir, member_log_name(run_dir)))  # stays after Hydra's node is gone
                 with writer_of(run_dir, cfg):
                     try:
                         run = parse_run_config(cfg)
@@ -127,7 +128,7 @@ def run_one(cfg: DictConfig, run_dir: Path, task_overrides: list[str], console=N
 
 
 @contextlib.contextmanager
-def run_log(run_dir: Path) -> Iterator[None]:
+def run_log(run_dir: Path, logger: str = "cnnlab") -> Iterator[None]:
     """For a run in this process (cnnlab.train, a tune's trial; inside ``composed``): cnnlab's log lines go to
     <run_dir>/train.log, as hydra/job_logging's file handler writes them for `cnnlab train`, and nowhere else.
     The console shows each warning once already; with no handler anywhere, Python's last-resort handler
@@ -142,7 +143,7 @@ def run_log(run_dir: Path) -> Iterator[None]:
         formatter = file.get("formatter")
         handler.setFormatter(logging.Formatter(OmegaConf.select(job_logging, f"formatters.{formatter}.format")
                                                if formatter else None))
-    logger = logging.getLogger("cnnlab")
+    logger = logging.getLogger(logger)
     before = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(OmegaConf.select(job_logging, "root.level", default="INFO"))

@@ -39,6 +39,7 @@ from cnnlab.runtime.checkpoint import LAST, load_checkpoint
 from cnnlab.core.schema import SUMMARY_RECORD, Fields, ListOf, MapOf, SchemaMismatch, check
 from cnnlab.core.shown import shell_line, trial_label
 from cnnlab.runtime.files import read_json, write_json
+from cnnlab.training.console import member_log_name
 
 log = logging.getLogger("cnnlab.sweep.trials")
 
@@ -159,6 +160,7 @@ def run_packed(members: list[tuple[RunConfig, Path, list[str], Any]], console_of
         jobs.append(Job(run_dir, console=console_of(run_dir), test=run.sweep.test_trials, resume=True,
                         on_epoch=_pruning(trial, monitor), environment=record["environment"],
                         pause_after=pbt.get("pause_after"), retune=tuple(pbt.get("retune", ())),
+                        log_name=member_log_name(run_dir),
                         resume_hint=f"the same command with {shell_line([f'hydra.sweep.dir={run_dir.parent}', 'sweep.resume=true'])}"))
     try:
         summaries = train_pack(runs, jobs)

@@ -138,7 +138,7 @@ def classify_pack(runs: list[RunConfig], jobs: list[Job]) -> list[dict[str, Any]
         with StopRequest() as stop:
             resume_states, rng = [], []
             for run, job in zip(runs, jobs):
-                console = ConsoleReporter(job.console)
+                console = ConsoleReporter(job.console, job.log_name)
                 resume_states.append((console, load_resume_state(run, job.run_dir, console, job.retune)
                                       if job.resume else None))
                 setups.append(setup(run, data=data))

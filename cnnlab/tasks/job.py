@@ -21,3 +21,4 @@ class Job:
     pause_after: int | None = None  # stop after this epoch with status paused, to be continued (a PBT interval)
     retune: tuple[str, ...] = ()  # keys a resume may change beyond the usual (PBT's), applied to the loaded optimizer
     environment: dict[str, Any] | None = None  # where the run came from (cnnlab.runtime.environment), at its start
+    log_name: str = "cnnlab"  # the logger its lines go to (a pack's member: its own, so its train.log holds its own)

@@ -75,9 +75,16 @@ def report_table(title: str, report: dict[str, dict[str, float | None]]) -> Grou
     return titled(title, table)
 
 
+def member_log_name(run_dir) -> str:
+    """The logger of one member of a pack: its lines go to its own train.log only (every member's handler hangs on
+    its own logger, not on cnnlab's, which all members share)."""
+    return f"cnnlab.member.{abs(hash(str(run_dir)))}"
+
+
 class ConsoleReporter:
-    def __init__(self, console: Console | None = None):
+    def __init__(self, console: Console | None = None, log_name: str = "cnnlab"):
         self.console = console or make_console()
+        self.log = logging.getLogger(log_name)
         self.live = self.console.is_terminal
         self.progress: Progress | None = None
 
@@ -87,7 +94,7 @@ class ConsoleReporter:
             body.append(f"{k}", style="bold").append(f": {printable(v)}\n")
         body.rstrip()
         self.console.print(Panel(body, title="cnnlab train", expand=False))
-        log.info("start: %s", "; ".join(f"{k}={v}" for k, v in info.items()))
+        self.log.info("start: %s", "; ".join(f"{k}={v}" for k, v in info.items()))
 
     def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
         """``done``: batches of this epoch trained before a resume."""
@@ -152,7 +159,7 @@ class ConsoleReporter:
             self.progress.console.print(Text("warning:", style="yellow").append(f" {printable(message)}"), highlight=False)
         else:
             self.console.print(f"warning: {message}", highlight=False, markup=False)
-        log.warning(message)
+        self.log.warning(message)
 
     def epoch_end(self, record: dict[str, Any], improved: bool) -> None:
         if self.progress is not None:
@@ -166,9 +173,9 @@ class ConsoleReporter:
             f"{record['train_time_s']:.1f}s {record['images_per_s']:,.0f} img/s" + ("  *best" if improved else "")
         )
         self.console.print(line, highlight=False)
-        log.info(line)
+        self.log.info(line)
 
     def finish(self, selected: dict[str, dict[str, float]], best_epoch: int | None, monitor: str) -> None:
         for split, m in selected.items():
-            log.info("%s: loss %.4f error %s accuracy %s", split, m["loss"], _pct(m["error"]), _pct(m["acc"]))
+            self.log.info("%s: loss %.4f error %s accuracy %s", split, m["loss"], _pct(m["error"]), _pct(m["acc"]))
         self.console.print(report_table(f"selected model: epoch {best_epoch} (best {monitor})", selected))
