@@ -284,3 +284,21 @@ def test_a_pbt_population_trains_its_intervals_as_packs_with_the_same_exploits(t
         alone, member = (json.loads((tmp_path / f / k / "summary.json").read_text()) for f in ("alone", "packed"))
         assert [round(r["val/acc"], 3) for r in member["history"]] == [round(r["val/acc"], 3) for r in alone["history"]]
     assert copies >= 1  # an exploit happened, inside the packed search too
+
+
+def test_in_a_pack_a_refused_config_fails_its_trial_and_a_diverged_member_leaves_while_the_rest_train_on(tmp_path):
+    import json
+
+    from tests.conftest import TINY, run_cli
+
+    result = run_cli("train", "-m", *[o for o in TINY if not o.startswith("trainer.epochs")], "trainer.epochs=3",
+                     "optimizer.lr=-1,0.05,50,0.1", "hydra.sweeper.pack=4", f"hydra.sweep.dir={tmp_path / 'sw'}",
+                     cwd=tmp_path)
+    assert "pack of 4: trials 0, 1, 2, 3" in result.stdout, result.stderr[-2000:]
+    assert "trial 0 failed: optimizer.lr must be a number > 0, got -1" in result.stderr
+    s = {k: json.loads((tmp_path / "sw" / k / "summary.json").read_text()) for k in "0123"}
+    assert [s[k]["status"] for k in "0123"] == ["failed", "completed", "diverged", "completed"]
+    assert len(s["2"]["history"]) < 3 and s["2"]["error"].startswith("loss diverged at step")
+    assert len(s["1"]["history"]) == len(s["3"]["history"]) == 3  # the pack went on without it
+    assert json.loads((tmp_path / "sw" / "1" / "trial.json").read_text())["pack"] == [
+        str(tmp_path / "sw" / k) for k in "123"]  # the refused trial never joined
