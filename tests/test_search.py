@@ -467,3 +467,18 @@ def test_budget_s_stops_starting_trials_once_the_sweep_has_run_that_long(tmp_pat
     # admitted before the clock ran out (asked a moment after, under the claim lock: a loaded machine's second)
     assert started <= begun and all(t.datetime_start.timestamp() < begun + 4 + 1 for t in trials)
     assert result.stdout.strip().splitlines()[-1].startswith(f"sweep: {len(trials)} trials")
+
+
+def test_a_study_whose_start_time_is_not_a_time_is_one_line(tmp_path):
+    """A study's storage may be someone else's: its recorded start (budget_s's clock) is checked, never trusted."""
+    import optuna
+
+    folder = tmp_path / "sw"
+    folder.mkdir()
+    study = optuna.create_study(study_name="synthetic-mlp", storage=f"sqlite:///{folder / 'optuna.db'}",
+                                direction="maximize")
+    study.set_user_attr("cnnlab", {"sweep_dir": str(folder.resolve()), "space": ["optimizer.lr"], "started": "soon"})
+    result = run_cli("train", "-m", *SWEEP, "optimizer.lr=0.05,0.1", f"hydra.sweep.dir={folder}", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: study 'synthetic-mlp' in sqlite:///{folder / 'optuna.db'} records started='soon', not a time; the study's "
+        "storage was changed by hand or is not cnnlab's"), result.stderr[-2000:]

@@ -309,7 +309,11 @@ class Study:
             self.study.set_user_attr("cnnlab", mine)
             return
         theirs = attrs["cnnlab"]
-        self.started = float(theirs.get("started") or self.started)  # the first worker's clock: budget_s is the sweep's
+        started = theirs.get("started", self.started)  # the first worker's clock: budget_s is the sweep's
+        if isinstance(started, bool) or not isinstance(started, int | float) or not math.isfinite(started):
+            raise CnnlabError(f"study {self.s.study_name!r} in {shown(self.target)} records started={str(started)[:40]!r}, "
+                              "not a time; the study's storage was changed by hand or is not cnnlab's")
+        self.started = float(started)
         if theirs.get("space") != mine["space"]:
             raise CnnlabError(f"study {self.s.study_name!r} in {shown(self.target)} searches {', '.join(theirs.get('space', []))}; "
                               f"this sweep searches {', '.join(mine['space'])}: choose another hydra.sweeper.study_name")
