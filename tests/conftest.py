@@ -52,6 +52,10 @@ def pytest_xdist_auto_num_workers(config) -> int:
 SHARED_MODULES = {f"tests/test_{name}.py" for name in (
     "bad_input", "cluster", "compare", "disk_full", "distributed", "export", "finetune", "foreign", "packaging", "pbt",
     "resume", "runs", "sweep", "trust", "viz")}
+# Modules of long single tests (the GPU acceptance smoke, ~50 s; packed sweeps against unpacked ones): one scope
+# each, so they go out early with the large scopes instead of landing last, where pytest-randomly's order put the
+# smoke at the end of a run and one worker idled for its minute (the suite took 5:38 to 6:36 for the same code).
+LONG_MODULES = {f"tests/test_{name}.py" for name in ("gpu_acceptance", "pack")}
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -67,7 +71,7 @@ def pytest_xdist_make_scheduler(config, log):
     class SharedModuleScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
-            return module if module in SHARED_MODULES else nodeid
+            return module if module in SHARED_MODULES | LONG_MODULES else nodeid
 
     return SharedModuleScheduling(config, log)
 

@@ -141,9 +141,10 @@ RECIPES = {  # what each member varies, over what the pack shares
     "lenet5, SGD Nesterov, one-cycle, crop+flip, EMA, label smoothing": [
         "model=lenet5", "augment=crop_flip", "trainer.ema_decay=0.9", "optimizer.lr=0.02,0.05",
         "trainer.label_smoothing=0,0.1"],
-    "BN-MLP, dropout, AdamW, cosine, seeds": [
-        "model=mlp", "model.hidden=[32,16]", "model.batch_norm=true", "model.dropout=0.2", "optimizer=adamw",
-        "scheduler=cosine", "optimizer.lr=0.002,0.005", "seed=1,2"],
+    "BN-MLP, dropout, crop+flip, EMA, cosine; SGD Nesterov or AdamW, seeds": [
+        "model=mlp", "model.hidden=[32,16]", "model.batch_norm=true", "model.dropout=0.2", "augment=crop_flip",
+        "trainer.ema_decay=0.9", "trainer.label_smoothing=0.1", "scheduler=cosine", "optimizer.lr=0.005",
+        "optimizer=sgd,adamw", "seed=1,2"],
 }
 
 
