@@ -23,6 +23,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -455,6 +456,31 @@ def start_helpers(args: list[str], folder: Path, threads: int, gpus: list[str | 
                                        preexec_fn=_die_with_parent)
         helpers.append((process, path))
     return helpers
+
+
+def start_local_workers(args: list[str], folder: Path, workers: int, gpus: list[str]) -> tuple[list, list, bool]:
+    """A search's workers on this machine, for a sweep or a tune (``cnnlab ARGS``): without GPUs, ``workers - 1``
+    helpers beside this process; with GPUs, ``workers`` helpers, each seeing its own GPU round-robin, while this
+    process only supervises (CUDA may be initialised here already, so it cannot narrow its own view). Each gets its
+    share of the CPU threads. Returns (helpers, each worker's GPU, whether pinned)."""
+    pinned = bool(gpus)
+    if workers == 1 and not pinned:
+        return [], [], False
+    import torch
+
+    from cnnlab.runtime.gpus import worker_gpus
+
+    assigned = worker_gpus(workers, gpus)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(threads)
+    return start_helpers(args, folder, threads, assigned if pinned else assigned[1:]), assigned, pinned
+
+
+def wait_for_helpers(helpers: list[tuple[subprocess.Popen, Path]], fine: tuple[int, ...] = (0,)) -> None:
+    """Until every helper worker has exited; one whose exit status is not ``fine`` is named with its log."""
+    for process, path in helpers:
+        if (code := process.wait()) not in fine:
+            print(f"a helper worker exited with status {code}; its log: {path}", file=sys.stderr, flush=True)
 
 
 def _die_with_parent() -> None:

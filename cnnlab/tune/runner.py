@@ -12,8 +12,6 @@ What a stage searches is written once (<stage>/stage.json), so a rerun or anothe
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +30,10 @@ from cnnlab.core.schema import SUMMARY_RECORD, Fields, ListOf, MapOf
 from cnnlab.core.shown import shell_line
 from cnnlab.runtime.lock import discard_refused
 from cnnlab.runtime.files import confine, open_append, read_json, write_json
-from cnnlab.runtime.gpus import described, local_workers, visible_gpus, worker_gpus
+from cnnlab.runtime.gpus import described, local_workers, visible_gpus
 from cnnlab.sweep.study import (COPIED_FROM, JOB, Study, SweepSettings, claim_lock, fits_budget, is_helper,
-                                 number_attr, override_value, quoted, search_space, start_helpers, stop_helpers,
-                                 trial_epochs)
+                                 number_attr, override_value, quoted, search_space, start_local_workers, stop_helpers,
+                                 trial_epochs, wait_for_helpers)
 from cnnlab.sweep.storage import open_storage, storage_target
 from cnnlab.sweep.report import best_curve
 from cnnlab.core.shown import trial_label
@@ -45,13 +43,6 @@ from cnnlab.tune import boxes
 from cnnlab.tune.gate import gate_epochs, sanity_gate
 from cnnlab.tune.plan import Plan, Stage, make_plan
 from cnnlab.tune.settings import TuneSettings, default_space, load_settings, split_arguments
-
-def wait_for(helpers) -> None:
-    """Until every helper worker has exited; a failed one is named with its log."""
-    for process, path in helpers:
-        if process.wait() != 0:
-            print(f"a helper worker exited with status {process.returncode}; its log: {path}", file=sys.stderr, flush=True)
-
 
 STAGE_FILE, TUNE_FILE, PLAN_FILE = "stage.json", "tune.json", "plan.json"
 PLAN_RECORD = Fields(optional={"started": float, "budget_s": (float, int, None)})
@@ -107,6 +98,9 @@ class Tune:
     def __init__(self, args: list[str], config_dirs: list[str], console: Console):
         tune_args, run_args = split_arguments(args)
         self.args, self.config_dirs = args, config_dirs  # what a helper worker is started with
+        self.busy_s, self.busy_epochs = 0.0, 0  # this worker's time running trials, and the epochs they trained
+        self.out_of_time: set[str] = set()  # the stages tune.budget_s stopped (said once)
+        self.started: float | None = None  # when the tune began (plan.json: its first worker's), once read
         self.settings: TuneSettings = load_settings(tune_args)
         self.gpus = visible_gpus(self.settings.gpus, "tune.gpus") if not is_helper() else []
         self.workers = 1 if is_helper() else local_workers(self.settings.n_jobs, self.gpus, self.settings.trials_per_gpu,
@@ -177,24 +171,17 @@ class Tune:
             stop_helpers(helpers)
             raise
         finally:
-            wait_for(helpers)
+            wait_for_helpers(helpers)
 
     def start_workers(self) -> tuple[list, bool]:
         """tune.n_jobs - 1 more workers on this machine (the same tune), or with GPUs, one worker per GPU slot,
-        each seeing its GPU only; then this process supervises (CUDA may be initialised here already)."""
-        pinned = bool(self.gpus)
-        if self.workers == 1 and not pinned:
-            return [], False
-        import torch
-
-        assigned = worker_gpus(self.workers, self.gpus)
-        threads = max(1, (os.cpu_count() or 1) // self.workers)
-        torch.set_num_threads(threads)
+        each seeing its GPU only, while this process supervises."""
         typed = [a for a in self.args if not a.startswith(("tune.dir=", "tune.n_jobs="))]
         args = ["tune", *(a for d in self.config_dirs for a in ("--config-dir", d)), *typed, f"tune.dir={self.dir}"]
-        helpers = start_helpers(args, self.dir, threads, assigned if pinned else assigned[1:])
-        self.say(f"{self.workers} workers" + (f"; GPUs: {described(assigned)}" if pinned else "")
-                 + f"; their logs: {self.dir / 'workers'}")
+        helpers, assigned, pinned = start_local_workers(args, self.dir, self.workers, self.gpus)
+        if helpers:
+            self.say(f"{self.workers} workers" + (f"; GPUs: {described(assigned)}" if pinned else "")
+                     + f"; their logs: {self.dir / 'workers'}")
         return helpers, pinned
 
     def stages(self) -> dict[str, Any]:
@@ -411,16 +398,16 @@ class Tune:
                 self.say(self.trial_line(stage, c, summary, status))
             self.stop_if_all_failed(stage, study)
 
-    busy_s, busy_epochs = 0.0, 0  # this worker's time running trials, and the epochs they trained in it
-    out_of_time: set[str] = set()  # the stages tune.budget_s stopped (said once)
-
     def in_time(self, stage: Stage) -> bool:
         """tune.budget_s: a search stage may start a trial while the time since the tune began (plan.json), with
         what the final stage would take at the trial-epochs per second measured so far, fits; the final always."""
         budget = self.settings.budget_s
         if budget is None or stage.name == "final":
             return True
-        started = float((read_json(self.dir / PLAN_FILE, PLAN_RECORD, "tune plan") or {}).get("started") or time.time())
+        if self.started is None:
+            self.started = float((read_json(self.dir / PLAN_FILE, PLAN_RECORD, "tune plan") or {}).get("started")
+                                 or time.time())
+        started = self.started
         rate = self.busy_epochs / self.busy_s if self.busy_s > 0 and self.busy_epochs else None
         final_s = self.plan.stages[-1].epochs * self.plan.final_configs * self.plan.seeds / rate if rate else 0.0
         if time.time() - started + final_s <= budget:

@@ -55,7 +55,7 @@ class CnnlabSweeper(Sweeper):
         from cnnlab.core.plugins import load_components
         from cnnlab.sweep import study as sweep_study
         from cnnlab.sweep.storage import dashboard_command, open_storage
-        from cnnlab.runtime.gpus import described, visible_gpus, worker_gpus
+        from cnnlab.runtime.gpus import described, visible_gpus
         from cnnlab.sweep.trials import record_sweep
 
         load_components()
@@ -83,22 +83,13 @@ class CnnlabSweeper(Sweeper):
         record_sweep(config)
         study = self.study(config, settings, pbt, (sweep_dir, space, fixed, storage))
         study.remote = not in_process
-        helpers = []
         workers = min(settings.n_jobs, study.n_trials)  # never a worker with no trial to run
-        assigned = worker_gpus(workers, gpus)
-        pinned = bool(gpus) and in_process  # each worker a process of its own that sees its one GPU
         if in_process and not helper and not gpus and settings.n_jobs > (cores := os.cpu_count() or 1):
             print(f"warning: hydra.sweeper.n_jobs={settings.n_jobs} is more than this machine's {cores} CPU cores; "
                   f"{workers} workers start ({study.n_trials} trials), "
                   f"{'sharing the cores' if workers > cores else 'one core or more each'}", file=sys.stderr, flush=True)
-        if in_process and (workers > 1 or pinned):
-            import torch
-
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            torch.set_num_threads(threads)
-            # Pinned, this process only supervises: CUDA may be initialised here already, so it cannot narrow its view.
-            helpers = sweep_study.start_helpers(["train", "-m", *self._helper_args(sweep_dir)], sweep_dir, threads,
-                                                assigned if pinned else assigned[1:])
+        helpers, assigned, pinned = (sweep_study.start_local_workers(
+            ["train", "-m", *self._helper_args(sweep_dir)], sweep_dir, workers, gpus) if in_process else ([], [], False))
         if not helper:
             budget = "".join(f" inside {k}={v}" for k, v in (("budget_epochs", settings.budget_epochs),
                                                              ("budget_s", settings.budget_s)) if v is not None)
@@ -115,10 +106,7 @@ class CnnlabSweeper(Sweeper):
             sweep_study.stop_helpers(helpers)
             raise
         finally:
-            for process, path in helpers:
-                code = process.wait()
-                if code not in (0, 3):
-                    print(f"a helper worker exited with status {code}; its log: {path}", file=sys.stderr, flush=True)
+            sweep_study.wait_for_helpers(helpers, fine=(0, 3))  # 3: the helper's trials failed, as they are told
         return None
 
     def settings(self, config: DictConfig, gpus: list[str] = ()):
