@@ -149,7 +149,8 @@ def classify_pack(runs: list[RunConfig], jobs: list[Job]) -> list[dict[str, Any]
             if len(points) > 1:  # a pack steps its members together: they must stand at the same batch
                 raise PackRefused("the trials continue from different points of their checkpoints (epoch, batch): "
                                   + ", ".join(f"{e}/{b}" for e, b in sorted(points)))
-            sample = next(iter(build_loaders(setups[0]).val))[0][:2]
+            first = setups[0]  # two validation images, as the model sees them: the probe's batch
+            sample = next(iter(first.loader("train", first.val_idx[:2], train=False)))[0]
             if (reason := packable([s.model for s in setups], sample)) is not None:
                 raise PackRefused(reason)
             for k, (s, job, (console, resume_state)) in enumerate(zip(setups, jobs, resume_states)):
