@@ -227,8 +227,25 @@ def test_pack_must_be_a_whole_number(tmp_path):
 
     result = run_cli("train", "-m", *TINY, "optimizer.lr=0.05,0.1", "hydra.sweeper.pack=0", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip() == (
-        "error: hydra.sweeper.pack must be an integer >= 1 (trials trained as one stacked model), got 0")
+        "error: hydra.sweeper.pack must be auto or an integer >= 1 (trials trained as one stacked model), got 0")
     assert not (tmp_path / "outputs").exists()  # a refused command writes nothing
+
+
+def test_pack_auto_fits_the_gpu_memory_share_of_its_worker_and_is_one_trial_at_a_time_on_the_cpu():
+    from hydra_plugins.cnnlab_sweeper import CnnlabSweeper
+
+    from cnnlab.service.run import auto_pack
+    from cnnlab.training.pack import PACK_MOST, pack_for_memory
+    from tests.conftest import TINY
+
+    gib = 2**30
+    assert pack_for_memory(10 * gib, 80 * gib, gib) == 8  # 80% of what is free
+    assert pack_for_memory(80 * gib, 80 * gib, 2 * gib, workers=4) == 8  # a quarter of the GPU each, 80% of it
+    assert pack_for_memory(1 * gib, 80 * gib, gib // 1024) == PACK_MOST  # a tiny member: at most PACK_MOST
+    assert pack_for_memory(gib // 2, 80 * gib, gib) == 1  # not even one fits: the trial still runs, alone
+    # The sweeper takes auto and leaves it to the worker; off CUDA the worker trains each trial alone, saying nothing.
+    assert CnnlabSweeper(pack="auto").pack_size({"optimizer.lr": "0.1,0.2"}, in_process=True) == "auto"
+    assert auto_pack([*TINY, "optimizer.lr=0.1"], 1, "hydra.sweeper.pack") == (1, None)
 
 
 def test_a_stopped_pack_checkpoints_every_member_and_a_rerun_continues_them_exactly(tmp_path):

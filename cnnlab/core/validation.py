@@ -91,7 +91,8 @@ def describe_type(annotation: Any) -> str:
         return "one of " + ", ".join(map(_literal, typing.get_args(annotation)))
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return " or ".join(describe_type(a) for a in args) + " or null"
+        nullable = len(args) < len(typing.get_args(annotation))
+        return " or ".join(describe_type(a) for a in args) + (" or null" if nullable else "")
     if origin in (list, tuple):
         args = typing.get_args(annotation)
         return f"a list of {describe_type(args[0])}" if args else "a list"

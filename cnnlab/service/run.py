@@ -29,7 +29,7 @@ from cnnlab.runtime import lock
 from cnnlab.runtime.distributed import LOCK_HELD_ENV, Ranks, launch_processes, launched_ranks
 from cnnlab.runtime.files import LogFile, atomic_write, confine_run, open_append
 from cnnlab.runtime.lock import RunDirLock, discard_refused
-from cnnlab.service.compose import CONFIG_DIRS
+from cnnlab.service.compose import CONFIG_DIRS, composed
 from cnnlab.sweep.trials import failed_trial, run_packed, run_trial
 from cnnlab.tasks import Job, train
 
@@ -64,7 +64,6 @@ def start_pack(trials: list[tuple[list[str], Path, Any]]) -> list[dict[str, Any]
     Each is composed, recorded in .hydra/ and checked as ``start`` does one trial: a config refused for one trial is
     that trial's failure, and the others go on. Each member's terminal output goes to <run_dir>/console.log and its
     log lines to its train.log. Returns their summaries, in order."""
-    from cnnlab.service.compose import composed
     from cnnlab.sweep.study import quoted
     from cnnlab.training.console import make_console, member_log_name
 
@@ -90,6 +89,36 @@ def start_pack(trials: list[tuple[list[str], Path, Any]]) -> list[dict[str, Any]
                                    consoles.get)
             results.update({k: summary for (k, *_), summary in zip(ready, summaries)})
     return [results[k] for k in range(len(trials))]
+
+
+def auto_pack(overrides: list[str], workers: int, key: str) -> tuple[int, str | None]:
+    """``key``=auto (hydra.sweeper.pack, tune.pack) for the trials of a search like the one ``overrides`` give: on a
+    CUDA device, as many as fit in this worker's share of the GPU's memory (``workers`` train on it) at one member's
+    peak, measured by one step of that trial (training.pack.pack_for_memory); elsewhere 1, each trial alone, as a
+    pack's step on CPU cores is bound by compute, not launches (docs/performance.md). Returns the size, and the line
+    that says how it was chosen (None when it was not measured)."""
+    import torch
+
+    from cnnlab.core.config import parse_run_config
+    from cnnlab.tasks import pack_member_bytes
+    from cnnlab.training.assemble import resolve_device
+    from cnnlab.training.pack import pack_for_memory
+
+    with composed(overrides) as cfg:
+        try:
+            run = parse_run_config(cfg)
+        except CnnlabError:  # the trial's own start says why, as its failure
+            return 1, None
+    if resolve_device(run.trainer.device).type != "cuda":
+        return 1, None
+    member = pack_member_bytes(run)
+    if member is None:
+        return 1, None
+    free, total = torch.cuda.mem_get_info()
+    size = pack_for_memory(free, total, member, workers)
+    shared = f", {workers} workers to this GPU" if workers > 1 else ""
+    return size, (f"{key}=auto: packs of {size} (one member's peak {member / 2**20:.0f} MiB, "
+                  f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free{shared})")
 
 
 def lock_held_for(run_dir: Path) -> bool:

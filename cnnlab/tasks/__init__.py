@@ -15,7 +15,7 @@ from cnnlab.runtime.environment import environment
 from cnnlab.tasks.job import Job
 from cnnlab.tasks.replay import replay
 
-__all__ = ["Job", "check_resume", "monitor_of", "task_name", "train", "train_pack"]
+__all__ = ["Job", "check_resume", "monitor_of", "pack_member_bytes", "task_name", "train", "train_pack"]
 
 
 def task_name(cfg) -> str:
@@ -54,6 +54,14 @@ def train_pack(runs: list[RunConfig], jobs: list[Job]) -> list[dict[str, Any]]:
     jobs = [job if job.environment is not None else
             dataclasses.replace(job, environment=environment(run.resolved.get("plugins") or [])) for run, job in zip(runs, jobs)]
     return pack(runs, jobs)
+
+
+def pack_member_bytes(run: RunConfig) -> int | None:
+    """One pack member's measured peak of CUDA memory (its task's ``pack_peak``), or None for a task that trains
+    one run at a time."""
+    load_components()
+    measure = TASKS.get(run.components["task"].name).meta.get("pack_peak")
+    return None if measure is None else measure(run)
 
 
 def _run_task(run: RunConfig, job: Job) -> dict[str, Any]:

@@ -171,7 +171,31 @@ def classify_pack(runs: list[RunConfig], jobs: list[Job]) -> list[dict[str, Any]
             s.close()
 
 
-@TASKS.register(resume_check=load_resume_state, pack=classify_pack)
+def member_peak_bytes(run: RunConfig) -> int:
+    """The CUDA memory one member of a pack takes at its peak: its data on the device, its model, gradients and
+    optimizer state, and one training step's activations, measured by building ``run`` and taking one step (in a
+    throw-away setup: nothing is written, and the trial's own setup seeds afresh). pack=auto sizes packs by it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    s = setup(run)
+    try:
+        x, y = next(iter(s.loader("train", s.train_idx, train=True)))
+        with torch.autocast("cuda", dtype=s.autocast_dtype or torch.float32, enabled=s.autocast_dtype is not None):
+            out = s.model(x)
+            logits = out if isinstance(out, torch.Tensor) else out[0]
+            loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        loss.backward()
+        s.optimizer.step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    finally:
+        s.close()
+        del s
+        torch.cuda.empty_cache()
+
+
+@TASKS.register(resume_check=load_resume_state, pack=classify_pack, pack_peak=member_peak_bytes)
 def classify(run: RunConfig, job: Job) -> dict[str, Any]:
     """Train an image classifier: choose on validation, test once (the default task).
 

@@ -210,6 +210,21 @@ PACKABLE_KEYS = {"seed", "optimizer", "scheduler", "init", "trainer.label_smooth
 PACKABLE_SECTIONS = ("optimizer.", "scheduler.", "init.", "augment.ops.")
 
 
+# pack=auto: at most this many members (past it a small network's step is no longer bound by launches), in this share
+# of the GPU's free memory (the rest: the allocator's fragmentation, and what a pack adds over N members alone).
+PACK_MOST = 32
+PACK_HEADROOM = 0.8
+
+
+def pack_for_memory(free_bytes: int, total_bytes: int, member_bytes: int, workers: int = 1,
+                    most: int = PACK_MOST) -> int:
+    """pack=auto's size: as many members as fit in PACK_HEADROOM of a GPU's memory at ``member_bytes`` each (one
+    member's measured peak), 1 to ``most``. The memory is what is free now, and no more than this worker's share
+    of the GPU's ``total_bytes`` when ``workers`` train on it (the others may not have started yet)."""
+    share = PACK_HEADROOM * min(free_bytes, total_bytes / max(workers, 1))
+    return max(1, min(most, int(share // max(member_bytes, 1))))
+
+
 def packable_key(key: str) -> bool:
     key = key.lstrip("+~")
     return key in PACKABLE_KEYS or key.startswith(PACKABLE_SECTIONS)

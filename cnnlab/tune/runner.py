@@ -23,7 +23,7 @@ from rich.console import Console
 from cnnlab.training.console import make_console
 
 from cnnlab.service.compose import composed, composed_run
-from cnnlab.service.run import SweepContext, run_log, start, start_pack
+from cnnlab.service.run import SweepContext, auto_pack, run_log, start, start_pack
 from cnnlab.training.pack import packable_key
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.schema import SUMMARY_RECORD, Fields, ListOf, MapOf
@@ -100,6 +100,7 @@ class Tune:
         self.args, self.config_dirs = args, config_dirs  # what a helper worker is started with
         self.busy_s, self.busy_epochs = 0.0, 0  # this worker's time running trials, and the epochs they trained
         self.out_of_time: set[str] = set()  # the stages tune.budget_s stopped (said once)
+        self._pack: int | None = None  # trials to a pack, once chosen (pack_for)
         self.started: float | None = None  # when the tune began (plan.json: its first worker's), once read
         self.settings: TuneSettings = load_settings(tune_args)
         self.gpus = visible_gpus(self.settings.gpus, "tune.gpus") if not is_helper() else []
@@ -378,7 +379,7 @@ class Tune:
                 time.sleep(POLL_S)  # another worker's trial: this stage ends when it does
                 continue
             claims = [claim]
-            while len(claims) < self.pack and (more := study.claim(wait=False)) is not None:
+            while len(claims) < self.pack_for(stage, claim) and (more := study.claim(wait=False)) is not None:
                 claims.append(more)
             began = time.perf_counter()
             try:
@@ -418,15 +419,23 @@ class Tune:
                      f"about {final_s:.0f} s at the {rate or 0:.2f} trial-epochs/s measured so far)")
         return False
 
-    @property
-    def pack(self) -> int:
-        """tune.pack, where the searched keys allow a pack (else 1, said once)."""
-        if self.settings.pack > 1 and not hasattr(self, "_unpackable"):
-            self._unpackable = next((k for k in self.space if not packable_key(k)), None)
-            if self._unpackable is not None:
-                self.say(f"tune.pack={self.settings.pack}: the trials run one at a time, not packed: they differ in "
-                         f"{self._unpackable}, and a pack's members share the model, data, batches and epochs")
-        return 1 if self.settings.pack == 1 or self._unpackable is not None else self.settings.pack
+    def pack_for(self, stage: Stage, claim) -> int:
+        """tune.pack, where the searched keys allow a pack (else 1, said once); auto: sized once, by this worker's
+        first trial (cnnlab.service.run.auto_pack)."""
+        if self._pack is None:
+            wanted, self._pack = self.settings.pack, 1
+            unpackable = next((k for k in self.space if not packable_key(k)), None)
+            if wanted != 1 and unpackable is not None:
+                if wanted != "auto":
+                    self.say(f"tune.pack={wanted}: the trials run one at a time, not packed: they differ in "
+                             f"{unpackable}, and a pack's members share the model, data, batches and epochs")
+            elif wanted == "auto":
+                self._pack, line = auto_pack(self.trial_overrides(stage, claim), self.settings.trials_per_gpu, "tune.pack")
+                if line:
+                    self.say(line)
+            else:
+                self._pack = wanted
+        return self._pack
 
     ALL_FAILED_AFTER = 3  # trials of a stage that all failed: the next ones would too (a bad fixed setting)
 

@@ -38,7 +38,7 @@ class TuneSettings:
     n_jobs: PositiveInt | Literal["auto"] = "auto"
     gpus: Any = "auto"  # checked by cnnlab.runtime.gpus.visible_gpus
     trials_per_gpu: PositiveInt = 1
-    pack: PositiveInt = 1
+    pack: PositiveInt | Literal["auto"] = "auto"
 
 
 def split_arguments(args: list[str]) -> tuple[list[str], list[str]]:

@@ -159,16 +159,16 @@ class CnnlabSweeper(Sweeper):
         check_pbt(settings, pbt, space, int(config.trainer.epochs), task_name(config))
         return pbt
 
-    def pack_size(self, space: dict[str, Any], in_process: bool) -> int:
+    def pack_size(self, space: dict[str, Any], in_process: bool) -> int | str:
         """hydra.sweeper.pack, checked: how many trials train as one pack here (1: each alone). Trials that may not
         share a pack say so in one line, and run alone."""
         from cnnlab.core.errors import CnnlabError
         from cnnlab.training.pack import packable_key
 
         pack = self.pack
-        if isinstance(pack, bool) or not isinstance(pack, int) or pack < 1:
-            raise CnnlabError(f"hydra.sweeper.pack must be an integer >= 1 (trials trained as one stacked model), "
-                              f"got {pack!r}")
+        if pack != "auto" and (isinstance(pack, bool) or not isinstance(pack, int) or pack < 1):
+            raise CnnlabError(f"hydra.sweeper.pack must be auto or an integer >= 1 (trials trained as one stacked "
+                              f"model), got {pack!r}")
         if pack == 1:
             return 1
         why = None
@@ -182,7 +182,7 @@ class CnnlabSweeper(Sweeper):
             print(f"hydra.sweeper.pack={pack}: the trials run one at a time, not packed: {why}", file=sys.stderr,
                   flush=True)
             return 1
-        return pack
+        return pack  # auto: sized by the worker that trains them, at its first trial (_work)
 
     def _helper_args(self, sweep_dir: Path) -> list[str]:
         from cnnlab.service.compose import CONFIG_DIRS
@@ -192,17 +192,20 @@ class CnnlabSweeper(Sweeper):
         folders = [arg for path in CONFIG_DIRS for arg in ("--config-dir", path)]
         return [*folders, *hydra_args, *overrides.task, f"hydra.sweep.dir={sweep_dir.resolve()}"]
 
-    def _work(self, study, batch: int, pack: int = 1) -> None:
+    def _work(self, study, batch: int, pack: int | str = 1) -> None:
         """Claim, run, tell, until the study has nothing left. In this process (Hydra's basic launcher)
-        one trial at a time, or ``pack`` trials as one pack; through another launcher (SLURM) ``batch`` trials at a
-        time, one job array."""
+        one trial at a time, or ``pack`` trials as one pack (auto: sized at the first trial claimed); through
+        another launcher (SLURM) ``batch`` trials at a time, one job array."""
         from cnnlab.sweep import study as sweep_study
 
         while True:
             asked = time.perf_counter()
             claims = []
-            while len(claims) < max(batch, pack) and (claim := study.claim(wait=not claims)) is not None:
+            while len(claims) < max(batch, pack if pack != "auto" else 1) and (
+                    claim := study.claim(wait=not claims)) is not None:
                 claims.append(claim)
+                if pack == "auto":
+                    pack = self._auto_pack(claim)
             if not claims:
                 return
             started = time.perf_counter()
@@ -224,6 +227,16 @@ class CnnlabSweeper(Sweeper):
                 for claim in claims:
                     study.release(claim)
 
+
+    def _auto_pack(self, claim) -> int:
+        from cnnlab.runtime.gpus import check_per_gpu
+        from cnnlab.service.run import auto_pack
+
+        size, line = auto_pack([o for o in claim.overrides if not o.startswith(("hydra.", "+hydra."))],
+                               check_per_gpu(self.trials_per_gpu, "hydra.sweeper.trials_per_gpu"), "hydra.sweeper.pack")
+        if line:
+            print(line, flush=True)
+        return size
 
     def _launched(self, claims) -> list[tuple[Any, str | None]]:
         """The claims' trials as Hydra jobs through the launcher: (summary, None) or (None, the failure's line)."""
