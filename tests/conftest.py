@@ -76,7 +76,40 @@ def pytest_xdist_make_scheduler(config, log):
     return SharedModuleScheduling(config, log)
 
 
+def cpu_seconds() -> float:
+    """This process's CPU seconds, its waited-for children's and the warm CLI's commands' (CNNLAB_TEST_CPU)."""
+    import resource
+
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN))) + WarmCli.cpu_s
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """CNNLAB_TEST_CPU=FILE: each test's CPU seconds (setup, call, teardown; the processes it ran included) as a
+    line of FILE, "seconds<TAB>test id": scripts/suite_cost.py ranks them."""
+    where = os.environ.get("CNNLAB_TEST_CPU")
+    if not where:
+        return (yield)
+    before = cpu_seconds()
+    try:
+        return (yield)
+    finally:
+        with open(where, "a") as out:
+            out.write(f"{cpu_seconds() - before:.2f}\t{item.nodeid}\n")
+
+
+def full_run(config) -> bool:
+    """The whole suite, integration tests included: in CI (CI=true, as .ci/run sets it), or asked for with -m."""
+    return os.environ.get("CI") == "true" or "integration" in (config.getoption("markexpr", "") or "")
+
+
 def pytest_collection_modifyitems(config, items) -> None:
+    if not full_run(config):
+        later = pytest.mark.skip(reason="integration test: runs with CI=true (as .ci/run) or -m integration")
+        for item in items:
+            if item.get_closest_marker("integration") or item.get_closest_marker("cluster"):
+                item.add_marker(later)
     for item in items:
         module = item.nodeid.split("::", 1)[0]
         defs = item._fixtureinfo.name2fixturedefs.values()
@@ -164,9 +197,12 @@ class WarmCli:
             cls._instance = cls()
         return cls._instance
 
+    cpu_s = 0.0  # the CPU seconds of the commands that ended, with their children's (cpu_seconds)
+
     def _read(self) -> None:
         for line in self.server.stdout:
             message = json.loads(line)
+            WarmCli.cpu_s += message.get("cpu", 0.0)
             slot = self.slots[message["id"]]
             slot.update(message)
             slot["done" if "code" in message else "started"].set()

@@ -97,6 +97,7 @@ def test_a_script_with_no_terminal_trains_and_exits_0(tmp_path):
     assert "WARNING cnnlab: update/weight ratio" in next(log).read_text()
 
 
+@pytest.mark.integration
 def test_a_jupyter_kernel_trains_twice(tmp_path):
     jupyter_client = pytest.importorskip("jupyter_client", reason="ipykernel and jupyter_client: pip install cnnlab[dev]")
     manager, client = jupyter_client.manager.start_new_kernel(kernel_name="python3", cwd=str(tmp_path),

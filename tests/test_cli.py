@@ -1,11 +1,13 @@
 """The real `cnnlab` command, in subprocesses, as a user runs it."""
 
 import json
+from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from cnnlab.core.errors import CnnlabError
 from tests.conftest import TINY, run_cli
 
 ONE_EPOCH = [*TINY, "trainer.epochs=1"]
@@ -112,7 +114,7 @@ def test_unknown_command_and_version(tmp_path):
 
 
 @pytest.mark.parametrize(("command", "expected"), [
-    ("eval", "--tta-shift N"), ("report", "--test-best"), ("viz", "RUN_DIR"), ("list", "--plugin MODULE"),
+    ("eval", "--tta-shift N"), ("report", "--test-best"), ("viz", "RUN"), ("list", "--plugin MODULE"),
     ("lr-find", "--min-lr MIN_LR"), ("tune", "tune.budget_epochs=N"),
 ])
 def test_every_subcommand_has_its_own_help(command, expected, capsys):
@@ -144,3 +146,72 @@ def test_records_are_one_line_each_off_a_terminal(tmp_path):
                          for line in steps)
     (record,) = [line for line in result.stdout.splitlines() if line.startswith("epoch 1/1  train loss")]
     assert " val loss " in record and " lr " in record and record.rstrip().endswith("img/s  *best")
+
+
+# --- one grammar: the table ----------------------------------------------------------------------
+
+def test_every_command_comes_from_the_table_with_its_shared_groups(capsys):
+    """Walks the table: the top-level usage names every command with its example; each command's --help is its
+    table entry's, with every flag of each shared group it declares; no command spells a shared meaning its own way."""
+    from cnnlab.cli import main
+    from cnnlab.cli.table import COMMANDS, GROUPS
+
+    shared = {a.flags[0] for group in GROUPS.values() for a in group}
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    for command in COMMANDS:
+        assert f"  {command.name} " in top and command.example in top
+        assert not {a.flags[0] for a in command.args} & (shared - {"--out"}), command.name  # export's --out: its file
+        with pytest.raises(SystemExit) as stopped:
+            main([command.name, "--help"])
+        out = capsys.readouterr().out
+        assert stopped.value.code == 0 and out.startswith(f"usage: cnnlab {command.name}"), command.name
+        for group in command.groups:
+            for a in GROUPS[group]:
+                assert a.flags[0] in out, (command.name, a.flags[0])
+        for a in command.args:
+            assert a.flags[0].lstrip("-") in out or a.options.get("metavar", "") in out, (command.name, a.flags)
+
+
+def test_the_cli_reference_page_is_the_tables():
+    from cnnlab.cli.table import reference
+
+    assert (Path(__file__).resolve().parent.parent / "docs" / "reference" / "cli.md").read_text() == reference(), (
+        "docs/reference/cli.md is out of date: python scripts/docs_reference.py")
+
+
+def test_train_and_tune_take_the_shared_flags_and_a_run_as_the_overrides_they_stand_for(capsys):
+    from cnnlab.cli.arguments import hydra_arguments
+    from cnnlab.cli.table import BY_NAME
+
+    _, overrides = hydra_arguments(BY_NAME["train"], ["--device", "cpu", "--plugin", "a.b", "--plugin", "c",
+                                                      "--data-dir", "/d", "outputs/runs/x", "-m", "--cfg", "job",
+                                                      "model=lenet5"])
+    assert overrides == ["resume=outputs/runs/x", "-m", "--cfg", "job", "model=lenet5", "plugins=[a.b,c]",
+                         "paths.data_dir=/d", "trainer.device=cpu"]
+    assert hydra_arguments(BY_NAME["tune"], ["tunes/t1", "tune.budget_epochs=8"])[1] == [
+        "tune.dir=tunes/t1", "tune.budget_epochs=8"]
+    assert capsys.readouterr().err == ""
+    # the old spellings work for one release, after one line naming the new one
+    assert hydra_arguments(BY_NAME["train"], ["resume=r1"])[1] == ["resume=r1"]
+    assert capsys.readouterr().err == ("warning: resume=r1 is deprecated and goes in the next release: "
+                                       "use cnnlab train r1\n")
+    with pytest.raises(CnnlabError, match="give the run once: r2 or resume=r1"):
+        hydra_arguments(BY_NAME["train"], ["r2", "resume=r1"])
+    with pytest.raises(CnnlabError, match="'b' is neither key=value nor a flag"):
+        hydra_arguments(BY_NAME["train"], ["a", "b"])
+
+
+def test_a_sweep_or_tune_directory_stands_for_its_trials_in_their_order(tmp_path):
+    from cnnlab.cli.handlers import run_paths
+
+    for trial in ("0", "2", "10"):
+        (tmp_path / "sweep" / trial).mkdir(parents=True)
+        (tmp_path / "sweep" / trial / "trial.json").write_text("{}")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "best.pt").write_bytes(b"")
+    checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
+    assert run_paths([str(tmp_path / "sweep"), str(tmp_path / "run"), str(checkpoint)], checkpoints=True) == [
+        tmp_path / "sweep" / "0", tmp_path / "sweep" / "2", tmp_path / "sweep" / "10", tmp_path / "run", checkpoint]
+    assert run_paths([str(tmp_path / "nowhere")], checkpoints=False) == [tmp_path / "nowhere"]  # its command says why

@@ -34,6 +34,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return {"one": folder / "one", "two": folder / "two", "stdout": two.stdout}
 
 
+@pytest.mark.integration
 def test_two_processes_train_as_one_with_the_same_global_batch(runs):
     one, two = (load_checkpoint(runs[k] / "checkpoints" / "last.pt")["model"] for k in ("one", "two"))
     assert one.keys() == two.keys()
@@ -48,6 +49,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(runs):
     assert s2["selected"]["test"]["count"] == 40 and s2["sizes"] == s1["sizes"]
 
 
+@pytest.mark.integration
 def test_only_rank_0_writes_logs_and_checkpoints(runs):
     two = runs["two"]
     assert len(list((two / "tensorboard").glob("events.out.tfevents.*"))) == 1
@@ -56,6 +58,7 @@ def test_only_rank_0_writes_logs_and_checkpoints(runs):
     assert "2 processes (DDP)" in runs["stdout"]
 
 
+@pytest.mark.integration
 def test_torchrun_runs_the_same_training(runs, tmp_path):
     result = torchrun("train", *TINY, f"hydra.run.dir={tmp_path / 'torchrun'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -64,6 +67,7 @@ def test_torchrun_runs_the_same_training(runs, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same 2-process computation, launched either way
 
 
+@pytest.mark.integration
 def test_devices_in_a_sweep_or_against_torchrun_is_one_line(tmp_path):
     result = run_cli("train", "-m", *TINY, "trainer.devices=2", "optimizer.lr=0.1", cwd=tmp_path)
     assert "trainer.devices=2 starts its processes from a single `cnnlab train`; a sweep's trials" in result.stderr

@@ -111,11 +111,22 @@ def test_ensemble_members_must_share_data(tmp_path):
 
 def test_eval_command_prints_the_report_and_writes_json(tmp_path):
     run_tiny(tmp_path / "run", "trainer.epochs=1")
-    result = run_cli("eval", str(tmp_path / "run"), "--splits", "test", "--tta-shift", "1", "--json",
+    result = run_cli("eval", str(tmp_path / "run"), "--splits", "test", "--tta-shift", "1", "--json", "--out",
                      str(tmp_path / "report.json"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "test" in result.stdout and "TTA, 5 views" in result.stdout
     assert json.loads((tmp_path / "report.json").read_text())["splits"]["test"]["count"] == 40
+    # --json alone: the report as JSON on stdout, the table on stderr; --csv: one row a metric
+    printed = run_cli("eval", str(tmp_path / "run"), "--splits", "test", "--json", cwd=tmp_path)
+    assert json.loads(printed.stdout)["splits"]["test"]["count"] == 40 and "test" in printed.stderr
+    rows = run_cli("eval", str(tmp_path / "run"), "--splits", "test", "--csv", cwd=tmp_path).stdout.splitlines()
+    assert rows[0] == "split,metric,value" and "test,count,40" in rows
+    # the old spelling, --json FILE, still writes the file for one release, after a line naming the new one
+    old = run_cli("eval", str(tmp_path / "run"), "--splits", "test", "--json", str(tmp_path / "old.json"), cwd=tmp_path)
+    assert old.returncode == 0 and json.loads((tmp_path / "old.json").read_text())["splits"]["test"]["count"] == 40
+    assert old.stderr.strip().splitlines()[0] == (f"warning: cnnlab eval --json {tmp_path / 'old.json'} is deprecated "
+                                                  f"and goes in the next release: use cnnlab eval --json --out "
+                                                  f"{tmp_path / 'old.json'}")
     bad = run_cli("eval", str(tmp_path / "run"), "--splits", "tset", cwd=tmp_path)
     assert bad.returncode == 2 and "--splits takes train, val and test" in bad.stderr
 

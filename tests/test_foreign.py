@@ -81,7 +81,7 @@ def test_a_crafted_tune_stage_record_is_refused_and_runs_nothing(tmp_path, case)
     (tune / "coarse").mkdir(parents=True)
     (tune / "coarse" / "stage.json").write_text(json.dumps(stage_record(space)))
     (tmp_path / "evilplug.py").write_text(f"open({str(tmp_path / 'IMPORTED')!r}, 'w').close()\n")
-    done = run_cli("tune", *TUNE, "optimizer.lr=tag(log, interval(0.01, 0.3))", f"tune.dir={tune}", cwd=tmp_path,
+    done = run_cli("tune", *TUNE, "optimizer.lr=tag(log, interval(0.01, 0.3))", f"{tune}", cwd=tmp_path,
                    env={"CNNLAB_SECRET": "s3cr3t"})
     one_line(done, f"stage record {tune / 'coarse' / 'stage.json'}", expected)
     assert not (tmp_path / "IMPORTED").exists()
@@ -100,7 +100,7 @@ def test_a_crafted_gate_record_is_one_line(tmp_path, record, expected):
     tune.mkdir()
     (tune / "gate.json").write_text(json.dumps(record))
     args = [a for a in TUNE if a not in ("tune.gate=false", "tune.budget_epochs=8")] + [
-        "tune.budget_epochs=12", "tune.gate_steps=10", "tune.lr_find_steps=10", f"tune.dir={tune}"]
+        "tune.budget_epochs=12", "tune.gate_steps=10", "tune.lr_find_steps=10", f"{tune}"]
     one_line(run_cli("tune", *args, cwd=tmp_path), f"gate record {tune / 'gate.json'}", expected)
 
 
@@ -138,6 +138,7 @@ def test_study_attributes_of_the_wrong_kind_are_one_line():
     assert trial_epochs(optuna.trial.create_trial(value=1.0, user_attrs={"epochs": 3})) == 3
 
 
+@pytest.mark.integration
 def test_helpers_start_without_the_working_directory_on_the_import_path(tmp_path):
     """n_jobs >= 2 and trainer.devices start their processes with cnnlab_command: Hydra would import a
     hydra_plugins/ in the working directory if `python -m` put it on the path."""
@@ -247,7 +248,7 @@ def test_a_symlinked_train_log_is_refused_before_anything_is_written(finished, t
     target.write_text("theirs\n")
     (run_dir / "train.log").unlink(missing_ok=True)
     (run_dir / "train.log").symlink_to(target)
-    done = run_cli("train", f"resume={run_dir}", "trainer.epochs=2", cwd=tmp_path)
+    done = run_cli("train", f"{run_dir}", "trainer.epochs=2", cwd=tmp_path)
     one_line(done, f"cannot write {run_dir / 'train.log'}: it is a symbolic link")
     assert target.read_text() == "theirs\n"
 
@@ -280,7 +281,7 @@ def test_a_run_inside_a_tune_directory_that_links_out_of_it_is_refused(tmp_path)
     (tune / "gate" / "overfit").symlink_to(outside)  # where the gate's first run trains
     args = [a for a in TUNE if a not in ("tune.gate=false", "tune.budget_epochs=8")] + [
         "tune.budget_epochs=12", "tune.gate_steps=10", "tune.lr_find_steps=10"]  # the gate: 2 of its 12 epochs
-    one_line(run_cli("tune", *args, f"tune.dir={tune}", cwd=tmp_path), f"is a symbolic link inside {tune}")
+    one_line(run_cli("tune", *args, f"{tune}", cwd=tmp_path), f"is a symbolic link inside {tune}")
     assert not list(outside.iterdir())
 
 

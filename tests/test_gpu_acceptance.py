@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.test_data import write_mnist_files
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,6 +36,7 @@ def table_rows(path: Path) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[start + 2:] if line.startswith("|")]
 
 
+@pytest.mark.integration
 def test_the_smoke_run_makes_every_check_on_the_cpu(tmp_path):
     write_mnist_files(tmp_path / "data" / "FashionMNIST" / "raw", n_train=160, n_test=32)
     table, work = tmp_path / "gpu_acceptance.md", tmp_path / "work"

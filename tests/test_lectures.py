@@ -571,6 +571,7 @@ def test_an_unknown_timm_arch_or_no_timm_is_one_line(monkeypatch):
 
 def test_a_timm_model_fine_tunes_from_a_local_file_and_lists_its_flops(tmp_path, captured):
     from cnnlab.cli.listing import list_command
+    from cnnlab.cli.table import BY_NAME
     from tests.conftest import quiet_console
 
     source = MODELS.build("timm", {"arch": "resnet18"}, prefix="model", in_channels=1, num_classes=4, input_size=8)
@@ -581,7 +582,7 @@ def test_a_timm_model_fine_tunes_from_a_local_file_and_lists_its_flops(tmp_path,
     assert torch.equal(model.layer1[0].conv1.weight, source.layer1[0].conv1.weight)  # frozen, as loaded
     assert not model.layer1[0].conv1.weight.requires_grad and model.fc.weight.requires_grad
     console = quiet_console()
-    assert list_command(["models", "timm", "--arch", "convnext_atto", "--input", "3x32x32", "--classes", "10"],
+    assert list_command(BY_NAME["list"].parser().parse_args(["models", "timm", "--arch", "convnext_atto", "--input", "3x32x32", "--classes", "10"]),
                         console=console) == 0
     assert "3.38M" in console.file.getvalue()  # ConvNeXt-atto's parameters with a 10-class head
 

@@ -107,6 +107,7 @@ def test_the_wheel_holds_the_configs_and_every_package():
     assert set(listed) == folders | {"cnnlab.conf", "hydra_plugins"}  # hydra_plugins: a namespace package
 
 
+@pytest.mark.integration
 def test_the_installed_wheel_trains_and_lists_from_an_empty_directory(installed, tmp_path):
     root, target, wheel = installed
     import zipfile
@@ -129,6 +130,7 @@ def test_the_installed_wheel_trains_and_lists_from_an_empty_directory(installed,
     assert "lenet5" in listing.stdout and "ext_net" in listing.stdout and "cnnlab-ext (entry point)" in listing.stdout
 
 
+@pytest.mark.integration
 def test_an_installed_plugin_package_trains_with_its_own_configs(installed, tmp_path):
     """The entry point registers ext_net and stripes; the user's YAMLs (--config-dir) select them,
     and a YAML of theirs overrides one of ours (optimizer/sgd.yaml)."""
@@ -159,6 +161,7 @@ def test_an_installed_plugin_package_trains_with_its_own_configs(installed, tmp_
         "error: unknown model 'ext_nte' (did you mean: ext_net?); see all with: cnnlab list models"], unknown.stderr
 
 
+@pytest.mark.integration
 def test_a_module_of_the_users_through_plugins_in_runs_and_sweeps(installed, tmp_path):
     _, target, _ = installed
     (tmp_path / "my_parts.py").write_text(PARTS.format(family="mine", model="my_net"))

@@ -90,7 +90,7 @@ def test_a_run_killed_at_a_random_step_resumes_bit_identical(tmp_path, reference
     killed_at = load_resumable(run_dir / "checkpoints")[0]["step"]
     assert not (run_dir / "summary.json").exists() and killed_at < 900  # it was cut off mid-run
 
-    result = run_cli("train", f"resume={run_dir}", cwd=tmp_path)
+    result = run_cli("train", f"{run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stdout
     assert same_weights(run_dir, reference), f"weights differ after a kill at step {killed_at}"
@@ -111,7 +111,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_75(tmp_path, reference):
     assert process.returncode == 75, stderr
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert f"stopped by SIGTERM at step {state['step']}; checkpoint: {run_dir / 'checkpoints' / 'last.pt'}; " \
-           f"resume with: cnnlab train resume={run_dir}" in stderr and "Traceback" not in stderr
+           f"resume with: cnnlab train {run_dir}" in stderr and "Traceback" not in stderr
 
     # the same command again, in the same directory, continues by itself (a requeued job)
     result = run_cli("train", *LONG, "trainer.checkpoint_every_n_steps=100000", f"hydra.run.dir={run_dir}",
@@ -134,7 +134,7 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_one(tmp_path, refe
     with pytest.raises(CnnlabError, match=f"checkpoint {last} is corrupt"):
         load_checkpoint(last)
 
-    result = run_cli("train", f"resume={run_dir}", cwd=tmp_path)
+    result = run_cli("train", f"{run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert f"checkpoint {last} is corrupt" in out and f"falling back to {previous}" in out
@@ -192,7 +192,7 @@ def test_a_full_disk_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
 
 def test_resume_refuses_a_changed_config_and_lists_the_differences(tmp_path, reference):
     record = (reference / ".hydra" / "overrides.yaml").read_text()
-    result = run_cli("train", f"resume={reference}", "optimizer.lr=0.5", "model.hidden=[8]", cwd=tmp_path)
+    result = run_cli("train", f"{reference}", "optimizer.lr=0.5", "model.hidden=[8]", cwd=tmp_path)
     assert result.returncode == 2
     assert (reference / ".hydra" / "overrides.yaml").read_text() == record  # refused before Hydra rewrote it
     line = result.stderr.strip()
@@ -202,19 +202,19 @@ def test_resume_refuses_a_changed_config_and_lists_the_differences(tmp_path, ref
 
 
 def test_resume_of_a_finished_run_asks_for_more_epochs_and_then_trains_on(tmp_path, reference):
-    result = run_cli("train", f"resume={reference}", cwd=tmp_path)
+    result = run_cli("train", f"{reference}", cwd=tmp_path)
     assert result.returncode == 2
     assert "has already trained 2 epochs (trainer.epochs=2); raise trainer.epochs" in result.stderr
 
     run_dir = tmp_path / "run"
     assert run_cli("train", *LONG, "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
-    result = run_cli("train", f"resume={run_dir}", "trainer.epochs=2", cwd=tmp_path)
+    result = run_cli("train", f"{run_dir}", "trainer.epochs=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert [r["epoch"] for r in metrics(run_dir)] == [1, 2]
 
 
 def test_resume_of_a_directory_without_checkpoints_is_one_line(tmp_path):
-    result = run_cli("train", f"resume={tmp_path / 'nowhere'}", cwd=tmp_path)
+    result = run_cli("train", f"{tmp_path / 'nowhere'}", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: resume={tmp_path / 'nowhere'}: no checkpoint there "
                                      f"(looked for {tmp_path / 'nowhere' / 'checkpoints' / 'last.pt'})")

@@ -242,6 +242,7 @@ def check_distinct_trials(folder: Path, storage: str) -> set[int]:
     return pids
 
 
+@pytest.mark.integration
 def test_four_worker_commands_share_one_journal_study(tmp_path):
     folder = tmp_path / "shared"
     workers = [start_worker(tmp_path, *WORKER, "hydra.sweeper.storage=journal", f"hydra.sweep.dir={folder}")
@@ -253,6 +254,7 @@ def test_four_worker_commands_share_one_journal_study(tmp_path):
     assert all("Traceback" not in err for _, err in outputs)
 
 
+@pytest.mark.integration
 def test_n_jobs_workers_share_one_sqlite_study(tmp_path):
     worker = start_worker(tmp_path, *WORKER, "hydra.sweeper.n_jobs=3", f"hydra.sweep.dir={tmp_path / 'sw'}")
     out, err = worker.communicate(timeout=300)
@@ -262,6 +264,7 @@ def test_n_jobs_workers_share_one_sqlite_study(tmp_path):
     assert out.strip().splitlines()[-1].startswith(f"sweep: {TRIALS} trials")
 
 
+@pytest.mark.integration
 def test_n_jobs_starts_no_more_workers_than_trials_and_says_when_it_exceeds_the_cores(tmp_path):
     result = run_cli("train", "-m", *SWEEP, "optimizer.lr=0.05,0.1", "hydra.sweeper.n_jobs=1000",
                      f"hydra.sweep.dir={tmp_path / 'sw'}", cwd=tmp_path)
@@ -303,6 +306,7 @@ def _gone(pid: int) -> bool:
     return state in ("Z", "X")  # a zombie has stopped; its reaper may be slow in a container
 
 
+@pytest.mark.integration
 def test_helpers_stop_with_their_worker_and_a_rerun_continues_both_trials(tmp_path):
     folder = tmp_path / "sw"
     args = [*SWEEP, "dataset.train_size=3000", "trainer.log_every_n_steps=50", "trainer.epochs=3",
@@ -410,6 +414,7 @@ def test_budget_epochs_stops_starting_trials_before_the_sweep_would_pass_it(tmp_
         "trainer.epochs=2, got 1" in result.stderr
 
 
+@pytest.mark.integration
 def test_each_local_worker_sees_its_own_gpu_and_the_sweep_says_which(tmp_path):
     """hydra.sweeper.gpus names two GPUs (this CPU machine has none: the assignment is what is tested, by the
     environment each worker process received, as trial.json records it): n_jobs=auto gives 2 x trials_per_gpu

@@ -232,6 +232,11 @@ def test_report_flags_an_edge_best_and_prints_the_command(tmp_path):
     (advice,) = result["advice"]
     assert advice["where"] == "on the edge" and advice["command"] == "cnnlab train -m model=mlp optimizer.lr=0.01,0.1,1"
     assert (folder / "report.png").stat().st_size > 1000
+    # --plot FILE, as compare takes it: the plot there, through the command
+    from tests.conftest import run_cli
+
+    done = run_cli("report", str(folder), "--plot", str(tmp_path / "mine.png"), cwd=tmp_path)
+    assert done.returncode == 0 and (tmp_path / "mine.png").stat().st_size > 1000, done.stderr
 
 
 def _proposed(syntax: str) -> list[float]:

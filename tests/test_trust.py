@@ -50,7 +50,7 @@ def hostile(tmp_path_factory):
 CASES = {
     "model.pretrained": (["train", *TINY, "model.pretrained={root}/evil.pth"], "model.pretrained: {root}/evil.pth was refused"),
     "cnnlab eval": (["eval", "{root}/eval_run"], "checkpoint {root}/eval_run/checkpoints/best.pt was refused"),
-    "resume=": (["train", "resume={root}/resume_run"], "checkpoint {root}/resume_run/checkpoints/last.pt was refused"),
+    "resume=": (["train", "{root}/resume_run"], "checkpoint {root}/resume_run/checkpoints/last.pt was refused"),
     "cnnlab viz": (["viz", "{root}/viz_run"], "viz record {root}/viz_run/viz/record.pt was refused"),
 }
 
@@ -153,7 +153,7 @@ def test_resume_reapplies_only_cnnlab_settings_from_the_run_directory(stopped_ru
     record.write_text("\n".join(entries + planted) + "\n")
     (tmp_path / "planted.py").write_text(f"open({str(tmp_path / 'IMPORTED')!r}, 'w').close()\n")
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
-    done = run_cli("train", f"resume={run_dir}", cwd=tmp_path)
+    done = run_cli("train", f"{run_dir}", cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert f"{record} line {len(entries) + 1}" in done.stderr and FOREIGN_LINES[line] in done.stderr
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "IMPORTED").exists()
@@ -166,10 +166,10 @@ def test_resume_imports_a_plugin_only_when_typed_again(tmp_path):
     done = run_cli("train", *TINY, "trainer.epochs=1", "plugins=[planted]", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert done.returncode == 0 and (tmp_path / "IMPORTED").exists(), done.stderr
     (tmp_path / "IMPORTED").unlink()
-    refused = run_cli("train", f"resume={run_dir}", "trainer.epochs=2", cwd=tmp_path)
+    refused = run_cli("train", f"{run_dir}", "trainer.epochs=2", cwd=tmp_path)
     assert refused.returncode == 2 and "the run was trained with plugins=[planted]" in refused.stderr
     assert not (tmp_path / "IMPORTED").exists()
-    done = run_cli("train", f"resume={run_dir}", "plugins=[planted]", "trainer.epochs=2", cwd=tmp_path)
+    done = run_cli("train", f"{run_dir}", "plugins=[planted]", "trainer.epochs=2", cwd=tmp_path)
     assert done.returncode == 0 and (tmp_path / "IMPORTED").exists(), done.stderr  # the user typed it
 
 
@@ -180,7 +180,7 @@ def test_a_garbage_overrides_file_is_one_line(stopped_run, tmp_path, text, expec
     run_dir = tmp_path / "run"
     shutil.copytree(stopped_run, run_dir)
     (run_dir / ".hydra" / "overrides.yaml").write_text(text)
-    done = run_cli("train", f"resume={run_dir}", cwd=tmp_path)
+    done = run_cli("train", f"{run_dir}", cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and expected in done.stderr, done.stderr
 
 

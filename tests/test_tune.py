@@ -133,7 +133,7 @@ def test_the_gate_stops_a_model_that_cannot_learn_before_any_search(tmp_path):
 
 def start_tune(cwd: Path, folder: Path):
     env = {**os.environ, "CNNLAB_OUTPUT_DIR": str(cwd / "outputs"), "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    return start_cnnlab(["tune", *TUNE, f"tune.budget_epochs={BUDGET}", f"tune.dir={folder}"], cwd, env)
+    return start_cnnlab(["tune", *TUNE, f"tune.budget_epochs={BUDGET}", f"{folder}"], cwd, env)
 
 
 def test_a_tune_killed_mid_stage_continues_where_it_stood(tmp_path):
@@ -147,7 +147,7 @@ def test_a_tune_killed_mid_stage_continues_where_it_stood(tmp_path):
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     before = {p: p.stat().st_mtime_ns for p in (folder / "coarse").glob("*/summary.json")}
-    again = run_cli("tune", *TUNE, f"tune.budget_epochs={BUDGET}", f"tune.dir={folder}", cwd=tmp_path, timeout=600)
+    again = run_cli("tune", *TUNE, f"tune.budget_epochs={BUDGET}", f"{folder}", cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "gate passed" in again.stdout and "gate: initial loss" not in again.stdout  # not run twice
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # finished trials are not run again
@@ -173,6 +173,7 @@ def trial_of(stage: Path, pid: int) -> Path | None:
     return next((p.parent for p in stage.glob("*/trial.json") if json.loads(p.read_text() or "{}").get("pid") == pid), None)
 
 
+@pytest.mark.integration
 def test_two_workers_share_one_tune(tmp_path):
     folder = tmp_path / "t"
     first = start_tune(tmp_path, folder)
@@ -215,6 +216,7 @@ def test_the_final_stage_takes_its_own_finished_trials_first_then_those_it_was_t
     assert top_configurations(trials, 2, maximize=False) == [{"lr": 0.2}, {"lr": 0.1}]  # a loss: lowest first
 
 
+@pytest.mark.integration
 def test_tune_workers_each_see_their_own_gpu_and_pack_the_trials_of_every_stage(tmp_path):
     """tune.gpus names two GPUs (none here: the assignment is what is tested, by the environment each worker
     received, as the trials' trial.json records it): two worker processes run the tune, one per GPU, and this
@@ -222,7 +224,7 @@ def test_tune_workers_each_see_their_own_gpu_and_pack_the_trials_of_every_stage(
     stage and trains them as one pack (their trial.json says which); the stages, the budget and the final
     choice are as without a pack."""
     result = run_cli("tune", *TUNE, f"tune.budget_epochs={BUDGET}", "tune.pack=4", "tune.gpus=[3,5]",
-                     f"tune.dir={tmp_path / 't'}", cwd=tmp_path, timeout=600)
+                     f"{tmp_path / 't'}", cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"2 workers; GPUs: worker 0: GPU 3, worker 1: GPU 5; their logs: {tmp_path / 't' / 'workers'}" in result.stdout
     trials = [json.loads(p.read_text()) for p in (tmp_path / "t").glob("*/*/trial.json")]
@@ -244,7 +246,7 @@ def test_tune_budget_s_stops_the_search_stages_in_time_for_the_final_one(tmp_pat
     """tune.budget_s beside a large budget_epochs: the search stages stop starting trials once the final stage would
     not fit in the time left (at the speed measured so far), the final stage runs whole, and tune.json says so."""
     result = run_cli("tune", *TUNE, "tune.budget_epochs=400", "tune.budget_s=10", "tune.n_jobs=2",
-                     f"tune.dir={tmp_path / 't'}", cwd=tmp_path, timeout=600)
+                     f"{tmp_path / 't'}", cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     # tune.n_jobs=2 without GPUs: this process and one helper share the tune (the helper's output in workers/)
     assert f"2 workers; their logs: {tmp_path / 't' / 'workers'}" in result.stdout

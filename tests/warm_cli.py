@@ -8,7 +8,7 @@ imports are shared. The server never runs a tensor operation itself, so the chil
 pools start fresh after the fork.
 
 Protocol (JSON lines): the client writes {"id", "args", "cwd", "env", "stdout", "stderr"}; the server
-answers {"id", "pid"} at once and {"id", "code"} when the child has exited.
+answers {"id", "pid"} at once and {"id", "code", "cpu"} when the child has exited (cpu: its CPU seconds).
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def child(request: dict) -> None:
 
 
 def reap(request_id: str, pid: int) -> None:
-    _, status = os.waitpid(pid, 0)
-    answer({"id": request_id, "code": os.waitstatus_to_exitcode(status)})
+    _, status, usage = os.wait4(pid, 0)  # its CPU seconds, with its own children's: the suite's cost (CNNLAB_TEST_CPU)
+    answer({"id": request_id, "code": os.waitstatus_to_exitcode(status), "cpu": usage.ru_utime + usage.ru_stime})
 
 
 def serve() -> None:

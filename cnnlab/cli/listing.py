@@ -17,8 +17,7 @@ from rich.console import Console, Group
 from rich.table import Table
 
 from cnnlab.training.console import make_console, titled
-from cnnlab.core.errors import CnnlabError, CommandLineParser, suggestion
-from cnnlab.core.plugins import load_plugins
+from cnnlab.core.errors import CnnlabError, suggestion
 from cnnlab.core.plugins import load_components
 from cnnlab.core.registry import DATASETS, REGISTRIES, Registry
 from cnnlab.core.schema import ListOf, MapOf
@@ -52,20 +51,9 @@ def _count(n: float) -> str:
     return str(int(n))
 
 
-def list_command(args: list[str], console: Console | None = None) -> int:
+def list_command(ns, console: Console | None = None) -> int:
+    """`cnnlab list` with its parsed arguments (cnnlab.cli.table), its plugins imported."""
     load_components()
-    parser = CommandLineParser("cnnlab list", "what a registry holds, with each entry's options; models with "
-                               "parameters and FLOPs")
-    parser.add_argument("kind", nargs="?", help=f"one of: {', '.join(REGISTRIES)}")
-    parser.add_argument("pattern", nargs="?", default="*", help="shell-style wildcards, e.g. 'res*' (default: all)")
-    parser.add_argument("--input", default=None, metavar="CxHxW", help="models: count FLOPs at this input shape")
-    parser.add_argument("--classes", type=int, default=None, help="models: the number of classes to count with")
-    parser.add_argument("--arch", default=None, help="models: the architecture model=timm or model=tv counts, "
-                                                     "e.g. convnext_atto (default: their model.arch default)")
-    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                        help="import this module first, as plugins=[MODULE] would (repeatable)")
-    ns = parser.parse_args(args)
-    load_plugins(ns.plugin)
     if ns.kind is None:
         raise CnnlabError(f"cnnlab list needs a kind: {', '.join(REGISTRIES)}")
     kind = ALIASES.get(ns.kind, ns.kind)

@@ -29,6 +29,15 @@ from cnnlab.core.validation import NonNegativeInt, PositiveFloat, PositiveInt, R
 # pyproject), so a wheel, a git install and an editable checkout all find them the same way.
 CONF_DIR = Path(str(importlib.resources.files("cnnlab.conf")))
 
+
+def default_output_dir() -> Path:
+    """paths.output_dir as conf/train.yaml defines it (the one definition: $CNNLAB_OUTPUT_DIR, else outputs), for
+    the commands that read runs without composing a config (cnnlab runs)."""
+    import yaml
+
+    text = yaml.safe_load((CONF_DIR / "train.yaml").read_text())["paths"]["output_dir"]
+    return Path(OmegaConf.create({"dir": text}).dir)
+
 NOT_RUN_GROUPS = ("hydra", "tune")  # conf/tune/ holds `cnnlab tune`'s settings and spaces, not parts of a run
 
 

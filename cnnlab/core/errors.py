@@ -32,8 +32,8 @@ class CommandLineParser(argparse.ArgumentParser):
     """argparse for cnnlab's subcommands: ``-h``/``--help`` prints the command's usage and exits 0;
     a bad argument is a CnnlabError (one line), not a usage dump."""
 
-    def __init__(self, prog: str, description: str | None = None):
-        super().__init__(prog=prog, description=description)
+    def __init__(self, prog: str, description: str | None = None, epilog: str | None = None):
+        super().__init__(prog=prog, description=description, epilog=epilog)
 
     def error(self, message: str):
         raise CnnlabError(f"{self.prog}: {message}")

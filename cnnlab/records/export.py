@@ -127,8 +127,10 @@ def write_metadata(path: Path, record: dict[str, Any]) -> Path:
 
 
 def export(run: Path, fmt: str, out: Path | None = None, *, bake: bool = False, weights: str = "best",
-           data_dir: str | None = None, console=None) -> dict[str, Any]:
-    """Export ``run``'s selected model (or ``weights="last"``), check it against torch, write its metadata."""
+           data_dir: str | None = None, device: str = "cpu", console=None) -> dict[str, Any]:
+    """Export ``run``'s selected model (or ``weights="last"``), check it against torch, write its metadata.
+    ``device``: where the checkpoint is loaded and the validation images are read (auto: CUDA when present); the
+    file is written from the CPU, which every runtime that loads it has."""
     from cnnlab.analysis.evaluation import recorded_geometry
     from cnnlab.core.config import stored_run_config
     from cnnlab.data.statistics import Preprocessing
@@ -141,17 +143,17 @@ def export(run: Path, fmt: str, out: Path | None = None, *, bake: bool = False, 
         raise CnnlabError(f"cnnlab export: {run} is not a run directory with checkpoints/{weights}.pt")
     checkpoint = load_checkpoint(path)
     stored = stored_run_config(checkpoint.get("config"), path, data_dir=data_dir,
-                               trainer={"device": "cpu", "compile": False, "precision": "fp32"},
+                               trainer={"device": device, "compile": False, "precision": "fp32"},
                                **recorded_geometry(checkpoint))
     recorded = checkpoint.get("preprocess")
     s = setup(stored, preprocessing=None if recorded is None else Preprocessing.from_state(recorded))
-    model = s.model.to(memory_format=torch.contiguous_format).eval()
+    model = s.model.to("cpu", memory_format=torch.contiguous_format).eval()
     if getattr(model, "memorises", False):
         raise CnnlabError(f"cnnlab export: model={stored.components['model'].name} remembers its training images "
                           "(k-NN); there is no network to export")
     load_weights(model, selected_weights(checkpoint), path)
     transform = s.transform  # the geometry the checkpoint recorded (recorded_geometry), its statistics
-    preprocess = Preprocess(transform.preprocessing).eval()
+    preprocess = Preprocess(transform.preprocessing).cpu().eval()
     module = Baked(preprocess, model).eval() if bake else model
     batches = []  # the validation images through the run's own loader: decoded, resized and cropped as eval does
     with torch.no_grad():

@@ -408,7 +408,7 @@ def write_report(r: SweepReport) -> None:
     atomic_write(r.folder / "report.md", lambda f: f.write(text.encode()))
 
 
-def report(sweep_dir: str, *, plot: bool = False, test_best: bool = False, device: str = "auto",
+def report(sweep_dir: str, *, plot: bool | Path | None = False, test_best: bool = False, device: str = "auto",
            data_dir: str | None = None, console: Console | None = None) -> dict[str, Any]:
     """`cnnlab report`: compute, print, write; then the plot and the one test of the chosen trial."""
     console = console or make_console()
@@ -423,7 +423,8 @@ def report(sweep_dir: str, *, plot: bool = False, test_best: bool = False, devic
         "ranking": [t.name for t in r.ranked],
         "advice": [{k: v for k, v in a.items() if k != "syntax"} for a in r.advice]}
     if plot:
-        result["plot"] = str(_plot(r.folder, r.trials, r.searched, r.monitor))
+        result["plot"] = str(_plot(r.folder, r.trials, r.searched, r.monitor,
+                                   plot if isinstance(plot, Path) else r.folder / "report.png"))
         console.print(f"plot: {result['plot']}", highlight=False)
     if test_best:
         result["test"] = score_best_on_test(r, device, data_dir, console)
@@ -461,7 +462,7 @@ def best_curve(points: Iterable[tuple[float, float | None]], maximize: bool, sta
     return curve
 
 
-def _plot(folder: Path, trials: list[Trial], searched: list[Searched], monitor: str) -> Path:
+def _plot(folder: Path, trials: list[Trial], searched: list[Searched], monitor: str, path: Path) -> Path:
     from cnnlab.analysis.plotting import pyplot, save_png
 
     plt = pyplot()
@@ -484,6 +485,5 @@ def _plot(folder: Path, trials: list[Trial], searched: list[Searched], monitor: 
         ax.set_xlabel(item.key + (" (log)" if item.log else ""))
         ax.set_ylabel(f"best {monitor}")
         ax.legend(fontsize=7)
-    path = folder / "report.png"
     save_png(fig, path)
     return path

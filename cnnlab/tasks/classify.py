@@ -155,7 +155,7 @@ def classify_pack(runs: list[RunConfig], jobs: list[Job]) -> list[dict[str, Any]
                 raise PackRefused(reason)
             for k, (s, job, (console, resume_state)) in enumerate(zip(setups, jobs, resume_states)):
                 job = dataclasses.replace(job, resume_hint=job.resume_hint
-                                          or shell_line(["cnnlab", "train", f"resume={job.run_dir}"]))
+                                          or shell_line(["cnnlab", "train", str(job.run_dir)]))
                 torch.set_rng_state(rng[k])  # each member prepared from its own random state, as alone
                 members.append(prepare(s, job, console, resume_state, stop, wall_start=wall_start))
                 rng[k] = torch.get_rng_state()  # a resumed member's: its checkpoint's
@@ -214,7 +214,7 @@ def classify(run: RunConfig, job: Job) -> dict[str, Any]:
     s = setup(run, ranks)
     try:
         check_tta_shift(s.run.trainer.tta_shift, s.data.input_size, "trainer.tta_shift")
-        job = dataclasses.replace(job, resume_hint=job.resume_hint or shell_line(["cnnlab", "train", f"resume={job.run_dir}"]))
+        job = dataclasses.replace(job, resume_hint=job.resume_hint or shell_line(["cnnlab", "train", str(job.run_dir)]))
         return fit_select_test(s, job, reporter, resume_state, wall_start=wall_start)
     finally:
         s.close()  # DataLoader workers stop now, not whenever the garbage collector gets to them
@@ -235,7 +235,7 @@ def cross_validate(run: RunConfig, job: Job, reporter: ConsoleReporter, k: int, 
             continue
         reporter.console.print(f"fold {i + 1}/{k}: {len(train_idx):,} train / {len(val_idx):,} val", highlight=False)
         fold = fold_run(run, i)
-        fold_job = Job(fold_dir, job.console, test=False, resume=job.resume, resume_hint=shell_line(["cnnlab", "train", f"resume={job.run_dir}"]))
+        fold_job = Job(fold_dir, job.console, test=False, resume=job.resume, resume_hint=shell_line(["cnnlab", "train", str(job.run_dir)]))
         resume_state = load_resume_state(fold, fold_dir, reporter) if job.resume else None
         s = setup(fold, split=(train_idx, val_idx), data=data)
         try:

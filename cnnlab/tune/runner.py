@@ -178,7 +178,7 @@ class Tune:
         """tune.n_jobs - 1 more workers on this machine (the same tune), or with GPUs, one worker per GPU slot,
         each seeing its GPU only, while this process supervises."""
         typed = [a for a in self.args if not a.startswith(("tune.dir=", "tune.n_jobs="))]
-        args = ["tune", *(a for d in self.config_dirs for a in ("--config-dir", d)), *typed, f"tune.dir={self.dir}"]
+        args = ["tune", *(a for d in self.config_dirs for a in ("--config-dir", d)), *typed, str(self.dir)]
         helpers, assigned, pinned = start_local_workers(args, self.dir, self.workers, self.gpus)
         if helpers:
             self.say(f"{self.workers} workers" + (f"; GPUs: {described(assigned)}" if pinned else "")
