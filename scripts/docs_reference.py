@@ -1,5 +1,5 @@
-"""The documentation's generated reference pages, from the code: docs/reference/cli.md from the CLI's table
-(cnnlab/cli/table.py). `--check` exits 1 when a checked-in page differs from what the code makes now (CI).
+"""The documentation's generated parts, from the code: docs/reference/cli.md and the README's table of commands
+from the CLI's table (cnnlab/cli/table.py). `--check` exits 1 when a checked-in page differs from what the code makes now (CI).
 
     python scripts/docs_reference.py [--check]
 """
@@ -13,9 +13,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cnnlab.cli.table import reference  # noqa: E402
+from cnnlab.cli.table import commands_table, reference  # noqa: E402
 
-PAGES = {REPO / "docs" / "reference" / "cli.md": reference}
+START, END = "<!-- commands:start -->\n", "<!-- commands:end -->"
+
+
+def readme() -> str:
+    """README.md with its table of commands (between its markers) made anew."""
+    text = (REPO / "README.md").read_text()
+    head, rest = text.split(START, 1)
+    return head + START + commands_table() + END + rest.split(END, 1)[1]
+
+
+PAGES = {REPO / "docs" / "reference" / "cli.md": reference, REPO / "README.md": readme}
 
 
 def main() -> int:

@@ -189,6 +189,12 @@ def usage() -> str:
     return "\n".join(lines) + "\n"
 
 
+def commands_table() -> str:
+    """The README's table of commands: each with what it does and one example."""
+    rows = [f"| `{c.name}` | {c.summary} | `{c.example}` |" for c in COMMANDS]
+    return "\n".join(["| command | what it does | example |", "|---|---|---|", *rows]) + "\n"
+
+
 def reference() -> str:
     """The CLI reference page (Markdown), from the table: each command's usage, arguments and example. Usage lines
     are wrapped at 100 columns whatever the terminal (argparse reads COLUMNS), so the page is the same everywhere."""
