@@ -50,7 +50,8 @@ def pytest_xdist_auto_num_workers(config) -> int:
 # The modules whose tests run one after another on one pytest-xdist worker: they share a module-scoped fixture
 # (built once, not once a worker), or, test_cluster.py, the session's cluster and its PostgreSQL restarts.
 SHARED_MODULES = {f"tests/test_{name}.py" for name in (
-    "bad_input", "cluster", "compare", "disk_full", "distributed", "export", "finetune", "foreign", "packaging", "pbt",
+    "bad_input", "cluster", "compare", "disk_full", "distributed", "export", "finetune", "foreign", "guides", "packaging",
+    "pbt",
     "resume", "runs", "sweep", "trust", "viz")}
 # Modules of long single tests (the GPU acceptance smoke, ~50 s; packed sweeps against unpacked ones): one scope
 # each, so they go out early with the large scopes instead of landing last, where pytest-randomly's order put the
