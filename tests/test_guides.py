@@ -12,8 +12,10 @@ The guides' commands are written at full size, for the user's data; they run her
 - **Size.** train, tune and lr-find get tiny settings after the guide's own: synthetic images shaped like the
   dataset named (1x28x28 for Fashion-MNIST and MNIST, 3x32x32 for the CIFAR-like sets; an image folder stays the
   fixture's folder), 1 epoch of 3 batches of 16, on the CPU; a search runs 2 trials (PBT: 4 members, 2 intervals),
-  a tune inside 30 epochs; an image_fit run fits a 16x16 image. A run continued (``cnnlab train RUN``) is a copy
-  of the fixture's run on synthetic images, with its own config; a PBT member replayed keeps its own.
+  a tune inside 8 epochs without its sanity gate (tests/test_tune.py runs the gate); an image_fit run fits a 16x16
+  image; ``trainer.devices=4`` starts 2 processes. A run continued (``cnnlab train RUN``) is a copy of the
+  fixture's run on synthetic images, with its own config, trained on to at most 3 epochs; a PBT member replayed
+  keeps its own config.
 - **Outcomes.** Each command exits 0, except those in EXPECTED, which end as written there, and why.
 
 Lines of a block that are not `cnnlab` commands run by other means: shell lines that make files (``mkdir``,
@@ -24,6 +26,7 @@ processes in tests/test_distributed.py; ``pip`` and ``tensorboard`` are not cnnl
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, cpu_seconds, run_cli
 from tests.test_own_images import write_classes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,7 +121,8 @@ def tiny_settings(args: list[str], w: dict, state: dict) -> list[str]:
     if command not in ("train", "tune", "lr-find") or "--help" in rest or "--cfg" in rest:
         return []
     if rest and not rest[0].startswith("-") and "=" not in rest[0] or any(a.startswith("replay=") for a in rest):
-        return []  # cnnlab train RUN, or a PBT member replayed: the run's own (tiny) config
+        # cnnlab train RUN, or a PBT member replayed: the run's own (tiny) config, at most 3 epochs
+        return ["trainer.epochs=3"] if any(a.startswith("trainer.epochs=") for a in rest) else []
     extra = ["trainer.epochs=1", "trainer.limit_train_batches=3", "trainer.limit_eval_batches=1", "trainer.device=cpu",
              "data.batch_size=16", "data.eval_batch_size=32", "trainer.log_every_n_steps=1"]
     if "task=image_fit" in rest:
@@ -142,8 +146,8 @@ def tiny_settings(args: list[str], w: dict, state: dict) -> list[str]:
     if command == "tune":
         state["tunes"] = state.get("tunes", 0) + 1
         extra = [e for e in extra if not e.startswith(("trainer.epochs", "trainer.limit_train"))] + [
-            "trainer.epochs=2", "tune.budget_epochs=30", "tune.gate_steps=30", "tune.lr_find_steps=10", "tune.top_k=1",
-            "tune.seeds=1", str(w["root"] / "tunes" / str(state["tunes"]))]
+            "trainer.epochs=2", "tune.budget_epochs=8", "tune.gate=false", "tune.top_k=1", "tune.seeds=1",
+            str(w["root"] / "tunes" / str(state["tunes"]))]
     if command == "lr-find":
         extra.append("--steps=10")
     return extra
@@ -159,7 +163,7 @@ def test_every_cnnlab_command_of_the_guides_runs(world):
         if not line.startswith("cnnlab "):  # a shell line that makes a file the next commands use
             subprocess.run(["bash", "-c", line], cwd=world["root"], check=True)
             continue
-        text = placed(line, world, state)
+        text = placed(line, world, state).replace("trainer.devices=4", "trainer.devices=2")
         args = shlex.split(text)[1:]
         redirect = args.index(">") if ">" in args else None
         args = args[:redirect]
@@ -171,7 +175,11 @@ def test_every_cnnlab_command_of_the_guides_runs(world):
             copy = world["root"] / f"continued{ran}"
             shutil.copytree(world["default"], copy)
             args[1] = str(copy)
+        before = cpu_seconds()
         done = run_cli(*args, cwd=world["root"], timeout=300)
+        if os.environ.get("CNNLAB_GUIDES_COST"):  # what each command costs, to keep this test inside the suite's budget
+            with open(os.environ["CNNLAB_GUIDES_COST"], "a") as out:
+                out.write(f"{cpu_seconds() - before:.1f}\t{shlex.join(args)[:150]}\n")
         ran += 1
         code, says = next((v for k, v in EXPECTED.items() if k in line), (0, ""))
         if done.returncode != code or says not in done.stderr:
