@@ -43,8 +43,9 @@ def pytest_configure(config) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config) -> int:
-    """-n auto: a worker a core, at most 4 (each holds a warm CLI and trains on one thread)."""
-    return max(1, min(4, len(os.sched_getaffinity(0))))
+    """-n auto: a worker a core and one more, at most 4 (each holds a warm CLI and trains on one thread): the extra
+    worker fills the time others wait on a process, a database or SLURM (docs/performance.md)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) + 1))
 
 
 # The modules whose tests run one after another on one pytest-xdist worker: they share a module-scoped fixture
@@ -56,7 +57,7 @@ SHARED_MODULES = {f"tests/test_{name}.py" for name in (
 # Modules of long single tests (the GPU acceptance smoke, ~50 s; packed sweeps against unpacked ones): one scope
 # each, so they go out early with the large scopes instead of landing last, where pytest-randomly's order put the
 # smoke at the end of a run and one worker idled for its minute (the suite took 5:38 to 6:36 for the same code).
-LONG_MODULES = {f"tests/test_{name}.py" for name in ("gpu_acceptance", "pack")}
+LONG_MODULES = {f"tests/test_{name}.py" for name in ("gpu_acceptance", "pack", "guides")}
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -73,6 +74,12 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
             return module if module in SHARED_MODULES | LONG_MODULES else nodeid
+
+        def _assign_work_unit(self, node) -> None:
+            # The long modules first, whatever their number of tests: one landing last keeps a worker busy alone.
+            for scope in [s for s in self.workqueue if s in LONG_MODULES]:
+                self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
 
     return SharedModuleScheduling(config, log)
 

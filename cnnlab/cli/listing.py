@@ -90,12 +90,22 @@ def _models_table(registry: Registry, names: list[str], input_text: str | None, 
         source, classes = "--input", classes or 1000
     title = (f"models ({len(names)} of {len(registry)}): {channels}x{size}x{size} input ({source}), "
              f"{classes} classes; forward FLOPs per image")
-    measured = read_measured()
-    before = dict(measured)
     table = Table()
     for column, justify in (("name", "left"), ("family", "left"), ("from", "left"), ("parameters", "right"),
                             ("FLOPs", "right"), ("description", "left")):
         table.add_column(column, justify=justify, overflow="fold")
+    for row in model_rows(registry, names, channels, size, classes, arch):
+        table.add_row(*row)
+    return titled(title, table)
+
+
+def model_rows(registry: Registry, names: list[str], channels: int, size: int, classes: int,
+               arch: str | None = None) -> list[tuple[str, str, str, str, str, str]]:
+    """Each model's (name, family, origin, parameters, forward FLOPs per image, description) at this input, measured
+    once and cached (`cnnlab list models`, and the documentation's model reference)."""
+    measured = read_measured()
+    before = dict(measured)
+    rows = []
     for name in names:
         entry = registry.get(name)
         options = {"arch": arch} if arch is not None and "arch" in entry.options else {}
@@ -115,11 +125,11 @@ def _models_table(registry: Registry, names: list[str], input_text: str | None, 
                                           str(e).split(": ")[-1][:40])
             p, f = measured[key]
         shown = f"{name} ({arch})" if arch is not None and "arch" in entry.options else name
-        table.add_row(shown, entry.family, entry.origin, p, f, entry.description)
+        rows.append((shown, entry.family, entry.origin, p, f, entry.description))
     if measured != before:
         with contextlib.suppress(CnnlabError, OSError):  # a cache that cannot be written: measured again next time
             write_json(MEASURED_CACHE(), measured)
-    return titled(title, table)
+    return rows
 
 
 def MEASURED_CACHE() -> Path:  # noqa: N802 - a path, read from the environment each time
