@@ -216,7 +216,7 @@ def test_resume_of_a_finished_run_asks_for_more_epochs_and_then_trains_on(tmp_pa
 def test_resume_of_a_directory_without_checkpoints_is_one_line(tmp_path):
     result = run_cli("train", f"{tmp_path / 'nowhere'}", cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: resume={tmp_path / 'nowhere'}: no checkpoint there "
+    assert result.stderr.strip() == (f"error: {tmp_path / 'nowhere'}: no checkpoint there to continue "
                                      f"(looked for {tmp_path / 'nowhere' / 'checkpoints' / 'last.pt'})")
 
 

@@ -226,13 +226,14 @@ def resume_overrides(args: list[str], multirun: bool) -> list[str]:
     """``resume=RUN_DIR``: the run's own overrides (.hydra/overrides.yaml), then the ones given
     now (they win, and must be keys a resume may change), in RUN_DIR itself."""
     run_dir, rest = folder_argument(args, "resume", multirun,
-                                    "continues one run; a sweep resumes with hydra.sweep.dir=<dir> sweep.resume=true")
+                                    "(cnnlab train RUN) continues one run; a sweep resumes with hydra.sweep.dir=<dir> "
+                                    "sweep.resume=true")
     if run_dir is None:
         return args
     from cnnlab.runtime.checkpoint import LAST, PREVIOUS
 
     if not any((run_dir / "checkpoints" / name).is_file() for name in (LAST, PREVIOUS)):
-        raise CnnlabError(f"resume={run_dir}: no checkpoint there (looked for {run_dir / 'checkpoints' / LAST})")
+        raise CnnlabError(f"{run_dir}: no checkpoint there to continue (looked for {run_dir / 'checkpoints' / LAST})")
     return saved_overrides(run_dir, rest, "resume") + rest + [f"hydra.run.dir={run_dir}"]
 
 
