@@ -133,13 +133,21 @@ class LoadedRun(tuple):
 
 
 def load(run: str | Path, weights: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
-    """``(model, preprocess)`` of a run directory (or a checkpoint file), with ``.classes``: the model with the
+    """``(model, preprocess)`` of a run directory (or a checkpoint file, or a `cnnlab export --format safetensors`
+    file), with ``.classes``: the model with the
     weights its run selected (``weights="best"``) or its newest (``"last"``), in eval mode on ``device``;
     ``preprocess`` is the run's evaluation preprocessing, as `cnnlab eval`, predict and export apply it
     (resize, centre crop, normalise, whiten): it takes paths, PIL images, numpy arrays, uint8 (0-255) or float
     (0-1) tensors (C, H, W) or (N, C, H, W) of any size, or a list of them, and returns the model's input.
     Plugins the run used must be imported first."""
-    from cnnlab.analysis.inference import load_trained
+    from cnnlab.analysis.inference import ExportedModel, load_trained
+    from cnnlab.data.images import ImageTransform
 
+    path = Path(run)
+    if path.suffix == ".safetensors" and path.is_file():  # cnnlab export --format safetensors, its .json beside it
+        exported, where = ExportedModel(path), torch.device(device)
+        t = exported.transform
+        return LoadedRun(exported.model.to(where), ImageTransform(t.size, t.resize, t.channels, t.preprocessing, where),
+                         exported.classes)
     trained = load_trained(run, weights, device)
     return LoadedRun(trained.model, trained.transform, trained.classes)

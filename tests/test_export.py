@@ -83,3 +83,48 @@ def test_a_model_onnx_cannot_express_and_a_bad_path_are_one_line(tmp_path):
     result = run_cli("export", str(tmp_path / "nothing"), "--format", "onnx", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip() == (
         f"error: cnnlab export: {tmp_path / 'nothing'} is not a run directory with checkpoints/best.pt")
+
+
+def test_safetensors_export_holds_the_weights_and_predict_load_and_pretrained_read_it(tmp_path):
+    """cnnlab export --format safetensors: the selected weights with a .json naming the model, its options, input,
+    classes and preprocessing; predict, cnnlab.load and model.pretrained read it and give the run's own answers."""
+    import csv
+    import io
+
+    import cnnlab
+    from safetensors.torch import load_file
+    from tests.test_own_images import FOLDER, write_classes
+
+    write_classes(tmp_path / "tree" / "train", per_class=12)
+    write_classes(tmp_path / "tree" / "val", per_class=4)
+    assert run_cli("train", f"dataset.root={tmp_path / 'tree'}", *FOLDER, cwd=tmp_path).returncode == 0
+    run = next((tmp_path / "outputs" / "runs").glob("*/*"))
+    done = run_cli("export", str(run), "--format", "safetensors", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    file, meta = run / "model.safetensors", json.loads((run / "model.safetensors.json").read_text())
+    assert meta["format"] == "safetensors" and meta["model"] == {"name": "mlp", "options": {
+        "hidden": [16], "activation": "relu", "dropout": 0.0, "batch_norm": False, "drop_connect": 0.0}}
+    assert meta["classes"] == ["ant", "bee", "cat"] and meta["input_shape"] == ["N", 3, 12, 12]
+    assert meta["parity"]["max_abs_diff"] == 0.0  # the same weights in the same model
+    loaded = cnnlab.load(run)
+    assert set(load_file(str(file))) == set(loaded.model.state_dict())
+    # predict and cnnlab.load read the file as the run
+    answers = [run_cli("predict", str(target), str(tmp_path / "tree" / "val"), "--csv", cwd=tmp_path)
+               for target in (run, file)]
+    rows = [list(csv.DictReader(io.StringIO(a.stdout))) for a in answers]
+    assert all(a.returncode == 0 for a in answers) and rows[0] == rows[1] and len(rows[0]) == 12
+    from_file = cnnlab.load(file)
+    images = sorted((tmp_path / "tree" / "val").rglob("*.*"))
+    with torch.no_grad():
+        assert torch.equal(from_file.model(from_file.preprocess(images)), loaded.model(loaded.preprocess(images)))
+    assert from_file.classes == loaded.classes
+    # model.pretrained= starts a run from it
+    tuned = run_cli("train", f"dataset.root={tmp_path / 'tree'}", *FOLDER, f"model.pretrained={file}",
+                    "finetune.mode=linear_probe", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'tuned'}", cwd=tmp_path)
+    assert tuned.returncode == 0 and f"weights from {file}" in tuned.stdout, tuned.stderr[-1000:]
+    # weights only: no preprocessing baked in; a damaged file is one line
+    baked = run_cli("export", str(run), "--format", "safetensors", "--bake-preprocessing", cwd=tmp_path)
+    assert baked.returncode == 2 and "a safetensors file holds weights only" in baked.stderr
+    file.write_bytes(b"\x00" * 40)
+    damaged = run_cli("predict", str(file), str(tmp_path / "tree" / "val"), cwd=tmp_path)
+    assert damaged.returncode == 2 and damaged.stderr.count("\n") == 1 and f"{file} is not a safetensors file" in damaged.stderr

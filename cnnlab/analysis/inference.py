@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from cnnlab.analysis.evaluation import (averaged_log_probs, checkpoint_file, recorded_geometry, recorded_transform,
                                         tta_views)
 from cnnlab.core.config import stored_run_config
 from cnnlab.core.errors import CnnlabError
+from cnnlab.core.plugins import load_components
+from cnnlab.core.registry import MODELS
 from cnnlab.core.schema import Fields, ListOf
 from cnnlab.data.folder import skipped_lines
 from cnnlab.data.images import IMAGE_SUFFIXES, ImageTransform, Unreadable, checked_geometry
@@ -76,12 +81,65 @@ def load_trained(target: str | Path, weights: str = "best", device: str | torch.
 EXPORT_RECORD = Fields(required={"format": str, "input_shape": list, "classes": ListOf((str, int)),
                                  "preprocessing_baked_in": bool},
                        optional={"resize": (int, None), "preprocessing": dict, "parity": dict, "run": str,
-                                 "weights": str, "input": str})
+                                 "weights": str, "input": str, "model": dict})
+
+
+def exported_runner(path: Path, fmt: str, record: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The file `cnnlab export` wrote, as a function of a batch: onnxruntime's session, a TorchScript module, or
+    (safetensors) the registered model its record names, built with its options and the file's weights. A
+    safetensors file holds tensors only, and the record's model name is looked up among the registered models:
+    neither can run code."""
+    if fmt == "onnx":
+        try:
+            import onnxruntime  # the optional extra, only for an .onnx file
+        except ImportError:
+            raise CnnlabError("an .onnx file needs onnxruntime: pip install 'cnnlab[export]'") from None
+        try:
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own kinds for a damaged file
+            raise CnnlabError(f"{path} is not an ONNX model onnxruntime can load "
+                              f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:120]})") from None
+        return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    if fmt == "torchscript":
+        with warnings.catch_warnings():  # PyTorch deprecates TorchScript for its own users; this format is asked for
+            warnings.simplefilter("ignore", FutureWarning)
+            try:
+                module = torch.jit.load(str(path), map_location="cpu")
+            except RuntimeError as e:
+                raise CnnlabError(f"{path} is not a TorchScript file ({str(e).splitlines()[0][:120]})") from None
+        return lambda x: module(x)
+    if fmt == "safetensors":
+        return safetensors_model(path, record)
+    raise CnnlabError(f"{path}: format {fmt!r} is not one cnnlab export writes (onnx, torchscript, safetensors)")
+
+
+def safetensors_model(path: Path, record: dict) -> torch.nn.Module:
+    """The model a safetensors export's record names (a registered model, its options), with the file's weights,
+    in eval mode on the CPU."""
+    side = path.with_name(path.name + ".json")
+    spec = record.get("model")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("options", {}), dict):
+        raise CnnlabError(f"{side} is not a valid record: a safetensors export names its model (model.name, "
+                          "model.options)")
+    _, channels, size = record["input_shape"][:3]
+    load_components()
+    model = MODELS.build(spec["name"], dict(spec.get("options") or {}), "model", in_channels=int(channels),
+                         num_classes=len(record["classes"]), input_size=int(size))
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CnnlabError(f"{path} is not a safetensors file cnnlab can read ({str(e).splitlines()[0][:120]})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        why = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e)]
+        raise CnnlabError(f"{path} does not fit model={spec['name']} as {side.name} describes it ({why[0][:160]})") from None
+    return model.eval()
 
 
 class ExportedModel:
-    """A file `cnnlab export` wrote, run by onnxruntime or TorchScript, with the preprocessing its metadata
-    records."""
+    """A file `cnnlab export` wrote, run by onnxruntime, TorchScript or (safetensors) the model it names, with the
+    preprocessing its metadata records."""
 
     def __init__(self, path: Path):
         side = path.with_name(path.name + ".json")
@@ -109,32 +167,8 @@ class ExportedModel:
                               "images") from None
         self.transform = ImageTransform(size, resize, channels, preprocessing)
         self.classes, self.baked, self.path = [str(c) for c in record["classes"]], record["preprocessing_baked_in"], path
-        self.run = self._runner(path, record["format"])
-
-    @staticmethod
-    def _runner(path: Path, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        if fmt == "onnx":
-            try:
-                import onnxruntime
-            except ImportError:
-                raise CnnlabError("an .onnx file needs onnxruntime: pip install 'cnnlab[export]'") from None
-            try:
-                session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own kinds for a damaged file
-                raise CnnlabError(f"{path} is not an ONNX model onnxruntime can load "
-                                  f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:120]})") from None
-            return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
-        if fmt == "torchscript":
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                try:
-                    module = torch.jit.load(str(path), map_location="cpu")
-                except RuntimeError as e:
-                    raise CnnlabError(f"{path} is not a TorchScript file ({str(e).splitlines()[0][:120]})") from None
-            return lambda x: module(x)
-        raise CnnlabError(f"{path}: format {fmt!r} is not one cnnlab export writes (onnx, torchscript)")
+        self.run = exported_runner(path, record["format"], record)
+        self.model = self.run if isinstance(self.run, torch.nn.Module) else None  # safetensors: a torch model
 
     def logits(self, x: torch.Tensor, tta_flip: bool = False) -> list[torch.Tensor]:
         scaled = x.float().div(255) if x.dtype == torch.uint8 else x.float()
@@ -144,7 +178,8 @@ class ExportedModel:
 
 
 def open_predictor(target: str, weights: str = "best", device: str = "cpu") -> TrainedModel | ExportedModel:
-    """An exported file (.onnx, or any file with export's <file>.json beside it), else a run or checkpoint."""
+    """An exported file (.onnx, or any file with export's <file>.json beside it: TorchScript, safetensors), else a
+    run or checkpoint."""
     path = Path(target)
     if path.is_file() and (path.suffix == ".onnx" or path.with_name(path.name + ".json").is_file()):
         return ExportedModel(path)

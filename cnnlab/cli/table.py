@@ -152,11 +152,15 @@ COMMANDS: tuple[Command, ...] = (
                   arg("--plot", nargs="?", const="compare.png", default=None, metavar="FILE",
                       help="the runs' training and validation curves as one PNG (default: compare.png)"),
                   arg("--tensorboard", action="store_true", help="print the command that opens these runs in TensorBoard"))),
-    Command("export", "the selected model as ONNX or TorchScript, checked against torch on validation images",
+    Command("export", "the selected model as ONNX, TorchScript or safetensors, checked against torch on validation "
+                      "images",
             "cnnlab export outputs/runs/2026-12-08/10-00-00-lenet5 --format onnx",
             runs="1", runs_help="a run directory or one of its checkpoint files",
-            args=(arg("--format", required=True, choices=["onnx", "torchscript"]),
-                  arg("--out", default=None, metavar="FILE", help="the exported file (default: RUN/model.onnx or RUN/model.pt)"),
+            args=(arg("--format", required=True, choices=["onnx", "torchscript", "safetensors"],
+                      help="onnx or torchscript: a graph an app runs; safetensors: the weights, with the model and "
+                           "preprocessing in FILE.json (model.pretrained, cnnlab.load and predict read it)"),
+                  arg("--out", default=None, metavar="FILE",
+                      help="the exported file (default: RUN/model.onnx, RUN/model.pt or RUN/model.safetensors)"),
                   arg("--bake-preprocessing", action="store_true",
                       help="the graph takes images in [0, 1] and applies the run's preprocessing itself"),
                   arg("--weights", default="best", choices=["best", "last"], help="the selected (best) or newest")),

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from cnnlab.analysis.inference import exported_runner
 from cnnlab.core.errors import CnnlabError
 from cnnlab.runtime.files import atomic_write_path, confine, write_json
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 TOLERANCE = 1e-4
 
 
@@ -60,6 +62,9 @@ def export_file(module: nn.Module, example: torch.Tensor, path: Path, fmt: str, 
             program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
                                         dynamic_shapes=({0: batch},), verbose=False)
             atomic_write_path(path, lambda tmp: program.save(str(tmp)))
+        elif fmt == "safetensors":  # the weights alone, each its own contiguous tensor (a tied one copied)
+            state = {name: t.detach().cpu().contiguous().clone() for name, t in module.state_dict().items()}
+            atomic_write_path(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
@@ -79,18 +84,11 @@ def unexportable(error: Exception) -> str:
     return f"the op {op.group(1)} has no {('ONNX' if 'onnx' in text.lower() else 'exported')} form ({first})" if op else first
 
 
-def parity(path: Path, fmt: str, module: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
-    """The largest |logit difference| between the file and torch over ``batches``, and both accuracies."""
-    if fmt == "onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        run = lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])  # noqa: E731
-    else:
-        with warnings.catch_warnings():  # PyTorch deprecates TorchScript for its own users; this format is asked for
-            warnings.simplefilter("ignore", FutureWarning)
-            loaded = torch.jit.load(str(path))
-        run = lambda x: loaded(x)  # noqa: E731
+def parity(path: Path, fmt: str, module: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+           record: dict[str, Any]) -> dict[str, Any]:
+    """The largest |logit difference| between the file (read back as `cnnlab predict` reads it, through
+    ``record``, its metadata) and torch over ``batches``, and both accuracies."""
+    run = exported_runner(path, fmt, record)
     worst, right, right_exported, count = 0.0, 0, 0, 0
     with torch.no_grad():
         for x, y in batches:
@@ -138,6 +136,9 @@ def export(run: Path, fmt: str, out: Path | None = None, *, bake: bool = False, 
     from cnnlab.training.assemble import setup
     from cnnlab.training.state import selected_weights
 
+    if fmt == "safetensors" and bake:
+        raise CnnlabError("cnnlab export: --bake-preprocessing makes a graph that normalises its input; a safetensors "
+                          "file holds weights only (its .json says how to prepare images)")
     path = run / "checkpoints" / f"{weights}.pt" if run.is_dir() else run
     if not path.is_file():
         raise CnnlabError(f"cnnlab export: {run} is not a run directory with checkpoints/{weights}.pt")
@@ -167,13 +168,14 @@ def export(run: Path, fmt: str, out: Path | None = None, *, bake: bool = False, 
     if run.is_dir():
         confine(run)  # someone else's run directory: a link in it is not written through
     export_file(module, batches[0][0][:2], out, fmt, stored.components["model"].name)
-    result = parity(out, fmt, module, batches)
+    chosen = stored.components["model"]
+    record = {**metadata(transform, s.data.classes, bake, fmt), "model": {"name": chosen.name, "options": chosen.options}}
+    result = parity(out, fmt, module, batches, record)
     if result["max_abs_diff"] > TOLERANCE:
         out.unlink(missing_ok=True)
         raise CnnlabError(f"cnnlab export: {fmt} and torch differ by up to {result['max_abs_diff']:.3g} in the logits "
                           f"(more than {TOLERANCE:g}) on {result['images']} validation images; nothing written")
-    side = write_metadata(out, {**metadata(transform, s.data.classes, bake, fmt), "parity": result,
-                                "run": str(run), "weights": str(path)})
+    side = write_metadata(out, {**record, "parity": result, "run": str(run), "weights": str(path)})
     if console is not None:
         console.print(f"exported: {out} ({fmt}, batch dimension dynamic, preprocessing "
                       f"{'baked in' if bake else 'in ' + side.name}); metadata: {side}", highlight=False)

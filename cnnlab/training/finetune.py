@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from cnnlab.core.errors import CnnlabError
@@ -88,7 +90,8 @@ def stages(model: nn.Module) -> list[Stage]:
 
 
 def read_pretrained(path: str) -> dict[str, torch.Tensor]:
-    """Weights from a cnnlab checkpoint (the weights its run selected) or a torchvision-style state dict."""
+    """Weights from a cnnlab checkpoint (the weights its run selected), a safetensors file, or a torchvision-style
+    state dict."""
     from cnnlab.runtime.checkpoint import has_digest, load_checkpoint, safe_load
     from cnnlab.training.state import selected_weights
 
@@ -97,6 +100,12 @@ def read_pretrained(path: str) -> dict[str, torch.Tensor]:
         raise CnnlabError(f"model.pretrained: {file} does not exist (weights are never downloaded)")
     if has_digest(file):  # a cnnlab checkpoint, verified
         return selected_weights(load_checkpoint(file))
+    if file.suffix == ".safetensors":  # tensors only (cnnlab export --format safetensors, a model hub's file)
+        try:
+            return load_file(str(file), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CnnlabError(f"model.pretrained: {file} is not a safetensors file cnnlab can read "
+                              f"({str(e).splitlines()[0][:120]})") from None
     state = safe_load(file, f"model.pretrained: {file}")
     if isinstance(state, dict) and "model" in state and "rng" in state:  # a cnnlab checkpoint without its trailer
         return selected_weights(state)
