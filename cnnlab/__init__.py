@@ -1,14 +1,14 @@
 """cnnlab: a configuration-driven experiment runner for convolutional networks.
 
-From Python: ``cnnlab.train``, ``cnnlab.compose`` and ``cnnlab.load`` (cnnlab/api.py), imported on first use
+From Python: ``cnnlab.train``, ``cnnlab.tune``, ``cnnlab.compose`` and ``cnnlab.load`` (cnnlab/api.py), imported on first use
 so that ``import cnnlab`` stays light; a mistake raises ``cnnlab.CnnlabError``.
 """
 
 from cnnlab.core.errors import CnnlabError
 from cnnlab.core.version import __version__
 
-__all__ = ["CnnlabError", "RunResult", "__version__", "compose", "load", "train"]
-_API = {"train", "compose", "load", "RunResult"}
+__all__ = ["CnnlabError", "RunResult", "SearchResult", "__version__", "compose", "load", "train", "tune"]
+_API = {"train", "compose", "load", "tune", "RunResult", "SearchResult"}
 
 
 def __getattr__(name: str):

@@ -3,6 +3,8 @@
     import cnnlab
     result = cnnlab.train(["model=lenet5", "trainer.epochs=2"], seed=1)   # as `cnnlab train model=lenet5 ...`
     result.summary["selected"]["test"]["acc"], result.run_dir
+    search = cnnlab.tune(["model=lenet5"], tune__budget_epochs=60)       # as `cnnlab tune ...`
+    search.trials, search.best, search.record["test"]                     # every trial, the chosen one, test once
     run = cnnlab.compose(["experiment=fmnist_fast"])                       # the checked config, nothing trained
     model, preprocess = cnnlab.load(result.run_dir)                        # what inference needs
     model(preprocess(["cat.jpg", "dog.png"])).argmax(1)                    # any size: resized as eval did
@@ -112,6 +114,56 @@ def train(overrides: Iterable[str] | None = None, *, config_dirs: Iterable[str |
         loaded = load(run_dir)
         return RunResult(run_dir, summary, loaded.model, loaded.preprocess, loaded.classes)
     return RunResult(run_dir, summary, None, None)
+
+
+@dataclass
+class SearchResult:
+    """What a search ended with: its folder, every trial as a row (a pandas DataFrame where pandas is installed,
+    else a list of dicts: the fields of `cnnlab runs`, with each trial's searched values), the trial chosen
+    (its row), and the search's own record (a tune's tune.json)."""
+
+    dir: Path
+    trials: Any
+    best: dict[str, Any] | None
+    record: dict[str, Any]
+
+
+def search_table(folder: Path, chosen: str | None) -> tuple[Any, dict[str, Any] | None]:
+    """The trials under ``folder`` as `cnnlab runs` reads them (the tune's own row and its gate's runs left out), and
+    the row of the trial at ``chosen``."""
+    from cnnlab.records import runs as run_records
+
+    rows, _ = run_records.collect([folder])
+    gate = (folder / "gate").resolve()  # a tune's sanity checks are runs, not trials
+    records = [r for r in run_records.as_records(rows) if r.get("task") != "tune"
+               and gate not in Path(str(r.get("path"))).resolve().parents]
+    best = next((r for r in records if chosen is not None and Path(str(r.get("path"))).resolve() == Path(chosen).resolve()),
+                None)
+    try:
+        import pandas
+    except ImportError:
+        return records, best
+    return pandas.DataFrame(records), best
+
+
+def tune(overrides: Iterable[str] | None = None, *, config_dirs: Iterable[str | Path] = (),
+         console: Console | None = None, **settings: Any) -> SearchResult:
+    """Run `cnnlab tune <overrides>` in this process (its workers, with ``tune__n_jobs``, as processes of their own):
+    the same composing and checks, the same tune directory. Settings are keywords: ``tune__budget_epochs=60``,
+    ``**{"tune.dir": folder}`` to continue one. Returns its trials, the chosen one and tune.json."""
+    from cnnlab.service.compose import CONFIG_DIRS, take_config_dirs
+    from cnnlab.training.console import make_console
+    from cnnlab.tuning.runner import Tune
+
+    if isinstance(overrides, str):
+        raise CnnlabError("overrides: give a list of strings, e.g. ['model=lenet5', 'tune.budget_epochs=60']")
+    args = [*(a for d in config_dirs for a in ("--config-dir", str(d))), *(overrides or ()), *setting_overrides(settings)]
+    with search_path_restored():
+        args = take_config_dirs(args)
+        record = Tune(args, list(CONFIG_DIRS), console or make_console()).run()
+    folder = Path(record["dir"])
+    trials, best = search_table(folder, (record.get("chosen") or {}).get("run"))
+    return SearchResult(folder, trials, best, record)
 
 
 class LoadedRun(tuple):

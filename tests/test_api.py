@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,6 +112,41 @@ def test_a_jupyter_kernel_trains_twice(tmp_path):
         assert reply["content"]["status"] == "ok", reply["content"]
         printed = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
         assert "['completed', 'completed'] True" in printed
+        # the whole tune too, in the same kernel: its result, and the kernel still able to train after it
+        tiny = [o for o in TINY if not o.startswith(("trainer.epochs", "dataset.train_size"))] + [
+            "trainer.epochs=2", "dataset.train_size=320", "tune.gate=false", "tune.top_k=1", "tune.seeds=1"]
+        outputs.clear()
+        code = (f"search = cnnlab.tune({tiny!r}, tune__budget_epochs=10)\n"
+                "after = cnnlab.train(%r, trainer__epochs=1)\n"
+                "print('tuned', search.best['path'] == search.record['chosen']['run'], len(search.trials) > 2, "
+                "after.status)" % (TINY,))
+        reply = client.execute_interactive(code, timeout=240, output_hook=lambda m: outputs.append(m))
+        assert reply["content"]["status"] == "ok", reply["content"]
+        printed = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
+        assert "tuned True True completed" in printed, printed[-2000:]
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=True)
+
+
+def test_tune_from_python_twice_returns_its_trials_and_choice_and_leaves_nothing_behind(tmp_path):
+    """cnnlab.tune runs `cnnlab tune` in this process: each call its own tune directory, every trial a row, the
+    chosen trial's row, tune.json; Hydra's global state and the process's logging as they were."""
+    tiny = [o for o in TINY if not o.startswith(("trainer.epochs", "dataset.train_size"))] + [
+        "trainer.epochs=2", "dataset.train_size=320", "tune.gate=false", "tune.top_k=1", "tune.seeds=1"]
+    logger = logging.getLogger("cnnlab")
+    found = (list(logger.handlers), logger.propagate)
+    results = [cnnlab.tune(tiny, console=quiet_console(), tune__budget_epochs=10,
+                           **{"tune.dir": tmp_path / f"tune{k}", "paths.output_dir": str(tmp_path)}) for k in (1, 2)]
+    for k, result in enumerate(results, 1):
+        assert result.dir == tmp_path / f"tune{k}" and result.record["dir"] == str(result.dir)
+        rows = result.trials if isinstance(result.trials, list) else result.trials.to_dict("records")
+        stages = {Path(r["path"]).relative_to(result.dir).parts[0] for r in rows}
+        assert stages >= {"coarse", "final"} and "gate" not in stages
+        assert result.best is not None and result.best["path"] == result.record["chosen"]["run"]
+        assert result.record["test"]["acc"] >= 0 and result.record["epochs_spent"] <= 10
+    assert not GlobalHydra.instance().is_initialized() and HydraConfig.instance().cfg is None
+    assert (list(logger.handlers), logger.propagate) == found
+    with pytest.raises(cnnlab.CnnlabError, match="tune.budget_epochs"):
+        cnnlab.tune(tiny, console=quiet_console(), tune__budget_epochs=0, **{"tune.dir": tmp_path / "refused"})
+    assert not (tmp_path / "refused").exists()  # a refused tune writes nothing

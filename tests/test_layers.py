@@ -1,4 +1,4 @@
-"""The package's layers, read from its source: the run service sits below the CLI, cnnlab.api and cnnlab.tune, and
+"""The package's layers, read from its source: the run service sits below the CLI, cnnlab.api and cnnlab.tuning, and
 above everything that trains; no module reaches up into cnnlab/cli or into the package's own __init__."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "cnnlab"
-ABOVE_THE_SERVICE = ("cnnlab.cli", "cnnlab.api", "cnnlab.tune", "cnnlab.__main__", "cnnlab")
+ABOVE_THE_SERVICE = ("cnnlab.cli", "cnnlab.api", "cnnlab.tuning", "cnnlab.__main__", "cnnlab")
 
 
 def module_name(path: Path) -> str:
@@ -61,6 +61,6 @@ def test_the_run_service_is_below_cli_api_and_tune_and_only_they_start_runs_thro
                    and any(within(i, "cnnlab.service") for i in found))
     assert users and all(any(within(u, upper) for upper in ABOVE_THE_SERVICE[:-1]) or within(u, "hydra_plugins")
                          for u in users), users
-    # ...and what starts a run in cnnlab.api and cnnlab.tune is the service's start, nothing of the CLI's
-    for upper in ("cnnlab.api", "cnnlab.tune.runner"):
+    # ...and what starts a run in cnnlab.api and cnnlab.tuning is the service's start, nothing of the CLI's
+    for upper in ("cnnlab.api", "cnnlab.tuning.runner"):
         assert "cnnlab.service.run.start" in modules[upper]

@@ -207,7 +207,7 @@ def test_two_workers_share_one_tune(tmp_path):
 
 
 def test_the_final_stage_takes_its_own_finished_trials_first_then_those_it_was_told_of():
-    from cnnlab.tune.runner import top_configurations
+    from cnnlab.tuning.runner import top_configurations
 
     trials = [({"lr": 0.1}, 0.80, True), ({"lr": 0.2}, 0.91, False), ({"lr": 0.3}, 0.95, True), ({"lr": 0.2}, 0.90, True)]
     # ASHA left one refine trial finished: it comes first, then the coarse trials by value, no configuration twice

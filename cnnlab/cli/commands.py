@@ -94,7 +94,7 @@ def _tune(command: Command, args: list[str]) -> int:
     # Imported only to run a tune, as in _dispatch.
     from cnnlab.service.compose import CONFIG_DIRS, search_path_restored, take_config_dirs
     from cnnlab.training.console import make_console
-    from cnnlab.tune.runner import Tune
+    from cnnlab.tuning.runner import Tune
 
     _, overrides = hydra_arguments(command, args)
     with search_path_restored():

@@ -4,7 +4,7 @@ trial in this process or in a SLURM job, `cnnlab tune`, cnnlab.train).
     composed config  ->  writer_of (the run directory's lock, .hydra/ records)  ->  RunConfig, checked once
                      ->  a run (or N DDP processes), or a trial of a search (SweepContext)
 
-Its log lines go to <run_dir>/train.log (run_log). Modules below cnnlab/cli, cnnlab.api and cnnlab.tune start runs
+Its log lines go to <run_dir>/train.log (run_log). Modules below cnnlab/cli, cnnlab.api and cnnlab.tuning start runs
 here, never through the CLI; tests/test_layers.py holds them to it.
 """
 

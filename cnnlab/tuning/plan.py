@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from cnnlab.core.errors import CnnlabError
-from cnnlab.tune.settings import TuneSettings
+from cnnlab.tuning.settings import TuneSettings
 
 
 @dataclass

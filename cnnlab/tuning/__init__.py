@@ -1,2 +1,2 @@
 """`cnnlab tune`: the sanity gate, a coarse search, refine stages, the final seeds and one test, under a
-budget of epochs (cnnlab.tune.runner)."""
+budget of epochs (cnnlab.tuning.runner)."""

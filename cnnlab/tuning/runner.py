@@ -39,10 +39,10 @@ from cnnlab.sweep.report import best_curve
 from cnnlab.core.shown import trial_label
 from cnnlab.sweep.trials import direction_of
 from cnnlab.tasks import monitor_of
-from cnnlab.tune import boxes
-from cnnlab.tune.gate import gate_epochs, sanity_gate
-from cnnlab.tune.plan import Plan, Stage, make_plan
-from cnnlab.tune.settings import TuneSettings, default_space, load_settings, split_arguments
+from cnnlab.tuning import boxes
+from cnnlab.tuning.gate import gate_epochs, sanity_gate
+from cnnlab.tuning.plan import Plan, Stage, make_plan
+from cnnlab.tuning.settings import TuneSettings, default_space, load_settings, split_arguments
 
 STAGE_FILE, TUNE_FILE, PLAN_FILE = "stage.json", "tune.json", "plan.json"
 PLAN_RECORD = Fields(optional={"started": float, "budget_s": (float, int, None)})
