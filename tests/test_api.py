@@ -136,6 +136,7 @@ def test_tune_from_python_twice_returns_its_trials_and_choice_and_leaves_nothing
         "trainer.epochs=2", "dataset.train_size=320", "tune.gate=false", "tune.top_k=1", "tune.seeds=1"]
     logger = logging.getLogger("cnnlab")
     found = (list(logger.handlers), logger.propagate)
+    hydra_found = (GlobalHydra.instance().is_initialized(), HydraConfig.instance().cfg)  # as earlier tests left it
     results = [cnnlab.tune(tiny, console=quiet_console(), tune__budget_epochs=10,
                            **{"tune.dir": tmp_path / f"tune{k}", "paths.output_dir": str(tmp_path)}) for k in (1, 2)]
     for k, result in enumerate(results, 1):
@@ -145,7 +146,7 @@ def test_tune_from_python_twice_returns_its_trials_and_choice_and_leaves_nothing
         assert stages >= {"coarse", "final"} and "gate" not in stages
         assert result.best is not None and result.best["path"] == result.record["chosen"]["run"]
         assert result.record["test"]["acc"] >= 0 and result.record["epochs_spent"] <= 10
-    assert not GlobalHydra.instance().is_initialized() and HydraConfig.instance().cfg is None
+    assert (GlobalHydra.instance().is_initialized(), HydraConfig.instance().cfg) == hydra_found
     assert (list(logger.handlers), logger.propagate) == found
     with pytest.raises(cnnlab.CnnlabError, match="tune.budget_epochs"):
         cnnlab.tune(tiny, console=quiet_console(), tune__budget_epochs=0, **{"tune.dir": tmp_path / "refused"})

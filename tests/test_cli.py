@@ -230,3 +230,22 @@ def test_the_docs_site_builds_with_every_warning_an_error_and_its_generated_part
     assert built.returncode == 0, built.stderr[-3000:]
     assert (tmp_path / "html" / "guides" / "sweeps.html").is_file()
     assert "resnet18" in (tmp_path / "html" / "reference" / "models.html").read_text()
+
+
+def test_the_shared_output_and_device_flags_reach_what_they_set(tmp_path):
+    """--out FILE writes the --json/--csv data (by flag or by suffix), `runs` finds the output folder as train was
+    told it (paths.output_dir=), and export's --device reaches the run it loads."""
+    import csv
+
+    run = tmp_path / "elsewhere" / "runs" / "one"
+    assert run_cli("train", *TINY, "trainer.epochs=1", f"hydra.run.dir={run}", cwd=tmp_path).returncode == 0
+    listed = run_cli("runs", f"paths.output_dir={tmp_path / 'elsewhere'}", "--out", str(tmp_path / "rows.csv"),
+                     cwd=tmp_path)
+    assert listed.returncode == 0 and listed.stdout == "", listed.stderr
+    rows = list(csv.DictReader((tmp_path / "rows.csv").open()))
+    assert [Path(r["path"]) for r in rows] == [run]
+    as_json = run_cli("runs", str(tmp_path / "elsewhere"), "--json", "--out", str(tmp_path / "rows.txt"), cwd=tmp_path)
+    assert as_json.returncode == 0 and json.loads((tmp_path / "rows.txt").read_text())[0]["path"] == str(run)
+    assert run_cli("runs", "--out", str(tmp_path / "rows.txt"), cwd=tmp_path).returncode == 2  # which format?
+    exported = run_cli("export", str(run), "--format", "safetensors", "--device", "cuda:7", cwd=tmp_path)
+    assert exported.returncode == 2 and "cuda" in exported.stderr and not (run / "model.safetensors").exists()
