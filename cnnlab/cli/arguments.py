@@ -53,18 +53,17 @@ def hydra_arguments(command: Command, args: list[str]) -> tuple[Namespace, list[
     return ns, overrides
 
 
-
-
 def renamed(command: Command, args: list[str]) -> list[str]:
     """``args`` with the old spellings of the other commands in their new form, each told once: eval's
     --json FILE (now --json --out FILE)."""
-    out, tokens = [], iter(args)
-    for token in tokens:
-        if command.name == "eval" and token == "--json" and args[-1] != token:
-            following = args[args.index(token) + 1]
-            if following.lower().endswith(".json"):
-                deprecated(f"cnnlab eval --json {following}", f"cnnlab eval --json --out {following}")
-                out += ["--json", "--out", next(tokens)]
-                continue
-        out.append(token)
+    out, i = [], 0
+    while i < len(args):
+        following = args[i + 1] if i + 1 < len(args) else ""
+        if command.name == "eval" and args[i] == "--json" and following.lower().endswith(".json"):
+            deprecated(f"cnnlab eval --json {following}", f"cnnlab eval --json --out {following}")
+            out += ["--json", "--out", following]
+            i += 2
+            continue
+        out.append(args[i])
+        i += 1
     return out

@@ -30,6 +30,7 @@ from cnnlab.runtime.files import atomic_write, check_writable
 from cnnlab.sweep.report import report
 from cnnlab.training.console import make_console, print_warning
 
+
 def run_paths(paths: list[str], *, checkpoints: bool) -> list[Path]:
     """RUN ...: each a run or trial directory (or a checkpoint file, where ``checkpoints``), or a sweep or tune
     directory standing for its trials, in their order."""
@@ -39,9 +40,8 @@ def run_paths(paths: list[str], *, checkpoints: bool) -> list[Path]:
         if path.is_file() and checkpoints:
             out.append(path)
             continue
-        below = [p for p, stats in run_records.find_run_dirs(path) if p != path and "tune.json" not in stats]
-        is_run = any((path / name).exists() for name in ("summary.json", "trial.json", ".hydra", "checkpoints"))
-        out.extend([path] if is_run or not below else sorted(below, key=_natural))
+        runs = [p for p, stats in run_records.find_run_dirs(path) if "tune.json" not in stats]  # a tune's own row: not a run
+        out.extend([path] if path in runs or not runs else sorted(runs, key=_natural))
     return out
 
 
@@ -182,12 +182,8 @@ def viz_command(ns: Namespace) -> int:
     return 0
 
 
-def list_entries(ns: Namespace) -> int:
-    return list_command(ns)
-
-
 HANDLERS = {"eval": eval_command, "report": report_command, "runs": runs_command, "compare": compare_command,
-            "predict": predict_command, "export": export_command, "viz": viz_command, "list": list_entries}
+            "predict": predict_command, "export": export_command, "viz": viz_command, "list": list_command}
 
 
 def run(command: Command, args: list[str]) -> int:
